@@ -1,0 +1,61 @@
+"""Errors a user can cause and fix, and the config checks that raise them before any work starts."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from alexnet_jax import models, optim
+
+
+class UserError(Exception):
+    """Something the user can fix (a config value, a missing file); `main` prints it as one line."""
+
+
+def check_config(config: ml_collections.ConfigDict, device_count: int, process_count: int = 1) -> None:
+    """Reject bad values with a message that says what to change, before data or devices are touched."""
+
+    def fail(key: str, msg: str) -> None:
+        raise UserError(f"--config.{key}={config.get(key)!r}: {msg}")
+
+    if config.batch_size <= 0:
+        fail("batch_size", "must be a positive number of images (the global batch across all devices)")
+    if config.eval_batch_size <= 0:
+        fail("eval_batch_size", "must be positive")
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % device_count:
+            fail(key, f"must be divisible by the {device_count} devices; try "
+                      f"{max(device_count, config[key] // device_count * device_count)}")
+        if config[key] % process_count:
+            fail(key, f"must be divisible by the {process_count} processes")
+    if config.num_train_steps == 0 or config.num_train_steps < -1:
+        fail("num_train_steps", "must be a positive number of steps, or -1 to use num_epochs")
+    if config.num_train_steps == -1 and config.num_epochs <= 0:
+        fail("num_epochs", "must be positive (or set num_train_steps)")
+    if config.learning_rate <= 0:
+        fail("learning_rate", "must be positive")
+    if not 0 <= config.momentum < 1:
+        fail("momentum", "must be in [0, 1)")
+    if config.weight_decay < 0:
+        fail("weight_decay", "must be >= 0")
+    if not 0 <= config.dropout_rate < 1:
+        fail("dropout_rate", "must be in [0, 1)")
+    if config.lr_schedule not in optim.SCHEDULES:
+        fail("lr_schedule", f"choose one of {optim.SCHEDULES}")
+    if config.variant not in models.VARIANTS:
+        fail("variant", f"choose one of {tuple(models.VARIANTS)}")
+    if config.norm and config.norm not in models.NORMS:
+        fail("norm", f"choose one of {models.NORMS} (or '' for the variant's own)")
+    if config.groups not in (0, 1, 2):
+        fail("groups", "choose 1, 2 (the paper's two-GPU split) or 0 for the variant's own")
+    if config.init_scheme not in models.INITS:
+        fail("init_scheme", f"choose one of {models.INITS}")
+    if config.dtype not in ("float32", "bfloat16", "float16"):
+        fail("dtype", "choose 'float32' or 'bfloat16'")
+    if config.widths and len(config.widths) != 5:
+        fail("widths", "give five conv widths, e.g. (96, 256, 384, 384, 256)")
+    if config.num_classes < 2:
+        fail("num_classes", "must be at least 2")
+    if config.image_size < 16:
+        fail("image_size", "must be at least 16 pixels")
+    if config.log_every_steps <= 0:
+        fail("log_every_steps", "must be positive")

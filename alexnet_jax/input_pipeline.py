@@ -1,0 +1,281 @@
+"""Input pipelines on tensorflow-datasets + tf.data.
+
+Small datasets (FashionMNIST, CIFAR-10) are prepared by a tfds builder into `config.data_dir` and held in
+memory. The training stream is a pure function of (seed, step): step s of epoch e takes rows
+[s*B, (s+1)*B) of a stateless permutation seeded by (seed, e), and each image's augmentation is seeded by
+(seed, step, row). So a run restarted at step N yields exactly the batches an uninterrupted run would,
+and each process of a multi-host run reads only its own rows of every global batch.
+
+Evaluation visits every test example exactly once: the last batch is zero-padded and a `mask` marks the
+real rows, so metrics are sums over real examples whatever the batch size or process count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import struct
+from collections.abc import Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from alexnet_jax.errors import UserError
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+DATASETS = ("fashion_mnist", "cifar10", "imagenet2012")
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read one (gzipped) IDX file of the MNIST family into a uint8 array, checking its header."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"cannot read {path}: {e}. Reinstall the files (apt-get install --reinstall "
+                        "dataset-fashion-mnist) or point --config.fashion_mnist_dir elsewhere.") from e
+    if len(data) < 8:
+        raise UserError(f"{path} is not an IDX file (only {len(data)} bytes)")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
+        raise UserError(f"{path} is not a uint8 IDX file of images or labels (header {data[:4].hex()})")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise UserError(f"{path} is truncated: header says {shape}, found {body.size} values. "
+                        "Reinstall the files (apt-get install --reinstall dataset-fashion-mnist).")
+    return body.reshape(shape)
+
+
+def fashion_mnist_files_present(source_dir: str) -> bool:
+    return all(os.path.isfile(os.path.join(source_dir, f)) for pair in FASHION_MNIST_FILES.values() for f in pair)
+
+
+class FashionMnistFiles(tfds.core.GeneratorBasedBuilder):
+    """FashionMNIST from the original IDX files on disk (Debian's dataset-fashion-mnist), no download.
+
+    Same features and splits as tfds's own `fashion_mnist`, so the rest of the pipeline cannot tell them apart.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "The original Zalando IDX files, read from a local folder."}
+
+    def __init__(self, *, source_dir: str, **kwargs):
+        self._source_dir = source_dir
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Zalando's FashionMNIST read from local IDX files.",
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(28, 28, 1)),
+                "label": tfds.features.ClassLabel(names=list(FASHION_MNIST_CLASSES)),
+            }),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(split) for split in FASHION_MNIST_FILES}
+
+    def _generate_examples(self, split: str):
+        image_file, label_file = FASHION_MNIST_FILES[split]
+        images = read_idx(os.path.join(self._source_dir, image_file))
+        labels = read_idx(os.path.join(self._source_dir, label_file))
+        if len(images) != len(labels):
+            raise UserError(f"{split}: {len(images)} images but {len(labels)} labels in {self._source_dir}")
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            yield i, {"image": image[..., None], "label": int(label)}
+
+
+@dataclasses.dataclass
+class InMemoryData:
+    """A whole split as uint8 NHWC images and int32 labels."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _check_data_dir(data_dir: str) -> str | None:
+    if not data_dir:
+        return None
+    data_dir = os.path.expanduser(data_dir)
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(f"data_dir {data_dir!r} is a file, not a directory: give --config.data_dir a folder "
+                        "where tfds may keep prepared datasets (or '' for tfds's default).")
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"data_dir {data_dir!r} cannot be created ({e.strerror}): give --config.data_dir a "
+                        "writable folder (or '' for tfds's default).") from None
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise UserError(f"data_dir {data_dir!r} is not writable: give --config.data_dir a writable folder.")
+    return data_dir
+
+
+def _fashion_mnist_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    data_dir = _check_data_dir(config.data_dir)
+    source = os.path.expanduser(config.fashion_mnist_dir)
+    if fashion_mnist_files_present(source):
+        builder = FashionMnistFiles(source_dir=source, data_dir=data_dir)
+        builder.download_and_prepare()
+        return builder
+    builder = tfds.builder("fashion_mnist", data_dir=data_dir)
+    try:
+        builder.download_and_prepare()
+    except Exception as e:  # noqa: BLE001 - any download failure means the same thing to the user
+        expected = ", ".join(f for pair in FASHION_MNIST_FILES.values() for f in pair)
+        raise UserError(
+            f"FashionMNIST not found: {source!r} does not hold {expected}, and tfds could not download "
+            f"it ({type(e).__name__}). Install the files with `sudo apt-get install dataset-fashion-mnist` "
+            "or set --config.fashion_mnist_dir to the folder that holds them."
+        ) from None
+    return builder
+
+
+def _cifar10_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    builder = tfds.builder("cifar10", data_dir=_check_data_dir(config.data_dir))
+    try:
+        builder.download_and_prepare()
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cifar10 is not prepared in {builder.data_dir!r} and could not be downloaded "
+                        f"({type(e).__name__}): prepare it where there is internet and copy the folder.") from None
+    return builder
+
+
+def load_in_memory(config: ml_collections.ConfigDict, split: str) -> InMemoryData:
+    """Prepare (once) and load a whole split of a small dataset."""
+    if config.dataset == "fashion_mnist":
+        builder = _fashion_mnist_builder(config)
+    elif config.dataset == "cifar10":
+        builder = _cifar10_builder(config)
+    elif config.dataset == "imagenet2012":
+        raise UserError("imagenet2012 is not held in memory; it needs the streaming ImageNet pipeline.")
+    else:
+        raise UserError(f"unknown dataset {config.dataset!r}; choose one of {DATASETS}")
+    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    names = tuple(builder.info.features["label"].names)
+    return InMemoryData(np.asarray(arrays["image"]), np.asarray(arrays["label"], np.int32), names)
+
+
+def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of uint8 images, on the 0-255 scale (computed on the training split)."""
+    x = images.reshape(-1, images.shape[-1]).astype(np.float64)
+    return x.mean(0).astype(np.float32), x.std(0).astype(np.float32)
+
+
+def _normalise(image: tf.Tensor, mean: np.ndarray, std: np.ndarray, size: int) -> tf.Tensor:
+    image = tf.cast(image, tf.float32)
+    if image.shape[-3] != size or image.shape[-2] != size:
+        image = tf.image.resize(image, (size, size), method="bilinear")
+    return (image - mean) / std
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    return num_examples // batch_size
+
+
+def train_batches(
+    data: InMemoryData,
+    config: ml_collections.ConfigDict,
+    mean: np.ndarray,
+    std: np.ndarray,
+    start_step: int,
+    num_steps: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """This process's rows of global batches `start_step .. num_steps-1`, augmented and normalised."""
+    n, bs = len(data), config.batch_size
+    per_epoch = steps_per_epoch(n, bs)
+    if per_epoch == 0:
+        raise UserError(f"batch_size {bs} is larger than the {n} training examples")
+    local = bs // process_count
+    images = tf.constant(data.images)
+    labels = tf.constant(data.labels)
+    seed = int(config.seed)
+    pad, flip, size = int(config.crop_padding), bool(config.random_flip), int(config.image_size)
+    h, w = data.images.shape[1:3]
+
+    def rows_of_step(step: tf.Tensor):
+        epoch = step // per_epoch
+        perm = tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
+        )
+        start = (step % per_epoch) * bs + process_index * local
+        rows = perm[start : start + local]
+        positions = tf.range(process_index * local, (process_index + 1) * local, dtype=tf.int64)
+        return tf.data.Dataset.from_tensor_slices(
+            (rows, tf.fill([local], step), positions)
+        )
+
+    def augment(row, step, position):
+        image = tf.gather(images, row)
+        key = tf.stack([tf.constant(seed, tf.int64) * 1_000_003 + step, position])
+        k_crop, k_flip = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+        if pad:
+            image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+            image = tf.image.stateless_random_crop(image, (h, w, image.shape[-1]), seed=k_crop)
+        if flip:
+            image = tf.image.stateless_random_flip_left_right(image, seed=k_flip)
+        return {"image": _normalise(image, mean, std, size), "label": tf.gather(labels, row)}
+
+    ds = tf.data.Dataset.range(start_step, num_steps).flat_map(rows_of_step)
+    ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    opts = tf.data.Options()
+    opts.deterministic = True
+    opts.threading.private_threadpool_size = max(1, os.cpu_count() or 1)
+    return iter(tfds.as_numpy(ds.with_options(opts)))
+
+
+def eval_batches(
+    data: InMemoryData,
+    config: ml_collections.ConfigDict,
+    mean: np.ndarray,
+    std: np.ndarray,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """This process's share of the test set in local batches; padded rows have mask 0.
+
+    Every process yields the same number of batches (ceil(n / global batch)), so collective eval steps line
+    up; together the processes cover each example exactly once.
+    """
+    n = len(data)
+    local = config.eval_batch_size // process_count
+    num_batches = -(-n // (local * process_count))
+    per_process = num_batches * local
+    lo = min(n, process_index * per_process)
+    hi = min(n, lo + per_process)
+    images, labels = data.images[lo:hi], data.labels[lo:hi]
+    mask = np.ones(hi - lo, np.float32)
+    fill = per_process - (hi - lo)
+    if fill:
+        images = np.concatenate([images, np.zeros((fill, *images.shape[1:]), images.dtype)])
+        labels = np.concatenate([labels, np.zeros(fill, labels.dtype)])
+        mask = np.concatenate([mask, np.zeros(fill, np.float32)])
+    size = int(config.image_size)
+    ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels, "mask": mask})
+    ds = ds.batch(local).map(
+        lambda b: {**b, "image": _normalise(b["image"], mean, std, size)}, num_parallel_calls=tf.data.AUTOTUNE
+    )
+    return iter(tfds.as_numpy(ds.prefetch(2)))

@@ -1,0 +1,38 @@
+"""Command line: `python -m alexnet_jax.main --config configs/imagenet.py --workdir DIR [--config.key=value]`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Where logs, TensorBoard scalars and summary.json are written.")
+config_flags.DEFINE_config_file("config", None, "A configs/*.py file; override keys with --config.key=value.",
+                                lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # tf.data only feeds the accelerator: keep TensorFlow off the GPU/TPU memory JAX uses.
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    from alexnet_jax import train
+    from alexnet_jax.errors import UserError
+
+    logging.get_absl_handler().use_absl_log_file = False
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (UserError, train.TrainingError) as e:
+        logging.error("%s", e)
+        sys.exit(f"alexnet_jax: error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,290 @@
+"""AlexNet in Flax: the NIPS 2012 network and the variants users ask for.
+
+The default `AlexNet()` is the paper's two-GPU network exactly (Krizhevsky et al. 2012, section 3.5):
+conv1 96@11x11/4, local response normalisation with the paper's formula, overlapping 3/2 max-pooling,
+conv2/conv4/conv5 split in two groups (each GPU's kernels only see that GPU's maps), conv3 and the FC
+layers connected across groups, dropout 0.5 in fc6/fc7 and the paper's initialisation.
+
+Parameters are stored as ordinary Flax trees (`conv1..conv5`, `fc6..fc8`, each `kernel`/`bias`). A grouped
+kernel has the shape `nn.Conv(feature_group_count=2)` would give it, (kh, kw, cin/groups, cout), but the
+convolution is computed as one convolution per group: XLA:CPU runs that ~3x faster than a
+`feature_group_count` convolution, and it is what lets `sharding.py` place each group on its own device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# The paper's LRN constants (section 3.3): k=2, n=5, alpha=1e-4, beta=0.75; alpha is NOT divided by n.
+LRN_DEPTH_RADIUS = 2
+LRN_BIAS = 2.0
+LRN_ALPHA = 1e-4
+LRN_BETA = 0.75
+
+
+def local_response_norm(
+    x: jax.Array,
+    depth_radius: int = LRN_DEPTH_RADIUS,
+    bias: float = LRN_BIAS,
+    alpha: float = LRN_ALPHA,
+    beta: float = LRN_BETA,
+    groups: int = 1,
+) -> jax.Array:
+    """b[c] = a[c] / (bias + alpha * sum_{|c'-c|<=r} a[c']^2) ** beta over the last (channel) axis.
+
+    Same formula as `tf.nn.local_response_normalization` (alpha not divided by the window size, unlike
+    PyTorch/Caffe). With `groups > 1` the window never crosses a group boundary: in the paper's net each
+    GPU normalises only its own maps (cuda-convnet's rnorm1a/rnorm1b). Sums are taken in float32.
+    """
+    channels = x.shape[-1]
+    if channels % groups:
+        raise ValueError(f"LRN: {channels} channels do not split into {groups} groups")
+    xf = x.astype(jnp.float32)
+    grouped = xf.reshape(*x.shape[:-1], groups, channels // groups)
+    window = (1,) * (grouped.ndim - 1) + (2 * depth_radius + 1,)
+    padding = [(0, 0)] * (grouped.ndim - 1) + [(depth_radius, depth_radius)]
+    sums = jax.lax.reduce_window(
+        jnp.square(grouped), 0.0, jax.lax.add, window, (1,) * grouped.ndim, padding
+    )
+    out = grouped * jnp.power(bias + alpha * sums, -beta)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def conv1_edge_padding(size: int, kernel: int, stride: int) -> int:
+    """Bottom/right zero padding of cuda-convnet's conv1: 1 + ceil((size - kernel) / stride) outputs.
+
+    224 px inputs get 3 px (55x55 maps, the paper's figure); 227 px inputs (Caffe) need none.
+    """
+    outputs = 1 + math.ceil((size - kernel) / stride)
+    return (outputs - 1) * stride + kernel - size
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """The shape of one AlexNet family member."""
+
+    widths: tuple[int, int, int, int, int]
+    fc_width: int
+    conv1_kernel: int
+    conv1_stride: int
+    conv1_padding: str | int  # 'cuda-convnet' (bottom/right edge, see above) or symmetric pixels
+    conv2_kernel: int
+    default_norm: str
+    default_groups: int
+    adaptive_pool: int | None = None  # torchvision's AdaptiveAvgPool2d((6, 6))
+    dropout_before_fc: bool = False  # torchvision: dropout on fc6's and fc7's inputs
+
+
+VARIANTS: dict[str, Variant] = {
+    # Krizhevsky et al. 2012, Figure 2: 60,965,224 parameters at 1000 classes.
+    "paper": Variant((96, 256, 384, 384, 256), 4096, 11, 4, "cuda-convnet", 5, "lrn", 2),
+    # torchvision.models.alexnet, Krizhevsky 2014 "one weird trick": 61,100,840 parameters.
+    "owt": Variant(
+        (64, 192, 384, 256, 256), 4096, 11, 4, 2, 5, "none", 1, adaptive_pool=6, dropout_before_fc=True
+    ),
+    # The same topology for 28-32 px inputs (FashionMNIST, CIFAR): stride-1 conv1, narrower layers.
+    "small": Variant((64, 128, 192, 192, 128), 512, 3, 1, 1, 5, "lrn", 2),
+}
+
+NORMS = ("lrn", "batchnorm", "none")
+INITS = ("paper", "he")
+
+
+def _kernel_init(init: str) -> nn.initializers.Initializer:
+    if init == "paper":
+        return nn.initializers.normal(stddev=0.01)
+    return nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # He et al. 2015, for ReLU
+
+
+class Conv(nn.Module):
+    """A 2-D convolution whose `groups` are computed as separate convolutions on channel slices.
+
+    The parameters are those of `nn.Conv(features, feature_group_count=groups)`.
+    """
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0))
+    groups: int = 1
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cin = x.shape[-1]
+        if cin % self.groups or self.features % self.groups:
+            raise ValueError(
+                f"{self.name}: {cin} input and {self.features} output channels do not split into "
+                f"{self.groups} groups"
+            )
+        k = self.kernel_size
+        kernel = self.param(
+            "kernel", self.kernel_init, (k, k, cin // self.groups, self.features), self.param_dtype
+        )
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        xs = jnp.split(x, self.groups, axis=-1)
+        ks = jnp.split(kernel, self.groups, axis=-1)
+        outs = [
+            jax.lax.conv_general_dilated(
+                xi, ki, (self.strides, self.strides), list(self.padding),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+            for xi, ki in zip(xs, ks, strict=True)
+        ]
+        y = outs[0] if self.groups == 1 else jnp.concatenate(outs, axis=-1)
+        return y + bias
+
+
+def max_pool(x: jax.Array) -> jax.Array:
+    """The paper's overlapping pooling: 3x3 windows, stride 2, no padding."""
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+
+
+def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:
+    """torchvision's AdaptiveAvgPool2d: bin i covers [floor(i*H/size), ceil((i+1)*H/size))."""
+    h, w = x.shape[1:3]
+    if (h, w) == (size, size):
+        return x
+    rows = []
+    for i in range(size):
+        r0, r1 = (i * h) // size, -((-(i + 1) * h) // size)
+        cols = []
+        for j in range(size):
+            c0, c1 = (j * w) // size, -((-(j + 1) * w) // size)
+            cols.append(jnp.mean(x[:, r0:r1, c0:c1, :], axis=(1, 2)))
+        rows.append(jnp.stack(cols, axis=1))
+    return jnp.stack(rows, axis=1)
+
+
+class AlexNet(nn.Module):
+    """AlexNet; `apply(variables, images_nhwc, train=bool, rngs={'dropout': key})` returns logits.
+
+    Attributes:
+      num_classes: size of fc8.
+      variant: 'paper' (2012), 'owt' (torchvision / "one weird trick") or 'small' (28-32 px inputs).
+      norm: 'lrn' (paper), 'batchnorm' (after every conv, before ReLU) or 'none'; None = the variant's.
+      groups: 2 (paper: conv2/4/5 see only their GPU's maps) or 1; None = the variant's.
+      init_scheme: 'paper' (N(0, 0.01) weights, bias 1 in conv2/4/5 and fc6/fc7) or 'he' (He-normal, zero bias).
+      widths / fc_width: override the variant's conv widths and hidden FC width.
+      dtype: compute dtype (e.g. bfloat16); parameters stay `param_dtype`, logits are float32.
+    """
+
+    num_classes: int = 1000
+    variant: str = "paper"
+    norm: str | None = None
+    groups: int | None = None
+    init_scheme: str = "paper"
+    dropout_rate: float = 0.5
+    widths: tuple[int, ...] | None = None
+    fc_width: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def spec(self) -> Variant:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown AlexNet variant {self.variant!r}; choose one of {sorted(VARIANTS)}")
+        return VARIANTS[self.variant]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        spec = self.spec
+        norm = spec.default_norm if self.norm is None else self.norm
+        groups = spec.default_groups if self.groups is None else self.groups
+        widths = tuple(self.widths or spec.widths)
+        fc_width = self.fc_width or spec.fc_width
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS}")
+        if self.init_scheme not in INITS:
+            raise ValueError(f"unknown init_scheme {self.init_scheme!r}; choose one of {INITS}")
+        if x.ndim != 4:
+            raise ValueError(f"AlexNet expects NHWC images, got shape {x.shape}")
+
+        kinit = _kernel_init(self.init_scheme)
+        one = nn.initializers.ones if self.init_scheme == "paper" else nn.initializers.zeros
+        zero = nn.initializers.zeros
+        common = dict(kernel_init=kinit, dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def normalise(y: jax.Array, index: int, lrn: bool) -> jax.Array:
+            if norm == "batchnorm":
+                y = nn.BatchNorm(
+                    use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                    dtype=self.dtype, param_dtype=self.param_dtype, name=f"bn{index}",
+                )(y)
+            y = nn.relu(y)
+            if norm == "lrn" and lrn:
+                # conv1's two halves live on different GPUs in the paper, so LRN stays within a group.
+                y = local_response_norm(y, groups=groups)
+            return y
+
+        x = x.astype(self.dtype)
+        k1, s1 = spec.conv1_kernel, spec.conv1_stride
+        if spec.conv1_padding == "cuda-convnet":
+            ph, pw = conv1_edge_padding(x.shape[1], k1, s1), conv1_edge_padding(x.shape[2], k1, s1)
+            pad1 = ((0, ph), (0, pw))
+        else:
+            p = int(spec.conv1_padding)
+            pad1 = ((p, p), (p, p))
+        p2 = spec.conv2_kernel // 2
+        same3 = ((1, 1), (1, 1))
+
+        def stage(name: str, y: jax.Array) -> jax.Array:
+            self.sow("intermediates", name, y, reduce_fn=lambda _, new: new)
+            return y
+
+        x = stage("conv1_out", Conv(widths[0], k1, s1, pad1, 1, bias_init=zero, name="conv1", **common)(x))
+        x = stage("pool1", max_pool(normalise(x, 1, lrn=True)))
+        x = Conv(widths[1], spec.conv2_kernel, 1, ((p2, p2), (p2, p2)), groups, bias_init=one,
+                 name="conv2", **common)(x)
+        x = stage("pool2", max_pool(normalise(stage("conv2_out", x), 2, lrn=True)))
+        x = stage("conv3_out", Conv(widths[2], 3, 1, same3, 1, bias_init=zero, name="conv3", **common)(x))
+        x = normalise(x, 3, lrn=False)
+        x = stage("conv4_out", Conv(widths[3], 3, 1, same3, groups, bias_init=one, name="conv4", **common)(x))
+        x = normalise(x, 4, lrn=False)
+        x = stage("conv5_out", Conv(widths[4], 3, 1, same3, groups, bias_init=one, name="conv5", **common)(x))
+        x = stage("pool5", max_pool(normalise(x, 5, lrn=False)))
+        if spec.adaptive_pool:
+            x = adaptive_avg_pool(x, spec.adaptive_pool)
+        x = x.reshape(x.shape[0], -1)
+
+        dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
+        dense = dict(kernel_init=kinit, dtype=self.dtype, param_dtype=self.param_dtype)
+        for name in ("fc6", "fc7"):
+            if spec.dropout_before_fc:
+                x = dropout(x)
+            x = nn.relu(nn.Dense(fc_width, bias_init=one, name=name, **dense)(x))
+            if not spec.dropout_before_fc:
+                x = dropout(x)
+        x = nn.Dense(self.num_classes, bias_init=zero, name="fc8", **dense)(x)
+        return x.astype(jnp.float32)
+
+
+def feature_shapes(model: AlexNet, image_shape: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
+    """Per-image output shape of every conv and pool stage (shapes only: `jax.eval_shape`, no FLOPs)."""
+
+    def run() -> Any:
+        x = jnp.zeros((1, *image_shape))
+        variables = model.init(jax.random.PRNGKey(0), x, train=False)
+        _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+        return state["intermediates"]
+
+    inter = jax.eval_shape(run)
+    return {name.removesuffix("_out"): tuple(v.shape[1:]) for name, v in inter.items()}
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter tree."""
+    return sum(int(math.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))

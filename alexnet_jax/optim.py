@@ -1,0 +1,105 @@
+"""The paper's optimiser (section 5) and learning-rate schedules, built from optax pieces.
+
+The paper's rule is `v <- m*v - wd*eps*w - eps*g; w <- w + v`: the velocity carries the learning rate,
+so a learning-rate drop only affects new updates. In optax that is add_decayed_weights -> scale(-eps) ->
+trace(m). (`add_decayed_weights + sgd(eps, m)` equals it only while eps is constant.)
+
+Every hyperparameter is injected (`optax.inject_hyperparams`) so it is visible in the optimiser state
+for logging and checkpointing. The paper's divide-by-10-on-plateau schedule uses
+`optax.contrib.reduce_on_plateau`'s logic, fed the validation error once per evaluation (not the
+training loss every step); its scale is written into the injected `lr_scale`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+SCHEDULES = ("plateau", "step", "cosine", "constant")
+
+
+def decay_mask(params: Any) -> Any:
+    """Weight decay on kernels only: the paper's `w`; cuda-convnet and Caffe set no decay on biases."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params
+    )
+
+
+def paper_sgd(
+    learning_rate: float,
+    momentum: float,
+    weight_decay: float,
+    lr_scale: float = 1.0,
+    nesterov: bool = False,
+    mask: Callable[[Any], Any] | None = decay_mask,
+) -> optax.GradientTransformation:
+    """`v <- momentum*v - weight_decay*eps*w - eps*grad; w <- w + v` with eps = learning_rate*lr_scale."""
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=mask),
+        optax.scale(-learning_rate * lr_scale),
+        optax.trace(decay=momentum, nesterov=nesterov),
+    )
+
+
+def create_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    """The base learning rate as a function of the step (the plateau factor is applied on top)."""
+    lr = config.learning_rate
+    name = config.lr_schedule
+    if name in ("plateau", "constant"):
+        return optax.constant_schedule(lr)
+    if name == "step":
+        boundaries = {int(e * steps_per_epoch): config.lr_decay_factor for e in config.lr_step_epochs}
+        return optax.piecewise_constant_schedule(lr, boundaries)
+    if name == "cosine":
+        warmup = int(config.warmup_epochs * steps_per_epoch)
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0 if warmup else lr, peak_value=lr, warmup_steps=warmup,
+            decay_steps=max(total_steps, warmup + 1), end_value=0.0,
+        )
+    raise ValueError(f"unknown lr_schedule {name!r}; choose one of {SCHEDULES}")
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+) -> optax.GradientTransformation:
+    """The paper's momentum SGD with the configured schedule, all hyperparameters injected."""
+    return optax.inject_hyperparams(paper_sgd, static_args=("nesterov", "mask"))(
+        learning_rate=create_schedule(config, steps_per_epoch, total_steps),
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        lr_scale=1.0,
+        nesterov=bool(config.get("nesterov", False)),
+    )
+
+
+def create_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+    """Divide the learning rate by `1/lr_decay_factor` when validation error stops improving."""
+    return optax.contrib.reduce_on_plateau(
+        factor=config.lr_decay_factor,
+        patience=config.plateau_patience,
+        rtol=config.plateau_rtol,
+        atol=0.0,
+        cooldown=config.plateau_cooldown,
+        accumulation_size=1,
+        min_scale=config.lr_decay_factor ** config.plateau_max_reductions,
+    )
+
+
+def plateau_step(
+    plateau: optax.GradientTransformationExtraArgs, plateau_state: Any, opt_state: Any, val_error: float
+) -> tuple[Any, Any]:
+    """Feed one validation error to the plateau logic and write its scale into the optimiser."""
+    _, plateau_state = plateau.update({}, plateau_state, value=jnp.asarray(val_error, jnp.float32))
+    hyper = dict(opt_state.hyperparams)
+    hyper["lr_scale"] = jnp.asarray(plateau_state.scale, hyper["lr_scale"].dtype)
+    return plateau_state, opt_state._replace(hyperparams=hyper)
+
+
+def current_lr(opt_state: Any) -> jax.Array:
+    """The learning rate the last update used (base schedule value times the plateau factor)."""
+    return opt_state.hyperparams["learning_rate"] * opt_state.hyperparams["lr_scale"]

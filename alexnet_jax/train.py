@@ -1,0 +1,286 @@
+"""The one trainer: state, jit-compiled train/eval steps, and the loop with logging and evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from functools import partial
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from alexnet_jax import input_pipeline, optim, sharding
+from alexnet_jax.errors import UserError, check_config
+from alexnet_jax.models import AlexNet
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    plateau: Any  # optax reduce_on_plateau state, fed the validation error once per evaluation
+    rng: jax.Array  # dropout key; each step folds in its own number
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. the loss became NaN); the message says what to try."""
+
+
+def create_model(config: ml_collections.ConfigDict) -> AlexNet:
+    return AlexNet(
+        num_classes=config.num_classes,
+        variant=config.variant,
+        norm=config.norm or None,
+        groups=config.groups or None,
+        init_scheme=config.init_scheme,
+        dropout_rate=config.dropout_rate,
+        widths=tuple(config.widths) or None,
+        fc_width=config.fc_width or None,
+        dtype=jnp.dtype(config.dtype),
+    )
+
+
+def create_train_state(
+    rng: jax.Array, model: AlexNet, tx: optax.GradientTransformation, plateau: Any,
+    image_shape: tuple[int, int, int],
+) -> TrainState:
+    init_rng, dropout_rng = jax.random.split(rng)
+    variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        plateau=plateau.init(params),
+        rng=dropout_rng,
+    )
+
+
+def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    k = min(k, logits.shape[-1])
+    _, top = jax.lax.top_k(logits, k)
+    return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def train_step(
+    model: AlexNet, tx: optax.GradientTransformation, state: TrainState, batch: dict[str, jax.Array]
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step on a global batch; returns the new state and batch-mean loss / top-1 / top-5."""
+    dropout_rng = jax.random.fold_in(state.rng, state.step)
+    has_bn = bool(state.batch_stats)
+
+    def loss_fn(params):
+        variables = {"params": params, **({"batch_stats": state.batch_stats} if has_bn else {})}
+        logits, new_vars = model.apply(
+            variables, batch["image"], train=True, rngs={"dropout": dropout_rng},
+            mutable=["batch_stats"] if has_bn else [],
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        return loss, (logits, new_vars)
+
+    (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        batch_stats=new_vars["batch_stats"] if has_bn else state.batch_stats,
+    )
+    metrics = {
+        "loss": loss,
+        "top1": _topk_correct(logits, batch["label"], 1).mean(),
+        "top5": _topk_correct(logits, batch["label"], 5).mean(),
+        "lr": optim.current_lr(opt_state),
+    }
+    return new_state, metrics
+
+
+def eval_step(model: AlexNet, state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Sums over the real (mask == 1) rows, so padded rows never count."""
+    variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+    logits = model.apply(variables, batch["image"], train=False)
+    mask = batch["mask"]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    return {
+        "loss": jnp.sum(loss * mask),
+        "top1": jnp.sum(_topk_correct(logits, batch["label"], 1) * mask),
+        "top5": jnp.sum(_topk_correct(logits, batch["label"], 5) * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+class Trainer:
+    """Holds the compiled steps for one config and mesh."""
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, image_shape, steps_per_epoch,
+                 total_steps):
+        self.config, self.mesh = config, mesh
+        self.model = create_model(config)
+        self.tx = optim.create_optimizer(config, steps_per_epoch, total_steps)
+        self.plateau = optim.create_plateau(config)
+        self.image_shape = tuple(image_shape)
+        init = partial(create_train_state, model=self.model, tx=self.tx, plateau=self.plateau,
+                       image_shape=self.image_shape)
+        abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+        self.state_sharding = sharding.tree_shardings(mesh, abstract, config.get("sharding", "data_parallel"))
+        self.batch_sharding = sharding.batch_sharding(mesh)
+        rep = sharding.replicated(mesh)
+        self.init = jax.jit(init, out_shardings=self.state_sharding)
+        self.train_step = jax.jit(
+            partial(train_step, self.model, self.tx),
+            in_shardings=(self.state_sharding, self.batch_sharding),
+            out_shardings=(self.state_sharding, rep),
+            donate_argnums=0,
+        )
+        self.eval_step = jax.jit(
+            partial(eval_step, self.model), in_shardings=(self.state_sharding, self.batch_sharding),
+            out_shardings=rep,
+        )
+
+    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Assemble the global batch from this process's rows."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
+
+    def evaluate(self, state: TrainState, batches) -> dict[str, float]:
+        totals = None
+        for local in batches:
+            out = self.eval_step(state, self.global_batch(local))
+            totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
+        totals = jax.device_get(totals)
+        n = float(totals["count"])
+        return {"loss": float(totals["loss"]) / n, "top1": float(totals["top1"]) / n,
+                "top5": float(totals["top5"]) / n, "count": int(round(n))}
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class _Writer:
+    """TensorBoard scalars (process 0 only)."""
+
+    def __init__(self, workdir: str):
+        import tensorflow as tf
+
+        self._tf = tf
+        self._w = tf.summary.create_file_writer(workdir) if jax.process_index() == 0 else None
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._w is None:
+            return
+        with self._w.as_default(step=step):
+            for k, v in values.items():
+                self._tf.summary.scalar(k, v)
+        self._w.flush()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train, evaluate every `eval_every_steps` (default: each epoch) and write `workdir/summary.json`."""
+    t_start = time.time()
+    check_config(config, jax.device_count(), jax.process_count())
+    mesh = sharding.make_mesh(config.mesh_shape)
+    if config.batch_size % mesh.shape["data"]:
+        raise UserError(f"--config.batch_size={config.batch_size} must be divisible by the mesh's "
+                        f"data axis ({mesh.shape['data']})")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--workdir {workdir!r} cannot be created: {e.strerror}") from None
+
+    train_data = input_pipeline.load_in_memory(config, "train")
+    test_data = input_pipeline.load_in_memory(config, "test")
+    mean, std = input_pipeline.channel_stats(train_data.images)
+    per_epoch = input_pipeline.steps_per_epoch(len(train_data), config.batch_size)
+    if per_epoch == 0:
+        raise UserError(f"--config.batch_size={config.batch_size} exceeds the {len(train_data)} training images")
+    total = config.num_train_steps if config.num_train_steps > 0 else int(round(config.num_epochs * per_epoch))
+    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else per_epoch
+    image_shape = (config.image_size, config.image_size, train_data.images.shape[-1])
+
+    trainer = Trainer(config, mesh, image_shape, per_epoch, total)
+    state = trainer.init(jax.random.PRNGKey(config.seed))
+    start = int(state.step)
+    logging.info("%s on %s: %d train / %d test images, %d steps (%.2f epochs of %d), mesh %s",
+                 config.variant, config.dataset, len(train_data), len(test_data), total, total / per_epoch,
+                 per_epoch, dict(mesh.shape))
+
+    writer = _Writer(workdir)
+    pid, nproc = jax.process_index(), jax.process_count()
+    batches = input_pipeline.train_batches(train_data, config, mean, std, start, total, pid, nproc)
+    pending: list[dict[str, jax.Array]] = []
+    train_seconds, timed_images, last_eval = 0.0, 0, {}
+    t_interval, interval_steps = time.time(), 0
+    for step in range(start, total):
+        state, metrics = trainer.train_step(state, trainer.global_batch(next(batches)))
+        pending.append(metrics)
+        interval_steps += 1
+        done = step + 1
+        if done % config.log_every_steps == 0 or done == total:
+            fetched = jax.device_get(pending)
+            now = time.time()
+            elapsed = now - t_interval
+            if step + 1 - interval_steps > start:  # not the first interval: it includes compilation
+                train_seconds += elapsed
+                timed_images += interval_steps * config.batch_size
+            means = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "top1", "top5")}
+            if not np.isfinite(means["loss"]):
+                raise TrainingError(
+                    f"the training loss became {means['loss']} by step {done}: lower --config.learning_rate "
+                    f"(now {config.learning_rate}) or check the input data"
+                )
+            lr = float(fetched[-1]["lr"])
+            rate = interval_steps * config.batch_size / max(elapsed, 1e-9)
+            eta = (total - done) * config.batch_size / rate
+            logging.info("step %d/%d (epoch %.2f) | loss %.4f | top1 %.2f%% | top5 %.2f%% | lr %.4g | "
+                         "%.0f img/s | ETA %s", done, total, done / per_epoch, means["loss"],
+                         100 * means["top1"], 100 * means["top5"], lr, rate, _fmt_seconds(eta))
+            writer.scalars(done, {"train/loss": means["loss"], "train/top1": means["top1"],
+                                  "train/top5": means["top5"], "train/lr": lr, "train/images_per_second": rate})
+            pending.clear()
+            interval_steps, t_interval = 0, time.time()
+        if done % eval_every == 0 or done == total:
+            t_eval = time.time()
+            last_eval = trainer.evaluate(
+                state, input_pipeline.eval_batches(test_data, config, mean, std, pid, nproc))
+            if config.lr_schedule == "plateau":
+                plateau, opt_state = optim.plateau_step(
+                    trainer.plateau, state.plateau, state.opt_state, 1.0 - last_eval["top1"])
+                state = state.replace(plateau=plateau, opt_state=opt_state)
+            logging.info("eval at step %d: top1 %.2f%% | top5 %.2f%% | loss %.4f | %d images | %.1fs",
+                         done, 100 * last_eval["top1"], 100 * last_eval["top5"], last_eval["loss"],
+                         last_eval["count"], time.time() - t_eval)
+            writer.scalars(done, {"eval/top1": last_eval["top1"], "eval/top5": last_eval["top5"],
+                                  "eval/loss": last_eval["loss"]})
+            t_interval += time.time() - t_eval  # evaluation time is not training time
+
+    summary = {
+        "top1_accuracy": last_eval.get("top1"),
+        "top5_accuracy": last_eval.get("top5"),
+        "top1_error": None if not last_eval else 1 - last_eval["top1"],
+        "top5_error": None if not last_eval else 1 - last_eval["top5"],
+        "eval_loss": last_eval.get("loss"),
+        "num_eval_examples": last_eval.get("count"),
+        "step": int(state.step),
+        "epochs": int(state.step) / per_epoch,
+        "train_images_per_second": timed_images / train_seconds if train_seconds else None,
+        "wall_seconds": time.time() - t_start,
+        "dataset": config.dataset,
+        "variant": config.variant,
+        "mesh": dict(mesh.shape),
+    }
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    logging.info("done: %s", json.dumps(summary))
+    return summary
