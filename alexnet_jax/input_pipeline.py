@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import socket
 import struct
+import urllib.parse
 from collections.abc import Iterator
 
 import ml_collections
@@ -131,6 +133,22 @@ def _check_data_dir(data_dir: str) -> str | None:
     return data_dir
 
 
+def _reachable(url: str, timeout: float = 5.0) -> bool:
+    """A quick look before a tfds download, whose retries would otherwise hang for minutes offline."""
+    parsed = urllib.parse.urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _download_url(builder: tfds.core.DatasetBuilder) -> str | None:
+    url = getattr(type(builder), "URL", None)  # tfds's MNIST-family builders name their source here
+    return url if isinstance(url, str) else None
+
+
 def _fashion_mnist_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     data_dir = _check_data_dir(config.data_dir)
     source = os.path.expanduser(config.fashion_mnist_dir)
@@ -139,15 +157,19 @@ def _fashion_mnist_builder(config: ml_collections.ConfigDict) -> tfds.core.Datas
         builder.download_and_prepare()
         return builder
     builder = tfds.builder("fashion_mnist", data_dir=data_dir)
+    if builder.is_prepared():
+        return builder
+    expected = ", ".join(f for pair in FASHION_MNIST_FILES.values() for f in pair)
+    message = (f"FashionMNIST not found: {source!r} does not hold {expected}, and tfds could not download it "
+               "({}). Install the files with `sudo apt-get install dataset-fashion-mnist` or set "
+               "--config.fashion_mnist_dir to the folder that holds them.")
+    url = _download_url(builder)
+    if url and not _reachable(url):
+        raise UserError(message.format(f"{urllib.parse.urlparse(url).hostname} is unreachable"))
     try:
         builder.download_and_prepare()
     except Exception as e:  # noqa: BLE001 - any download failure means the same thing to the user
-        expected = ", ".join(f for pair in FASHION_MNIST_FILES.values() for f in pair)
-        raise UserError(
-            f"FashionMNIST not found: {source!r} does not hold {expected}, and tfds could not download "
-            f"it ({type(e).__name__}). Install the files with `sudo apt-get install dataset-fashion-mnist` "
-            "or set --config.fashion_mnist_dir to the folder that holds them."
-        ) from None
+        raise UserError(message.format(type(e).__name__)) from None
     return builder
 
 

@@ -250,6 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             pending.clear()
             interval_steps, t_interval = 0, time.time()
         if done % eval_every == 0 or done == total:
+            jax.block_until_ready(state)  # queued train steps are training time, not evaluation time
             t_eval = time.time()
             last_eval = trainer.evaluate(
                 state, input_pipeline.eval_batches(test_data, config, mean, std, pid, nproc))

@@ -1,0 +1,29 @@
+"""Test set-up: 8 simulated CPU devices (must happen before jax is imported), quiet TensorFlow."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def pytest_configure(config):
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+
+
+@pytest.fixture
+def repo() -> str:
+    return REPO
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable
