@@ -18,7 +18,7 @@ import os
 import socket
 import struct
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import ml_collections
 import numpy as np
@@ -301,3 +301,35 @@ def eval_batches(
         lambda b: {**b, "image": _normalise(b["image"], mean, std, size)}, num_parallel_calls=tf.data.AUTOTUNE
     )
     return iter(tfds.as_numpy(ds.prefetch(2)))
+
+
+@dataclasses.dataclass
+class Data:
+    """What the trainer needs from a dataset, whatever its size or source.
+
+    `train(start_step, num_steps, process_index, process_count)` yields this process's rows of global
+    training batches `start_step .. num_steps-1`; `eval(process_index, process_count)` yields this
+    process's padded, masked share of the evaluation split.
+    """
+
+    num_train: int
+    num_eval: int
+    image_shape: tuple[int, int, int]
+    class_names: tuple[str, ...]
+    train: Callable[[int, int, int, int], Iterator[dict[str, np.ndarray]]]
+    eval: Callable[[int, int], Iterator[dict[str, np.ndarray]]]
+
+
+def create_data(config: ml_collections.ConfigDict) -> Data:
+    """Prepare (if needed) and open the configured dataset."""
+    train_data = load_in_memory(config, "train")
+    test_data = load_in_memory(config, "test")
+    mean, std = channel_stats(train_data.images)
+    return Data(
+        num_train=len(train_data),
+        num_eval=len(test_data),
+        image_shape=(config.image_size, config.image_size, train_data.images.shape[-1]),
+        class_names=train_data.class_names,
+        train=lambda start, stop, pid, nproc: train_batches(train_data, config, mean, std, start, stop, pid, nproc),
+        eval=lambda pid, nproc: eval_batches(test_data, config, mean, std, pid, nproc),
+    )

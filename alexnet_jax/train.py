@@ -198,26 +198,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     except OSError as e:
         raise UserError(f"--workdir {workdir!r} cannot be created: {e.strerror}") from None
 
-    train_data = input_pipeline.load_in_memory(config, "train")
-    test_data = input_pipeline.load_in_memory(config, "test")
-    mean, std = input_pipeline.channel_stats(train_data.images)
-    per_epoch = input_pipeline.steps_per_epoch(len(train_data), config.batch_size)
+    data = input_pipeline.create_data(config)
+    per_epoch = input_pipeline.steps_per_epoch(data.num_train, config.batch_size)
     if per_epoch == 0:
-        raise UserError(f"--config.batch_size={config.batch_size} exceeds the {len(train_data)} training images")
+        raise UserError(f"--config.batch_size={config.batch_size} exceeds the {data.num_train} training images")
     total = config.num_train_steps if config.num_train_steps > 0 else int(round(config.num_epochs * per_epoch))
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else per_epoch
-    image_shape = (config.image_size, config.image_size, train_data.images.shape[-1])
 
-    trainer = Trainer(config, mesh, image_shape, per_epoch, total)
+    trainer = Trainer(config, mesh, data.image_shape, per_epoch, total)
     state = trainer.init(jax.random.PRNGKey(config.seed))
     start = int(state.step)
     logging.info("%s on %s: %d train / %d test images, %d steps (%.2f epochs of %d), mesh %s",
-                 config.variant, config.dataset, len(train_data), len(test_data), total, total / per_epoch,
+                 config.variant, config.dataset, data.num_train, data.num_eval, total, total / per_epoch,
                  per_epoch, dict(mesh.shape))
 
     writer = _Writer(workdir)
     pid, nproc = jax.process_index(), jax.process_count()
-    batches = input_pipeline.train_batches(train_data, config, mean, std, start, total, pid, nproc)
+    batches = data.train(start, total, pid, nproc)
     pending: list[dict[str, jax.Array]] = []
     train_seconds, timed_images, last_eval = 0.0, 0, {}
     t_interval, interval_steps = time.time(), 0
@@ -252,8 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if done % eval_every == 0 or done == total:
             jax.block_until_ready(state)  # queued train steps are training time, not evaluation time
             t_eval = time.time()
-            last_eval = trainer.evaluate(
-                state, input_pipeline.eval_batches(test_data, config, mean, std, pid, nproc))
+            last_eval = trainer.evaluate(state, data.eval(pid, nproc))
             if config.lr_schedule == "plateau":
                 plateau, opt_state = optim.plateau_step(
                     trainer.plateau, state.plateau, state.opt_state, 1.0 - last_eval["top1"])
