@@ -72,8 +72,11 @@ class FashionMnistFiles(tfds.core.GeneratorBasedBuilder):
     Same features and splits as tfds's own `fashion_mnist`, so the rest of the pipeline cannot tell them apart.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "The original Zalando IDX files, read from a local folder."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "The original Zalando IDX files, read from a local folder.",
+        "1.1.0": "Examples kept in file order.",
+    }
 
     def __init__(self, *, source_dir: str, **kwargs):
         self._source_dir = source_dir
@@ -88,6 +91,7 @@ class FashionMnistFiles(tfds.core.GeneratorBasedBuilder):
                 "label": tfds.features.ClassLabel(names=list(FASHION_MNIST_CLASSES)),
             }),
             supervised_keys=("image", "label"),
+            disable_shuffling=True,  # keep the files' order: example i is row i of the IDX file
         )
 
     def _split_generators(self, dl_manager):

@@ -15,6 +15,21 @@ config_flags.DEFINE_config_file("config", None, "A configs/*.py file; override k
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a one-line message instead of a trace for a bad --config override."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"alexnet_jax: error: {e}\nSee --helpfull for the flags.")
+    except (AttributeError, KeyError) as e:  # ml_collections: --config.<key> names no field
+        key = str(e).strip("\"'")
+        given = next((a for a in argv if a.startswith("--config.") and key in a), key)
+        sys.exit(f"alexnet_jax: error: {given}: unknown config key {key!r}. The keys and their defaults are "
+                 "in alexnet_jax/default_config.py.")
+    except (ValueError, TypeError) as e:
+        sys.exit(f"alexnet_jax: error: cannot apply the command line's config overrides: {e}")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -30,9 +45,8 @@ def main(argv: list[str]) -> None:
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (UserError, train.TrainingError) as e:
-        logging.error("%s", e)
         sys.exit(f"alexnet_jax: error: {e}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

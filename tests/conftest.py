@@ -27,3 +27,9 @@ def repo() -> str:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def fmnist_data_dir(tmp_path_factory) -> str:
+    """One tfds data_dir per test session, so the real FashionMNIST files are prepared once."""
+    return str(tmp_path_factory.mktemp("tfds"))

@@ -1,0 +1,144 @@
+"""FashionMNIST through a tfds builder, a deterministic resumable stream, and exact-once evaluation."""
+
+import gzip
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from alexnet_jax import default_config, input_pipeline
+from alexnet_jax.errors import UserError
+
+
+def write_idx(path, array):
+    array = np.asarray(array, np.uint8)
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture
+def fake_fmnist(tmp_path):
+    """A FashionMNIST folder in the original IDX format: 96 train and 37 test images."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "fmnist"
+    src.mkdir()
+    for split, n in (("train", 96), ("t10k", 37)):
+        write_idx(src / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(src / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return src
+
+
+def small_config(src, tmp_path, **kw):
+    c = default_config.get_config()
+    c.update(dict(dataset="fashion_mnist", fashion_mnist_dir=str(src), data_dir=str(tmp_path / "tfds"),
+                  image_size=28, num_classes=10, batch_size=16, eval_batch_size=16, crop_padding=2,
+                  random_flip=True, seed=3))
+    c.update(kw)
+    return c
+
+
+def test_builder_prepares_idx_files_into_data_dir(fake_fmnist, tmp_path):
+    c = small_config(fake_fmnist, tmp_path)
+    train = input_pipeline.load_in_memory(c, "train")
+    test = input_pipeline.load_in_memory(c, "test")
+    assert train.images.shape == (96, 28, 28, 1) and test.images.shape == (37, 28, 28, 1)
+    np.testing.assert_array_equal(test.labels, np.arange(37) % 10)
+    raw = input_pipeline.read_idx(str(fake_fmnist / "train-images-idx3-ubyte.gz"))
+    np.testing.assert_array_equal(train.images[..., 0], raw)
+    assert train.class_names[9] == "Ankle boot"
+    assert os.path.isdir(tmp_path / "tfds" / "fashion_mnist_files" / "1.1.0")
+
+
+def collect(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_stream_is_a_function_of_seed_and_step(fake_fmnist, tmp_path):
+    c = small_config(fake_fmnist, tmp_path)
+    data = input_pipeline.create_data(c)
+    full = collect(data.train(0, 12, 0, 1), 12)  # 12 steps = 2 epochs of 6
+    resumed = collect(data.train(7, 12, 0, 1), 5)
+    for a, b in zip(full[7:], resumed, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    # each epoch is a permutation: every example once, in a new order the next epoch
+    epoch0 = np.concatenate([b["label"] for b in full[:6]])
+    assert sorted(epoch0.tolist()) == sorted((np.arange(96) % 10).tolist())
+    other_seed = input_pipeline.create_data(small_config(fake_fmnist, tmp_path, seed=4))
+    assert not np.array_equal(next(other_seed.train(0, 1, 0, 1))["image"], full[0]["image"])
+
+
+def test_processes_read_disjoint_rows_of_each_global_batch(fake_fmnist, tmp_path):
+    c = small_config(fake_fmnist, tmp_path)
+    data = input_pipeline.create_data(c)
+    whole = collect(data.train(0, 3, 0, 1), 3)
+    parts = [collect(data.train(0, 3, p, 2), 3) for p in range(2)]
+    for step in range(3):
+        for key in ("image", "label"):
+            joined = np.concatenate([parts[0][step][key], parts[1][step][key]])
+            np.testing.assert_array_equal(joined, whole[step][key])
+        assert parts[0][step]["image"].shape == (8, 28, 28, 1)
+
+
+def test_augmentation_crops_and_flips(fake_fmnist, tmp_path):
+    c = small_config(fake_fmnist, tmp_path, crop_padding=0, random_flip=True)
+    data = input_pipeline.create_data(c)
+    flipped = same = 0
+    plain = input_pipeline.create_data(small_config(fake_fmnist, tmp_path, crop_padding=0, random_flip=False))
+    for a, b in zip(collect(data.train(0, 6, 0, 1), 6), collect(plain.train(0, 6, 0, 1), 6), strict=True):
+        for x, y in zip(a["image"], b["image"], strict=True):
+            if np.array_equal(x, y):
+                same += 1
+            else:
+                np.testing.assert_array_equal(x, y[:, ::-1])
+                flipped += 1
+    assert flipped + same == 96 and 30 <= flipped <= 66  # about half
+    padded = input_pipeline.create_data(small_config(fake_fmnist, tmp_path, crop_padding=2, random_flip=False))
+    shifted = sum(not np.array_equal(x, y) for a, b in zip(collect(padded.train(0, 6, 0, 1), 6),
+                                                           collect(plain.train(0, 6, 0, 1), 6), strict=True)
+                  for x, y in zip(a["image"], b["image"], strict=True))
+    assert shifted > 96 * 0.6  # 24 of 25 offsets move the image
+
+
+@pytest.mark.parametrize("batch,processes", [(16, 1), (10, 1), (37, 1), (64, 1), (8, 2), (12, 4)])
+def test_eval_counts_every_example_exactly_once(fake_fmnist, tmp_path, batch, processes):
+    c = small_config(fake_fmnist, tmp_path, eval_batch_size=batch)
+    data = input_pipeline.create_data(c)
+    seen, real, batches = [], 0, []
+    for p in range(processes):
+        bs = list(data.eval(p, processes))
+        batches.append(len(bs))
+        for b in bs:
+            assert b["image"].shape[0] == batch // processes
+            real += int(b["mask"].sum())
+            seen.extend(b["label"][b["mask"] == 1].tolist())
+    assert real == 37 and len(set(batches)) == 1
+    assert sorted(seen) == sorted((np.arange(37) % 10).tolist())
+
+
+def test_truncated_idx_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    write_idx(path, np.zeros((4, 28, 28)))
+    data = gzip.open(path).read()
+    with gzip.open(path, "wb") as f:
+        f.write(data[:-100])
+    with pytest.raises(UserError, match="truncated"):
+        input_pipeline.read_idx(str(path))
+
+
+def test_data_dir_that_is_a_file_is_refused(fake_fmnist, tmp_path):
+    bad = tmp_path / "file"
+    bad.write_text("x")
+    with pytest.raises(UserError, match="is a file, not a directory"):
+        input_pipeline.load_in_memory(small_config(fake_fmnist, tmp_path, data_dir=str(bad)), "train")
+
+
+@pytest.mark.skipif(not input_pipeline.fashion_mnist_files_present("/usr/share/datasets/fashion-mnist"),
+                    reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+def test_real_fashion_mnist_files():
+    images = input_pipeline.read_idx("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+    labels = input_pipeline.read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
+    assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
+    assert np.bincount(labels).tolist() == [1000] * 10
