@@ -194,3 +194,34 @@ def test_max_pool_matches_flax_values_and_gradients_with_ties():
     # same positions get the gradient; where two windows overlap the sum may round in another order
     np.testing.assert_allclose(g_ours, g_ref, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(g_ours != 0, g_ref != 0)
+
+
+def load_config(name):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", name)
+    spec = importlib.util.spec_from_file_location("cfg", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_config_files_build_the_intended_models():
+    from alexnet_jax.train import create_model
+
+    imagenet = load_config("imagenet.py")
+    model = create_model(imagenet)
+    params = abstract_params(model, (imagenet.image_size, imagenet.image_size, 3))
+    assert count_params(params) == 60_965_224 and imagenet.batch_size == 128
+    assert (imagenet.learning_rate, imagenet.momentum, imagenet.weight_decay) == (0.01, 0.9, 5e-4)
+    assert imagenet.lr_schedule == "plateau" and imagenet.init_scheme == "paper"
+
+    blog = load_config("fashion_mnist_224.py")  # the paper's net on 1-channel 224 px inputs, 10 classes
+    params = abstract_params(create_model(blog), (224, 224, 1))
+    assert count_params(params) == 60_965_224 - 34_944 + (11 * 11 * 96 + 96) - 4_097_000 + (4096 * 10 + 10)
+    assert feature_shapes(create_model(blog), (224, 224, 1))["pool5"] == (6, 6, 256)
+
+    quick = load_config("fashion_mnist.py")
+    shapes = feature_shapes(create_model(quick), (28, 28, 1))
+    assert shapes["pool5"] == (2, 2, quick.widths[-1]) and quick.num_classes == 10
