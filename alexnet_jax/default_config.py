@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     # ImageNet (alexnet_jax.imagenet / augment; docs/imagenet.md). Paper values; each one can be switched.
     c.manual_dir = ""  # folder with ILSVRC2012_img_train.tar + _val.tar; '' = tfds's <data_dir>/downloads/manual
     c.resize_size = 256  # shorter side rescaled to this and the centre square kept (paper: 256)
+    c.resize_method = "area"  # 'area' (box filter when shrinking), 'bilinear' (Caffe/OpenCV), 'antialias' (PIL)
     c.train_crop = "paper"  # 'paper': random image_size patch of the square; 'random_resized': Inception-style
     c.rrc_area_range = (0.08, 1.0)  # random_resized: fraction of the image area
     c.rrc_aspect_range = (0.75, 4.0 / 3.0)  # random_resized: width / height

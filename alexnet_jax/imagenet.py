@@ -141,6 +141,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         fail("train_crop", f"choose one of {augment.TRAIN_CROPS}")
     if config.normalization not in augment.NORMALIZATIONS:
         fail("normalization", f"choose one of {augment.NORMALIZATIONS}")
+    if config.resize_method not in augment.RESIZE_METHODS:
+        fail("resize_method", f"choose one of {augment.RESIZE_METHODS}")
     if config.eval_crops not in (1, 10):
         fail("eval_crops", "choose 1 (centre crop) or 10 (the paper's corners + centre and reflections)")
     if not 0 < config.image_size <= config.resize_size:
@@ -202,20 +204,20 @@ def _options(threads: int | None) -> tf.data.Options:
 # Statistics for normalisation.
 
 
-def dataset_stats(builder: tfds.core.DatasetBuilder, resize: int, examples: int,
+def dataset_stats(builder: tfds.core.DatasetBuilder, resize: int, examples: int, method: str = "area",
                   threads: int | None = None) -> dict[str, np.ndarray]:
     """Mean image (resize, resize, 3) and per-channel mean/std over the first `examples` training images
     (0: all; tfds shuffled the records when preparing, so the first ones are a random sample), 0-255 scale.
     Cached beside the prepared data."""
     n = builder.info.splits["train"].num_examples if examples <= 0 else min(examples, builder.info.splits[
         "train"].num_examples)
-    path = os.path.join(os.fspath(builder.data_dir), f"alexnet_jax_stats_{resize}px_{n}.npz")
+    path = os.path.join(os.fspath(builder.data_dir), f"alexnet_jax_stats_{resize}px_{method}_{n}.npz")
     if os.path.isfile(path):
         with np.load(path) as f:
             return {k: f[k] for k in ("mean_image", "mean", "std")}
     logging.info("computing the training mean image over %d images (cached in %s)", n, path)
     ds = _records(builder.info.splits["train"].file_instructions).take(n)
-    ds = ds.map(lambda r: augment.decode_square(_parser(builder)(r)["image"], resize),
+    ds = ds.map(lambda r: augment.decode_square(_parser(builder)(r)["image"], resize, method),
                 num_parallel_calls=tf.data.AUTOTUNE).batch(64).with_options(_options(threads))
     total = np.zeros((resize, resize, 3), np.float64)
     sq = np.zeros(3, np.float64)
@@ -302,12 +304,14 @@ def train_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.Conf
         if config.train_crop == "paper":
             image = augment.paper_train_image(
                 ex["image"], key, resize=resize, crop=crop, flip=bool(config.random_flip),
-                pca_std=float(config.pca_lighting), normalization=config.normalization, mean=mean, std=std)
+                pca_std=float(config.pca_lighting), normalization=config.normalization, mean=mean, std=std,
+                method=config.resize_method)
         else:
             image = augment.random_resized_crop(
                 ex["image"], key, crop=crop, area_range=tuple(config.rrc_area_range),
                 aspect_range=tuple(config.rrc_aspect_range), flip=bool(config.random_flip),
-                pca_std=float(config.pca_lighting), normalization=config.normalization, mean=mean, std=std)
+                pca_std=float(config.pca_lighting), normalization=config.normalization, mean=mean, std=std,
+                method=config.resize_method)
         return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
     ds = ds.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -333,7 +337,8 @@ def eval_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.Confi
     def one(record):
         ex = parse(record)
         image = augment.eval_image(ex["image"], resize=resize, crop=crop, crops=crops,
-                                   normalization=config.normalization, mean=mean, std=std)
+                                   normalization=config.normalization, mean=mean, std=std,
+                                   method=config.resize_method)
         return {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(1.0)}
 
     ds = _records(instructions).map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -349,7 +354,7 @@ def create_data(config: ml_collections.ConfigDict):
     check_config(config)
     input_pipeline._check_data_dir(config.data_dir)
     builder = open_prepared(config)
-    stats = dataset_stats(builder, int(config.resize_size), int(config.stats_examples))
+    stats = dataset_stats(builder, int(config.resize_size), int(config.stats_examples), config.resize_method)
     mean, std = _norm_arrays(config, stats)
     crop = int(config.image_size)
     names = tuple(builder.info.features["label"].names)
