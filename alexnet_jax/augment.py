@@ -43,12 +43,25 @@ def resize(image: tf.Tensor, size: int, method: str) -> tf.Tensor:
     return tf.clip_by_value(tf.ensure_shape(out, (size, size, 3)), 0.0, 255.0)
 
 
-def _square(jpeg: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """(top, left, side) of a JPEG's centre square, read from its header only."""
+def _square(jpeg: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(top, left, side, width) of a JPEG's centre square, read from its header only."""
     shape = tf.io.extract_jpeg_shape(jpeg)
     h, w = shape[0], shape[1]
     side = tf.minimum(h, w)
-    return (h - side) // 2, (w - side) // 2, side
+    return (h - side) // 2, (w - side) // 2, side, w
+
+
+def decode_window(jpeg: tf.Tensor, top: tf.Tensor, left: tf.Tensor, size: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+    """Pixels [top, top+size) x [left, left+size) of the JPEG, decoding only about those.
+
+    libjpeg upsamples chroma at a crop's left and right edges as if they were the image's edges, so those
+    columns can differ from a full decode; one more column on each side is decoded (where there is one) and
+    dropped, which makes the window exactly the full decode's pixels.
+    """
+    start = tf.maximum(left - 1, 0)
+    stop = tf.minimum(left + size + 1, width)
+    image = tf.io.decode_and_crop_jpeg(jpeg, tf.stack([top, start, size, stop - start]), channels=3)
+    return image[:, left - start : left - start + size]
 
 
 def decode_square(jpeg: tf.Tensor, size: int, method: str = "area") -> tf.Tensor:
@@ -57,9 +70,8 @@ def decode_square(jpeg: tf.Tensor, size: int, method: str = "area") -> tf.Tensor
     Rescaling the shorter side then cropping the centre equals cropping the centre square then rescaling it;
     the second decodes only the square's pixels. Grayscale JPEGs come out as 3 equal channels.
     """
-    top, left, side = _square(jpeg)
-    image = tf.io.decode_and_crop_jpeg(jpeg, tf.stack([top, left, side, side]), channels=3)
-    return resize(image, size, method)
+    top, left, side, width = _square(jpeg)
+    return resize(decode_window(jpeg, top, left, side, width), size, method)
 
 
 def decode_patch(jpeg: tf.Tensor, yx: tf.Tensor, resize_to: int, crop: int, method: str = "area") -> tf.Tensor:
@@ -69,13 +81,12 @@ def decode_patch(jpeg: tf.Tensor, yx: tf.Tensor, resize_to: int, crop: int, meth
     to crop x crop: the same view as resizing the whole square and slicing it, up to half a source pixel of
     rounding, for about 3/4 of the decoding and resizing work.
     """
-    top, left, side = _square(jpeg)
+    top, left, side, width = _square(jpeg)
     scale = tf.cast(side, tf.float32) / resize_to
     size = tf.maximum(1, tf.cast(tf.round(crop * tf.cast(side, tf.float32) / resize_to), tf.int32))
     size = tf.minimum(size, side)
     off = tf.minimum(tf.cast(tf.round(tf.cast(yx, tf.float32) * scale), tf.int32), side - size)
-    image = tf.io.decode_and_crop_jpeg(jpeg, tf.stack([top + off[0], left + off[1], size, size]), channels=3)
-    return resize(image, crop, method)
+    return resize(decode_window(jpeg, top + off[0], left + off[1], size, width), crop, method)
 
 
 def crop_offsets(key: tf.Tensor, size: int, crop: int) -> tf.Tensor:
