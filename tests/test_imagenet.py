@@ -241,8 +241,9 @@ def test_mean_image_is_the_training_mean(prepared):
     squares = [augment.decode_square(tf.constant(ex["image"]), 256).numpy() for ex in
                builder.as_dataset(split="train", decoders={"image": imagenet.tfds.decode.SkipDecoding()})
                .as_numpy_iterator()]
-    np.testing.assert_allclose(stats["mean_image"], np.mean(squares, 0), atol=1e-3)
-    np.testing.assert_allclose(stats["std"], np.std(squares, axis=(0, 1, 2)), rtol=1e-4)
+    squares = np.asarray(squares, np.float64)
+    np.testing.assert_allclose(stats["mean_image"], squares.mean(0), atol=1e-3)
+    np.testing.assert_allclose(stats["std"], squares.std(axis=(0, 1, 2)), rtol=1e-4)
     batch = next(iter(input_pipeline.create_data(_config(prepared[0], pca_lighting=0.0)).train(0, 1, 0, 1)))
     assert abs(batch["image"].mean()) < 20  # mean-subtracted pixels centre on zero
 
@@ -293,17 +294,3 @@ def test_unknown_dataset_and_bad_values_are_rejected(tmp_path):
         imagenet.check_config(_config(str(tmp_path), eval_crops=5))
     with pytest.raises(UserError, match="train_crop"):
         imagenet.check_config(_config(str(tmp_path), train_crop="inception"))
-
-
-def test_cifar10_through_tfds_mock_data():
-    import tensorflow_datasets as tfds
-
-    c = _config("", dataset="cifar10", image_size=32, num_classes=10, crop_padding=4, batch_size=16,
-                eval_batch_size=16)
-    with tfds.testing.mock_data(num_examples=48):
-        data = input_pipeline.create_data(c)
-        batch = next(iter(data.train(0, 1, 0, 1)))
-        evals = list(data.eval(0, 1))
-    assert data.num_train == 48 and data.image_shape == (32, 32, 3) and len(data.class_names) == 10
-    assert batch["image"].shape == (16, 32, 32, 3) and batch["label"].dtype == np.int32
-    assert sum(int(b["mask"].sum()) for b in evals) == 48
