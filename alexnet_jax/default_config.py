@@ -19,7 +19,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_classes = 1000
     c.crop_padding = 0  # small images: zero-pad by this many pixels, then take a random crop back
     c.random_flip = True  # horizontal reflections
-    c.shuffle_buffer = 0  # unused by in-memory datasets (they take a full per-epoch permutation)
+    c.shuffle_buffer = 0  # imagenet2012: records per process in the shuffle buffer (0: 16 x local batch);
+    # in-memory datasets take a full per-epoch permutation instead
+    # ImageNet (alexnet_jax.imagenet / augment; docs/imagenet.md). Paper values; each one can be switched.
+    c.manual_dir = ""  # folder with ILSVRC2012_img_train.tar + _val.tar; '' = tfds's <data_dir>/downloads/manual
+    c.resize_size = 256  # shorter side rescaled to this and the centre square kept (paper: 256)
+    c.resize_method = "area"  # 'area' (box filter when shrinking), 'bilinear' (Caffe/OpenCV), 'antialias' (PIL)
+    c.train_crop = "paper"  # 'paper': random image_size patch of the square; 'random_resized': Inception-style
+    c.rrc_area_range = (0.08, 1.0)  # random_resized: fraction of the image area
+    c.rrc_aspect_range = (0.75, 4.0 / 3.0)  # random_resized: width / height
+    c.pca_lighting = 0.1  # std of the per-image PCA colour alpha (paper: 0.1); 0 turns it off
+    c.normalization = "pixel"  # 'pixel': subtract the training mean image (paper); 'channel': mean/std per channel
+    c.stats_examples = 50_000  # training images averaged for the mean image / channel stats (0: all)
 
     # Model (alexnet_jax.models.AlexNet).
     c.model = "AlexNet"
@@ -54,4 +65,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = -1  # -1: once per epoch
     c.log_every_steps = 100
     c.mesh_shape = (-1, 1)  # ('data', 'model'); -1 fills the remaining devices
+    c.eval_crops = 1  # crops per evaluation image: 1 (centre) or 10 (the paper's corners + centre, flipped)
     return c

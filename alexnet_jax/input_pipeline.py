@@ -322,10 +322,23 @@ class Data:
     class_names: tuple[str, ...]
     train: Callable[[int, int, int, int], Iterator[dict[str, np.ndarray]]]
     eval: Callable[[int, int], Iterator[dict[str, np.ndarray]]]
+    # The normalisation images get (0-255 scale, per channel): saved with checkpoints so `predict` can
+    # preprocess an image exactly like `eval` without the training set.
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
 
 
 def create_data(config: ml_collections.ConfigDict) -> Data:
-    """Prepare (if needed) and open the configured dataset."""
+    """Prepare (if needed) and open the configured dataset; ImageNet streams (alexnet_jax.imagenet)."""
+    if config.dataset == "imagenet2012":
+        from alexnet_jax import imagenet
+
+        return imagenet.create_data(config)
+    if config.dataset not in DATASETS:
+        raise UserError(f"--config.dataset={config.dataset!r} is unknown; choose one of {DATASETS}")
+    if config.get("eval_crops", 1) != 1:
+        raise UserError(f"--config.eval_crops={config.eval_crops}: {config.dataset} images are evaluated whole "
+                        "(they are no larger than the crop); 10-crop evaluation is for imagenet2012")
     train_data = load_in_memory(config, "train")
     test_data = load_in_memory(config, "test")
     mean, std = channel_stats(train_data.images)
@@ -336,4 +349,6 @@ def create_data(config: ml_collections.ConfigDict) -> Data:
         class_names=train_data.class_names,
         train=lambda start, stop, pid, nproc: train_batches(train_data, config, mean, std, start, stop, pid, nproc),
         eval=lambda pid, nproc: eval_batches(test_data, config, mean, std, pid, nproc),
+        mean=mean,
+        std=std,
     )

@@ -105,10 +105,21 @@ def train_step(
     return new_state, metrics
 
 
+def crop_averaged_logits(apply_fn: Any, images: jax.Array) -> jax.Array:
+    """Logits for (B, H, W, C) images, or for (B, crops, H, W, C) crops of each image: then the log of the
+    softmax averaged over an image's crops (the paper's 10-patch test), whatever dataset made the crops."""
+    if images.ndim == 4:
+        return apply_fn(images)
+    b, n = images.shape[:2]
+    logits = apply_fn(images.reshape(b * n, *images.shape[2:]))
+    probs = jax.nn.softmax(logits.reshape(b, n, -1), axis=-1).mean(axis=1)
+    return jnp.log(probs)
+
+
 def eval_step(model: AlexNet, state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Sums over the real (mask == 1) rows, so padded rows never count."""
     variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
-    logits = model.apply(variables, batch["image"], train=False)
+    logits = crop_averaged_logits(partial(model.apply, variables, train=False), batch["image"])
     mask = batch["mask"]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     return {

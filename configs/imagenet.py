@@ -18,6 +18,15 @@ def get_config():
     c.lr_schedule = "plateau"
     c.lr_decay_factor = 0.1
     c.plateau_max_reductions = 3
-    c.eval_batch_size = 250
+    c.eval_batch_size = 200  # 50,000 validation images: 250 batches (the last padded only if processes don't divide)
+    # Data (section 4.1): shorter side 256, centre 256 square, random 224 patches (conv1 pads 3 px to 55x55),
+    # reflections, PCA lighting alpha ~ N(0, 0.1), minus the training mean image; test on the 10 patches.
+    c.resize_size = 256
+    c.train_crop = "paper"
+    c.random_flip = True
+    c.pca_lighting = 0.1
+    c.normalization = "pixel"
+    c.eval_crops = 10
+    c.shuffle_buffer = 10_000
     c.log_every_steps = 100
     return c

@@ -1,0 +1,189 @@
+"""The paper's data augmentation (Krizhevsky et al. 2012, sections 2 and 4.1) as TensorFlow ops for tf.data.
+
+Every random choice is drawn from a stateless key, so an image's augmentation is a pure function of the key
+(the input pipeline derives it from (seed, step, row)): restarting at a step reproduces it exactly.
+
+- `decode_square`: rescale the shorter side to 256 and take the centre 256x256, decoding only that square
+  of the JPEG (`tf.io.decode_and_crop_jpeg`); the paper's stored training images.
+- `paper_train_image`: a random 224x224 (or Caffe's 227) patch of the square, a horizontal reflection half the
+  time, and PCA lighting: `eigvec @ (alpha * eigval)` added to every pixel, alpha ~ N(0, 0.1) per image.
+- `random_resized_crop`: Inception's random area/aspect crop, decoded in one step, for modern recipes.
+- `ten_crops` / `centre_crop`: the paper's test patches (4 corners + centre, and their reflections).
+- Normalisation: subtract the training set's per-pixel mean image (the paper) or per-channel mean / std.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+# ImageNet RGB PCA on [0, 1] pixels (facebookarchive/fb.resnet.torch); columns are eigenvectors.
+PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045], np.float32)
+PCA_EIGVEC = np.array(
+    [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]], np.float32
+)
+TRAIN_CROPS = ("paper", "random_resized")
+NORMALIZATIONS = ("pixel", "channel")
+RESIZE_METHODS = ("area", "bilinear", "antialias")
+
+
+def resize(image: tf.Tensor, size: int, method: str) -> tf.Tensor:
+    """A uint8 image to (size, size, 3) float32 on the 0-255 scale.
+
+    'area' (default): box-filter averaging when shrinking (antialiased, and ~3x cheaper in TF than an
+    antialiased bilinear), bilinear when enlarging; 'bilinear': plain bilinear (OpenCV/Caffe's
+    convert_imageset); 'antialias': bilinear with an antialiasing kernel (PIL's BILINEAR).
+    """
+    if method == "area":
+        shrink = tf.reduce_min(tf.shape(image)[:2]) >= size
+        out = tf.cond(shrink, lambda: tf.image.resize(image, (size, size), method="area"),
+                      lambda: tf.image.resize(image, (size, size), method="bilinear"))
+    else:
+        out = tf.image.resize(image, (size, size), method="bilinear", antialias=method == "antialias")
+    return tf.clip_by_value(tf.ensure_shape(out, (size, size, 3)), 0.0, 255.0)
+
+
+def _square(jpeg: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(top, left, side, width) of a JPEG's centre square, read from its header only."""
+    shape = tf.io.extract_jpeg_shape(jpeg)
+    h, w = shape[0], shape[1]
+    side = tf.minimum(h, w)
+    return (h - side) // 2, (w - side) // 2, side, w
+
+
+def decode_window(jpeg: tf.Tensor, top: tf.Tensor, left: tf.Tensor, size: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+    """Pixels [top, top+size) x [left, left+size) of the JPEG, decoding only about those.
+
+    libjpeg upsamples chroma at a crop's left and right edges as if they were the image's edges, so those
+    columns can differ from a full decode; one more column on each side is decoded (where there is one) and
+    dropped, which makes the window exactly the full decode's pixels.
+    """
+    start = tf.maximum(left - 1, 0)
+    stop = tf.minimum(left + size + 1, width)
+    image = tf.io.decode_and_crop_jpeg(jpeg, tf.stack([top, start, size, stop - start]), channels=3)
+    return image[:, left - start : left - start + size]
+
+
+def decode_square(jpeg: tf.Tensor, size: int, method: str = "area") -> tf.Tensor:
+    """The centre square of a JPEG resized to (size, size, 3) float32 on the 0-255 scale.
+
+    Rescaling the shorter side then cropping the centre equals cropping the centre square then rescaling it;
+    the second decodes only the square's pixels. Grayscale JPEGs come out as 3 equal channels.
+    """
+    top, left, side, width = _square(jpeg)
+    return resize(decode_window(jpeg, top, left, side, width), size, method)
+
+
+def decode_patch(jpeg: tf.Tensor, yx: tf.Tensor, resize_to: int, crop: int, method: str = "area") -> tf.Tensor:
+    """The crop x crop patch at offset yx of the (resize_to)^2 square, decoding only the patch's pixels.
+
+    The patch is mapped back to the JPEG's own pixels (scale side / resize_to), decoded alone and resized
+    to crop x crop: the same view as resizing the whole square and slicing it, up to half a source pixel of
+    rounding, for about 3/4 of the decoding and resizing work.
+    """
+    top, left, side, width = _square(jpeg)
+    scale = tf.cast(side, tf.float32) / resize_to
+    size = tf.maximum(1, tf.cast(tf.round(crop * tf.cast(side, tf.float32) / resize_to), tf.int32))
+    size = tf.minimum(size, side)
+    off = tf.minimum(tf.cast(tf.round(tf.cast(yx, tf.float32) * scale), tf.int32), side - size)
+    return resize(decode_window(jpeg, top + off[0], left + off[1], size, width), crop, method)
+
+
+def crop_offsets(key: tf.Tensor, size: int, crop: int) -> tf.Tensor:
+    """(y, x) uniform over all (size - crop + 1)^2 positions: 33x33 for 224 in 256."""
+    return tf.random.stateless_uniform([2], seed=key, minval=0, maxval=size - crop + 1, dtype=tf.int32)
+
+
+def flip_coin(key: tf.Tensor) -> tf.Tensor:
+    """True half the time."""
+    return tf.random.stateless_uniform([], seed=key) < 0.5
+
+
+def pca_shift(key: tf.Tensor, std: float) -> tf.Tensor:
+    """The paper's per-image RGB shift on the 0-255 scale: 255 * eigvec @ (alpha * eigval), alpha ~ N(0, std)."""
+    alpha = tf.random.stateless_normal([3], seed=key, stddev=std)
+    return 255.0 * tf.linalg.matvec(tf.constant(PCA_EIGVEC), alpha * tf.constant(PCA_EIGVAL))
+
+
+def normalise(image: tf.Tensor, normalization: str, mean: np.ndarray, std: np.ndarray) -> tf.Tensor:
+    """'pixel': image - mean image (mean already cropped like image); 'channel': (image - mean) / std."""
+    if normalization == "pixel":
+        return image - mean
+    return (image - mean) / std
+
+
+def paper_train_image(
+    jpeg: tf.Tensor, key: tf.Tensor, *, resize: int, crop: int, flip: bool, pca_std: float,
+    normalization: str, mean: np.ndarray, std: np.ndarray, method: str = "area",
+) -> tf.Tensor:
+    """Section 4.1: a random crop x crop patch of the 256 square, reflected half the time, PCA lighting.
+
+    With 'pixel' normalisation `mean` is the (resize, resize, 3) mean image: the patch's own part of it is
+    subtracted before the reflection, as if the mean had been subtracted from the square first.
+    """
+    k_crop, k_flip, k_pca = tf.unstack(tf.random.experimental.stateless_split(key, 3))
+    yx = crop_offsets(k_crop, resize, crop)
+    image = decode_patch(jpeg, yx, resize, crop, method)
+    if normalization == "pixel":
+        image = image - tf.slice(tf.constant(mean), tf.stack([yx[0], yx[1], 0]), [crop, crop, 3])
+    if flip:
+        image = tf.cond(flip_coin(k_flip), lambda: tf.reverse(image, axis=[1]), lambda: image)
+    if pca_std > 0:
+        image = image + pca_shift(k_pca, pca_std)
+    if normalization == "channel":
+        image = normalise(image, normalization, mean, std)
+    return image
+
+
+def random_resized_crop(
+    jpeg: tf.Tensor, key: tf.Tensor, *, crop: int, area_range: tuple[float, float],
+    aspect_range: tuple[float, float], flip: bool, pca_std: float, normalization: str, mean: np.ndarray,
+    std: np.ndarray, method: str = "area",
+) -> tf.Tensor:
+    """Inception-style: a random box of 8-100% of the area and 3/4-4/3 aspect, decoded alone, resized.
+
+    Its crops do not line up with a mean image, so 'pixel' normalisation subtracts the mean image's per-channel
+    average here (`mean` and `std` are per channel)."""
+    k_box, k_flip, k_pca = tf.unstack(tf.random.experimental.stateless_split(key, 3))
+    shape = tf.io.extract_jpeg_shape(jpeg)
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=k_box, min_object_covered=0.0,
+        aspect_ratio_range=aspect_range, area_range=area_range, max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    window = tf.stack([begin[0], begin[1], size[0], size[1]])
+    image = tf.io.decode_and_crop_jpeg(jpeg, window, channels=3)
+    image = resize(image, crop, method)
+    if flip:
+        image = tf.cond(flip_coin(k_flip), lambda: tf.reverse(image, axis=[1]), lambda: image)
+    if pca_std > 0:
+        image = image + pca_shift(k_pca, pca_std)
+    return image - mean if normalization == "pixel" else (image - mean) / std
+
+
+def corner_offsets(size: int, crop: int) -> list[tuple[int, int]]:
+    """Top-left, top-right, bottom-left, bottom-right, centre."""
+    far, mid = size - crop, (size - crop) // 2
+    return [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
+
+
+def eval_image(
+    jpeg: tf.Tensor, *, resize: int, crop: int, crops: int, normalization: str, mean: np.ndarray, std: np.ndarray,
+    method: str = "area",
+) -> tf.Tensor:
+    """The centre crop (crops=1, shape (crop, crop, 3)) or the paper's 10 patches (crops=10, (10, crop, crop, 3)):
+    4 corners + centre of the 256 square, then the same 5 reflected."""
+    square = normalise(decode_square(jpeg, resize, method), normalization, mean, std)
+    if crops == 1:
+        return centre_crop(square, crop)
+    return ten_crops(square, crop)
+
+
+def centre_crop(square: tf.Tensor, crop: int) -> tf.Tensor:
+    y, x = corner_offsets(square.shape[0], crop)[4]
+    return square[y : y + crop, x : x + crop]
+
+
+def ten_crops(square: tf.Tensor, crop: int) -> tf.Tensor:
+    five = [square[y : y + crop, x : x + crop] for y, x in corner_offsets(square.shape[0], crop)]
+    return tf.stack(five + [tf.reverse(p, axis=[1]) for p in five])

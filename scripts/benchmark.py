@@ -1,0 +1,214 @@
+"""Throughput measurements on this machine.
+
+--mode pipeline (default): input-pipeline images/s on ImageNet-sized JPEGs (500x375 and 375x500, generated in
+  memory), for the paper's training augmentation and the 10-crop evaluation, with tf.data (alexnet_jax.augment,
+  the same functions alexnet_jax.imagenet maps over the records) beside a plain PIL + NumPy implementation of
+  the same steps, measured in the same run. "Per core" = images / CPU-seconds of this process (all threads),
+  so a pipeline allowed several threads is not credited for them; --threads sets tf.data's thread pool.
+--mode train_step: images/s the jit-compiled train step consumes (random batches, configs/imagenet.py's net
+  unless --config is given), the rate the pipeline must keep up with.
+
+Usage: python scripts/benchmark.py [--mode pipeline|train_step|all] [--images 256] [--threads 1] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import numpy as np  # noqa: E402
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_jpegs(count: int, seed: int = 0) -> list[bytes]:
+    """ImageNet-sized JPEGs (the ILSVRC-2012 average is about 400x350; most are 500x375 or 375x500)."""
+    tiny = _load_script("make_tiny_imagenet")
+    rng = np.random.default_rng(seed)
+    return [tiny.make_jpeg(i % 8, i, rng, (500, 375) if i % 3 else (375, 500), gray=False) for i in range(count)]
+
+
+# ---- plain PIL + NumPy, the same steps ------------------------------------------------------------------
+
+
+def pil_square(jpeg: bytes, size: int):
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    w, h = im.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    # The filter tf's 'area' resize uses when shrinking (a box filter), bilinear when enlarging.
+    im = im.crop((left, top, left + side, top + side)).resize(
+        (size, size), Image.BOX if side >= size else Image.BILINEAR)
+    return np.asarray(im, np.float32)
+
+
+def pil_train(jpeg: bytes, rng: np.random.Generator, mean_image: np.ndarray, crop: int = 224,
+              resize: int = 256) -> np.ndarray:
+    from alexnet_jax.augment import PCA_EIGVAL, PCA_EIGVEC
+
+    x = pil_square(jpeg, resize) - mean_image
+    y0, x0 = rng.integers(0, resize - crop + 1, 2)
+    x = x[y0 : y0 + crop, x0 : x0 + crop]
+    if rng.random() < 0.5:
+        x = x[:, ::-1]
+    alpha = rng.normal(0, 0.1, 3).astype(np.float32)
+    return np.ascontiguousarray(x + 255.0 * PCA_EIGVEC @ (alpha * PCA_EIGVAL))
+
+
+def pil_ten_crop(jpeg: bytes, mean_image: np.ndarray, crop: int = 224, resize: int = 256) -> np.ndarray:
+    from alexnet_jax.augment import corner_offsets
+
+    x = pil_square(jpeg, resize) - mean_image
+    five = [x[y : y + crop, o : o + crop] for y, o in corner_offsets(resize, crop)]
+    return np.stack(five + [p[:, ::-1] for p in five])
+
+
+def _timed(fn, warmup_fn=None) -> dict[str, float]:
+    if warmup_fn:
+        warmup_fn()
+    w0, c0 = time.perf_counter(), time.process_time()
+    n = fn()
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    return {"images": n, "wall_s": wall, "cpu_s": cpu, "images_per_s": n / wall, "images_per_cpu_s": n / cpu}
+
+
+def bench_pipeline(images: int, threads: int, repeats: int = 2, batch: int = 32) -> dict[str, dict[str, float]]:
+    import tensorflow as tf
+
+    from alexnet_jax import augment
+
+    tf.config.set_visible_devices([], "GPU")
+    jpegs = make_jpegs(images)
+    mean_image = np.full((256, 256, 3), 115.0, np.float32)
+    opts = tf.data.Options()
+    opts.deterministic = True
+    opts.threading.private_threadpool_size = threads
+    opts.threading.max_intra_op_parallelism = 1
+
+    def tf_train_ds():
+        ds = tf.data.Dataset.from_tensor_slices(tf.constant(jpegs)).enumerate()
+        ds = ds.map(lambda i, j: augment.paper_train_image(
+            j, tf.stack([tf.constant(7, tf.int64), i]), resize=256, crop=224, flip=True, pca_std=0.1,
+            normalization="pixel", mean=mean_image, std=np.ones(3, np.float32)),
+            num_parallel_calls=threads, deterministic=True)
+        return ds.batch(batch).prefetch(2).with_options(opts)
+
+    def tf_eval_ds():
+        ds = tf.data.Dataset.from_tensor_slices(tf.constant(jpegs))
+        ds = ds.map(lambda j: augment.eval_image(j, resize=256, crop=224, crops=10, normalization="pixel",
+                                                 mean=mean_image, std=np.ones(3, np.float32)),
+                    num_parallel_calls=threads, deterministic=True)
+        return ds.batch(batch).prefetch(2).with_options(opts)
+
+    def consume(ds):
+        # The dataset is built (traced) once; each pass iterates it again, as training does epoch after epoch.
+        return lambda: sum(len(b) for _ in range(repeats) for b in ds.as_numpy_iterator())
+
+    def pil(fn):
+        return lambda: sum(len([fn(j) for j in jpegs]) for _ in range(repeats))
+
+    rng = np.random.default_rng(0)
+    train_ds, eval_ds = tf_train_ds(), tf_eval_ds()
+    results = {}
+    # One untimed pass each first (tracing, thread pools, caches); implementations alternate so that both
+    # see the same machine load.
+    results["tf_train"] = _timed(consume(train_ds), lambda: list(train_ds.as_numpy_iterator()))
+    results["pil_train"] = _timed(pil(lambda j: pil_train(j, rng, mean_image)),
+                                  lambda: [pil_train(j, rng, mean_image) for j in jpegs])
+    results["tf_eval_10crop"] = _timed(consume(eval_ds), lambda: list(eval_ds.as_numpy_iterator()))
+    results["pil_eval_10crop"] = _timed(pil(lambda j: pil_ten_crop(j, mean_image)),
+                                        lambda: [pil_ten_crop(j, mean_image) for j in jpegs])
+    results["speedup_train_per_core"] = {
+        "x": results["tf_train"]["images_per_cpu_s"] / results["pil_train"]["images_per_cpu_s"]}
+    results["speedup_eval_per_core"] = {
+        "x": results["tf_eval_10crop"]["images_per_cpu_s"] / results["pil_eval_10crop"]["images_per_cpu_s"]}
+    return results
+
+
+def bench_train_step(config_path: str, batch: int, steps: int, overrides: list[str]) -> dict[str, float]:
+    import jax
+    import jax.numpy as jnp
+    from ml_collections import config_flags  # noqa: F401  (absl flags parse the config file below)
+
+    from alexnet_jax import sharding, train
+
+    spec = importlib.util.spec_from_file_location("bench_config", os.path.join(REPO, config_path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.batch_size = batch
+    for item in overrides:
+        key, value = item.split("=", 1)
+        config[key] = type(config[key])(eval(value, {}, {}))  # noqa: S307 - a benchmark's own command line
+    mesh = sharding.make_mesh(config.mesh_shape)
+    shape = (config.image_size, config.image_size, 3)
+    trainer = train.Trainer(config, mesh, shape, 1000, 100_000)
+    state = trainer.init(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    batch_np = {"image": rng.normal(0, 50, (batch, *shape)).astype(np.float32),
+                "label": rng.integers(0, config.num_classes, batch).astype(np.int32)}
+    state, m = trainer.train_step(state, trainer.global_batch(batch_np))  # compile
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = trainer.train_step(state, trainer.global_batch(batch_np))
+    jax.block_until_ready((state, m))
+    dt = (time.perf_counter() - t0) / steps
+    del jnp
+    return {"batch": batch, "steps": steps, "ms_per_step": 1000 * dt, "images_per_s": batch / dt,
+            "devices": jax.device_count()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=("pipeline", "train_step", "all"), default="pipeline")
+    p.add_argument("--pipeline", action="store_const", const="pipeline", dest="mode", help="= --mode pipeline")
+    p.add_argument("--images", type=int, default=256, help="JPEGs per measured pass")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes over the JPEGs")
+    p.add_argument("--threads", type=int, default=1, help="tf.data threads (1: one core)")
+    p.add_argument("--config", default="configs/imagenet.py", help="train_step: the config file")
+    p.add_argument("--batch", type=int, default=32, help="train_step: global batch")
+    p.add_argument("--steps", type=int, default=3, help="train_step: timed steps after compilation")
+    p.add_argument("--set", action="append", default=[], help="train_step: config override key=value")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    a = p.parse_args()
+    out: dict[str, object] = {"cpu_count": os.cpu_count()}
+    if a.mode in ("pipeline", "all"):
+        out["pipeline"] = bench_pipeline(a.images, a.threads, a.repeats)
+    if a.mode in ("train_step", "all"):
+        out["train_step"] = bench_train_step(a.config, a.batch, a.steps, a.set)
+    if a.json:
+        print(json.dumps(out, indent=2))
+        return
+    for section, rows in out.items():
+        if not isinstance(rows, dict):
+            print(f"{section}: {rows}")
+            continue
+        print(f"[{section}]")
+        for name, row in rows.items():
+            print(f"  {name:22s} " + "  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in (row.items() if isinstance(row, dict) else [])))
+    if "pipeline" in out and "train_step" in out:
+        pipe = out["pipeline"]["tf_train"]["images_per_cpu_s"]
+        step = out["train_step"]["images_per_s"]
+        print(f"pipeline on one core / train step consumption: {pipe:.0f} / {step:.1f} = {pipe / step:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""ImageNet through tfds's real imagenet2012 builder on a tiny archive of the exact ILSVRC-2012 format, the
+paper's augmentations, 10-crop evaluation, stream resumption, and the messages for bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from alexnet_jax import augment, default_config, imagenet, input_pipeline
+from alexnet_jax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("make_tiny_imagenet", os.path.join(REPO, "scripts",
+                                                                                 "make_tiny_imagenet.py"))
+tiny = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tiny)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> tuple[str, str]:
+    """(data_dir, manual_dir) with the tiny archive prepared by tfds's imagenet2012 builder."""
+    root = tmp_path_factory.mktemp("imagenet")
+    manual, data = str(root / "manual"), str(root / "data")
+    tiny.write_tiny_imagenet(manual, classes=8, train_per_class=4)
+    imagenet.prepare(data, manual)
+    return data, manual
+
+
+def _config(data_dir: str, **kw) -> ml_collections.ConfigDict:
+    c = default_config.get_config()
+    c.data_dir = data_dir
+    c.batch_size = 8
+    c.eval_batch_size = 8
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+def _jpeg(w: int, h: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _keys(n: int) -> tf.Tensor:
+    return tf.stack([tf.fill([n], tf.constant(3, tf.int64)), tf.range(n, dtype=tf.int64)], axis=1)
+
+
+# ---- the real builder and main ---------------------------------------------------------------------------
+
+
+def test_real_builder_prepares_tiny_archive(prepared):
+    data_dir, _ = prepared
+    builder = imagenet.open_prepared(_config(data_dir))
+    assert builder.info.splits["train"].num_examples == 32
+    assert builder.info.splits["validation"].num_examples == 8
+    synsets = tiny.validation_labels(8)
+    names = builder.info.features["label"].names
+    val = list(builder.as_dataset(split="validation").as_numpy_iterator())
+    by_file = {ex["file_name"].decode(): names[ex["label"]] for ex in val}
+    # tfds labels the k-th sorted validation file with its bundled list's k-th synset
+    assert [by_file[f"ILSVRC2012_val_{k + 1:08d}.JPEG"] for k in range(8)] == synsets
+    train_labels = {names[ex["label"]] for ex in builder.as_dataset(split="train").as_numpy_iterator()}
+    assert train_labels == set(synsets)
+
+
+def test_main_trains_and_evaluates_on_tiny_imagenet(prepared, tmp_path):
+    data_dir, _ = prepared
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    cmd = [sys.executable, "-m", "alexnet_jax.main", "--config", os.path.join(REPO, "configs/imagenet.py"),
+           "--workdir", str(tmp_path), f"--config.data_dir={data_dir}", "--config.batch_size=4",
+           "--config.eval_batch_size=4", "--config.num_train_steps=2", "--config.log_every_steps=1",
+           "--config.widths=(8,16,16,16,8)", "--config.fc_width=32"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["step"] == 2 and summary["dataset"] == "imagenet2012"
+    assert summary["num_eval_examples"] == 8  # every validation image once, with the 10-crop eval of the config
+    assert 0.0 <= summary["top1_error"] <= 1.0 and summary["top5_error"] <= summary["top1_error"]
+
+
+# ---- the stream -----------------------------------------------------------------------------------------
+
+
+def test_resumed_stream_equals_uninterrupted(prepared):
+    data = input_pipeline.create_data(_config(prepared[0]))
+    assert data.num_train == 32  # 4 steps per epoch at batch 8: the stream below crosses two epochs
+    full = list(data.train(0, 10, 0, 1))
+    resumed = list(data.train(5, 10, 0, 1))
+    assert len(full) == 10 and len(resumed) == 5
+    for a, b in zip(full[5:], resumed, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    # each epoch visits every training image once; epochs differ in order
+    epoch0 = np.concatenate([b["label"] for b in full[:4]])
+    epoch1 = np.concatenate([b["label"] for b in full[4:8]])
+    assert sorted(epoch0) == sorted(epoch1) and not np.array_equal(epoch0, epoch1)
+    other_seed = list(input_pipeline.create_data(_config(prepared[0], seed=1)).train(0, 1, 0, 1))
+    assert not np.array_equal(other_seed[0]["image"], full[0]["image"])
+
+
+def test_processes_read_disjoint_slices(prepared):
+    data = input_pipeline.create_data(_config(prepared[0]))
+    rows = [next(iter(data.train(0, 1, pid, 2))) for pid in (0, 1)]
+    assert all(r["image"].shape == (4, 224, 224, 3) for r in rows)
+    assert not np.array_equal(rows[0]["image"], rows[1]["image"])
+
+
+@pytest.mark.parametrize("crops", [1, 10])
+@pytest.mark.parametrize("nproc,batch", [(1, 8), (1, 3), (3, 6)])
+def test_eval_counts_every_image_once(prepared, crops, nproc, batch):
+    data = input_pipeline.create_data(_config(prepared[0], eval_crops=crops, eval_batch_size=batch))
+    labels, lengths = [], []
+    for pid in range(nproc):
+        batches = list(data.eval(pid, nproc))
+        lengths.append(len(batches))
+        for b in batches:
+            assert b["image"].shape[1:] == ((224, 224, 3) if crops == 1 else (10, 224, 224, 3))
+            labels += list(b["label"][b["mask"] > 0])
+    assert len(set(lengths)) == 1  # processes step together
+    builder = imagenet.open_prepared(_config(prepared[0]))
+    reference = [ex["label"] for ex in builder.as_dataset(split="validation").as_numpy_iterator()]
+    assert sorted(labels) == sorted(reference) and len(labels) == 8
+
+
+# ---- the augmentations ----------------------------------------------------------------------------------
+
+
+def _draw(fn, n: int) -> np.ndarray:
+    """fn(key) for n stateless keys, through tf.data (fast, and the same graph mode as the pipeline)."""
+    return next(tf.data.Dataset.from_tensor_slices(_keys(n)).map(fn).batch(n).as_numpy_iterator())
+
+
+def test_crop_offsets_cover_all_33x33_positions():
+    pairs = {tuple(p) for p in _draw(lambda k: augment.crop_offsets(k, 256, 224), 12000)}
+    assert pairs == {(y, x) for y in range(33) for x in range(33)}
+
+
+def test_patch_is_the_square_slice_and_flips_half_the_time():
+    jpeg = tf.constant(_jpeg(256, 256))  # a 256 square: the paper's stored image, no resampling
+    square = augment.decode_square(jpeg, 256).numpy()
+    np.testing.assert_array_equal(square, tf.io.decode_jpeg(jpeg, channels=3).numpy().astype(np.float32))
+    zero = np.zeros((256, 256, 3), np.float32)
+    flips = 0
+    for i in range(200):
+        key = tf.constant([5, i], tf.int64)
+        y, x = augment.crop_offsets(tf.unstack(tf.random.experimental.stateless_split(key, 3))[0], 256, 224).numpy()
+        patch = augment.paper_train_image(jpeg, key, resize=256, crop=224, flip=True, pca_std=0.0,
+                                          normalization="pixel", mean=zero, std=np.ones(3, np.float32)).numpy()
+        want = square[y : y + 224, x : x + 224]
+        if np.array_equal(patch, want[:, ::-1]):
+            flips += 1
+        else:
+            np.testing.assert_array_equal(patch, want)
+    assert 75 <= flips <= 125  # Binomial(200, 0.5): 5 sigma
+    coins = _draw(augment.flip_coin, 4000)
+    assert abs(coins.mean() - 0.5) < 0.03
+
+
+def test_patch_of_a_large_image_matches_resize_then_crop():
+    jpeg = tf.constant(_jpeg(500, 375, seed=1))
+    square = augment.decode_square(jpeg, 256).numpy()
+    patch = augment.decode_patch(jpeg, tf.constant([32, 0]), 256, 224).numpy()
+    # the same view up to resampling: a smooth image would match closely; noise allows a loose bound
+    assert patch.shape == (224, 224, 3)
+    assert np.abs(patch - square[32:256, 0:224]).mean() < np.abs(patch - square[0:224, 32:256]).mean()
+
+
+def test_pca_lighting_has_the_paper_covariance():
+    shifts = _draw(lambda k: augment.pca_shift(k, 0.1), 20000)
+    v, lam = augment.PCA_EIGVEC, augment.PCA_EIGVAL
+    want = 255.0**2 * v @ np.diag((0.1 * lam) ** 2) @ v.T
+    got = np.cov(shifts.T)
+    np.testing.assert_allclose(got, want, atol=0.05 * want[0, 0])
+    np.testing.assert_allclose(shifts.mean(0), 0, atol=0.05 * np.sqrt(want[0, 0]))
+    # the shift is one colour per image, added to every pixel
+    jpeg = tf.constant(_jpeg(300, 260))
+    args = dict(resize=256, crop=224, flip=False, normalization="channel", mean=np.zeros(3, np.float32),
+                std=np.ones(3, np.float32))
+    key = tf.constant([9, 9], tf.int64)
+    diff = (augment.paper_train_image(jpeg, key, pca_std=0.1, **args)
+            - augment.paper_train_image(jpeg, key, pca_std=0.0, **args)).numpy()
+    np.testing.assert_allclose(diff, np.broadcast_to(diff[0, 0], diff.shape), atol=1e-3)
+    assert np.abs(diff[0, 0]).max() > 0
+
+
+def test_ten_crops_are_corners_centre_and_reflections():
+    jpeg = tf.constant(_jpeg(256, 256, seed=2))
+    square = augment.decode_square(jpeg, 256).numpy()
+    crops = augment.eval_image(jpeg, resize=256, crop=224, crops=10, normalization="channel",
+                               mean=np.zeros(3, np.float32), std=np.ones(3, np.float32)).numpy()
+    assert crops.shape == (10, 224, 224, 3)
+    for i, (y, x) in enumerate([(0, 0), (0, 32), (32, 0), (32, 32), (16, 16)]):
+        np.testing.assert_array_equal(crops[i], square[y : y + 224, x : x + 224])
+        np.testing.assert_array_equal(crops[i + 5], square[y : y + 224, x : x + 224][:, ::-1])
+    assert len({c.tobytes() for c in crops}) == 10
+    centre = augment.eval_image(jpeg, resize=256, crop=224, crops=1, normalization="channel",
+                                mean=np.zeros(3, np.float32), std=np.ones(3, np.float32)).numpy()
+    np.testing.assert_array_equal(centre, crops[4])
+
+
+def test_crop_averaged_logits_average_softmax():
+    import jax
+    import jax.numpy as jnp
+
+    from alexnet_jax.train import crop_averaged_logits
+
+    logits = np.random.default_rng(0).normal(0, 3, (2, 10, 5)).astype(np.float32)
+    images = jnp.asarray(logits).reshape(2, 10, 5, 1, 1)  # "images" whose model output is their own values
+    out = crop_averaged_logits(lambda x: x.reshape(x.shape[0], 5), images)
+    want = np.log(np.asarray(jax.nn.softmax(logits, -1)).mean(1))
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5)
+
+
+def test_random_resized_crop_is_deterministic_and_sized():
+    jpeg = tf.constant(_jpeg(500, 375, seed=3))
+    args = dict(crop=224, area_range=(0.08, 1.0), aspect_range=(0.75, 4 / 3), flip=True, pca_std=0.1,
+                normalization="channel", mean=np.zeros(3, np.float32), std=np.ones(3, np.float32))
+    a = augment.random_resized_crop(jpeg, tf.constant([1, 2], tf.int64), **args).numpy()
+    b = augment.random_resized_crop(jpeg, tf.constant([1, 2], tf.int64), **args).numpy()
+    c = augment.random_resized_crop(jpeg, tf.constant([1, 3], tf.int64), **args).numpy()
+    assert a.shape == (224, 224, 3)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_mean_image_is_the_training_mean(prepared):
+    builder = imagenet.open_prepared(_config(prepared[0]))
+    stats = imagenet.dataset_stats(builder, 256, 0)
+    squares = [augment.decode_square(tf.constant(ex["image"]), 256).numpy() for ex in
+               builder.as_dataset(split="train", decoders={"image": imagenet.tfds.decode.SkipDecoding()})
+               .as_numpy_iterator()]
+    squares = np.asarray(squares, np.float64)
+    np.testing.assert_allclose(stats["mean_image"], squares.mean(0), atol=1e-3)
+    np.testing.assert_allclose(stats["std"], squares.std(axis=(0, 1, 2)), rtol=1e-4)
+    batch = next(iter(input_pipeline.create_data(_config(prepared[0], pca_lighting=0.0)).train(0, 1, 0, 1)))
+    assert abs(batch["image"].mean()) < 20  # mean-subtracted pixels centre on zero
+
+
+# ---- bad input ------------------------------------------------------------------------------------------
+
+
+def test_corrupt_jpeg_in_archive_is_named_and_never_trained_on(tmp_path):
+    manual, data = str(tmp_path / "manual"), str(tmp_path / "data")
+    tiny.write_tiny_imagenet(manual, classes=2, train_per_class=3, corrupt_train=1)
+    synset = tiny.validation_labels(1)[0]
+    with pytest.raises(UserError, match=rf"1 JPEG\(s\) in .*ILSVRC2012_img_train.tar do not decode: {synset}_1"):
+        imagenet.prepare(data, manual)
+    assert not imagenet.open_builder(data).is_prepared()  # the prepared copy was removed
+    # prepared without the check (e.g. by tfds directly): training stops with a message, no black example
+    imagenet.prepare(data, manual, verify=False)
+    c = _config(data, batch_size=2, shuffle_buffer=6)
+    with pytest.raises(UserError, match="does not decode"):  # computing the mean image meets it first
+        input_pipeline.create_data(c)
+    builder = imagenet.open_prepared(c)
+    stats = {"mean_image": np.zeros((256, 256, 3), np.float32), "mean": np.zeros(3, np.float32),
+             "std": np.ones(3, np.float32)}
+    batches = imagenet._guard(imagenet.tfds.as_numpy(imagenet.train_dataset(builder, c, stats, 0, 3)), builder,
+                              "train")
+    with pytest.raises(UserError, match="does not decode.*prepare_imagenet.py --verify_only"):
+        list(batches)
+
+
+def test_only_validation_tar_names_the_missing_file(tmp_path):
+    manual = str(tmp_path / "manual")
+    tiny.write_tiny_imagenet(manual, classes=2, train=False)
+    with pytest.raises(UserError, match=r"ILSVRC2012_img_train.tar not found in .*manual.*image-net.org.*"
+                                        r"prepare_imagenet.py"):
+        imagenet.prepare(str(tmp_path / "data"), manual)
+
+
+def test_unprepared_dataset_says_what_to_do(tmp_path):
+    c = _config(str(tmp_path / "data"), manual_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match=r"not prepared.*ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar not "
+                                        r"found in .*nowhere.*scripts/prepare_imagenet.py"):
+        input_pipeline.create_data(c)
+
+
+def test_unknown_dataset_and_bad_values_are_rejected(tmp_path):
+    with pytest.raises(UserError, match=r"dataset='imagenet' is unknown; choose one of"):
+        input_pipeline.create_data(_config(str(tmp_path), dataset="imagenet"))
+    with pytest.raises(UserError, match="eval_crops"):
+        imagenet.check_config(_config(str(tmp_path), eval_crops=5))
+    with pytest.raises(UserError, match="train_crop"):
+        imagenet.check_config(_config(str(tmp_path), train_crop="inception"))
