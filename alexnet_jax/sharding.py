@@ -225,14 +225,14 @@ class Collective:
     op_name: str
 
 
-def _shape_bytes(text: str) -> int:
-    total = 0
-    for dtype, dims in re.findall(r"\b(pred|[subf]\d+|bf16)\[([\d,]*)\]", text):
-        total += _DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
-    return total
+def _shapes(text: str) -> list[int]:
+    """Bytes of every array shape in an HLO result type (one entry per tuple element)."""
+    return [_DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+            for dtype, dims in re.findall(r"\b(pred|[subf]\d+|bf16)\[([\d,]*)\]", text)]
 
 
 def _replica_groups(line: str) -> list[list[int]] | None:
+    """Device groups of a collective, in any of the HLO spellings (explicit, iota, mesh axes, pairs)."""
     m = re.search(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}", line)
     if m:
         return [[int(i) for i in g.split(",") if i] for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
@@ -244,9 +244,17 @@ def _replica_groups(line: str) -> list[list[int]] | None:
         if m.group(4):
             ids = ids.transpose([int(p) for p in m.group(4).split(",")])
         return ids.reshape(n, size).tolist()
-    m = re.search(r"source_target_pairs=\{(.*?)\}\s*(?:,|$)", line)
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if m:  # mesh['axis_0'=4,'axis_1'=1,'axis_2'=2] {'axis_0'}: groups vary over the named axes
+        axes = re.findall(r"'([^']+)'=(\d+)", m.group(1))
+        names, dims = [a for a, _ in axes], [int(d) for _, d in axes]
+        inner = [names.index(a) for a in re.findall(r"'([^']+)'", m.group(2))]
+        outer = [i for i in range(len(dims)) if i not in inner]
+        ids = np.arange(math.prod(dims)).reshape(dims).transpose(outer + inner)
+        return ids.reshape(-1, math.prod(dims[i] for i in inner) if inner else 1).tolist()
+    m = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", line)
     if m:
-        return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", m.group(0))]
+        return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", m.group(1))]
     return None
 
 
@@ -262,19 +270,40 @@ def _axes_of(groups: list[list[int]] | None, mesh: Mesh) -> tuple[str, ...]:
     return tuple(a for a in AXES if a in varying)
 
 
+def _layer(op_name: str) -> str:
+    """The AlexNet layer (named scope) an op belongs to; else the op's own name (e.g. metrics' top_k)."""
+    layer = next((name for name in LAYERS if re.search(rf"(^|[/(]){name}(/|$)", op_name)), "")
+    return layer or op_name.rsplit("/", 1)[-1]
+
+
 def collectives(hlo_text: str, mesh: Mesh) -> list[Collective]:
-    """The collectives of a compiled (post-SPMD) HLO module, attributed to layers by their op_name scope."""
+    """The collectives of a compiled (post-SPMD) HLO module, attributed to layers by their op_name scope.
+
+    XLA combines small all-reduces (e.g. the data-parallel gradient sums) into one tuple-shaped op whose
+    op_name lists its parts as '(a:b:...)'; such an op is reported part by part.
+    """
     found = []
     for line in hlo_text.splitlines():
         m = re.match(r"\s*(?:ROOT\s+)?\S+\s*=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
         if not m:
             continue
+        kind, sizes = m.group(2), _shapes(m.group(1))
+        if m.group(3) and kind != "all-reduce" and len(sizes) > 1:
+            sizes = sizes[-1:]  # async start: (operand, result) tuple; count the result
         op = re.search(r'op_name="([^"]*)"', line)
         op_name = op.group(1) if op else ""
-        layer = next((name for name in LAYERS if re.search(rf"(^|/){name}(/|$)", op_name)), "")
-        pass_ = "backward" if "transpose(" in op_name else ("forward" if op_name else "")
-        found.append(Collective(m.group(2), _shape_bytes(m.group(1)), _axes_of(_replica_groups(line), mesh),
-                                layer, pass_, op_name))
+        names = [op_name] * len(sizes)
+        parts = re.fullmatch(r"(.*?/)?\((.*)\)", op_name)
+        if len(sizes) > 1 and parts:
+            split = parts.group(2).split(":")
+            if len(split) == len(sizes):
+                names = [(parts.group(1) or "") + n for n in split]
+        else:
+            sizes, names = [sum(sizes)], [op_name]
+        axes = _axes_of(_replica_groups(line), mesh)
+        for size, name in zip(sizes, names, strict=True):
+            pass_ = "backward" if "transpose(" in name else "forward"
+            found.append(Collective(kind, size, axes, _layer(name), pass_, name))
     return found
 
 
@@ -323,7 +352,7 @@ def format_report(rep: dict[str, Any]) -> str:
     lines.append(f"{'total':<71} {rep['param_bytes_per_device']:>12,} of {rep['param_bytes']:,} bytes "
                  f"({100 * rep['param_bytes_per_device'] / rep['param_bytes']:.1f}%)")
     lines += ["", "collectives in the compiled train step (result bytes per device):",
-              f"{'layer':<8} {'pass':<9} {'kind':<19} {'axes':<13} {'count':>5} {'bytes':>14}"]
+              f"{'layer':<10} {'pass':<9} {'kind':<19} {'axes':<13} {'count':>5} {'bytes':>14}"]
     table: dict[tuple, list[int]] = {}
     for c in rep["collectives"]:
         key = (c["layer"] or "-", c["pass_"] or "-", c["kind"], "+".join(c["axes"]) or "-")
@@ -331,7 +360,7 @@ def format_report(rep: dict[str, Any]) -> str:
     order = {name: i for i, name in enumerate((*LAYERS, "-"))}
     for key in sorted(table, key=lambda k: (order.get(k[0], 99), k[1] != "forward", k[2], k[3])):
         layer, pass_, kind, axes = key
-        lines.append(f"{layer:<8} {pass_:<9} {kind:<19} {axes:<13} {len(table[key]):>5} {sum(table[key]):>14,}")
+        lines.append(f"{layer:<10} {pass_:<9} {kind:<19} {axes:<13} {len(table[key]):>5} {sum(table[key]):>14,}")
     if not table:
         lines.append("(none: every device computes on its own)")
     return "\n".join(lines)
