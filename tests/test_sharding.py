@@ -50,15 +50,16 @@ def batch_for(config):
 
 @pytest.fixture(scope="module")
 def reference():
-    """One train step on one device, no mesh at all: the numbers every mesh must reproduce."""
+    """The initial state and one train step on one device, no mesh at all: what every mesh must reproduce."""
     config = tiny_config()
     model = train.create_model(config)
     tx = optim.create_optimizer(config, 10, 100)
     plateau = optim.create_plateau(config)
     with jax.default_device(jax.devices()[0]):
-        state = train.create_train_state(jax.random.PRNGKey(config.seed), model, tx, plateau, IMAGE)
-        state, metrics = jax.jit(partial(train.train_step, model, tx))(state, batch_for(config))
-    return jax.device_get(state.params), float(metrics["loss"])
+        init = jax.jit(partial(train.create_train_state, model=model, tx=tx, plateau=plateau, image_shape=IMAGE))
+        state0 = init(jax.random.PRNGKey(config.seed))
+        state, metrics = jax.jit(partial(train.train_step, model, tx))(state0, batch_for(config))
+    return jax.device_get(state0), jax.device_get(state.params), float(metrics["loss"])
 
 
 @pytest.mark.parametrize("shape,strategy", [
@@ -66,20 +67,33 @@ def reference():
     ((4, 2), "owt"), ((4, 2), "data_parallel"),
 ])
 def test_train_step_matches_single_device(reference, shape, strategy):
+    """Same loss and parameters (dropout included) whatever the mesh; the step is the Trainer's jit."""
     config = tiny_config(mesh_shape=shape, sharding=strategy)
-    mesh = mesh_of(shape)
-    trainer = train.Trainer(config, mesh, IMAGE, steps_per_epoch=10, total_steps=100)
-    state = trainer.init(jax.random.PRNGKey(config.seed))
-    # Created already sharded: each device holds its slice of conv2's kernels.
-    split = shape[1] if strategy == "paper" else 1
-    assert state.params["conv2"]["kernel"].sharding.shard_shape((5, 5, 8, 32)) == (5, 5, 8, 32 // split)
+    trainer = train.Trainer(config, mesh_of(shape), IMAGE, steps_per_epoch=10, total_steps=100)
+    state0, ref_params, ref_loss = reference
+    state = jax.device_put(state0, trainer.state_sharding)
     state, metrics = trainer.train_step(state, trainer.global_batch(batch_for(config)))
-    ref_params, ref_loss = reference
     np.testing.assert_allclose(float(metrics["loss"]), ref_loss, rtol=1e-5)
-    got = jax.device_get(state.params)
-    for path, want in jax.tree_util.tree_leaves_with_path(ref_params):
-        have = _at(got, path)
-        np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    assert_same_params(jax.device_get(state.params), ref_params)
+
+
+def test_state_is_created_sharded(reference):
+    """Trainer.init builds params and momentum directly in their shardings, equal to the unsharded init."""
+    config = tiny_config(mesh_shape=(4, 2))
+    trainer = train.Trainer(config, mesh_of((4, 2)), IMAGE, steps_per_epoch=10, total_steps=100)
+    state = trainer.init(jax.random.PRNGKey(config.seed))
+    kernel = state.params["conv2"]["kernel"]  # (5, 5, 8, 32): 16 of conv2's 32 kernels per device
+    assert {s.data.shape for s in kernel.addressable_shards} == {(5, 5, 8, 16)}
+    trace = state.opt_state.inner_state[2].trace["fc6"]["kernel"]
+    assert trace.sharding == state.params["fc6"]["kernel"].sharding
+    assert trace.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    assert_same_params(jax.device_get(state.params), reference[0].params, rtol=0)
+
+
+def assert_same_params(got, want, rtol=1e-5):
+    for path, w in jax.tree_util.tree_leaves_with_path(want):
+        np.testing.assert_allclose(_at(got, path), w, rtol=rtol, atol=1e-7 if rtol else 0,
+                                   err_msg=jax.tree_util.keystr(path))
 
 
 def _at(tree, path):
