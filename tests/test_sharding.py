@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from functools import partial
@@ -209,3 +210,35 @@ def test_collectives_parser_reads_every_replica_group_spelling():
         ("all-reduce", 8, ("data",), "fc6", "backward"),
         ("all-reduce", 36, ("data",), "fc7", "backward"),
     ]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_over_gloo_match_one_process(repo, tmp_path):
+    """2 processes x 4 CPU devices (gloo, localhost), each reading only its rows, end where 1 x 8 ends."""
+    worker = os.path.join(repo, "tests", "multiprocess_worker.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = repo
+    steps, port = 3, _free_port()
+    procs = [subprocess.Popen([sys.executable, worker, str(i), "2", str(port), str(tmp_path), str(steps)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    sys.path.insert(0, os.path.dirname(worker))
+    import multiprocess_worker
+
+    one, full = multiprocess_worker.run(multiprocess_worker.config_for_test(0, 1, 0), 0, 1, steps)  # 1 x 8 here
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out[-3000:]
+
+    labels = [np.load(tmp_path / f"labels_{i}_of_2.npy") for i in range(2)]
+    assert labels[0].shape == labels[1].shape == (steps, 8) and full.shape == (steps, 16)
+    np.testing.assert_array_equal(np.concatenate(labels, axis=1), full)  # each process read its own half
+    two = np.load(tmp_path / "params_2.npz")
+    assert sorted(two.files) == sorted(one) and len(one) == 16
+    for name, want in one.items():
+        np.testing.assert_allclose(two[name], want, rtol=1e-5, atol=1e-7, err_msg=name)
