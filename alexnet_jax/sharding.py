@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from alexnet_jax.errors import UserError
-from alexnet_jax.models import DATA, MODEL, STRATEGIES
+from alexnet_jax.models import DATA, MODEL, STRATEGIES, VARIANTS
 
 AXES = (DATA, MODEL)
 
@@ -147,11 +147,13 @@ def check_mesh(config: ml_collections.ConfigDict, mesh: Mesh, strategy: str) -> 
         if config[key] % shards:
             raise UserError(f"--config.{key}={config[key]} must be divisible by the mesh's {names} = {shards} "
                             f"batch shards (sharding={strategy!r}); try {max(shards, config[key] // shards * shards)}")
-        if (config[key] // jax.process_count()) % max(1, shards // jax.process_count()):
-            raise UserError(f"--config.{key}={config[key]}: each of the {jax.process_count()} processes must "
-                            f"feed whole batch shards; use a multiple of {shards}")
+    nproc = jax.process_count()
+    if shards % nproc:  # each process feeds its own rows, so it must own whole batch shards
+        raise UserError(f"--config.mesh_shape={tuple(mesh.shape.values())}: the batch is split into {shards} "
+                        f"shards ({names}, sharding={strategy!r}) but {nproc} processes each feed their own rows; "
+                        f"use a mesh whose batch shards are a multiple of {nproc}")
     m = mesh.shape[MODEL]
-    groups = config.get("groups", 0) or (2 if config.variant in ("paper", "small") else 1)
+    groups = config.get("groups", 0) or VARIANTS[config.variant].default_groups
     if strategy == "paper" and m > 1 and groups > 1 and groups % m and m % groups:
         raise UserError(f"--config.mesh_shape: a 'model' axis of {m} cannot hold {groups} conv groups; use a "
                         f"divisor or a multiple of {groups}, or --config.sharding=owt")
