@@ -160,10 +160,6 @@ def check_mesh(config: ml_collections.ConfigDict, mesh: Mesh, strategy: str) -> 
 
 
 # ---------------------------------------------------------------------------------------------- multi-host
-_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "SLURM_JOB_ID",
-                "OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST")
-
-
 def _multi_process_env() -> bool:
     """Whether the environment describes a job of more than one process (as jax's cluster detection reads it)."""
     env = os.environ
