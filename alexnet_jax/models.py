@@ -386,8 +386,12 @@ class AlexNet(nn.Module):
         # Split FC layers: fc6 and fc7 hold slices of the neurons (fc6 gathers the maps it reads when the
         # convs were split too), fc8 sums the partial products of its rows. Flattening happens inside fc6.
         conv_split = conv_mesh is not None
-        if fc_mesh is not None and not conv_split:
-            x = jax.lax.with_sharding_constraint(x, NamedSharding(fc_mesh, P(DATA)))  # owt: gather the batch
+        if fc_mesh is not None and not conv_split:  # owt: the conv tower ran on every device's own images;
+            # gather the batch over 'model' after pool5 (pinning pool5 first keeps the gather off the larger
+            # conv5 maps, where the partitioner would otherwise move it).
+            with jax.named_scope("fc6"):
+                x = jax.lax.with_sharding_constraint(x, NamedSharding(fc_mesh, P((DATA, MODEL))))
+                x = jax.lax.with_sharding_constraint(x, NamedSharding(fc_mesh, P(DATA)))
         if fc_mesh is None:
             x = x.reshape(x.shape[0], -1)
         layers = (("fc6", fc_width, "column", conv_split), ("fc7", fc_width, "column", True),

@@ -373,6 +373,7 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     try:
         config = f.config
+        config.eval_batch_size = config.batch_size  # only the train step is compiled here
         mesh_shape = tuple(int(s) for s in f.mesh.split(",")) if f.mesh else tuple(config.mesh_shape)
         mesh = make_mesh(mesh_shape)
         strategy = strategy_of(config)
