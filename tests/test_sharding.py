@@ -242,3 +242,20 @@ def test_two_processes_over_gloo_match_one_process(repo, tmp_path):
     assert sorted(two.files) == sorted(one) and len(one) == 16
     for name, want in one.items():
         np.testing.assert_allclose(two[name], want, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_distributed_start_up_follows_config_and_environment(monkeypatch):
+    for var in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "SLURM_JOB_ID",
+                "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    config = default_config.get_config()
+    assert sharding.initialize_distributed(config) is False  # one process: nothing asked for it
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert sharding.initialize_distributed(config) is False  # a one-task SLURM job is one process
+    config.distributed = "sometimes"
+    with pytest.raises(UserError, match=r"--config.distributed='sometimes': choose 'auto', 'on' or 'off'"):
+        sharding.initialize_distributed(config)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host-0,host-1")
+    assert sharding._multi_process_env()
