@@ -64,7 +64,7 @@ def reference():
 
 
 @pytest.mark.parametrize("shape,strategy", [
-    ((1, 1), "paper"), ((8, 1), "paper"), ((4, 2), "paper"), ((2, 2), "paper"),
+    ((1, 1), "paper"), ((8, 1), "paper"), ((4, 2), "paper"), ((2, 2), "paper"), ((2, 4), "paper"),
     ((4, 2), "owt"), ((4, 2), "data_parallel"),
 ])
 def test_train_step_matches_single_device(reference, shape, strategy):
