@@ -66,4 +66,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 100
     c.mesh_shape = (-1, 1)  # ('data', 'model'); -1 fills the remaining devices
     c.eval_crops = 1  # crops per evaluation image: 1 (centre) or 10 (the paper's corners + centre, flipped)
+
+    # Parallelism (alexnet_jax/sharding.py, docs/sharding.md).
+    # 'paper': the 2012 two-GPU split over the 'model' axis (each device holds 1/model of every conv's kernels
+    # and every FC layer's neurons; conv2/4/5 stay on their device); 'owt': Krizhevsky 2014's "one weird
+    # trick" (data-parallel convs over all devices, split FC layers); 'data_parallel': nothing split, the batch
+    # over every device. With a 'model' axis of 1 all three are plain data parallelism.
+    c.sharding = "paper"
+    # Multi-process (multi-host) runs: jax.distributed.initialize before any other JAX call.
+    # 'auto': when coordinator_address or JAX_COORDINATOR_ADDRESS is set, or the environment is a multi-process
+    # job (multi-host Cloud TPU, SLURM with several tasks, Open MPI); 'on': always (jax detects the cluster);
+    # 'off': never.
+    c.distributed = "auto"
+    c.coordinator_address = ""  # 'host:port' of process 0; '' = JAX_COORDINATOR_ADDRESS or cluster detection
+    c.num_processes = 0  # 0 = JAX_NUM_PROCESSES or cluster detection
+    c.process_id = -1  # -1 = JAX_PROCESS_ID or cluster detection
+    c.cpu_collectives = "gloo"  # how CPU devices of different processes talk (jax_cpu_collectives_implementation)
     return c

@@ -21,10 +21,8 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
         fail("batch_size", "must be a positive number of images (the global batch across all devices)")
     if config.eval_batch_size <= 0:
         fail("eval_batch_size", "must be positive")
+    del device_count  # divisibility by the mesh's batch shards: sharding.check_mesh, once the mesh is known
     for key in ("batch_size", "eval_batch_size"):
-        if config[key] % device_count:
-            fail(key, f"must be divisible by the {device_count} devices; try "
-                      f"{max(device_count, config[key] // device_count * device_count)}")
         if config[key] % process_count:
             fail(key, f"must be divisible by the {process_count} processes")
     if config.num_train_steps == 0 or config.num_train_steps < -1:

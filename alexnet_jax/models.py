@@ -9,6 +9,14 @@ Parameters are stored as ordinary Flax trees (`conv1..conv5`, `fc6..fc8`, each `
 kernel has the shape `nn.Conv(feature_group_count=2)` would give it, (kh, kw, cin/groups, cout), but the
 convolution is computed as one convolution per group: XLA:CPU runs that ~3x faster than a
 `feature_group_count` convolution, and it is what lets `sharding.py` place each group on its own device.
+
+Given a `mesh` with a 'model' axis of size > 1 and `strategy='paper'`, every conv and FC layer runs as a
+`jax.shard_map` that says who talks to whom, as on the paper's two GPUs: each device holds its slice of
+every layer's kernels (output channels / neurons), conv2/conv4/conv5 read only the maps on their own device
+(no communication), conv3 and fc6/fc7 all-gather their input maps over 'model', fc8 sums its two halves.
+The SPMD partitioner alone does not find that pattern (it all-gathers around a sharded grouped conv).
+With `strategy='owt'` (Krizhevsky 2014) the convs are data-parallel over every device and only the FC layers
+are split. The parameter tree and the numbers are the same with or without a mesh.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 Dtype = Any
 
@@ -121,6 +131,28 @@ VARIANTS: dict[str, Variant] = {
 }
 
 NORMS = ("lrn", "batchnorm", "none")
+# How layers are placed on a mesh ('data', 'model'); see sharding.py for the parameter rules of each.
+STRATEGIES = ("paper", "owt", "data_parallel")
+DATA, MODEL = "data", "model"
+
+
+def model_axis_size(mesh: Mesh | None) -> int:
+    """How many devices split each layer (1 without a mesh or without a 'model' axis)."""
+    return 1 if mesh is None else int(dict(mesh.shape).get(MODEL, 1))
+
+
+def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, strides: int,
+                 padding: Sequence[tuple[int, int]]) -> jax.Array:
+    """`groups` convolutions on channel slices, concatenated: what `feature_group_count=groups` computes."""
+    xs = jnp.split(x, groups, axis=-1)
+    ks = jnp.split(kernel, groups, axis=-1)
+    outs = [
+        jax.lax.conv_general_dilated(
+            xi, ki, (strides, strides), list(padding), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        for xi, ki in zip(xs, ks, strict=True)
+    ]
+    return outs[0] if groups == 1 else jnp.concatenate(outs, axis=-1)
 INITS = ("paper", "he")
 
 
@@ -133,7 +165,10 @@ def _kernel_init(init: str) -> nn.initializers.Initializer:
 class Conv(nn.Module):
     """A 2-D convolution whose `groups` are computed as separate convolutions on channel slices.
 
-    The parameters are those of `nn.Conv(features, feature_group_count=groups)`.
+    The parameters are those of `nn.Conv(features, feature_group_count=groups)`. With a `mesh` whose
+    'model' axis m > 1, each device computes its features/m output channels in a `shard_map`: from its own
+    input maps when those are all its kernels read (groups divisible by m), else after all-gathering them.
+    `split_input=False` means the input is not split over 'model' (conv1 reads the whole image).
     """
 
     features: int
@@ -145,10 +180,12 @@ class Conv(nn.Module):
     bias_init: nn.initializers.Initializer = nn.initializers.zeros
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    mesh: Mesh | None = None
+    split_input: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cin = x.shape[-1]
+        cin = x.shape[-1]  # the global array: shard_map below hands each device its slice
         if cin % self.groups or self.features % self.groups:
             raise ValueError(
                 f"{self.name}: {cin} input and {self.features} output channels do not split into "
@@ -160,17 +197,82 @@ class Conv(nn.Module):
         )
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        xs = jnp.split(x, self.groups, axis=-1)
-        ks = jnp.split(kernel, self.groups, axis=-1)
-        outs = [
-            jax.lax.conv_general_dilated(
-                xi, ki, (self.strides, self.strides), list(self.padding),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            )
-            for xi, ki in zip(xs, ks, strict=True)
-        ]
-        y = outs[0] if self.groups == 1 else jnp.concatenate(outs, axis=-1)
-        return y + bias
+        if not self._sharded():
+            return grouped_conv(x, kernel, self.groups, self.strides, self.padding) + bias
+        return jax.shard_map(
+            self._local,
+            mesh=self.mesh,
+            in_specs=(P(DATA, None, None, MODEL if self.split_input else None), P(None, None, None, MODEL),
+                      P(MODEL)),
+            out_specs=P(DATA, None, None, MODEL),
+        )(x, kernel, bias)
+
+    def _sharded(self) -> bool:
+        return model_axis_size(self.mesh) > 1
+
+    def _local(self, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+        """One device's share: its output channels, from the input maps they are connected to."""
+        m, groups = model_axis_size(self.mesh), self.groups
+        if not self.split_input:  # conv1: every device sees the whole image
+            local_groups = groups
+        elif groups % m == 0:  # the paper's grouped layers: this device's maps are all its kernels read
+            local_groups = groups // m
+        else:  # connected across devices (conv3; or a group spread over several devices)
+            x = jax.lax.all_gather(x, MODEL, axis=3, tiled=True)
+            if groups > 1:  # m is a multiple of groups (checked in sharding.py): keep this device's group
+                per = x.shape[-1] // groups
+                group = jax.lax.axis_index(MODEL) // (m // groups)
+                x = jax.lax.dynamic_slice_in_dim(x, group * per, per, axis=3)
+            local_groups = 1
+        return grouped_conv(x, kernel, local_groups, self.strides, self.padding) + bias
+
+
+class Dense(nn.Module):
+    """`nn.Dense` (same parameters, same numbers) that can run split over a mesh's 'model' axis.
+
+    `split='column'`: each device holds a slice of the neurons (kernel columns) and all-gathers its input
+    first when the input arrives split (`split_input`); `split='row'`: each device holds the rows that read
+    its slice of the input and the partial products are summed over 'model'. Inputs of rank > 2 are
+    flattened (after the gather, so the feature order is that of the whole layer).
+    """
+
+    features: int
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    mesh: Mesh | None = None
+    split: str = "column"
+    split_input: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        m = model_axis_size(self.mesh)
+        sharded = m > 1
+        in_features = math.prod(x.shape[1:])
+        kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if not sharded:
+            return jnp.dot(x.reshape(x.shape[0], -1), kernel) + bias
+        x_spec = P(DATA, *([None] * (x.ndim - 2)), MODEL if self.split_input else None)
+        if self.split == "row":
+            if not self.split_input:
+                raise ValueError(f"{self.name}: a row-split layer reads an input split over '{MODEL}'")
+
+            def row(x, kernel, bias):
+                return jax.lax.psum(jnp.dot(x, kernel), MODEL) + bias
+
+            return jax.shard_map(row, mesh=self.mesh, in_specs=(x_spec, P(MODEL, None), P()),
+                                 out_specs=P(DATA, None))(x, kernel, bias)
+
+        def column(x, kernel, bias):
+            if self.split_input:
+                x = jax.lax.all_gather(x, MODEL, axis=x.ndim - 1, tiled=True)
+            return jnp.dot(x.reshape(x.shape[0], -1), kernel) + bias
+
+        return jax.shard_map(column, mesh=self.mesh, in_specs=(x_spec, P(None, MODEL), P(MODEL)),
+                             out_specs=P(DATA, MODEL))(x, kernel, bias)
 
 
 POOL_WINDOW, POOL_STRIDE = 3, 2
@@ -256,6 +358,9 @@ class AlexNet(nn.Module):
         ReLU layers, LeCun-normal for fc8, zero biases).
       widths / fc_width: override the variant's conv widths and hidden FC width.
       dtype: compute dtype (e.g. bfloat16); parameters stay `param_dtype`, logits are float32.
+      mesh / strategy: run on a ('data', 'model') mesh with the paper's split of every layer ('paper'),
+        data-parallel convs and split FC layers ('owt') or nothing split ('data_parallel'). Only a
+        'model' axis > 1 changes the computation; the parameters and numbers stay those of `mesh=None`.
     """
 
     num_classes: int = 1000
@@ -268,6 +373,8 @@ class AlexNet(nn.Module):
     fc_width: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    mesh: Mesh | None = None
+    strategy: str = "paper"
 
     @property
     def spec(self) -> Variant:
@@ -321,32 +428,63 @@ class AlexNet(nn.Module):
             self.sow("intermediates", name, y, reduce_fn=lambda _, new: new)
             return y
 
-        x = stage("conv1_out", Conv(widths[0], k1, s1, pad1, 1, bias_init=zero, name="conv1", **common)(x))
-        x = stage("pool1", max_pool(normalise(x, 1, lrn=True)))
-        x = Conv(widths[1], spec.conv2_kernel, 1, ((p2, p2), (p2, p2)), groups, bias_init=one,
-                 name="conv2", **common)(x)
-        x = stage("pool2", max_pool(normalise(stage("conv2_out", x), 2, lrn=True)))
-        x = stage("conv3_out", Conv(widths[2], 3, 1, same3, 1, bias_init=zero, name="conv3", **common)(x))
-        x = normalise(x, 3, lrn=False)
-        x = stage("conv4_out", Conv(widths[3], 3, 1, same3, groups, bias_init=one, name="conv4", **common)(x))
-        x = normalise(x, 4, lrn=False)
-        x = stage("conv5_out", Conv(widths[4], 3, 1, same3, groups, bias_init=one, name="conv5", **common)(x))
-        x = stage("pool5", max_pool(normalise(x, 5, lrn=False)))
-        if spec.adaptive_pool:
-            x = adaptive_avg_pool(x, spec.adaptive_pool)
-        x = x.reshape(x.shape[0], -1)
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}")
+        # Model parallelism only at apply time: init's batch of 1 cannot be split, and the parameters
+        # (global shapes) are the same either way.
+        split = model_axis_size(self.mesh) > 1 and self.strategy != "data_parallel" and not self.is_initializing()
+        conv_mesh = self.mesh if split and self.strategy == "paper" else None
+        fc_mesh = self.mesh if split else None
+        conv = partial(Conv, mesh=conv_mesh, **common)
+
+        with jax.named_scope("conv1"):
+            x = stage("conv1_out", conv(widths[0], k1, s1, pad1, 1, bias_init=zero, name="conv1",
+                                        split_input=False)(x))
+            x = stage("pool1", max_pool(normalise(x, 1, lrn=True)))
+        with jax.named_scope("conv2"):
+            x = conv(widths[1], spec.conv2_kernel, 1, ((p2, p2), (p2, p2)), groups, bias_init=one, name="conv2")(x)
+            x = stage("pool2", max_pool(normalise(stage("conv2_out", x), 2, lrn=True)))
+        with jax.named_scope("conv3"):
+            x = stage("conv3_out", conv(widths[2], 3, 1, same3, 1, bias_init=zero, name="conv3")(x))
+            x = normalise(x, 3, lrn=False)
+        with jax.named_scope("conv4"):
+            x = stage("conv4_out", conv(widths[3], 3, 1, same3, groups, bias_init=one, name="conv4")(x))
+            x = normalise(x, 4, lrn=False)
+        with jax.named_scope("conv5"):
+            x = stage("conv5_out", conv(widths[4], 3, 1, same3, groups, bias_init=one, name="conv5")(x))
+            x = stage("pool5", max_pool(normalise(x, 5, lrn=False)))
+            if spec.adaptive_pool:
+                x = adaptive_avg_pool(x, spec.adaptive_pool)
 
         dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
-        dense = dict(kernel_init=kinit, dtype=self.dtype, param_dtype=self.param_dtype)
-        for name in ("fc6", "fc7"):
-            if spec.dropout_before_fc:
-                x = dropout(x)
-            x = nn.relu(nn.Dense(fc_width, bias_init=one, name=name, **dense)(x))
-            if not spec.dropout_before_fc:
-                x = dropout(x)
-        if self.init_scheme == "he":  # no ReLU after fc8: LeCun scaling keeps the first logits near zero
-            dense["kernel_init"] = nn.initializers.lecun_normal()
-        x = nn.Dense(self.num_classes, bias_init=zero, name="fc8", **dense)(x)
+        dense = partial(Dense, kernel_init=kinit, dtype=self.dtype, param_dtype=self.param_dtype, mesh=fc_mesh)
+        # Split FC layers: fc6 and fc7 hold slices of the neurons (fc6 gathers the maps it reads when the
+        # convs were split too), fc8 sums the partial products of its rows. Flattening happens inside fc6.
+        conv_split = conv_mesh is not None
+        if fc_mesh is not None and not conv_split:  # owt: the conv tower ran on every device's own images;
+            # gather the batch over 'model' after pool5 (pinning pool5 first keeps the gather off the larger
+            # conv5 maps, where the partitioner would otherwise move it).
+            with jax.named_scope("fc6"):
+                x = jax.lax.with_sharding_constraint(x, NamedSharding(fc_mesh, P((DATA, MODEL))))
+                x = jax.lax.with_sharding_constraint(x, NamedSharding(fc_mesh, P(DATA)))
+        if fc_mesh is None:
+            x = x.reshape(x.shape[0], -1)
+        layers = (("fc6", fc_width, "column", conv_split), ("fc7", fc_width, "column", True),
+                  ("fc8", self.num_classes, "row", True))
+        for name, features, how, split_input in layers:
+            with jax.named_scope(name):
+                hidden = name != "fc8"
+                if hidden and spec.dropout_before_fc:
+                    x = dropout(x.reshape(x.shape[0], -1)).reshape(x.shape)
+                extra = {}
+                if not hidden and self.init_scheme == "he":  # no ReLU after fc8: LeCun scaling keeps the
+                    extra["kernel_init"] = nn.initializers.lecun_normal()  # first logits near zero
+                x = dense(features, bias_init=one if hidden else zero, name=name, split=how,
+                          split_input=split_input, **extra)(x)
+                if hidden:
+                    x = nn.relu(x)
+                    if not spec.dropout_before_fc:
+                        x = dropout(x)
         return x.astype(jnp.float32)
 
 

@@ -35,7 +35,8 @@ class TrainingError(Exception):
     """Training cannot go on (e.g. the loss became NaN); the message says what to try."""
 
 
-def create_model(config: ml_collections.ConfigDict) -> AlexNet:
+def create_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> AlexNet:
+    """The configured AlexNet; with a mesh, its layers run split as `config.sharding` says (sharding.py)."""
     return AlexNet(
         num_classes=config.num_classes,
         variant=config.variant,
@@ -46,6 +47,8 @@ def create_model(config: ml_collections.ConfigDict) -> AlexNet:
         widths=tuple(config.widths) or None,
         fc_width=config.fc_width or None,
         dtype=jnp.dtype(config.dtype),
+        mesh=mesh,
+        strategy=sharding.strategy_of(config),
     )
 
 
@@ -136,15 +139,17 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, image_shape, steps_per_epoch,
                  total_steps):
         self.config, self.mesh = config, mesh
-        self.model = create_model(config)
+        strategy = sharding.strategy_of(config)
+        sharding.check_mesh(config, mesh, strategy)
+        self.model = create_model(config, mesh)
         self.tx = optim.create_optimizer(config, steps_per_epoch, total_steps)
         self.plateau = optim.create_plateau(config)
         self.image_shape = tuple(image_shape)
         init = partial(create_train_state, model=self.model, tx=self.tx, plateau=self.plateau,
                        image_shape=self.image_shape)
-        abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-        self.state_sharding = sharding.tree_shardings(mesh, abstract, config.get("sharding", "data_parallel"))
-        self.batch_sharding = sharding.batch_sharding(mesh)
+        self.abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+        self.state_sharding = sharding.tree_shardings(mesh, self.abstract_state, strategy)
+        self.batch_sharding = sharding.batch_sharding(mesh, strategy)
         rep = sharding.replicated(mesh)
         self.init = jax.jit(init, out_shardings=self.state_sharding)
         self.train_step = jax.jit(
@@ -201,9 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     t_start = time.time()
     check_config(config, jax.device_count(), jax.process_count())
     mesh = sharding.make_mesh(config.mesh_shape)
-    if config.batch_size % mesh.shape["data"]:
-        raise UserError(f"--config.batch_size={config.batch_size} must be divisible by the mesh's "
-                        f"data axis ({mesh.shape['data']})")
+    sharding.check_mesh(config, mesh, sharding.strategy_of(config))
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:

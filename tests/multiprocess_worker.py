@@ -1,0 +1,84 @@
+"""One process of a multi-process training run on CPU devices (used by test_sharding.py).
+
+Usage: python multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR STEPS
+Each process simulates 8 / NUM_PROCESSES CPU devices, joins the others over gloo on localhost through
+`sharding.initialize_distributed`, reads only its own rows of every global batch and trains STEPS steps on a
+('data', 'model') = (4, 2) mesh spanning all processes. Process 0 writes the final parameters; every process
+writes the labels of the rows it read. `run` is also called in-process for the 1 x 8 reference.
+"""
+
+import os
+import sys
+
+import numpy as np
+
+
+def config_for_test(pid: int, nproc: int, port: int):
+    from alexnet_jax import default_config
+
+    c = default_config.get_config()
+    c.dataset = "fashion_mnist"
+    c.variant = "small"
+    c.image_size = 20
+    c.num_classes = 10
+    c.widths = (8, 16, 16, 16, 16)
+    c.fc_width = 32
+    c.init_scheme = "he"
+    c.batch_size = 16
+    c.eval_batch_size = 16
+    c.learning_rate = 0.05
+    c.lr_schedule = "constant"
+    c.crop_padding = 2
+    c.mesh_shape = (4, 2)
+    c.distributed = "auto" if nproc > 1 else "off"
+    c.coordinator_address = f"127.0.0.1:{port}" if nproc > 1 else ""
+    c.num_processes = nproc
+    c.process_id = pid
+    return c
+
+
+def run(config, pid: int, nproc: int, steps: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Train `steps` steps; returns the final parameters (by path) and the labels of the rows this process read."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from alexnet_jax import input_pipeline, sharding, train
+
+    assert jax.process_count() == nproc and jax.local_device_count() * nproc == 8
+    rng = np.random.default_rng(0)  # the same synthetic dataset in every process
+    data = input_pipeline.InMemoryData(rng.integers(0, 256, (64, 20, 20, 1), np.uint8),
+                                       rng.integers(0, 10, 64).astype(np.int32), tuple(map(str, range(10))))
+    mean, std = input_pipeline.channel_stats(data.images)
+    mesh = sharding.make_mesh(config.mesh_shape)
+    trainer = train.Trainer(config, mesh, (20, 20, 1), steps_per_epoch=4, total_steps=steps)
+    state = trainer.init(jax.random.PRNGKey(config.seed))
+    seen = []
+    for local in input_pipeline.train_batches(data, config, mean, std, 0, steps, pid, nproc):
+        seen.append(local["label"])
+        state, _ = trainer.train_step(state, trainer.global_batch(local))
+    params = multihost_utils.process_allgather(state.params, tiled=True)
+    flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    return flat, np.stack(seen)
+
+
+def main() -> None:
+    pid, nproc, port, out_dir, steps = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
+                                        int(sys.argv[5]))
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // nproc}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from alexnet_jax import sharding
+
+    config = config_for_test(pid, nproc, port)
+    assert sharding.initialize_distributed(config) == (nproc > 1)  # before any other JAX call
+    params, seen = run(config, pid, nproc, steps)
+    np.save(os.path.join(out_dir, f"labels_{pid}_of_{nproc}.npy"), seen)
+    if pid == 0:
+        np.savez(os.path.join(out_dir, f"params_{nproc}.npz"), **params)
+    import jax
+
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""The paper's two-device split with jax.sharding, on 8 simulated CPU devices (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from functools import partial
+
+import jax
+import numpy as np
+import pytest
+
+from alexnet_jax import default_config, optim, sharding, train
+from alexnet_jax.errors import UserError
+
+IMAGE = (20, 20, 1)
+
+
+def tiny_config(**overrides):
+    """The small AlexNet (two groups, LRN, dropout) at a size a CPU test step compiles quickly."""
+    c = default_config.get_config()
+    c.dataset = "fashion_mnist"
+    c.variant = "small"
+    c.image_size = IMAGE[0]
+    c.num_classes = 10
+    c.widths = (16, 32, 48, 48, 32)
+    c.fc_width = 64
+    c.init_scheme = "he"
+    c.batch_size = 16
+    c.eval_batch_size = 16
+    c.learning_rate = 0.05
+    c.lr_schedule = "constant"
+    c.seed = 3
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def mesh_of(shape):
+    n = shape[0] * shape[1]
+    return sharding.make_mesh(shape, jax.devices()[:n])
+
+
+def batch_for(config):
+    rng = np.random.default_rng(7)
+    return {"image": rng.normal(size=(config.batch_size, *IMAGE)).astype(np.float32),
+            "label": rng.integers(0, config.num_classes, config.batch_size).astype(np.int32)}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The initial state and one train step on one device, no mesh at all: what every mesh must reproduce."""
+    config = tiny_config()
+    model = train.create_model(config)
+    tx = optim.create_optimizer(config, 10, 100)
+    plateau = optim.create_plateau(config)
+    with jax.default_device(jax.devices()[0]):
+        init = jax.jit(partial(train.create_train_state, model=model, tx=tx, plateau=plateau, image_shape=IMAGE))
+        state0 = init(jax.random.PRNGKey(config.seed))
+        state, metrics = jax.jit(partial(train.train_step, model, tx))(state0, batch_for(config))
+    return jax.device_get(state0), jax.device_get(state.params), float(metrics["loss"])
+
+
+@pytest.mark.parametrize("shape,strategy", [
+    ((1, 1), "paper"), ((8, 1), "paper"), ((4, 2), "paper"), ((2, 2), "paper"), ((2, 4), "paper"),
+    ((4, 2), "owt"), ((4, 2), "data_parallel"),
+])
+def test_train_step_matches_single_device(reference, shape, strategy):
+    """Same loss and parameters (dropout included) whatever the mesh; the step is the Trainer's jit."""
+    config = tiny_config(mesh_shape=shape, sharding=strategy)
+    trainer = train.Trainer(config, mesh_of(shape), IMAGE, steps_per_epoch=10, total_steps=100)
+    state0, ref_params, ref_loss = reference
+    state = jax.device_put(state0, trainer.state_sharding)
+    state, metrics = trainer.train_step(state, trainer.global_batch(batch_for(config)))
+    np.testing.assert_allclose(float(metrics["loss"]), ref_loss, rtol=1e-5)
+    assert_same_params(jax.device_get(state.params), ref_params)
+
+
+def test_state_is_created_sharded(reference):
+    """Trainer.init builds params and momentum directly in their shardings, equal to the unsharded init."""
+    config = tiny_config(mesh_shape=(4, 2))
+    trainer = train.Trainer(config, mesh_of((4, 2)), IMAGE, steps_per_epoch=10, total_steps=100)
+    state = trainer.init(jax.random.PRNGKey(config.seed))
+    kernel = state.params["conv2"]["kernel"]  # (5, 5, 8, 32): 16 of conv2's 32 kernels per device
+    assert {s.data.shape for s in kernel.addressable_shards} == {(5, 5, 8, 16)}
+    trace = state.opt_state.inner_state[2].trace["fc6"]["kernel"]
+    assert trace.sharding == state.params["fc6"]["kernel"].sharding
+    assert trace.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    assert_same_params(jax.device_get(state.params), reference[0].params, rtol=0)
+
+
+def assert_same_params(got, want, rtol=1e-5):
+    for path, w in jax.tree_util.tree_leaves_with_path(want):
+        np.testing.assert_allclose(_at(got, path), w, rtol=rtol, atol=1e-7 if rtol else 0,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def _at(tree, path):
+    for k in path:
+        tree = tree[k.key]
+    return tree
+
+
+def test_paper_split_communicates_like_the_paper():
+    """4x2, the 2012 net's layer shapes: no 'model' traffic in conv1/2/4/5, 'model' traffic at conv3 and fc6-8."""
+    config = tiny_config(variant="paper", widths=(), fc_width=0, num_classes=1000, image_size=67,
+                         batch_size=8, mesh_shape=(4, 2))
+    _, compiled = sharding.compiled_train_step(config, mesh_of((4, 2)), (67, 67, 3))
+    ops = sharding.collectives(compiled.as_text(), mesh_of((4, 2)))
+    over_model = {(c.layer, c.pass_, c.kind) for c in ops if "model" in c.axes}
+    layers = {layer for layer, _, _ in over_model}
+    assert not layers & {"conv1", "conv2", "conv4", "conv5"}, over_model
+    assert {"conv3", "fc6", "fc7", "fc8"} <= layers, over_model
+    assert ("conv3", "forward", "all-gather") in over_model
+    assert ("conv3", "backward", "reduce-scatter") in over_model
+    assert ("fc8", "forward", "all-reduce") in over_model
+    # Gradients of the replicated-over-data kernels are summed over 'data' only.
+    assert {c.axes for c in ops if c.layer == "conv2"} == {("data",)}
+
+
+def test_per_device_parameter_bytes_on_model_2():
+    config = default_config.get_config()  # the paper's net on ImageNet, 60,965,224 parameters
+    mesh = mesh_of((4, 2))
+    trainer = train.Trainer(config, mesh, (224, 224, 3), steps_per_epoch=100, total_steps=1000)
+    params = trainer.abstract_state.params
+    shardings = trainer.state_sharding.params
+    total = sum(p.size * p.dtype.itemsize for p in jax.tree_util.tree_leaves(params))
+    local = sum(np.prod(s.shard_shape(p.shape)) * p.dtype.itemsize
+                for p, s in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(shardings), strict=True))
+    assert total == 60_965_224 * 4
+    assert local / total <= 0.52
+    # Momentum follows its parameter.
+    trace = trainer.state_sharding.opt_state.inner_state[2].trace
+    assert trace["fc6"]["kernel"].spec == shardings["fc6"]["kernel"].spec == jax.sharding.PartitionSpec(None, "model")
+
+
+def test_owt_splits_only_the_fc_layers():
+    config = tiny_config(sharding="owt")
+    trainer = train.Trainer(config, mesh_of((4, 2)), IMAGE, 10, 100)
+    specs = jax.tree_util.tree_map(lambda s: s.spec, trainer.state_sharding.params)
+    assert specs["conv2"]["kernel"] == jax.sharding.PartitionSpec()
+    assert specs["fc7"]["kernel"] == jax.sharding.PartitionSpec(None, "model")
+    assert trainer.batch_sharding.spec == jax.sharding.PartitionSpec(("data", "model"))
+
+
+def test_mesh_size_must_match_devices():
+    with pytest.raises(UserError, match=r"needs 6 devices but 8 are available"):
+        sharding.make_mesh((3, 2))
+
+
+def test_model_axis_must_divide_widths():
+    config = tiny_config(widths=(16, 32, 48, 48, 30), mesh_shape=(2, 4))
+    with pytest.raises(UserError, match=r"'model' axis \(4 devices\) does not divide .*conv5"):
+        train.Trainer(config, mesh_of((2, 4)), IMAGE, 10, 100)
+
+
+def test_batch_must_divide_data_axis():
+    config = tiny_config(batch_size=6)
+    with pytest.raises(UserError, match=r"batch_size=6 must be divisible by the mesh's 'data' \(4\)"):
+        train.Trainer(config, mesh_of((4, 2)), IMAGE, 10, 100)
+    # The paper split needs only 'data' to divide the batch; the other strategies split it over both axes.
+    train.Trainer(tiny_config(batch_size=12, eval_batch_size=12), mesh_of((4, 2)), IMAGE, 10, 100)
+    with pytest.raises(UserError, match=r"'data' \(4\) x 'model' \(2\) = 8 batch shards"):
+        train.Trainer(tiny_config(batch_size=12, sharding="owt"), mesh_of((4, 2)), IMAGE, 10, 100)
+
+
+def test_main_rejects_a_bad_mesh_before_compiling(repo, tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-m", "alexnet_jax.main", "--config", "configs/fashion_mnist.py",
+         f"--workdir={tmp_path}", "--config.mesh_shape=(3,2)"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode != 0
+    assert "alexnet_jax: error: --config.mesh_shape=(3, 2) needs 6 devices but 8 are available" in out.stderr
+
+
+def test_report_cli(repo):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-m", "alexnet_jax.sharding", "--config", "configs/fashion_mnist.py", "--mesh", "4,2",
+         "--config.batch_size=16"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "conv2/kernel   (5, 5, 16, 64)       P(None, None, None, 'model')               51,200" in out.stdout
+    assert "(50.0%)" in out.stdout
+    assert "conv3      forward   all-gather          model             1" in out.stdout
+
+
+def test_collectives_parser_reads_every_replica_group_spelling():
+    mesh = mesh_of((4, 2))
+    hlo = "\n".join([
+        '  %a = f32[8,4]{1,0} all-gather(%x), replica_groups={{0,1},{2,3},{4,5},{6,7}}, dimensions={1}, '
+        'metadata={op_name="jit(f)/jvp(AlexNet)/conv3/conv3/shard_map/all_gather"}',
+        '  %b = f32[16]{0} all-reduce(%y), replica_groups=[2,4]<=[4,2]T(1,0), to_apply=%add, '
+        'metadata={op_name="jit(f)/transpose(jvp(AlexNet))/conv2/conv2/psum"}',
+        "  %c = f32[128,10]{1,0} all-gather(%z), replica_groups=mesh['axis_0'=4,'axis_1'=1,'axis_2'=2] "
+        "{'axis_0'}, dimensions={0}, metadata={op_name=\"jit(f)/top_k\"}",
+        '  %d = (f32[2]{0}, f32[3,3]{1,0}) all-reduce(%p, %q), replica_groups={{0,2,4,6},{1,3,5,7}}, '
+        'metadata={op_name="jit(f)/(transpose(jvp(AlexNet))/fc6/fc6/psum:transpose(jvp(AlexNet))/fc7/fc7/psum)"}',
+    ])
+    got = [(c.kind, c.bytes, c.axes, c.layer, c.pass_) for c in sharding.collectives(hlo, mesh)]
+    assert got == [
+        ("all-gather", 128, ("model",), "conv3", "forward"),
+        ("all-reduce", 64, ("data",), "conv2", "backward"),
+        ("all-gather", 5120, ("data",), "top_k", "forward"),
+        ("all-reduce", 8, ("data",), "fc6", "backward"),
+        ("all-reduce", 36, ("data",), "fc7", "backward"),
+    ]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_over_gloo_match_one_process(repo, tmp_path):
+    """2 processes x 4 CPU devices (gloo, localhost), each reading only its rows, end where 1 x 8 ends."""
+    worker = os.path.join(repo, "tests", "multiprocess_worker.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = repo
+    steps, port = 3, _free_port()
+    procs = [subprocess.Popen([sys.executable, worker, str(i), "2", str(port), str(tmp_path), str(steps)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    sys.path.insert(0, os.path.dirname(worker))
+    import multiprocess_worker
+
+    one, full = multiprocess_worker.run(multiprocess_worker.config_for_test(0, 1, 0), 0, 1, steps)  # 1 x 8 here
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out[-3000:]
+
+    labels = [np.load(tmp_path / f"labels_{i}_of_2.npy") for i in range(2)]
+    assert labels[0].shape == labels[1].shape == (steps, 8) and full.shape == (steps, 16)
+    np.testing.assert_array_equal(np.concatenate(labels, axis=1), full)  # each process read its own half
+    two = np.load(tmp_path / "params_2.npz")
+    assert sorted(two.files) == sorted(one) and len(one) == 16
+    for name, want in one.items():
+        np.testing.assert_allclose(two[name], want, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_distributed_start_up_follows_config_and_environment(monkeypatch):
+    for var in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "SLURM_JOB_ID",
+                "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    config = default_config.get_config()
+    assert sharding.initialize_distributed(config) is False  # one process: nothing asked for it
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert sharding.initialize_distributed(config) is False  # a one-task SLURM job is one process
+    config.distributed = "sometimes"
+    with pytest.raises(UserError, match=r"--config.distributed='sometimes': choose 'auto', 'on' or 'off'"):
+        sharding.initialize_distributed(config)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host-0,host-1")
+    assert sharding._multi_process_env()
