@@ -75,7 +75,7 @@ def test_training_is_deterministic(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["--config.no_such_key=1"], "no_such_key"),
     (["--config.batch_size=-4"], "batch_size"),
-    (["--config.batch_size=12"], "divisible by the 8 devices"),
+    (["--config.batch_size=12"], "must be divisible by the mesh's 'data' (8)"),
     (["--config.fashion_mnist_dir=/nonexistent", "--config.data_dir=TMP/tfds"], "dataset-fashion-mnist"),
     (["--config.data_dir=TMP/afile"], "not a directory"),
 ])
