@@ -54,4 +54,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = -1  # -1: once per epoch
     c.log_every_steps = 100
     c.mesh_shape = (-1, 1)  # ('data', 'model'); -1 fills the remaining devices
+    c.eval_crops = 1  # crops per evaluation image: 1 (centre) or 10 (the paper's corners + centre, flipped)
+
+    # Checkpoints (alexnet_jax.checkpointing): orbax, under WORKDIR/checkpoints/; rerunning resumes.
+    c.checkpoint_every_steps = 1000  # also saved at the end and on SIGTERM/preemption; 0: only those
+    c.checkpoint_keep = 3  # keep the latest this many checkpoints
+    c.checkpoint_keep_best = 1  # and the best this many by validation top-1 (0: none); saves at each eval
+    c.checkpoint_async = True  # write in a background thread while training goes on
     return c

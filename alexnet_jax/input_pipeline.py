@@ -318,6 +318,10 @@ class Data:
     class_names: tuple[str, ...]
     train: Callable[[int, int, int, int], Iterator[dict[str, np.ndarray]]]
     eval: Callable[[int, int], Iterator[dict[str, np.ndarray]]]
+    # The normalisation images get (0-255 scale, per channel): saved with checkpoints so `predict` can
+    # preprocess an image exactly like `eval` without the training set.
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
 
 
 def create_data(config: ml_collections.ConfigDict) -> Data:
@@ -332,4 +336,6 @@ def create_data(config: ml_collections.ConfigDict) -> Data:
         class_names=train_data.class_names,
         train=lambda start, stop, pid, nproc: train_batches(train_data, config, mean, std, start, stop, pid, nproc),
         eval=lambda pid, nproc: eval_batches(test_data, config, mean, std, pid, nproc),
+        mean=mean,
+        std=std,
     )
