@@ -417,3 +417,29 @@ def for_trainer(workdir: str, config: ml_collections.ConfigDict, trainer: Any, d
         }
     return Checkpointer(workdir, config, abstract_train_state(trainer), trainer.state_sharding, data_info=info,
                         **kwargs)
+
+
+def read_saved(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """(step, config, meta) of `step` or of the newest checkpoint whose JSON items read back, without
+    knowing the model: what `evaluate` and `predict` start from."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise UserError(f"no checkpoints in {directory}: train with --workdir {os.path.dirname(directory)} first")
+    quiet_orbax_logs()
+    manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_handlers={name: ocp.JsonCheckpointHandler() for name in ("config", "meta")})
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise UserError(f"no checkpoints in {directory}: train with --workdir {os.path.dirname(directory)} first")
+    if step is not None and step not in steps:
+        raise UserError(f"no checkpoint for step {step} in {directory}; available: {steps}")
+    for s in [step] if step is not None else reversed(steps):
+        try:
+            out = manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                             meta=ocp.args.JsonRestore()))
+            return s, dict(out["config"]), dict(out["meta"])
+        except Exception as e:  # noqa: BLE001 - unreadable: fall back to the one before
+            logging.warning("the checkpoint at step %d is unreadable (%s: %s): trying the one before",
+                            s, type(e).__name__, e)
+    raise UserError(f"none of the checkpoints in {directory} (steps {steps}) can be read back")
