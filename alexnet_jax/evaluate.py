@@ -16,12 +16,16 @@ from typing import Any
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "The training run's --workdir (holds checkpoints/).")
-flags.DEFINE_integer("step", None, "Checkpoint step to evaluate; default: the latest readable one.")
-flags.DEFINE_bool("ten_crop", False, "Average the softmax over 10 crops per image (config.eval_crops=10).")
-flags.DEFINE_list("mesh_shape", None, "Mesh (data, model) to evaluate on, e.g. 2,2 or -1,1; default: the run's.")
-flags.DEFINE_integer("eval_batch_size", None, "Global evaluation batch size; default: the run's.")
-flags.DEFINE_string("data_dir", None, "Override config.data_dir (where tfds keeps prepared datasets).")
+
+
+def define_flags() -> None:
+    """Command-line flags (defined on demand, so importing this module never clashes with main's)."""
+    flags.DEFINE_string("workdir", None, "The training run's --workdir (holds checkpoints/).")
+    flags.DEFINE_integer("step", None, "Checkpoint step to evaluate; default: the latest readable one.")
+    flags.DEFINE_bool("ten_crop", False, "Average the softmax over 10 crops per image (config.eval_crops=10).")
+    flags.DEFINE_list("mesh_shape", None, "Mesh (data, model) to evaluate on, e.g. 2,2 or -1,1; default: the run's.")
+    flags.DEFINE_integer("eval_batch_size", None, "Global evaluation batch size; default: the run's.")
+    flags.DEFINE_string("data_dir", None, "Override config.data_dir (where tfds keeps prepared datasets).")
 
 
 def evaluate_checkpoint(workdir: str, *, step: int | None = None, mesh: Any = None,
@@ -94,5 +98,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["workdir"])
     app.run(main)

@@ -17,9 +17,13 @@ import numpy as np
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "The training run's --workdir (holds checkpoints/).")
-flags.DEFINE_integer("step", None, "Checkpoint step to use; default: the latest readable one.")
-flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
+
+
+def define_flags() -> None:
+    """Command-line flags (defined on demand, so importing this module never clashes with main's)."""
+    flags.DEFINE_string("workdir", None, "The training run's --workdir (holds checkpoints/).")
+    flags.DEFINE_integer("step", None, "Checkpoint step to use; default: the latest readable one.")
+    flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
 
 IMAGENET_RESIZE_RATIO = 256 / 224  # the paper: shorter side 256, 224 crops
 
@@ -126,5 +130,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["workdir"])
     app.run(main)
