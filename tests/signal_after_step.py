@@ -2,8 +2,9 @@
 given step returns: `python tests/signal_after_step.py STEP SIGNAME --config ... --workdir ...`.
 
 A deterministic stand-in for a kill or preemption "at step N": an external `kill` would race a tiny model's
-millisecond steps. With SIGKILL nothing more runs (any async save started at STEP is cut off mid-write);
-SIGTERM goes through the handler that `alexnet_jax.checkpointing` installs, as a real one would.
+millisecond steps. Saves already started are let finish first, so the latest checkpoint before STEP is on disk
+(the half-written case has its own test). With SIGKILL nothing more runs; SIGTERM goes through the handler
+that `alexnet_jax.checkpointing` installs, as a real one would.
 """
 
 import os
@@ -22,6 +23,7 @@ _after_step = checkpointing.Checkpointer.after_step
 def after_step(self, step, state, **kwargs):
     stop = _after_step(self, step, state, **kwargs)
     if step == STEP:
+        self.manager.wait_until_finished()
         os.kill(os.getpid(), SIGNAL)
     return stop
 

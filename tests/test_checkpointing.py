@@ -77,11 +77,12 @@ def run_4x2(tmp_path_factory):
     return workdir, config, summary
 
 
-def _restore_params_plain(step_dir: str) -> dict:
+def _restore_params_plain(step_dir: str, name: str = "params") -> dict:
+    """An item as NumPy arrays, the way a user without alexnet_jax would read it."""
     import orbax.checkpoint as ocp
 
     ckptr = ocp.StandardCheckpointer()
-    item = os.path.join(step_dir, "params")
+    item = os.path.join(step_dir, name)
     target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), ckptr.metadata(item).item_metadata.tree)
     return ckptr.restore(item, target)
 
@@ -261,60 +262,80 @@ def test_predict_cli_prints_top5(run_4x2, tmp_path, python, repo):
 
 # ------------------------------------------------------------------------------- kill / preempt / resume
 RESUME_RUN = {"widths": (8, 16, 16, 16, 8), "fc_width": 32, "batch_size": 32, "eval_batch_size": 1000,
-              "num_train_steps": 12, "checkpoint_every_steps": 4, "log_every_steps": 4, "eval_every_steps": 6,
-              "lr_schedule": "plateau", "plateau_patience": 0}
+              "num_train_steps": 12, "checkpoint_every_steps": 4, "log_every_steps": 4, "eval_every_steps": 12}
 
 
-def _fmnist_args(workdir, data_dir):
-    return (["--config", "configs/fashion_mnist.py", "--workdir", workdir, f"--config.data_dir={data_dir}"]
+def _fmnist_args(workdir):
+    return (["--config", "configs/fashion_mnist.py", "--workdir", workdir]
             + [f"--config.{k}={v}" for k, v in RESUME_RUN.items()])
 
 
-def _final_arrays(workdir, step=12):
-    import orbax.checkpoint as ocp
-
+def _final_arrays(workdir, step):
     out = {}
     for item in ("params", "train_state"):
-        path = os.path.join(checkpointing.checkpoint_dir(workdir), str(step), item)
-        ckptr = ocp.StandardCheckpointer()
-        target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), ckptr.metadata(path).item_metadata.tree)
-        out[item] = ckptr.restore(path, target)
+        out[item] = _restore_params_plain(os.path.join(checkpointing.checkpoint_dir(workdir), str(step)), item)
     return jax.tree_util.tree_flatten_with_path(out)[0]
+
+
+def _assert_bitwise(got, expected, what):
+    assert [p for p, _ in got] == [p for p, _ in expected]
+    for (path, a), (_, b) in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=f"{what}: {jax.tree_util.keystr(path)}")
+
+
+def test_sigterm_in_process_saves_after_eval_and_resumes_bitwise(run_4x2, tmp_path, monkeypatch):
+    """SIGTERM right after step 2's evaluation (the plateau schedule has just been fed): the checkpoint at
+    step 3 and the resumed run reproduce the uninterrupted 4x2 run bitwise, plateau state included."""
+    workdir, config, summary = run_4x2
+    monkeypatch.setattr(input_pipeline, "create_data", synthetic_data)
+    original = checkpointing.Checkpointer.after_step
+
+    def after_step(self, step, state, **kwargs):
+        stop = original(self, step, state, **kwargs)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return stop
+
+    monkeypatch.setattr(checkpointing.Checkpointer, "after_step", after_step)
+    work = str(tmp_path / "w")
+    first = train.train_and_evaluate(config, work)
+    assert first == {"preempted": True, "step": 3, "checkpoint": os.path.join(work, "checkpoints", "3")}
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
+    monkeypatch.setattr(checkpointing.Checkpointer, "after_step", original)
+    second = train.train_and_evaluate(config, work)
+    assert second["step"] == 4 and second["top1_accuracy"] == summary["top1_accuracy"]
+    _assert_bitwise(_final_arrays(work, 4), _final_arrays(workdir, 4), "resumed at 3")
 
 
 @pytest.mark.skipif(not input_pipeline.fashion_mnist_files_present(FASHION_MNIST_DIR),
                     reason=f"needs the FashionMNIST files in {FASHION_MNIST_DIR} (Debian: dataset-fashion-mnist)")
-def test_sigkill_and_sigterm_resume_bitwise(tmp_path, python, repo):
-    data_dir = str(tmp_path / "tfds")
-    # the uninterrupted 12-step run (in this process: same 8 CPU devices and XLA flags as the subprocesses)
-    ref_dir = str(tmp_path / "ref")
+def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(tmp_path, python, repo):
+    """The real command line on the real FashionMNIST: SIGTERM after step 2 (saves step 3, exits 0); the
+    rerun is SIGKILLed after step 10 (checkpoints 4 and 8 are on disk); the third run resumes from 8. Its
+    step-12 parameters and optimiser state equal an uninterrupted run's bit for bit."""
+    ref_dir = str(tmp_path / "ref")  # the uninterrupted run, in this process (same 8 CPU devices, XLA flags)
     config = fashion_mnist_config()
-    config.update(RESUME_RUN, data_dir=data_dir)
+    config.update(RESUME_RUN)
     ref = train.train_and_evaluate(config, ref_dir)
     assert ref["step"] == 12
-    expected = _final_arrays(ref_dir)
 
-    def run(args, kill=None):
-        cmd = ([python, "tests/signal_after_step.py", str(kill[0]), kill[1]] if kill else
-               [python, "-m", "alexnet_jax.main"]) + args
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo)
+    def run(signal_at=None):
+        cmd = ([python, "tests/signal_after_step.py", *signal_at] if signal_at else
+               [python, "-m", "alexnet_jax.main"])
+        return subprocess.run(cmd + _fmnist_args(workdir), capture_output=True, text=True, timeout=300, cwd=repo)
 
-    for name, kill, code, resumed_from in (("kill", (8, "SIGKILL"), -signal.SIGKILL, (4, 8)),
-                                           ("term", (7, "SIGTERM"), 0, (8,))):
-        workdir = str(tmp_path / name)
-        first = run(_fmnist_args(workdir, data_dir), kill)
-        assert first.returncode == code, first.stderr[-3000:]
-        if name == "term":
-            assert "preempted after step 8: checkpoint saved in" in first.stderr
-            assert os.path.join(workdir, "checkpoints", "8") in first.stderr
-            assert not os.path.exists(os.path.join(workdir, "summary.json"))
-        second = run(_fmnist_args(workdir, data_dir))
-        assert second.returncode == 0, second.stderr[-3000:]
-        assert any(f"resumed from {os.path.join(workdir, 'checkpoints', str(s))}: step {s}" in second.stderr
-                   for s in resumed_from), second.stderr[-3000:]
-        got = _final_arrays(workdir)
-        assert [p for p, _ in got] == [p for p, _ in expected]
-        for (path, a), (_, b) in zip(got, expected, strict=True):
-            np.testing.assert_array_equal(a, b, err_msg=f"{name}: {jax.tree_util.keystr(path)}")
-        with open(os.path.join(workdir, "summary.json")) as f:
-            assert json.load(f)["top1_accuracy"] == ref["top1_accuracy"]
+    workdir = str(tmp_path / "w")
+    ckdir = os.path.join(workdir, "checkpoints")
+    term = run(("2", "SIGTERM"))
+    assert term.returncode == 0, term.stderr[-3000:]
+    assert f"preempted after step 3: checkpoint saved in {os.path.join(ckdir, '3')}" in term.stderr
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+    kill = run(("10", "SIGKILL"))
+    assert kill.returncode == -signal.SIGKILL, kill.stderr[-3000:]
+    assert f"resumed from {os.path.join(ckdir, '3')}: step 3" in kill.stderr
+    last = run()
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert f"resumed from {os.path.join(ckdir, '8')}: step 8" in last.stderr
+    _assert_bitwise(_final_arrays(workdir, 12), _final_arrays(ref_dir, 12), "term+kill+resume")
+    with open(os.path.join(workdir, "summary.json")) as f:
+        assert json.load(f)["top1_accuracy"] == ref["top1_accuracy"]
