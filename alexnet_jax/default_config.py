@@ -82,4 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_processes = 0  # 0 = JAX_NUM_PROCESSES or cluster detection
     c.process_id = -1  # -1 = JAX_PROCESS_ID or cluster detection
     c.cpu_collectives = "gloo"  # how CPU devices of different processes talk (jax_cpu_collectives_implementation)
+
+    # Checkpoints (alexnet_jax.checkpointing): orbax, under WORKDIR/checkpoints/; rerunning resumes.
+    c.checkpoint_every_steps = 1000  # also saved at the end and on SIGTERM/preemption; 0: only those
+    c.checkpoint_keep = 3  # keep the latest this many checkpoints
+    c.checkpoint_keep_best = 1  # and the best this many by validation top-1 (0: none); saves at each eval
+    c.checkpoint_async = True  # write in a background thread while training goes on
     return c

@@ -57,3 +57,11 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
         fail("image_size", "must be at least 16 pixels")
     if config.log_every_steps <= 0:
         fail("log_every_steps", "must be positive")
+    if config.get("eval_crops", 1) not in (1, 10):
+        fail("eval_crops", "choose 1 (centre) or 10 (four corners and centre, and their reflections)")
+    if config.get("checkpoint_every_steps", 0) < 0:
+        fail("checkpoint_every_steps", "must be >= 0 (0: save only at the end and on SIGTERM/preemption)")
+    if config.get("checkpoint_keep", 1) < 1:
+        fail("checkpoint_keep", "must be at least 1 (the latest checkpoint is what a rerun resumes from)")
+    if config.get("checkpoint_keep_best", 0) < 0:
+        fail("checkpoint_keep_best", "must be >= 0")

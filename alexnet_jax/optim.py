@@ -96,7 +96,9 @@ def plateau_step(
     """Feed one validation error to the plateau logic and write its scale into the optimiser."""
     _, plateau_state = plateau.update({}, plateau_state, value=jnp.asarray(val_error, jnp.float32))
     hyper = dict(opt_state.hyperparams)
-    hyper["lr_scale"] = jnp.asarray(plateau_state.scale, hyper["lr_scale"].dtype)
+    # A copy: sharing one buffer between `plateau.scale` and `lr_scale` makes the donating train step fail
+    # ("donate the same buffer twice") on the first step after an evaluation.
+    hyper["lr_scale"] = jnp.array(plateau_state.scale, hyper["lr_scale"].dtype, copy=True)
     return plateau_state, opt_state._replace(hyperparams=hyper)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from alexnet_jax import input_pipeline, optim, sharding
+from alexnet_jax import checkpointing, input_pipeline, optim, sharding
 from alexnet_jax.errors import UserError, check_config
 from alexnet_jax.models import AlexNet
 
@@ -221,6 +221,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     trainer = Trainer(config, mesh, data.image_shape, per_epoch, total)
     state = trainer.init(jax.random.PRNGKey(config.seed))
+    # --- checkpointing: resume from WORKDIR/checkpoints if there is a checkpoint (alexnet_jax.checkpointing)
+    ckpt = checkpointing.for_trainer(workdir, config, trainer, data)
+    state, restored_eval = ckpt.restore_or(state)
+    # --- end checkpointing
     start = int(state.step)
     logging.info("%s on %s: %d train / %d test images, %d steps (%.2f epochs of %d), mesh %s",
                  config.variant, config.dataset, data.num_train, data.num_eval, total, total / per_epoch,
@@ -230,13 +234,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pid, nproc = jax.process_index(), jax.process_count()
     batches = data.train(start, total, pid, nproc)
     pending: list[dict[str, jax.Array]] = []
-    train_seconds, timed_images, last_eval = 0.0, 0, {}
+    train_seconds, timed_images, last_eval = 0.0, 0, restored_eval
     t_interval, interval_steps = time.time(), 0
     for step in range(start, total):
         state, metrics = trainer.train_step(state, trainer.global_batch(next(batches)))
         pending.append(metrics)
         interval_steps += 1
         done = step + 1
+        step_eval = None
         if done % config.log_every_steps == 0 or done == total:
             fetched = jax.device_get(pending)
             now = time.time()
@@ -263,7 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if done % eval_every == 0 or done == total:
             jax.block_until_ready(state)  # queued train steps are training time, not evaluation time
             t_eval = time.time()
-            last_eval = trainer.evaluate(state, data.eval(pid, nproc))
+            last_eval = step_eval = trainer.evaluate(state, data.eval(pid, nproc))
             if config.lr_schedule == "plateau":
                 plateau, opt_state = optim.plateau_step(
                     trainer.plateau, state.plateau, state.opt_state, 1.0 - last_eval["top1"])
@@ -274,6 +279,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             writer.scalars(done, {"eval/top1": last_eval["top1"], "eval/top5": last_eval["top5"],
                                   "eval/loss": last_eval["loss"]})
             t_interval += time.time() - t_eval  # evaluation time is not training time
+        # --- checkpointing: save per policy; on SIGTERM/preemption save and stop
+        if ckpt.after_step(done, state, final=done == total, eval_metrics=step_eval, last_eval=last_eval):
+            break
+    ckpt.close()
+    if ckpt.preempted_at is not None:
+        return {"preempted": True, "step": ckpt.preempted_at, "checkpoint": ckpt.step_dir(ckpt.preempted_at)}
+    # --- end checkpointing
 
     summary = {
         "top1_accuracy": last_eval.get("top1"),

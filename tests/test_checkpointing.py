@@ -1,0 +1,341 @@
+"""Checkpoints: resume bitwise after SIGKILL/SIGTERM, restore on other meshes, plain-orbax restore,
+unreadable/mismatched checkpoints, crop averaging, evaluate and predict."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FASHION_MNIST_DIR, REPO
+
+from alexnet_jax import checkpointing, evaluate, input_pipeline, predict, sharding, train
+from alexnet_jax.errors import UserError
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def fashion_mnist_config():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fashion_mnist_config", os.path.join(REPO, "configs",
+                                                                                        "fashion_mnist.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def tiny_config(**overrides):
+    c = fashion_mnist_config()
+    c.widths, c.fc_width = (8, 16, 16, 16, 8), 32
+    c.batch_size, c.eval_batch_size = 16, 16
+    c.num_train_steps, c.log_every_steps, c.eval_every_steps = 4, 2, 2
+    c.checkpoint_every_steps, c.checkpoint_keep, c.checkpoint_keep_best = 2, 3, 1
+    c.lr_schedule, c.plateau_patience = "plateau", 0
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def synthetic_splits(n_train=64, n_eval=40, seed=0):
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        return input_pipeline.InMemoryData(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
+                                           rng.integers(0, 10, n).astype(np.int32),
+                                           input_pipeline.FASHION_MNIST_CLASSES)
+
+    return split(n_train), split(n_eval)
+
+
+def synthetic_data(config) -> input_pipeline.Data:
+    """Random uint8 'FashionMNIST' through the real in-memory train/eval pipelines (no files needed)."""
+    tr, te = synthetic_splits()
+    mean, std = input_pipeline.channel_stats(tr.images)
+    return input_pipeline.Data(
+        num_train=len(tr), num_eval=len(te), image_shape=(config.image_size, config.image_size, 1),
+        class_names=tr.class_names,
+        train=lambda s, e, p, n: input_pipeline.train_batches(tr, config, mean, std, s, e, p, n),
+        eval=lambda p, n: input_pipeline.eval_batches(te, config, mean, std, p, n), mean=mean, std=std)
+
+
+@pytest.fixture(scope="module")
+def run_4x2(tmp_path_factory):
+    """A 4-step run on a 4x2 mesh (data 4, model 2) with synthetic data: its workdir and summary."""
+    workdir = str(tmp_path_factory.mktemp("run_4x2"))
+    config = tiny_config(mesh_shape=(4, 2))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(input_pipeline, "create_data", synthetic_data)
+        summary = train.train_and_evaluate(config, workdir)
+    return workdir, config, summary
+
+
+def _restore_params_plain(step_dir: str, name: str = "params") -> dict:
+    """An item as NumPy arrays, the way a user without alexnet_jax would read it."""
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.StandardCheckpointer()
+    item = os.path.join(step_dir, name)
+    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), ckptr.metadata(item).item_metadata.tree)
+    return ckptr.restore(item, target)
+
+
+# ------------------------------------------------------------------------------------------------- unit
+def test_crop_averaging_is_mean_softmax_over_crops():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(2 * 2 * 1, 3)).astype(np.float32)
+    images = rng.normal(size=(4, 10, 2, 2, 1)).astype(np.float32)  # 4 images, 10 crops each
+
+    def apply_fn(x):
+        return x.reshape(x.shape[0], -1) @ w
+
+    got = np.asarray(train.crop_averaged_logits(apply_fn, jnp.asarray(images)))
+    logits = images.reshape(40, -1) @ w
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True)).reshape(4, 10, 3).mean(1)
+    np.testing.assert_allclose(np.exp(got), p, rtol=1e-5)
+    np.testing.assert_allclose(np.exp(got).sum(-1), np.ones(4), rtol=1e-5)
+    flat = jnp.asarray(images[:, 0])
+    np.testing.assert_array_equal(train.crop_averaged_logits(apply_fn, flat), apply_fn(flat))  # 1 crop: logits
+
+
+def test_config_differences_lists_fields_and_allows_resumable_changes():
+    saved = checkpointing.config_to_dict(tiny_config())
+    now = checkpointing.config_to_dict(tiny_config(fc_width=64, num_train_steps=99, mesh_shape=(2, 2)))
+    assert checkpointing.config_differences(saved, now) == ["fc_width: checkpoint 32, now 64"]
+
+
+# --------------------------------------------------------------------------------------- mesh changes
+def test_4x2_checkpoint_restores_on_1_device_and_2x2_with_same_accuracy(run_4x2):
+    workdir, config, summary = run_4x2
+    assert summary["step"] == 4 and summary["mesh"] == {"data": 4, "model": 2}
+    devices = jax.devices()
+    results = {}
+    for shape, n in (((1, 1), 1), ((2, 2), 4)):
+        mesh = sharding.make_mesh(shape, devices=devices[:n])
+        out = evaluate.evaluate_checkpoint(workdir, mesh=mesh, data=synthetic_data(config))
+        assert out["step"] == 4 and out["count"] == 40
+        assert (out["top1"], out["top5"]) == (summary["top1_accuracy"], summary["top5_accuracy"])
+        assert out["loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
+        results[shape] = out
+        # the full state lands on the target mesh with the strategy's shardings, values bitwise equal
+        trainer = train.Trainer(config, mesh, (28, 28, 1), 4, 4)
+        ckpt = checkpointing.for_trainer(workdir, config, trainer, read_only=True)
+        state = ckpt.restore(4).state
+        for leaf, target in zip(jax.tree.leaves(state), jax.tree.leaves(trainer.state_sharding), strict=True):
+            assert leaf.sharding.is_equivalent_to(target, leaf.ndim)
+        plain = _restore_params_plain(ckpt.step_dir(4))
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.params, plain)
+    assert results[(1, 1)]["top1"] == results[(2, 2)]["top1"]
+
+
+def test_ten_crop_needs_a_pipeline_that_makes_crops(run_4x2):
+    workdir, config, _ = run_4x2
+    mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+    with pytest.raises(UserError, match="does not produce 10 crops"):
+        evaluate.evaluate_checkpoint(workdir, mesh=mesh, data=synthetic_data(config), overrides={"eval_crops": 10})
+    with pytest.raises(UserError, match="fc_width cannot be changed"):
+        evaluate.evaluate_checkpoint(workdir, mesh=mesh, overrides={"fc_width": 8})
+
+
+# ------------------------------------------------------------------------------------------ plain orbax
+PLAIN_ORBAX = r"""
+import json, sys
+import jax, numpy as np, orbax.checkpoint as ocp
+path = sys.argv[1]
+mngr = ocp.CheckpointManager(path)
+step = mngr.latest_step()
+same_topology = mngr.restore(step)["params"]          # same device count as the run that saved it
+ckptr = ocp.StandardCheckpointer()                    # any device count: restore as NumPy
+item = f"{path}/{step}/params"
+target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), ckptr.metadata(item).item_metadata.tree)
+params = ckptr.restore(item, target)
+assert not any(m.startswith("alexnet_jax") for m in sys.modules), "alexnet_jax was imported"
+leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+same = all(np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(same_topology)))
+print(json.dumps({"step": step, "same": same, "types": sorted({type(v).__name__ for _, v in leaves}),
+                  "tree": {"/".join(k.key for k in p): list(v.shape) for p, v in leaves}}))
+"""
+
+
+def test_plain_orbax_restores_the_parameter_tree(run_4x2, python):
+    workdir, config, _ = run_4x2
+    out = subprocess.run([python, "-c", PLAIN_ORBAX, checkpointing.checkpoint_dir(workdir)], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    model = train.create_model(config)
+    expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"])
+    expected = {"/".join(k.key for k in p): list(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    assert got["step"] == 4 and got["same"] and got["types"] == ["ndarray"]
+    assert got["tree"] == expected and "conv1/kernel" in expected and "fc8/bias" in expected
+
+
+# ------------------------------------------------------------------------------- unreadable / mismatched
+def _trainer(config):
+    return train.Trainer(config, sharding.make_mesh((1, 1), devices=jax.devices()[:1]), (28, 28, 1), 4, 4)
+
+
+def test_truncated_latest_is_skipped_and_previous_restored(run_4x2, tmp_path, caplog):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(run_4x2[0], workdir)
+    ckdir = checkpointing.checkpoint_dir(workdir)
+    assert sorted(int(s) for s in os.listdir(ckdir)) == [2, 4]
+    # a half-written save (orbax's temporary directory) and a truncated latest checkpoint
+    shutil.copytree(os.path.join(ckdir, "4"), os.path.join(ckdir, "6.orbax-checkpoint-tmp-1234"))
+    for root, _, files in os.walk(os.path.join(ckdir, "4", "params")):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "r+b") as fh:
+                fh.truncate(os.path.getsize(path) // 3)
+    config = tiny_config(mesh_shape=(1, 1))
+    trainer = _trainer(config)
+    ckpt = checkpointing.for_trainer(workdir, config, trainer)
+    with caplog.at_level(logging.WARNING):
+        state, last_eval = ckpt.restore_or(trainer.init(jax.random.PRNGKey(0)))
+    ckpt.close()
+    assert int(state.step) == 2 and last_eval["count"] == 40
+    assert any("step 4 is unreadable" in r.getMessage() for r in caplog.records)
+    assert os.path.isdir(os.path.join(workdir, checkpointing.REJECTED_SUBDIR, "4"))  # set aside, not deleted
+    assert 6 not in ckpt.all_steps() and ckpt.all_steps() == [2]
+    good = _restore_params_plain(os.path.join(run_4x2[0], "checkpoints", "2"))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.params, good)
+
+
+def test_checkpoint_of_another_config_is_refused_with_the_differing_fields(run_4x2):
+    workdir = run_4x2[0]
+    config = tiny_config(mesh_shape=(1, 1), fc_width=48, learning_rate=0.5)
+    trainer = _trainer(config)
+    ckpt = checkpointing.for_trainer(workdir, config, trainer, read_only=True)
+    with pytest.raises(UserError) as e:
+        ckpt.latest(template=trainer.init(jax.random.PRNGKey(0)), set_aside=False)
+    assert "fc_width: checkpoint 32, now 48" in str(e.value)
+    assert "learning_rate: checkpoint 0.05, now 0.5" in str(e.value)
+    assert sorted(ckpt.all_steps()) == [2, 4]  # nothing moved or deleted
+
+
+# ----------------------------------------------------------------------------------------------- predict
+def test_predict_matches_the_eval_pipeline(run_4x2, tmp_path):
+    import tensorflow as tf
+
+    workdir, config, _ = run_4x2
+    _, test = synthetic_splits()
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        tf.io.write_file(paths[-1], tf.io.encode_png(test.images[i]))
+    results = predict.predict(workdir, paths)
+    # the reference: the same checkpoint applied to the eval pipeline's first batch
+    mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+    trainer = train.Trainer(config, mesh, (28, 28, 1), 4, 4)
+    state = checkpointing.for_trainer(workdir, config, trainer, read_only=True).restore(4).state
+    batch = next(synthetic_data(config).eval(0, 1))
+    probs = np.asarray(jax.nn.softmax(trainer.model.apply({"params": state.params}, batch["image"][:3])))
+    for (path, top), p in zip(results, probs, strict=True):
+        assert len(top) == 5 and path.endswith(".png")
+        order = np.argsort(-p, kind="stable")[:5]
+        assert [name for name, _ in top] == [input_pipeline.FASHION_MNIST_CLASSES[j] for j in order]
+        np.testing.assert_allclose([prob for _, prob in top], p[order], rtol=1e-5)
+
+
+def test_predict_cli_prints_top5(run_4x2, tmp_path, python, repo):
+    import tensorflow as tf
+
+    _, test = synthetic_splits()
+    image = str(tmp_path / "shoe.png")
+    tf.io.write_file(image, tf.io.encode_png(test.images[0]))
+    out = subprocess.run([python, "-m", "alexnet_jax.predict", "--workdir", run_4x2[0], image],
+                         capture_output=True, text=True, timeout=180, cwd=repo)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == image and len(lines) == 6
+    assert all(line.strip().startswith(f"{k}. ") and line.endswith("%") for k, line in enumerate(lines[1:], 1))
+    assert sum(float(line.split()[-1].rstrip("%")) for line in lines[1:]) <= 100.01
+
+
+# ------------------------------------------------------------------------------- kill / preempt / resume
+RESUME_RUN = {"widths": (8, 16, 16, 16, 8), "fc_width": 32, "batch_size": 32, "eval_batch_size": 1000,
+              "num_train_steps": 12, "checkpoint_every_steps": 4, "log_every_steps": 4, "eval_every_steps": 12}
+
+
+def _fmnist_args(workdir):
+    return (["--config", "configs/fashion_mnist.py", "--workdir", workdir]
+            + [f"--config.{k}={v}" for k, v in RESUME_RUN.items()])
+
+
+def _final_arrays(workdir, step):
+    out = {}
+    for item in ("params", "train_state"):
+        out[item] = _restore_params_plain(os.path.join(checkpointing.checkpoint_dir(workdir), str(step)), item)
+    return jax.tree_util.tree_flatten_with_path(out)[0]
+
+
+def _assert_bitwise(got, expected, what):
+    assert [p for p, _ in got] == [p for p, _ in expected]
+    for (path, a), (_, b) in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=f"{what}: {jax.tree_util.keystr(path)}")
+
+
+def test_sigterm_in_process_saves_after_eval_and_resumes_bitwise(run_4x2, tmp_path, monkeypatch):
+    """SIGTERM right after step 2's evaluation (the plateau schedule has just been fed): the checkpoint at
+    step 3 and the resumed run reproduce the uninterrupted 4x2 run bitwise, plateau state included."""
+    workdir, config, summary = run_4x2
+    monkeypatch.setattr(input_pipeline, "create_data", synthetic_data)
+    original = checkpointing.Checkpointer.after_step
+
+    def after_step(self, step, state, **kwargs):
+        stop = original(self, step, state, **kwargs)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return stop
+
+    monkeypatch.setattr(checkpointing.Checkpointer, "after_step", after_step)
+    work = str(tmp_path / "w")
+    first = train.train_and_evaluate(config, work)
+    assert first == {"preempted": True, "step": 3, "checkpoint": os.path.join(work, "checkpoints", "3")}
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
+    monkeypatch.setattr(checkpointing.Checkpointer, "after_step", original)
+    second = train.train_and_evaluate(config, work)
+    assert second["step"] == 4 and second["top1_accuracy"] == summary["top1_accuracy"]
+    _assert_bitwise(_final_arrays(work, 4), _final_arrays(workdir, 4), "resumed at 3")
+
+
+@pytest.mark.skipif(not input_pipeline.fashion_mnist_files_present(FASHION_MNIST_DIR),
+                    reason=f"needs the FashionMNIST files in {FASHION_MNIST_DIR} (Debian: dataset-fashion-mnist)")
+def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(tmp_path, python, repo):
+    """The real command line on the real FashionMNIST: SIGTERM after step 2 (saves step 3, exits 0); the
+    rerun is SIGKILLed after step 10 (checkpoints 4 and 8 are on disk); the third run resumes from 8. Its
+    step-12 parameters and optimiser state equal an uninterrupted run's bit for bit."""
+    ref_dir = str(tmp_path / "ref")  # the uninterrupted run, in this process (same 8 CPU devices, XLA flags)
+    config = fashion_mnist_config()
+    config.update(RESUME_RUN)
+    ref = train.train_and_evaluate(config, ref_dir)
+    assert ref["step"] == 12
+
+    def run(signal_at=None):
+        cmd = ([python, "tests/signal_after_step.py", *signal_at] if signal_at else
+               [python, "-m", "alexnet_jax.main"])
+        return subprocess.run(cmd + _fmnist_args(workdir), capture_output=True, text=True, timeout=300, cwd=repo)
+
+    workdir = str(tmp_path / "w")
+    ckdir = os.path.join(workdir, "checkpoints")
+    term = run(("2", "SIGTERM"))
+    assert term.returncode == 0, term.stderr[-3000:]
+    assert f"preempted after step 3: checkpoint saved in {os.path.join(ckdir, '3')}" in term.stderr
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+    kill = run(("10", "SIGKILL"))
+    assert kill.returncode == -signal.SIGKILL, kill.stderr[-3000:]
+    assert f"resumed from {os.path.join(ckdir, '3')}: step 3" in kill.stderr
+    last = run()
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert f"resumed from {os.path.join(ckdir, '8')}: step 8" in last.stderr
+    _assert_bitwise(_final_arrays(workdir, 12), _final_arrays(ref_dir, 12), "term+kill+resume")
+    with open(os.path.join(workdir, "summary.json")) as f:
+        assert json.load(f)["top1_accuracy"] == ref["top1_accuracy"]
