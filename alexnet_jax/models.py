@@ -162,15 +162,45 @@ class Conv(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         xs = jnp.split(x, self.groups, axis=-1)
         ks = jnp.split(kernel, self.groups, axis=-1)
+        conv = strided_conv_as_matmuls if self.strides > 1 else partial(
+            jax.lax.conv_general_dilated, window_strides=(1, 1), dimension_numbers=("NHWC", "HWIO", "NHWC"))
         outs = [
-            jax.lax.conv_general_dilated(
-                xi, ki, (self.strides, self.strides), list(self.padding),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            )
+            conv(xi, ki, (self.strides, self.strides), list(self.padding)) if self.strides > 1
+            else conv(xi, ki, padding=list(self.padding))
             for xi, ki in zip(xs, ks, strict=True)
         ]
         y = outs[0] if self.groups == 1 else jnp.concatenate(outs, axis=-1)
         return y + bias
+
+
+def strided_conv_as_matmuls(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Sequence[tuple[int, int]]
+) -> jax.Array:
+    """The same convolution as `lax.conv_general_dilated(x, kernel, strides, padding)` (NHWC, HWIO), as matmuls.
+
+    For conv1 (11x11/4 on 3 channels) XLA:CPU's convolution, and above all its kernel gradient, is ~3x slower
+    than PyTorch's (docs/performance.md). Space-to-depth turns it into a stride-1 convolution on s*s*C
+    channels with a ceil(k/s)-tap kernel (zero-padded to a multiple of the stride); with the rows outermost,
+    (H, N, W, C), each kernel row is one matmul over a contiguous slice of the column-shifted input, so the
+    patches are only built kw/s-fold, and autodiff of the matmuls gives the kernel gradient as matmuls too.
+    """
+    n, h, w, c = x.shape
+    kh, kw, _, cout = kernel.shape
+    (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
+    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    th, tw = -(-kh // sh), -(-kw // sw)  # kernel taps in units of the stride
+    hb, wb = oh - 1 + th, ow - 1 + tw  # input blocks read; rows past the last block meet only zero taps
+    zero = jnp.zeros((), x.dtype)
+    x = jax.lax.pad(x, zero, [(0, 0, 0), (pt, hb * sh - h - pt, 0), (pl, wb * sw - w - pl, 0), (0, 0, 0)])
+    x = x.reshape(n, hb, sh, wb, sw, c).transpose(1, 0, 3, 2, 4, 5).reshape(hb, n, wb, sh * sw * c)
+    cols = jnp.concatenate([x[:, :, j : j + ow] for j in range(tw)], axis=-1)  # (hb, n, ow, tw*sh*sw*c)
+    k = jnp.pad(kernel, [(0, th * sh - kh), (0, tw * sw - kw), (0, 0), (0, 0)])
+    k = k.reshape(th, sh, tw, sw, c, cout).transpose(0, 2, 1, 3, 4, 5).reshape(th, tw * sh * sw * c, cout)
+    y = None
+    for i in range(th):
+        part = cols[i : i + oh].reshape(oh * n * ow, -1) @ k[i]
+        y = part if y is None else y + part
+    return y.reshape(oh, n, ow, cout).transpose(1, 0, 2, 3)
 
 
 POOL_WINDOW, POOL_STRIDE = 3, 2
