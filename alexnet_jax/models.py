@@ -396,3 +396,21 @@ def feature_shapes(model: AlexNet, image_shape: tuple[int, int, int]) -> dict[st
 def count_params(params: Any) -> int:
     """Number of scalars in a parameter tree."""
     return sum(int(math.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+
+
+def forward_macs(model: AlexNet, image_shape: tuple[int, int, int]) -> dict[str, int]:
+    """Multiply-adds per image of every conv and FC layer (the paper net with groups: 724.4M in all).
+
+    A conv's count is output positions x its kernel's size (a grouped kernel already holds cin/groups);
+    training costs about 3x the forward pass (forward, input gradient, kernel gradient).
+    """
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape))))["params"]
+    shapes = feature_shapes(model, image_shape)
+    out = {}
+    for name, p in params.items():
+        if "kernel" not in p:  # batchnorm scales and offsets
+            continue
+        size = int(math.prod(p["kernel"].shape))
+        out[name] = size * int(math.prod(shapes[name][:2])) if name.startswith("conv") else size
+    return out
+
