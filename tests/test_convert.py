@@ -76,7 +76,8 @@ def test_convert_writes_a_checkpoint_predict_uses(torch_model, pth, tmp_path):
     # torch on the same preprocessed pixels (resize 256, centre 224 crop, torchvision's mean/std)
     x = predict.preprocess(path, (224, 224, 3), np.asarray(meta["mean"]), np.asarray(meta["std"]), "imagenet2012")
     with torch.no_grad():
-        probs = torch.softmax(torch_model(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None]))), -1).numpy()[0]
+        nchw = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None]))
+        probs = torch.softmax(torch_model(nchw), -1).numpy()[0]
     expected = np.argsort(-probs)[:3]
     assert [name for name, _ in top] == [meta["class_names"][i] for i in expected]
     np.testing.assert_allclose([p for _, p in top], probs[expected], rtol=1e-4)
