@@ -121,6 +121,6 @@ def test_notebook_runs_top_to_bottom(tmp_path, fmnist_data_dir, repo):
     images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 5  # curves, filters, predictions, confusion, FLOP chart
     text = "".join(o.get("text", "") for c in code for o in c.outputs if o.output_type == "stream")
-    assert "test top-1" in text and "checkpoint step 12" in text and "->" in text
+    assert "test top-1" in text and "checkpoint step 12:" in text and "->" in text
     for name in ("curves.png", "conv1_filters.png", "predictions.png", "confusion.png", "flops.png"):
         assert os.path.isfile(os.path.join(workdir, name))
