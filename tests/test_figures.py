@@ -46,61 +46,16 @@ def test_confusion_matrix_counts():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, fmnist_data_dir):
+def notebook_run(tmp_path_factory, fmnist_data_dir):
+    """The Colab notebook executed top to bottom with nbclient (12 steps, tiny widths): (notebook, workdir)."""
     if not HAVE_FMNIST:
         pytest.skip(f"FashionMNIST files not in {FASHION_MNIST_DIR}")
-    import sys
-
-    workdir = str(tmp_path_factory.mktemp("fig") / "run")
-    r = subprocess.run(
-        [sys.executable, "-m", "alexnet_jax.main", "--config", "configs/fashion_mnist.py", "--workdir", workdir,
-         "--config.widths=(8,16,16,16,8)", "--config.fc_width=32", "--config.num_train_steps=20",
-         "--config.log_every_steps=5", "--config.eval_every_steps=10", "--config.warmup_epochs=0",
-         f"--config.data_dir={fmnist_data_dir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return workdir
-
-
-@needs_fmnist
-def test_scripts_draw_curves_filters_predictions(tiny_run, python, repo):
-    from alexnet_jax import figures
-
-    scalars = figures.read_scalars(tiny_run)
-    assert list(scalars["train/loss"][0]) == [5, 10, 15, 20] and list(scalars["eval/top1"][0]) == [10, 20]
-    assert np.all(scalars["train/lr"][1] > 0)
-    for script in ("plot_curves.py", "plot_filters.py"):
-        r = subprocess.run([python, f"scripts/{script}", "--workdir", tiny_run], cwd=repo, capture_output=True,
-                           text=True, timeout=180)
-        assert r.returncode == 0, r.stderr[-2000:]
-    w, h = _png_size(os.path.join(tiny_run, "curves.png"))
-    assert w > 1000 and h > 300
-    assert _png_size(os.path.join(tiny_run, "conv1_filters.png"))[0] >= 600
-    images, preds, labels, names, _ = figures.predictions(tiny_run, max_images=300)
-    assert images.shape == (300, 28, 28, 1) and 0 <= images.min() and images.max() <= 255
-    assert names[0] == "T-shirt/top" and preds.shape == labels.shape == (300,)
-    grid = figures.plot_prediction_grid(images, preds, labels, names, os.path.join(tiny_run, "p.png"))
-    conf = figures.plot_confusion(preds, labels, names, os.path.join(tiny_run, "c.png"))
-    assert _png_size(grid)[0] > 800 and _png_size(conf)[0] > 600
-
-
-def test_scripts_explain_a_workdir_without_a_run(tmp_path, python, repo):
-    r = subprocess.run([python, "scripts/plot_curves.py", "--workdir", str(tmp_path)], cwd=repo,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "plot_curves: error: no TensorBoard event files" in r.stderr
-    r = subprocess.run([python, "scripts/plot_filters.py", "--workdir", str(tmp_path)], cwd=repo,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "plot_filters: error: no checkpoints in" in r.stderr
-
-
-@needs_fmnist
-def test_notebook_runs_top_to_bottom(tmp_path, fmnist_data_dir, repo):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
-    path = os.path.join(repo, "notebooks", "alexnet_colab.ipynb")
+    path = os.path.join(REPO, "notebooks", "alexnet_colab.ipynb")
     nb = nbformat.read(path, as_version=4)
-    workdir = str(tmp_path / "nb")
+    workdir = str(tmp_path_factory.mktemp("nb") / "run")
     env = {"ALEXNET_NB_STEPS": "12", "ALEXNET_NB_TINY": "1", "ALEXNET_NB_WORKDIR": workdir,
            "ALEXNET_NB_DATA_DIR": fmnist_data_dir, "ALEXNET_NB_TEST_IMAGES": "256"}
     old = {k: os.environ.get(k) for k in env}
@@ -114,6 +69,12 @@ def test_notebook_runs_top_to_bottom(tmp_path, fmnist_data_dir, repo):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    return nb, workdir
+
+
+@needs_fmnist
+def test_notebook_runs_top_to_bottom(notebook_run):
+    nb, workdir = notebook_run
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in code)  # every cell ran
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
@@ -122,5 +83,37 @@ def test_notebook_runs_top_to_bottom(tmp_path, fmnist_data_dir, repo):
     assert len(images) >= 5  # curves, filters, predictions, confusion, FLOP chart
     text = "".join(o.get("text", "") for c in code for o in c.outputs if o.output_type == "stream")
     assert "test top-1" in text and "checkpoint step 12:" in text and "->" in text
+    assert "60,965,224" not in text and "conv1" in text  # the FLOP table of the notebook's own (tiny) model
     for name in ("curves.png", "conv1_filters.png", "predictions.png", "confusion.png", "flops.png"):
         assert os.path.isfile(os.path.join(workdir, name))
+
+
+@needs_fmnist
+def test_scripts_draw_curves_filters_predictions(notebook_run, python, repo):
+    from alexnet_jax import figures
+
+    _, workdir = notebook_run
+    scalars = figures.read_scalars(workdir)
+    assert list(scalars["train/loss"][0]) == [3, 6, 9, 12] and list(scalars["eval/top1"][0]) == [12]
+    assert np.all(scalars["train/lr"][1] > 0) and np.all(np.isfinite(scalars["train/loss"][1]))
+    for name in ("curves.png", "conv1_filters.png", "predictions.png", "confusion.png"):
+        os.remove(os.path.join(workdir, name))
+    for script, extra in (("plot_curves.py", []), ("plot_filters.py", []),
+                          ("plot_predictions.py", ["--max_images", "64"])):
+        r = subprocess.run([python, f"scripts/{script}", "--workdir", workdir, *extra], cwd=repo,
+                           capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr[-2000:]
+    w, h = _png_size(os.path.join(workdir, "curves.png"))
+    assert w > 1000 and h > 300
+    assert _png_size(os.path.join(workdir, "conv1_filters.png"))[0] >= 600
+    assert _png_size(os.path.join(workdir, "predictions.png"))[0] > 800
+    assert _png_size(os.path.join(workdir, "confusion.png"))[0] > 600
+
+
+def test_scripts_explain_a_workdir_without_a_run(tmp_path, python, repo):
+    r = subprocess.run([python, "scripts/plot_curves.py", "--workdir", str(tmp_path)], cwd=repo,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "plot_curves: error: no TensorBoard event files" in r.stderr
+    r = subprocess.run([python, "scripts/plot_filters.py", "--workdir", str(tmp_path)], cwd=repo,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "plot_filters: error: no checkpoints in" in r.stderr
