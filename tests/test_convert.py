@@ -38,6 +38,15 @@ def pth(torch_model, tmp_path_factory) -> str:
     return path
 
 
+@pytest.fixture(scope="module")
+def converted(pth, tmp_path_factory) -> str:
+    """A workdir holding the converted checkpoint."""
+    workdir = str(tmp_path_factory.mktemp("converted") / "wd")
+    out = convert.convert(pth, workdir)
+    assert out["params"] == 61_100_840
+    return workdir
+
+
 def _flax_logits(state_dict, images_nhwc: np.ndarray) -> np.ndarray:
     widths, fc_width, classes, _ = convert.check_architecture(state_dict)
     config = convert.torchvision_config(widths, fc_width, classes, images_nhwc.shape[1])
@@ -56,14 +65,12 @@ def test_converted_logits_equal_pytorch(torch_model, pth, size):
     assert _rel_err(got, expected) < 1e-4
 
 
-def test_convert_writes_a_checkpoint_predict_uses(torch_model, pth, tmp_path):
+def test_convert_writes_a_checkpoint_predict_uses(torch_model, pth, converted, tmp_path):
     import tensorflow as tf
 
     from alexnet_jax import checkpointing, predict
 
-    workdir = str(tmp_path / "wd")
-    out = convert.convert(pth, workdir)
-    assert out["params"] == 61_100_840
+    workdir = converted
     step, config, meta = checkpointing.read_saved(workdir)
     assert step == 0 and config["variant"] == "owt" and config["normalization"] == "channel"
     np.testing.assert_allclose(meta["mean"], [123.675, 116.28, 103.53])
@@ -121,3 +128,41 @@ def test_cli_prints_one_line_error(tmp_path, python, repo):
                        cwd=repo, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "alexnet_jax.convert: error: --torchvision" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_evaluate_uses_torchvision_normalisation_on_imagenet(torch_model, converted, tmp_path):
+    """The converted checkpoint through `evaluate` on a tiny archive of the ILSVRC-2012 format (tfds's real
+    imagenet2012 builder): the pipeline normalises with torchvision's mean/std (not the training set's) and
+    the metrics equal torch's on the same pixels."""
+    import importlib.util
+
+    from alexnet_jax import checkpointing, evaluate, imagenet, input_pipeline
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("make_tiny_imagenet",
+                                                  os.path.join(repo, "scripts", "make_tiny_imagenet.py"))
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "data")
+    tiny.write_tiny_imagenet(manual, classes=8, train_per_class=1)
+    imagenet.prepare(data_dir, manual, verify=False)
+
+    workdir = converted
+    _, saved, _ = checkpointing.read_saved(workdir)
+    config = checkpointing.config_from_dict(saved)
+    config.data_dir = data_dir
+    config.eval_batch_size = 8
+    data = input_pipeline.create_data(config)
+    np.testing.assert_allclose(data.mean, [123.675, 116.28, 103.53], rtol=1e-6)
+    batches = list(data.eval(0, 1))
+    images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
+    labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
+    with torch.no_grad():
+        logits = torch_model(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))
+    loss = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels).long()))
+    top5 = float(np.mean([y in np.argsort(-row)[:5] for row, y in zip(logits.numpy(), labels, strict=True)]))
+
+    result = evaluate.evaluate_checkpoint(workdir, overrides={"data_dir": data_dir, "eval_batch_size": 8})
+    assert result["count"] == len(labels) == 8
+    assert result["top5"] == pytest.approx(top5)
+    assert result["loss"] == pytest.approx(loss, rel=1e-4)
