@@ -90,6 +90,12 @@ def test_convert_writes_a_checkpoint_predict_uses(torch_model, pth, converted, t
     np.testing.assert_allclose([p for _, p in top], probs[expected], rtol=1e-4)
     with pytest.raises(UserError, match="already holds checkpoints"):
         convert.convert(pth, workdir)
+    # files that cannot be decoded: a PNG and a JPEG cut short
+    for name, data in (("cut.png", tf.io.encode_png(image).numpy()), ("cut.jpg", tf.io.encode_jpeg(image).numpy())):
+        bad = tmp_path / name
+        bad.write_bytes(data[: len(data) // 3])
+        with pytest.raises(UserError, match=rf"{name}: not a readable image .*give PNG, JPEG, GIF or BMP"):
+            predict.predict(workdir, [path, str(bad)])
 
 
 def test_state_dict_of_another_architecture_is_refused(tmp_path):
