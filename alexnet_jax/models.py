@@ -146,13 +146,16 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, strides: int,
     """`groups` convolutions on channel slices, concatenated: what `feature_group_count=groups` computes."""
     xs = jnp.split(x, groups, axis=-1)
     ks = jnp.split(kernel, groups, axis=-1)
-    outs = [
-        jax.lax.conv_general_dilated(
-            xi, ki, (strides, strides), list(padding), dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
-        for xi, ki in zip(xs, ks, strict=True)
-    ]
+    if strides > 1:  # conv1: XLA:CPU's strided convolution is ~3x slower than the same sums as matmuls
+        outs = [strided_conv_as_matmuls(xi, ki, (strides, strides), padding) for xi, ki in zip(xs, ks, strict=True)]
+    else:
+        outs = [
+            jax.lax.conv_general_dilated(xi, ki, (1, 1), list(padding), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            for xi, ki in zip(xs, ks, strict=True)
+        ]
     return outs[0] if groups == 1 else jnp.concatenate(outs, axis=-1)
+
+
 INITS = ("paper", "he")
 
 
@@ -273,6 +276,36 @@ class Dense(nn.Module):
 
         return jax.shard_map(column, mesh=self.mesh, in_specs=(x_spec, P(None, MODEL), P(MODEL)),
                              out_specs=P(DATA, MODEL))(x, kernel, bias)
+
+
+def strided_conv_as_matmuls(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Sequence[tuple[int, int]]
+) -> jax.Array:
+    """The same convolution as `lax.conv_general_dilated(x, kernel, strides, padding)` (NHWC, HWIO), as matmuls.
+
+    For conv1 (11x11/4 on 3 channels) XLA:CPU's convolution, and above all its kernel gradient, is ~3x slower
+    than PyTorch's (docs/performance.md). Space-to-depth turns it into a stride-1 convolution on s*s*C
+    channels with a ceil(k/s)-tap kernel (zero-padded to a multiple of the stride); with the rows outermost,
+    (H, N, W, C), each kernel row is one matmul over a contiguous slice of the column-shifted input, so the
+    patches are only built kw/s-fold, and autodiff of the matmuls gives the kernel gradient as matmuls too.
+    """
+    n, h, w, c = x.shape
+    kh, kw, _, cout = kernel.shape
+    (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
+    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    th, tw = -(-kh // sh), -(-kw // sw)  # kernel taps in units of the stride
+    hb, wb = oh - 1 + th, ow - 1 + tw  # input blocks read; rows past the last block meet only zero taps
+    zero = jnp.zeros((), x.dtype)
+    x = jax.lax.pad(x, zero, [(0, 0, 0), (pt, hb * sh - h - pt, 0), (pl, wb * sw - w - pl, 0), (0, 0, 0)])
+    x = x.reshape(n, hb, sh, wb, sw, c).transpose(1, 0, 3, 2, 4, 5).reshape(hb, n, wb, sh * sw * c)
+    cols = jnp.concatenate([x[:, :, j : j + ow] for j in range(tw)], axis=-1)  # (hb, n, ow, tw*sh*sw*c)
+    k = jnp.pad(kernel, [(0, th * sh - kh), (0, tw * sw - kw), (0, 0), (0, 0)])
+    k = k.reshape(th, sh, tw, sw, c, cout).transpose(0, 2, 1, 3, 4, 5).reshape(th, tw * sh * sw * c, cout)
+    y = None
+    for i in range(th):
+        part = cols[i : i + oh].reshape(oh * n * ow, -1) @ k[i]
+        y = part if y is None else y + part
+    return y.reshape(oh, n, ow, cout).transpose(1, 0, 2, 3)
 
 
 POOL_WINDOW, POOL_STRIDE = 3, 2
@@ -504,3 +537,21 @@ def feature_shapes(model: AlexNet, image_shape: tuple[int, int, int]) -> dict[st
 def count_params(params: Any) -> int:
     """Number of scalars in a parameter tree."""
     return sum(int(math.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+
+
+def forward_macs(model: AlexNet, image_shape: tuple[int, int, int]) -> dict[str, int]:
+    """Multiply-adds per image of every conv and FC layer (the paper net with groups: 724.4M in all).
+
+    A conv's count is output positions x its kernel's size (a grouped kernel already holds cin/groups);
+    training costs about 3x the forward pass (forward, input gradient, kernel gradient).
+    """
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape))))["params"]
+    shapes = feature_shapes(model, image_shape)
+    out = {}
+    for name, p in params.items():
+        if "kernel" not in p:  # batchnorm scales and offsets
+            continue
+        size = int(math.prod(p["kernel"].shape))
+        out[name] = size * int(math.prod(shapes[name][:2])) if name.startswith("conv") else size
+    return out
+

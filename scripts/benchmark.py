@@ -5,10 +5,16 @@
   the same functions alexnet_jax.imagenet maps over the records) beside a plain PIL + NumPy implementation of
   the same steps, measured in the same run. "Per core" = images / CPU-seconds of this process (all threads),
   so a pipeline allowed several threads is not credited for them; --threads sets tf.data's thread pool.
---mode train_step: images/s the jit-compiled train step consumes (random batches, configs/imagenet.py's net
-  unless --config is given), the rate the pipeline must keep up with.
+--mode train_step: the jit-compiled train step (configs/imagenet.py's net unless --config is given, random
+  batches already on the device): trace and compile time, the median of --steps timed steps after a warm-up
+  (device-synchronised), images/s, XLA's memory analysis and the process's peak RSS, and FLOP/s from the
+  model's analytic multiply-add count (x3 for training) beside XLA's own cost analysis. With --vs-torch the
+  same net in PyTorch (alexnet_jax.torch_alexnet: same shapes, groups, LRN, pooling, dropout, SGD) is timed
+  step for step alternately with it and the ratio printed. Runs unchanged on a GPU/TPU backend.
 
 Usage: python scripts/benchmark.py [--mode pipeline|train_step|all] [--images 256] [--threads 1] [--json]
+       python scripts/benchmark.py --vs-torch --set image_size=227 --batch 32 --steps 5     # paper net
+       python scripts/benchmark.py --vs-torch --config configs/fashion_mnist.py --batch 128  # quick start
 """
 
 from __future__ import annotations
@@ -141,12 +147,8 @@ def bench_pipeline(images: int, threads: int, repeats: int = 2, batch: int = 32)
     return results
 
 
-def bench_train_step(config_path: str, batch: int, steps: int, overrides: list[str]) -> dict[str, float]:
-    import jax
-    import jax.numpy as jnp
+def _load_config(config_path: str, batch: int, overrides: list[str]):
     from ml_collections import config_flags  # noqa: F401  (absl flags parse the config file below)
-
-    from alexnet_jax import sharding, train
 
     spec = importlib.util.spec_from_file_location("bench_config", os.path.join(REPO, config_path))
     module = importlib.util.module_from_spec(spec)
@@ -155,24 +157,103 @@ def bench_train_step(config_path: str, batch: int, steps: int, overrides: list[s
     config.batch_size = batch
     for item in overrides:
         key, value = item.split("=", 1)
-        config[key] = type(config[key])(eval(value, {}, {}))  # noqa: S307 - a benchmark's own command line
+        current = config[key]
+        parsed = eval(value, {}, {}) if not isinstance(current, str) else value  # noqa: S307 - own command line
+        config[key] = type(current)(parsed)
+    return config
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _cost_flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def bench_train_step(config_path: str, batch: int, steps: int, overrides: list[str],
+                     vs_torch: bool = False) -> dict[str, float]:
+    """Median train-step time after warm-up, device-synchronised; with `vs_torch` the equivalent PyTorch step
+    alternates with it in the same process (both see the same machine load) and the ratio is reported."""
+    import jax
+
+    from alexnet_jax import models, sharding, train
+
+    config = _load_config(config_path, batch, overrides)
+    if vs_torch:
+        from alexnet_jax import torch_alexnet
+
+        torch = torch_alexnet.import_torch()  # always float32: with --set dtype=bfloat16 it is a load yardstick
     mesh = sharding.make_mesh(config.mesh_shape)
-    shape = (config.image_size, config.image_size, 3)
+    channels = 1 if config.dataset == "fashion_mnist" else 3
+    shape = (config.image_size, config.image_size, channels)
     trainer = train.Trainer(config, mesh, shape, 1000, 100_000)
     state = trainer.init(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     batch_np = {"image": rng.normal(0, 50, (batch, *shape)).astype(np.float32),
                 "label": rng.integers(0, config.num_classes, batch).astype(np.int32)}
-    state, m = trainer.train_step(state, trainer.global_batch(batch_np))  # compile
-    jax.block_until_ready(m)
+    device_batch = trainer.global_batch(batch_np)  # data already on the device: the step alone is timed
     t0 = time.perf_counter()
-    for _ in range(steps):
-        state, m = trainer.train_step(state, trainer.global_batch(batch_np))
+    lowered = trainer.train_step.lower(state, device_batch)
+    t1 = time.perf_counter()
+    step_fn = lowered.compile()
+    t2 = time.perf_counter()
+    state, m = step_fn(state, device_batch)  # warm-up
     jax.block_until_ready((state, m))
-    dt = (time.perf_counter() - t0) / steps
-    del jnp
-    return {"batch": batch, "steps": steps, "ms_per_step": 1000 * dt, "images_per_s": batch / dt,
-            "devices": jax.device_count()}
+    macs = models.forward_macs(trainer.model, shape)
+    train_flop = 3 * 2 * sum(macs.values()) * batch  # forward + input gradient + kernel gradient
+    mem = step_fn.memory_analysis()
+    out: dict[str, float] = {
+        "batch": batch, "steps": steps, "devices": jax.device_count(), "backend": jax.default_backend(),
+        "dtype": config.dtype, "image_size": config.image_size, "variant": config.variant,
+        "trace_lower_s": t1 - t0, "compile_s": t2 - t1,
+        "forward_mmac_per_image": sum(macs.values()) / 1e6,
+        "analytic_train_gflop_per_step": train_flop / 1e9,
+    }
+    xla_flop = _cost_flops(step_fn)
+    if xla_flop:
+        out["xla_cost_gflop_per_step"] = xla_flop / 1e9
+    if mem is not None:
+        out["xla_temp_mib"] = mem.temp_size_in_bytes / 2**20
+        out["xla_args_mib"] = mem.argument_size_in_bytes / 2**20
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["device_peak_mib"] = stats["peak_bytes_in_use"] / 2**20
+    out["process_peak_rss_mib"] = _peak_rss_mib()  # before torch is built: JAX's own footprint
+
+    torch_step = None
+    if vs_torch:
+        net = torch_alexnet.build(trainer.model, shape)
+        opt = torch_alexnet.make_optimizer(net, config.learning_rate, config.momentum, config.weight_decay)
+        torch_step = torch_alexnet.make_train_step(net, opt)
+        images = torch.from_numpy(batch_np["image"].transpose(0, 3, 1, 2).copy())
+        labels = torch.from_numpy(batch_np["label"].astype(np.int64))
+        torch_step(images, labels)  # warm-up
+        out["torch_threads"] = torch.get_num_threads()
+    jax_times, torch_times = [], []
+    for _ in range(steps):
+        s0 = time.perf_counter()
+        state, m = step_fn(state, device_batch)
+        jax.block_until_ready((state, m))
+        jax_times.append(time.perf_counter() - s0)
+        if torch_step:
+            s0 = time.perf_counter()
+            torch_step(images, labels)
+            torch_times.append(time.perf_counter() - s0)
+    dt = float(np.median(jax_times))
+    out.update({"ms_per_step": 1000 * dt, "images_per_s": batch / dt,
+                "analytic_tflop_per_s": train_flop / dt / 1e12,
+                "jax_ms_each": [round(1000 * t, 1) for t in jax_times]})
+    if torch_step:
+        tt = float(np.median(torch_times))
+        out.update({"torch_ms_per_step": 1000 * tt, "torch_images_per_s": batch / tt,
+                    "jax_over_torch": dt / tt, "torch_ms_each": [round(1000 * t, 1) for t in torch_times]})
+    return out
 
 
 def main() -> None:
@@ -184,21 +265,44 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="tf.data threads (1: one core)")
     p.add_argument("--config", default="configs/imagenet.py", help="train_step: the config file")
     p.add_argument("--batch", type=int, default=32, help="train_step: global batch")
-    p.add_argument("--steps", type=int, default=3, help="train_step: timed steps after compilation")
+    p.add_argument("--steps", type=int, default=5, help="train_step: timed steps after warm-up (median)")
+    p.add_argument("--vs-torch", action="store_true",
+                   help="train_step: time the equivalent PyTorch step alternately in the same run (needs torch)")
+    p.add_argument("--single-thread", action="store_true",
+                   help="one intra-op thread for XLA:CPU and torch (per-core comparison on a loaded machine)")
     p.add_argument("--set", action="append", default=[], help="train_step: config override key=value")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args()
-    out: dict[str, object] = {"cpu_count": os.cpu_count()}
+    if a.single_thread:  # before jax is imported
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+        if a.vs_torch:
+            from alexnet_jax import torch_alexnet
+
+            torch_alexnet.import_torch().set_num_threads(1)
+    if a.vs_torch and a.mode == "pipeline":
+        a.mode = "train_step"
+    out: dict[str, object] = {"cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
     if a.mode in ("pipeline", "all"):
         out["pipeline"] = bench_pipeline(a.images, a.threads, a.repeats)
     if a.mode in ("train_step", "all"):
-        out["train_step"] = bench_train_step(a.config, a.batch, a.steps, a.set)
+        from alexnet_jax.errors import UserError  # imports jax: only after --single-thread set XLA_FLAGS
+
+        try:
+            out["train_step"] = bench_train_step(a.config, a.batch, a.steps, a.set, a.vs_torch)
+        except UserError as e:
+            raise SystemExit(f"error: {e}") from None
     if a.json:
         print(json.dumps(out, indent=2))
         return
     for section, rows in out.items():
         if not isinstance(rows, dict):
             print(f"{section}: {rows}")
+            continue
+        if section == "train_step":
+            print("[train_step]")
+            for k, v in rows.items():
+                print(f"  {k:32s} {v:.3f}" if isinstance(v, float) else f"  {k:32s} {v}")
             continue
         print(f"[{section}]")
         for name, row in rows.items():

@@ -265,8 +265,8 @@ RESUME_RUN = {"widths": (8, 16, 16, 16, 8), "fc_width": 32, "batch_size": 32, "e
               "num_train_steps": 12, "checkpoint_every_steps": 4, "log_every_steps": 4, "eval_every_steps": 12}
 
 
-def _fmnist_args(workdir):
-    return (["--config", "configs/fashion_mnist.py", "--workdir", workdir]
+def _fmnist_args(workdir, data_dir):
+    return (["--config", "configs/fashion_mnist.py", "--workdir", workdir, f"--config.data_dir={data_dir}"]
             + [f"--config.{k}={v}" for k, v in RESUME_RUN.items()])
 
 
@@ -309,20 +309,22 @@ def test_sigterm_in_process_saves_after_eval_and_resumes_bitwise(run_4x2, tmp_pa
 
 @pytest.mark.skipif(not input_pipeline.fashion_mnist_files_present(FASHION_MNIST_DIR),
                     reason=f"needs the FashionMNIST files in {FASHION_MNIST_DIR} (Debian: dataset-fashion-mnist)")
-def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(tmp_path, python, repo):
+def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(tmp_path, python, repo, fmnist_data_dir):
     """The real command line on the real FashionMNIST: SIGTERM after step 2 (saves step 3, exits 0); the
     rerun is SIGKILLed after step 10 (checkpoints 4 and 8 are on disk); the third run resumes from 8. Its
     step-12 parameters and optimiser state equal an uninterrupted run's bit for bit."""
     ref_dir = str(tmp_path / "ref")  # the uninterrupted run, in this process (same 8 CPU devices, XLA flags)
     config = fashion_mnist_config()
     config.update(RESUME_RUN)
+    config.data_dir = fmnist_data_dir  # prepared once per test session
     ref = train.train_and_evaluate(config, ref_dir)
     assert ref["step"] == 12
 
     def run(signal_at=None):
         cmd = ([python, "tests/signal_after_step.py", *signal_at] if signal_at else
                [python, "-m", "alexnet_jax.main"])
-        return subprocess.run(cmd + _fmnist_args(workdir), capture_output=True, text=True, timeout=300, cwd=repo)
+        return subprocess.run(cmd + _fmnist_args(workdir, fmnist_data_dir), capture_output=True, text=True,
+                              timeout=300, cwd=repo)
 
     workdir = str(tmp_path / "w")
     ckdir = os.path.join(workdir, "checkpoints")

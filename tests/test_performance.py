@@ -1,0 +1,114 @@
+"""The faster formulations compute the same function; the benchmark's FLOP count and torch yardstick are right."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alexnet_jax import models
+from alexnet_jax.models import AlexNet, forward_macs, strided_conv_as_matmuls
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def plain_conv(x, k, strides, padding):
+    return jax.lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("size,kernel,stride,padding,cin,cout", [
+    (227, 11, 4, ((0, 0), (0, 0)), 3, 8),  # the paper's conv1 at Caffe's 227 px
+    (224, 11, 4, ((0, 3), (0, 3)), 3, 8),  # cuda-convnet's edge padding at 224 px
+    (224, 11, 4, ((2, 2), (2, 2)), 3, 8),  # torchvision's conv1
+    (31, 5, 2, ((1, 0), (2, 1)), 2, 5),  # kernel a multiple of neither the stride nor square padding
+    (20, 3, 3, ((0, 0), (1, 1)), 4, 3),  # kernel == stride
+])
+def test_strided_conv_as_matmuls_equals_the_plain_convolution(size, kernel, stride, padding, cin, cout):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, size, size + 1, cin)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=plain_conv(x, k, (stride, stride), padding).shape), jnp.float32)
+
+    def value_and_grads(conv):
+        y, pullback = jax.vjp(lambda x, k: conv(x, k, (stride, stride), padding), x, k)
+        return (y, *pullback(g))
+
+    for ours, ref in zip(value_and_grads(strided_conv_as_matmuls), value_and_grads(plain_conv), strict=True):
+        assert ours.shape == ref.shape
+        np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-5 * float(jnp.abs(ref).max()))
+
+
+def test_paper_net_step_matches_the_plain_formulation(monkeypatch):
+    """Logits and every parameter gradient of the whole net, with conv1 as matmuls vs XLA's convolution."""
+    model = AlexNet(num_classes=10, widths=(16, 32, 32, 32, 16), fc_width=32)
+    x = jnp.asarray(np.random.default_rng(1).normal(0, 50, (2, 227, 227, 3)), jnp.float32)
+    params = model.init(jax.random.PRNGKey(0), x)["params"]
+
+    def loss(p):
+        logits = model.apply({"params": p}, x)
+        return jnp.sum(logits * jnp.arange(10.0)), logits
+
+    (_, ours), g_ours = jax.value_and_grad(loss, has_aux=True)(params)
+    monkeypatch.setattr(models, "strided_conv_as_matmuls", plain_conv)
+    (_, ref), g_ref = jax.value_and_grad(loss, has_aux=True)(params)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(g_ours), jax.tree_util.tree_leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+def test_forward_macs_are_the_papers():
+    macs = forward_macs(AlexNet(), (224, 224, 3))
+    assert sum(macs.values()) == 724_406_816  # REFERENCE.md: 724.4M with groups
+    assert macs["conv1"] == 55 * 55 * 11 * 11 * 3 * 96 and macs["conv2"] == 27 * 27 * 5 * 5 * 48 * 256
+    assert sum(forward_macs(AlexNet(groups=1), (224, 224, 3)).values()) == 1_135_256_096  # 1.135G without
+
+
+@pytest.mark.parametrize("variant,shape,kw", [
+    ("small", (28, 28, 1), dict(num_classes=10, widths=(8, 16, 16, 16, 8), fc_width=32)),
+    ("paper", (224, 224, 3), dict(num_classes=7, widths=(8, 16, 16, 16, 8), fc_width=16)),
+])
+def test_torch_yardstick_computes_the_same_function(variant, shape, kw):
+    torch = pytest.importorskip("torch")
+    from alexnet_jax import torch_alexnet
+
+    model = AlexNet(variant=variant, **kw)
+    x = np.random.default_rng(2).normal(0, 50, (3, *shape)).astype(np.float32)
+    params = model.init(jax.random.PRNGKey(3), jnp.asarray(x))["params"]
+    net = torch_alexnet.build(model, shape)
+    torch_alexnet.load_flax_params(net, params)
+    assert sum(p.numel() for p in net.parameters()) == models.count_params(params)
+    net.eval()
+    with torch.no_grad():
+        theirs = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    np.testing.assert_allclose(model.apply({"params": params}, x), theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_benchmark_train_step_reports_json():
+    torch_args = ["--vs-torch"] if _have_torch() else []
+    cmd = [sys.executable, "scripts/benchmark.py", "--mode", "train_step", "--config", "configs/fashion_mnist.py",
+           "--batch", "8", "--steps", "2", "--set", "widths=(8,16,16,16,8)", "--set", "fc_width=32", "--json",
+           *torch_args]
+    env = dict(os.environ, XLA_FLAGS="")
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)["train_step"]
+    assert out["batch"] == 8 and len(out["jax_ms_each"]) == 2 and out["ms_per_step"] > 0
+    assert out["images_per_s"] == pytest.approx(8000 / out["ms_per_step"])
+    macs = sum(forward_macs(AlexNet(num_classes=10, variant="small", widths=(8, 16, 16, 16, 8), fc_width=32),
+                            (28, 28, 1)).values())
+    assert out["analytic_train_gflop_per_step"] == pytest.approx(6 * macs * 8 / 1e9)
+    assert out["compile_s"] > 0 and out["process_peak_rss_mib"] > 0
+    if torch_args:
+        assert out["jax_over_torch"] == pytest.approx(out["ms_per_step"] / out["torch_ms_per_step"])
+
+
+def _have_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
