@@ -31,6 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.pca_lighting = 0.1  # std of the per-image PCA colour alpha (paper: 0.1); 0 turns it off
     c.normalization = "pixel"  # 'pixel': subtract the training mean image (paper); 'channel': mean/std per channel
     c.stats_examples = 50_000  # training images averaged for the mean image / channel stats (0: all)
+    # normalization='channel' with fixed per-channel statistics on the 0-255 scale instead of the training set's,
+    # e.g. torchvision's ImageNet mean/std x 255 for converted weights (alexnet_jax.convert); () = computed
+    c.channel_mean = ()
+    c.channel_std = ()
 
     # Model (alexnet_jax.models.AlexNet).
     c.model = "AlexNet"

@@ -240,6 +240,17 @@ def dataset_stats(builder: tfds.core.DatasetBuilder, resize: int, examples: int,
     return stats
 
 
+def fixed_stats(config: ml_collections.ConfigDict) -> dict[str, np.ndarray] | None:
+    """`channel_mean`/`channel_std` when the config fixes them (e.g. converted torchvision weights), else None."""
+    mean, std = tuple(config.get("channel_mean", ())), tuple(config.get("channel_std", ()))
+    if not mean and not std:
+        return None
+    if config.normalization != "channel" or len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise UserError(f"--config.channel_mean={mean} / channel_std={std}: give three values each (0-255 scale, "
+                        "std > 0) with --config.normalization=channel, or () to use the training set's")
+    return {"mean": np.asarray(mean, np.float32), "std": np.asarray(std, np.float32), "mean_image": None}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Pipelines.
 
@@ -354,7 +365,8 @@ def create_data(config: ml_collections.ConfigDict):
     check_config(config)
     input_pipeline._check_data_dir(config.data_dir)
     builder = open_prepared(config)
-    stats = dataset_stats(builder, int(config.resize_size), int(config.stats_examples), config.resize_method)
+    stats = fixed_stats(config) or dataset_stats(builder, int(config.resize_size), int(config.stats_examples),
+                                                 config.resize_method)
     mean, std = _norm_arrays(config, stats)
     crop = int(config.image_size)
     names = tuple(builder.info.features["label"].names)

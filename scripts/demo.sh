@@ -21,4 +21,7 @@ if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
     echo "No $FMNIST and no usable apt: tfds will download fashion_mnist instead (needs internet)."
   fi
 fi
-exec .venv/bin/python -m alexnet_jax.main --config configs/fashion_mnist.py --workdir "$WORKDIR" "$@"
+.venv/bin/python -m alexnet_jax.main --config configs/fashion_mnist.py --workdir "$WORKDIR" "$@"
+# Figures (PNG, no TensorBoard needed): training curves and the conv1 kernels (the paper's Figure 3).
+.venv/bin/python scripts/plot_curves.py --workdir "$WORKDIR"
+.venv/bin/python scripts/plot_filters.py --workdir "$WORKDIR"

@@ -1,0 +1,175 @@
+"""Per-layer parameters and compute of a configured AlexNet, from the layer shapes alone (no data, no FLOPs run).
+
+`python -m alexnet_jax.flops --config configs/imagenet.py [--config.variant=owt] [--plot table.png]` prints
+the table; the paper net gives 60,965,224 parameters and 724.4M multiply-adds per 224 px image, ~92% of the
+compute in the convolutions and ~96% of the parameters in the FC layers (Krizhevsky 2014's argument for data
+parallelism in the convs and model parallelism in the FC layers).
+
+Multiply-adds (MAC) count the weight products only: a conv layer's H_out*W_out*k*k*(C_in/groups)*C_out, a
+dense layer's in*out. Biases, ReLU, LRN and pooling add < 1% and are left out, as in the paper's figures.
+A FLOP is 2 MAC; training costs ~3x the forward pass (forward, gradient w.r.t. inputs, w.r.t. weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+FLOAT_BYTES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+    name: str
+    output: tuple[int, ...]  # per-image output shape (H, W, C) or (features,)
+    params: int
+    macs: int  # forward multiply-adds per image
+
+
+def image_shape_of(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """The model's input: FashionMNIST is grayscale, the other datasets RGB."""
+    channels = 1 if config.dataset == "fashion_mnist" else 3
+    return (int(config.image_size), int(config.image_size), channels)
+
+
+def layer_costs(model: Any, image_shape: tuple[int, int, int]) -> list[LayerCost]:
+    """One row per conv/FC layer; shapes come from `jax.eval_shape` of init and apply (nothing is computed)."""
+
+    def run() -> Any:
+        x = jnp.zeros((1, *image_shape))
+        variables = model.init(jax.random.PRNGKey(0), x, train=False)
+        _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+        return variables["params"], state["intermediates"]
+
+    params, inter = jax.eval_shape(run)
+    rows = []
+    for name in LAYERS:
+        kernel, bias = params[name]["kernel"].shape, params[name]["bias"].shape
+        n = math.prod(kernel) + math.prod(bias)
+        if name.startswith("conv"):
+            out = tuple(inter[f"{name}_out"].shape[1:])
+            macs = out[0] * out[1] * math.prod(kernel)  # kh*kw*(cin/groups)*cout per output position
+        else:
+            out = (kernel[1],)
+            macs = math.prod(kernel)
+        rows.append(LayerCost(name, out, n, macs))
+    return rows
+
+
+def activation_floats(model: Any, image_shape: tuple[int, int, int]) -> int:
+    """Floats per image in the layer outputs a training step keeps for the backward pass (conv outputs,
+    their ReLU/LRN/pool results and the FC outputs): a lower bound on activation memory."""
+
+    def run() -> Any:
+        x = jnp.zeros((1, *image_shape))
+        variables = model.init(jax.random.PRNGKey(0), x, train=False)
+        _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+        return state["intermediates"]
+
+    inter = jax.eval_shape(run)
+    total = 0
+    for name, v in inter.items():
+        size = math.prod(v.shape[1:])
+        # each conv output is kept twice more (after ReLU, and after LRN where there is one); pools once
+        total += 2 * size if name.endswith("_out") else size
+    return total + sum(r.output[0] for r in layer_costs(model, image_shape) if r.name.startswith("fc")) * 2
+
+
+def format_table(rows: list[LayerCost]) -> str:
+    """The table as text, with totals and the conv/FC split."""
+    p_total = sum(r.params for r in rows)
+    m_total = sum(r.macs for r in rows)
+    lines = [f"{'layer':<6} {'output':>14} {'params':>12} {'% params':>9} {'MAC/image':>14} {'% MAC':>7}"]
+    for r in rows:
+        shape = "x".join(map(str, r.output))
+        lines.append(f"{r.name:<6} {shape:>14} {r.params:>12,} {100 * r.params / p_total:>8.1f}% "
+                     f"{r.macs:>14,} {100 * r.macs / m_total:>6.1f}%")
+    conv = [r for r in rows if r.name.startswith("conv")]
+    fc = [r for r in rows if r.name.startswith("fc")]
+    lines.append(f"{'total':<6} {'':>14} {p_total:>12,} {'':>9} {m_total:>14,}")
+    for label, part in (("convs", conv), ("FC", fc)):
+        lines.append(f"{label:<6} {'':>14} {sum(r.params for r in part):>12,} "
+                     f"{100 * sum(r.params for r in part) / p_total:>8.1f}% {sum(r.macs for r in part):>14,} "
+                     f"{100 * sum(r.macs for r in part) / m_total:>6.1f}%")
+    lines.append(f"forward {2 * m_total / 1e9:.3f} GFLOP/image; training ~{6 * m_total / 1e9:.2f} GFLOP/image (3x)")
+    return "\n".join(lines)
+
+
+def plot_table(rows: list[LayerCost], path: str, title: str = "") -> str:
+    """Bar chart: share of parameters and of multiply-adds per layer (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    p_total = sum(r.params for r in rows)
+    m_total = sum(r.macs for r in rows)
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(x - 0.2, [100 * r.params / p_total for r in rows], 0.4, label=f"parameters ({p_total / 1e6:.1f}M)")
+    ax.bar(x + 0.2, [100 * r.macs / m_total for r in rows], 0.4, label=f"multiply-adds ({m_total / 1e6:.1f}M/image)")
+    ax.set_xticks(x, [r.name for r in rows])
+    ax.set_ylabel("% of the network")
+    conv_m = 100 * sum(r.macs for r in rows if r.name.startswith("conv")) / m_total
+    fc_p = 100 * sum(r.params for r in rows if r.name.startswith("fc")) / p_total
+    ax.set_title(title or f"convs: {conv_m:.0f}% of the compute; FC layers: {fc_p:.0f}% of the parameters")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def model_of(config: ml_collections.ConfigDict) -> Any:
+    from alexnet_jax import train
+
+    return train.create_model(config)
+
+
+def main(argv: list[str]) -> None:
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = flags.FLAGS.config
+    from alexnet_jax.errors import UserError, check_config
+
+    try:
+        check_config(config, 1)
+    except UserError as e:
+        sys.exit(f"alexnet_jax.flops: error: {e}")
+    model = model_of(config)
+    shape = image_shape_of(config)
+    rows = layer_costs(model, shape)
+    groups = model.groups or model.spec.default_groups
+    print(f"{config.variant} AlexNet, input {'x'.join(map(str, shape))}, {config.num_classes} classes, "
+          f"{groups} group(s) in conv2/4/5")
+    print(format_table(rows))
+    act = activation_floats(model, shape)
+    params = sum(r.params for r in rows)
+    print(f"memory: parameters {params * FLOAT_BYTES / 2**20:.0f} MiB (x3 with gradients and momentum: "
+          f"{3 * params * FLOAT_BYTES / 2**20:.0f} MiB); kept activations >= {act * FLOAT_BYTES / 2**20:.2f} MiB/image "
+          f"({act * FLOAT_BYTES * config.batch_size / 2**30:.2f} GiB at batch {config.batch_size})")
+    if flags.FLAGS.plot:
+        print("wrote", plot_table(rows, flags.FLAGS.plot))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "A configs/*.py file; override keys with --config.key=value.")
+    flags.DEFINE_string("plot", None, "Also draw the table as a bar chart into this PNG.")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

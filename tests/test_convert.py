@@ -1,0 +1,174 @@
+"""Torchvision AlexNet weights -> alexnet_jax checkpoint: logits parity with PyTorch, bad input."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+sys.path.insert(0, os.path.dirname(__file__))
+from torchvision_alexnet import TorchvisionAlexNet  # noqa: E402
+
+from alexnet_jax import convert, train  # noqa: E402
+from alexnet_jax.errors import UserError  # noqa: E402
+
+
+def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.fixture(scope="module")
+def torch_model():
+    torch.manual_seed(0)
+    model = TorchvisionAlexNet(num_classes=1000).eval()
+    with torch.no_grad():  # torchvision-like scales so the logits are not ~0 (default init shrinks them)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
+                m.weight.mul_(2.0)
+                m.bias.uniform_(-0.1, 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pth(torch_model, tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tv") / "alexnet.pth")
+    torch.save(torch_model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(pth, tmp_path_factory) -> str:
+    """A workdir holding the converted checkpoint."""
+    workdir = str(tmp_path_factory.mktemp("converted") / "wd")
+    out = convert.convert(pth, workdir)
+    assert out["params"] == 61_100_840
+    return workdir
+
+
+def _flax_logits(state_dict, images_nhwc: np.ndarray) -> np.ndarray:
+    widths, fc_width, classes, _ = convert.check_architecture(state_dict)
+    config = convert.torchvision_config(widths, fc_width, classes, images_nhwc.shape[1])
+    model = train.create_model(config)
+    return np.asarray(model.apply({"params": convert.to_flax_params(state_dict)}, images_nhwc, train=False))
+
+
+@pytest.mark.parametrize("size", [224, 160])  # 160: pool5 is 4x4 and AdaptiveAvgPool2d upsamples to 6x6
+def test_converted_logits_equal_pytorch(torch_model, pth, size):
+    images = np.random.RandomState(size).randn(2, 3, size, size).astype(np.float32)
+    with torch.no_grad():
+        expected = torch_model(torch.from_numpy(images)).numpy()
+    got = _flax_logits(convert.load_state_dict(pth), images.transpose(0, 2, 3, 1))
+    assert got.shape == (2, 1000)
+    assert np.std(expected) > 1e-2  # a real signal to compare
+    assert _rel_err(got, expected) < 1e-4
+
+
+def test_convert_writes_a_checkpoint_predict_uses(torch_model, pth, converted, tmp_path):
+    import tensorflow as tf
+
+    from alexnet_jax import checkpointing, predict
+
+    workdir = converted
+    step, config, meta = checkpointing.read_saved(workdir)
+    assert step == 0 and config["variant"] == "owt" and config["normalization"] == "channel"
+    np.testing.assert_allclose(meta["mean"], [123.675, 116.28, 103.53])
+    np.testing.assert_allclose(meta["std"], [58.395, 57.12, 57.375])
+    assert meta["class_names"][0] == "n01440764"  # tench: torchvision's index 0
+    image = np.random.RandomState(1).randint(0, 256, (240, 320, 3), np.uint8)
+    path = str(tmp_path / "x.png")
+    tf.io.write_file(path, tf.io.encode_png(image))
+    (_, top), = predict.predict(workdir, [path], top_k=3)
+    # torch on the same preprocessed pixels (resize 256, centre 224 crop, torchvision's mean/std)
+    x = predict.preprocess(path, (224, 224, 3), np.asarray(meta["mean"]), np.asarray(meta["std"]), "imagenet2012")
+    with torch.no_grad():
+        nchw = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None]))
+        probs = torch.softmax(torch_model(nchw), -1).numpy()[0]
+    expected = np.argsort(-probs)[:3]
+    assert [name for name, _ in top] == [meta["class_names"][i] for i in expected]
+    np.testing.assert_allclose([p for _, p in top], probs[expected], rtol=1e-4)
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        convert.convert(pth, workdir)
+    # files that cannot be decoded: a PNG and a JPEG cut short
+    for name, data in (("cut.png", tf.io.encode_png(image).numpy()), ("cut.jpg", tf.io.encode_jpeg(image).numpy())):
+        bad = tmp_path / name
+        bad.write_bytes(data[: len(data) // 3])
+        with pytest.raises(UserError, match=rf"{name}: not a readable image .*give PNG, JPEG, GIF or BMP"):
+            predict.predict(workdir, [path, str(bad)])
+
+
+def test_state_dict_of_another_architecture_is_refused(tmp_path):
+    resnet_like = {"conv1.weight": torch.zeros(64, 3, 7, 7), "bn1.weight": torch.ones(64),
+                   "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+    path = str(tmp_path / "resnet.pth")
+    torch.save(resnet_like, path)
+    with pytest.raises(UserError, match=r"not a torchvision AlexNet: missing features\.0\.weight.*conv1\.weight"):
+        convert.convert(path, str(tmp_path / "a"))
+    vgg_like = TorchvisionAlexNet(num_classes=10).state_dict()
+    vgg_like["features.0.weight"] = torch.zeros(64, 3, 3, 3)  # same names, other shapes
+    torch.save(vgg_like, path)
+    with pytest.raises(UserError, match=r"features\.0\.weight has shape \(64, 3, 3, 3\), expected \(out, 3, 11, 11\)"):
+        convert.convert(path, str(tmp_path / "b"))
+
+
+def test_unreadable_and_pickled_model_files_are_refused(tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x00not a torch file")
+    with pytest.raises(UserError, match="not a PyTorch state dict"):
+        convert.load_state_dict(str(junk))
+    whole = str(tmp_path / "model.pth")
+    torch.save(TorchvisionAlexNet(num_classes=10), whole)  # the module pickled, not its state dict
+    with pytest.raises(UserError, match=r"torch.save\(model.state_dict\(\), path\)"):
+        convert.load_state_dict(whole)
+    with pytest.raises(UserError, match="no such file"):
+        convert.load_state_dict(str(tmp_path / "missing.pth"))
+
+
+def test_cli_prints_one_line_error(tmp_path, python, repo):
+    import subprocess
+
+    path = str(tmp_path / "resnet.pth")
+    torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7)}, path)
+    r = subprocess.run([python, "-m", "alexnet_jax.convert", "--torchvision", path, "--workdir", str(tmp_path / "w")],
+                       cwd=repo, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "alexnet_jax.convert: error: --torchvision" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_evaluate_uses_torchvision_normalisation_on_imagenet(torch_model, converted, tmp_path):
+    """The converted checkpoint through `evaluate` on a tiny archive of the ILSVRC-2012 format (tfds's real
+    imagenet2012 builder): the pipeline normalises with torchvision's mean/std (not the training set's) and
+    the metrics equal torch's on the same pixels."""
+    import importlib.util
+
+    from alexnet_jax import checkpointing, evaluate, imagenet, input_pipeline
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("make_tiny_imagenet",
+                                                  os.path.join(repo, "scripts", "make_tiny_imagenet.py"))
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "data")
+    tiny.write_tiny_imagenet(manual, classes=8, train_per_class=1)
+    imagenet.prepare(data_dir, manual, verify=False)
+
+    workdir = converted
+    _, saved, _ = checkpointing.read_saved(workdir)
+    config = checkpointing.config_from_dict(saved)
+    config.data_dir = data_dir
+    config.eval_batch_size = 8
+    data = input_pipeline.create_data(config)
+    np.testing.assert_allclose(data.mean, [123.675, 116.28, 103.53], rtol=1e-6)
+    batches = list(data.eval(0, 1))
+    images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
+    labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
+    with torch.no_grad():
+        logits = torch_model(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))
+    loss = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels).long()))
+    top5 = float(np.mean([y in np.argsort(-row)[:5] for row, y in zip(logits.numpy(), labels, strict=True)]))
+
+    result = evaluate.evaluate_checkpoint(workdir, overrides={"data_dir": data_dir, "eval_batch_size": 8})
+    assert result["count"] == len(labels) == 8
+    assert result["top5"] == pytest.approx(top5)
+    assert result["loss"] == pytest.approx(loss, rel=1e-4)
