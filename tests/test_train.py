@@ -36,7 +36,7 @@ def run_main(workdir, *overrides, config="configs/fashion_mnist.py", timeout=300
 @needs_fmnist
 def test_trains_on_real_fashion_mnist_and_counts_every_test_image(tmp_path, fmnist_data_dir):
     c = load_config("configs/fashion_mnist.py")
-    c.update(dict(num_train_steps=50, log_every_steps=10, eval_batch_size=48, data_dir=fmnist_data_dir,
+    c.update(dict(num_train_steps=50, batch_size=128, log_every_steps=10, eval_batch_size=48, data_dir=fmnist_data_dir,
                   lr_schedule="constant", learning_rate=0.05))
     summary = train.train_and_evaluate(c, str(tmp_path / "run"))  # on 8 devices, data parallel
     assert summary["num_eval_examples"] == 10000  # 10000 = 208 * 48 + 16: the padded last batch counts once
