@@ -69,7 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = -1  # -1: once per epoch
     c.log_every_steps = 100
     c.mesh_shape = (-1, 1)  # ('data', 'model'); -1 fills the remaining devices
-    c.eval_crops = 1  # crops per evaluation image: 1 (centre) or 10 (the paper's corners + centre, flipped)
+    # Views per evaluation image, softmax averaged: 1 (centre); 2 (the whole image and its reflection: the paper's
+    # test reduced to images no larger than the crop); 10 (imagenet2012: 4 corners + centre, and reflections).
+    c.eval_crops = 1
 
     # Parallelism (alexnet_jax/sharding.py, docs/sharding.md).
     # 'paper': the 2012 two-GPU split over the 'model' axis (each device holds 1/model of every conv's kernels

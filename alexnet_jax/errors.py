@@ -57,8 +57,9 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
         fail("image_size", "must be at least 16 pixels")
     if config.log_every_steps <= 0:
         fail("log_every_steps", "must be positive")
-    if config.get("eval_crops", 1) not in (1, 10):
-        fail("eval_crops", "choose 1 (centre) or 10 (four corners and centre, and their reflections)")
+    if config.get("eval_crops", 1) not in (1, 2, 10):
+        fail("eval_crops", "choose 1 (centre), 2 (whole image and its reflection, small datasets) or 10 (four "
+                           "corners and centre, and their reflections, imagenet2012)")
     if config.get("checkpoint_every_steps", 0) < 0:
         fail("checkpoint_every_steps", "must be >= 0 (0: save only at the end and on SIGTERM/preemption)")
     if config.get("checkpoint_keep", 1) < 1:

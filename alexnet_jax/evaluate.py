@@ -43,8 +43,8 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, mesh: Any = No
         if key not in checkpointing.RESUMABLE_CHANGES:
             raise UserError(f"{key} cannot be changed when evaluating a checkpoint (it changes the model)")
         config[key] = value
-    if config.eval_crops not in (1, 10):
-        raise UserError(f"eval_crops={config.eval_crops}: choose 1 (centre) or 10")
+    if config.eval_crops not in (1, 2, 10):
+        raise UserError(f"eval_crops={config.eval_crops}: choose 1 (centre), 2 (with its reflection) or 10")
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh_shape)
     if config.eval_batch_size % mesh.shape["data"]:
         raise UserError(f"--eval_batch_size={config.eval_batch_size} must be divisible by the mesh's data axis "
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> None:
     tf.config.set_visible_devices([], "GPU")
     from alexnet_jax.errors import UserError
 
-    overrides: dict[str, Any] = {"eval_crops": 10 if FLAGS.ten_crop else 1}
+    overrides: dict[str, Any] = {"eval_crops": 10} if FLAGS.ten_crop else {}  # else the run's own views
     if FLAGS.mesh_shape:
         try:
             overrides["mesh_shape"] = tuple(int(s) for s in FLAGS.mesh_shape)

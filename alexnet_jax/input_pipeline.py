@@ -300,10 +300,16 @@ def eval_batches(
         labels = np.concatenate([labels, np.zeros(fill, labels.dtype)])
         mask = np.concatenate([mask, np.zeros(fill, np.float32)])
     size = int(config.image_size)
+    reflect = int(config.get("eval_crops", 1)) == 2
+
+    def prepare(b):
+        image = _normalise(b["image"], mean, std, size)
+        if reflect:  # (B, 2, H, W, C): the image and its mirror; eval_step averages their softmax
+            image = tf.stack([image, tf.reverse(image, axis=[2])], axis=1)
+        return {**b, "image": image}
+
     ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels, "mask": mask})
-    ds = ds.batch(local).map(
-        lambda b: {**b, "image": _normalise(b["image"], mean, std, size)}, num_parallel_calls=tf.data.AUTOTUNE
-    )
+    ds = ds.batch(local).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     return iter(tfds.as_numpy(ds.prefetch(2)))
 
 
@@ -336,9 +342,10 @@ def create_data(config: ml_collections.ConfigDict) -> Data:
         return imagenet.create_data(config)
     if config.dataset not in DATASETS:
         raise UserError(f"--config.dataset={config.dataset!r} is unknown; choose one of {DATASETS}")
-    if config.get("eval_crops", 1) != 1:
+    if config.get("eval_crops", 1) not in (1, 2):
         raise UserError(f"--config.eval_crops={config.eval_crops}: {config.dataset} images are evaluated whole "
-                        "(they are no larger than the crop); 10-crop evaluation is for imagenet2012")
+                        "(they are no larger than the crop): use 1, or 2 to add the reflection; 10-crop "
+                        "evaluation is for imagenet2012")
     train_data = load_in_memory(config, "train")
     test_data = load_in_memory(config, "test")
     mean, std = channel_stats(train_data.images)

@@ -142,3 +142,14 @@ def test_real_fashion_mnist_files():
     labels = input_pipeline.read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
     assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
     assert np.bincount(labels).tolist() == [1000] * 10
+
+
+def test_eval_with_reflection_yields_image_and_mirror(fake_fmnist, tmp_path):
+    c = small_config(fake_fmnist, tmp_path, eval_batch_size=16, eval_crops=2)
+    batches = list(input_pipeline.create_data(c).eval(0, 1))
+    assert batches[0]["image"].shape == (16, 2, 28, 28, 1)
+    for b in batches:
+        np.testing.assert_array_equal(b["image"][:, 1], b["image"][:, 0, :, ::-1])
+    assert sum(int(b["mask"].sum()) for b in batches) == 37
+    with pytest.raises(UserError, match="10-crop evaluation is for imagenet2012"):
+        input_pipeline.create_data(small_config(fake_fmnist, tmp_path, eval_crops=10))
