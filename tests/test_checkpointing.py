@@ -39,6 +39,7 @@ def tiny_config(**overrides):
     c.num_train_steps, c.log_every_steps, c.eval_every_steps = 4, 2, 2
     c.checkpoint_every_steps, c.checkpoint_keep, c.checkpoint_keep_best = 2, 3, 1
     c.lr_schedule, c.plateau_patience = "plateau", 0
+    c.learning_rate, c.eval_crops = 0.05, 1  # pinned: the messages below name them
     for k, v in overrides.items():
         c[k] = v
     return c
