@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from alexnet_jax import models
+
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 FLOAT_BYTES = 4
 
@@ -67,14 +69,7 @@ def layer_costs(model: Any, image_shape: tuple[int, int, int]) -> list[LayerCost
 def activation_floats(model: Any, image_shape: tuple[int, int, int]) -> int:
     """Floats per image in the layer outputs a training step keeps for the backward pass (conv outputs,
     their ReLU/LRN/pool results and the FC outputs): a lower bound on activation memory."""
-
-    def run() -> Any:
-        x = jnp.zeros((1, *image_shape))
-        variables = model.init(jax.random.PRNGKey(0), x, train=False)
-        _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
-        return state["intermediates"]
-
-    inter = jax.eval_shape(run)
+    inter = models.stage_outputs(model, image_shape)
     total = 0
     for name, v in inter.items():
         size = math.prod(v.shape[1:])

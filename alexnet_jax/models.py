@@ -528,8 +528,8 @@ class AlexNet(nn.Module):
         return x.astype(jnp.float32)
 
 
-def feature_shapes(model: AlexNet, image_shape: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
-    """Per-image output shape of every conv and pool stage (shapes only: `jax.eval_shape`, no FLOPs)."""
+def stage_outputs(model: AlexNet, image_shape: tuple[int, int, int]) -> dict[str, jax.ShapeDtypeStruct]:
+    """The sown conv (`convN_out`) and pool (`poolN`) outputs for one image, as shapes (`jax.eval_shape`)."""
 
     def run() -> Any:
         x = jnp.zeros((1, *image_shape))
@@ -537,8 +537,12 @@ def feature_shapes(model: AlexNet, image_shape: tuple[int, int, int]) -> dict[st
         _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
         return state["intermediates"]
 
-    inter = jax.eval_shape(run)
-    return {name.removesuffix("_out"): tuple(v.shape[1:]) for name, v in inter.items()}
+    return jax.eval_shape(run)
+
+
+def feature_shapes(model: AlexNet, image_shape: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
+    """Per-image output shape of every conv and pool stage (shapes only, no FLOPs spent)."""
+    return {name.removesuffix("_out"): tuple(v.shape[1:]) for name, v in stage_outputs(model, image_shape).items()}
 
 
 def count_params(params: Any) -> int:
