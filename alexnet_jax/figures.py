@@ -180,6 +180,7 @@ def predictions(workdir: str, step: int | None = None, max_images: int | None = 
     config = checkpointing.config_from_dict(saved)
     if config.dataset not in ("fashion_mnist", "cifar10"):
         raise UserError(f"prediction grids are for the small datasets (fashion_mnist, cifar10), not {config.dataset}")
+    config.eval_crops = 1  # the grid shows each test image once, as the model sees it
     data = input_pipeline.create_data(config)
     mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
     trainer = train.Trainer(config, mesh, data.image_shape, 1, max(1, config.num_train_steps))
