@@ -181,7 +181,7 @@ def test_report_cli(repo):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run(
         [sys.executable, "-m", "alexnet_jax.sharding", "--config", "configs/fashion_mnist.py", "--mesh", "4,2",
-         "--config.batch_size=16"],
+         "--config.batch_size=16", "--config.widths=(32,64,96,96,64)"],  # pinned: the lines below name them
         cwd=repo, env=env, capture_output=True, text=True, timeout=180,
     )
     assert out.returncode == 0, out.stderr[-2000:]
