@@ -2,7 +2,7 @@
 
 The layout is exactly the one image-net.org ships (REFERENCE.md section 4):
 
-- `ILSVRC2012_img_train.tar`: a tar of per-class tars `nXXXXXXXX.tar`, each holding `nXXXXXXXX_<i>.JPEG`;
+- `ILSVRC2012_img_train.tar`: a tar of per-class tars `n<8 digits>.tar`, each holding `n<8 digits>_<i>.JPEG`;
 - `ILSVRC2012_img_val.tar`: flat `ILSVRC2012_val_%08d.JPEG`. tfds labels them with its bundled
   `validation_labels.txt` by sorted file name, so the k-th validation image gets that file's k-th label; the
   classes written here are those labels, so every validation image's class also has training images.
