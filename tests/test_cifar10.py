@@ -23,8 +23,8 @@ def _records(rng: np.random.Generator, n: int, first_label: int) -> tuple[bytes,
     """`n` records of <1 label byte><1024 R><1024 G><1024 B>, and the (label, HWC bytes) each decodes to."""
     labels = (np.arange(n) + first_label) % 10
     planes = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
-    raw = b"".join(bytes([label]) + p.tobytes() for label, p in zip(labels, planes))
-    return raw, [(int(label), p.transpose(1, 2, 0).tobytes()) for label, p in zip(labels, planes)]
+    raw = b"".join(bytes([label]) + p.tobytes() for label, p in zip(labels, planes, strict=True))
+    return raw, [(int(label), p.transpose(1, 2, 0).tobytes()) for label, p in zip(labels, planes, strict=True)]
 
 
 def write_archive(path: str, seed: int = 0) -> dict[str, list[tuple[int, bytes]]]:
@@ -73,10 +73,11 @@ def test_real_builder_prepares_archive_from_manual_dir(prepared):
     data_dir, expected, train = prepared
     assert train.images.shape == (5 * TRAIN_PER_FILE, 32, 32, 3) and train.images.dtype == np.uint8
     assert train.class_names == input_pipeline.CIFAR10_CLASSES
-    got = sorted((int(label), image.tobytes()) for label, image in zip(train.labels, train.images))
+    got = sorted((int(label), image.tobytes()) for label, image in zip(train.labels, train.images, strict=True))
     assert got == sorted(expected["train"])  # every record once, planes decoded to HWC
     test = input_pipeline.load_in_memory(_config(data_dir), "test")  # prepared: no archive needed any more
-    assert sorted((int(lb), im.tobytes()) for lb, im in zip(test.labels, test.images)) == sorted(expected["test"])
+    got = sorted((int(lb), im.tobytes()) for lb, im in zip(test.labels, test.images, strict=True))
+    assert got == sorted(expected["test"])
 
 
 def test_main_trains_and_evaluates_on_cifar10(prepared, tmp_path):
