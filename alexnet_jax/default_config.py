@@ -22,7 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.shuffle_buffer = 0  # imagenet2012: records per process in the shuffle buffer (0: 16 x local batch);
     # in-memory datasets take a full per-epoch permutation instead
     # ImageNet (alexnet_jax.imagenet / augment; docs/imagenet.md). Paper values; each one can be switched.
-    c.manual_dir = ""  # folder with ILSVRC2012_img_train.tar + _val.tar; '' = tfds's <data_dir>/downloads/manual
+    # folder with ILSVRC2012_img_train.tar + _val.tar (imagenet2012) or cifar-10-binary.tar.gz (cifar10, offline);
+    # '' = tfds's <data_dir>/downloads/manual
+    c.manual_dir = ""
     c.resize_size = 256  # shorter side rescaled to this and the centre square kept (paper: 256)
     c.resize_method = "area"  # 'area' (box filter when shrinking), 'bilinear' (Caffe/OpenCV), 'antialias' (PIL)
     c.train_crop = "paper"  # 'paper': random image_size patch of the square; 'random_resized': Inception-style

@@ -11,8 +11,13 @@
   model's analytic multiply-add count (x3 for training) beside XLA's own cost analysis. With --vs-torch the
   same net in PyTorch (alexnet_jax.torch_alexnet: same shapes, groups, LRN, pooling, dropout, SGD) is timed
   step for step alternately with it and the ratio printed. Runs unchanged on a GPU/TPU backend.
+--mode checkpoint: the cost of periodic checkpoints in real training. Runs `alexnet_jax.main` --pairs times
+  with checkpoints every --every steps and as often without (only the final save), alternately so both see the
+  same machine load, each --run-steps steps of --config (the FashionMNIST quick start by default) with no
+  evaluation, and compares their `train_images_per_second` (save time included, compilation excluded).
 
 Usage: python scripts/benchmark.py [--mode pipeline|train_step|all] [--images 256] [--threads 1] [--json]
+       python scripts/benchmark.py --mode checkpoint --pairs 3 --run-steps 1000 --every 100
        python scripts/benchmark.py --vs-torch --set image_size=227 --batch 32 --steps 5     # paper net
        python scripts/benchmark.py --vs-torch --config configs/fashion_mnist.py --batch 128  # quick start
 """
@@ -256,9 +261,38 @@ def bench_train_step(config_path: str, batch: int, steps: int, overrides: list[s
     return out
 
 
+def bench_checkpoint(config_path: str, pairs: int, run_steps: int, every: int,
+                     overrides: list[str]) -> dict[str, object]:
+    """Train images/s of real runs with and without periodic saves, interleaved: without, with, without, ..."""
+    import subprocess
+    import tempfile
+
+    rates: dict[str, list[float]] = {"without": [], "with": []}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(pairs):
+            for name, each in (("without", 0), ("with", every)):
+                workdir = os.path.join(tmp, f"{name}{k}")
+                cmd = [sys.executable, "-m", "alexnet_jax.main", "--config", config_path, "--workdir", workdir,
+                       f"--config.num_train_steps={run_steps}", "--config.eval_every_steps=1000000000",
+                       f"--config.checkpoint_every_steps={each}", "--config.checkpoint_keep_best=0",
+                       *(f"--config.{o}" for o in overrides)]
+                proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"error: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+                with open(os.path.join(workdir, "summary.json")) as f:
+                    rates[name].append(float(json.load(f)["train_images_per_second"]))
+                print(f"run {k + 1}/{pairs} {name:7s} checkpoints: {rates[name][-1]:.1f} train img/s",
+                      file=sys.stderr)
+    without, with_ = float(np.median(rates["without"])), float(np.median(rates["with"]))
+    return {"config": config_path, "run_steps": run_steps, "every": every, "saves_per_run": run_steps // every,
+            "images_per_s_without": rates["without"], "images_per_s_with": rates["with"],
+            "median_without": without, "median_with": with_, "overhead_percent": 100.0 * (1.0 - with_ / without)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=("pipeline", "train_step", "all"), default="pipeline")
+    p.add_argument("--mode", choices=("pipeline", "train_step", "all", "checkpoint"), default="pipeline")
     p.add_argument("--pipeline", action="store_const", const="pipeline", dest="mode", help="= --mode pipeline")
     p.add_argument("--images", type=int, default=256, help="JPEGs per measured pass")
     p.add_argument("--repeats", type=int, default=3, help="timed passes over the JPEGs")
@@ -271,6 +305,9 @@ def main() -> None:
     p.add_argument("--single-thread", action="store_true",
                    help="one intra-op thread for XLA:CPU and torch (per-core comparison on a loaded machine)")
     p.add_argument("--set", action="append", default=[], help="train_step: config override key=value")
+    p.add_argument("--pairs", type=int, default=3, help="checkpoint: runs with and without saves, each")
+    p.add_argument("--run-steps", type=int, default=1000, help="checkpoint: train steps per run")
+    p.add_argument("--every", type=int, default=100, help="checkpoint: save every this many steps")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args()
     if a.single_thread:  # before jax is imported
@@ -283,6 +320,9 @@ def main() -> None:
     if a.vs_torch and a.mode == "pipeline":
         a.mode = "train_step"
     out: dict[str, object] = {"cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
+    if a.mode == "checkpoint":
+        config = a.config if a.config != p.get_default("config") else "configs/fashion_mnist.py"
+        out["checkpoint"] = bench_checkpoint(config, a.pairs, a.run_steps, a.every, a.set)
     if a.mode in ("pipeline", "all"):
         out["pipeline"] = bench_pipeline(a.images, a.threads, a.repeats)
     if a.mode in ("train_step", "all"):
@@ -299,8 +339,8 @@ def main() -> None:
         if not isinstance(rows, dict):
             print(f"{section}: {rows}")
             continue
-        if section == "train_step":
-            print("[train_step]")
+        if section in ("train_step", "checkpoint"):
+            print(f"[{section}]")
             for k, v in rows.items():
                 print(f"  {k:32s} {v:.3f}" if isinstance(v, float) else f"  {k:32s} {v}")
             continue

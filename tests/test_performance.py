@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from alexnet_jax import models
+from alexnet_jax.input_pipeline import fashion_mnist_files_present
 from alexnet_jax.models import AlexNet, forward_macs, strided_conv_as_matmuls
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAVE_FMNIST = fashion_mnist_files_present("/usr/share/datasets/fashion-mnist")
 
 
 def plain_conv(x, k, strides, padding):
@@ -112,3 +114,18 @@ def _have_torch() -> bool:
     except ImportError:
         return False
     return True
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="needs Debian's dataset-fashion-mnist")
+def test_benchmark_checkpoint_overhead_reports_json(fmnist_data_dir):
+    cmd = [sys.executable, "scripts/benchmark.py", "--mode", "checkpoint", "--pairs", "1", "--run-steps", "4",
+           "--every", "2", "--set", f"data_dir={fmnist_data_dir}", "--set", "widths=(8,16,16,16,8)",
+           "--set", "fc_width=32", "--set", "batch_size=8", "--set", "log_every_steps=1", "--json"]
+    env = dict(os.environ, XLA_FLAGS="")
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)["checkpoint"]
+    assert out["config"] == "configs/fashion_mnist.py" and out["saves_per_run"] == 2
+    assert len(out["images_per_s_without"]) == len(out["images_per_s_with"]) == 1
+    assert out["overhead_percent"] == pytest.approx(100 * (1 - out["median_with"] / out["median_without"]))
+    assert "run 1/1 with    checkpoints" in res.stderr
