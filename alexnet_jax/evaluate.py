@@ -1,9 +1,10 @@
-"""Evaluate a checkpoint: `python -m alexnet_jax.evaluate --workdir DIR [--step N] [--ten_crop] [--mesh_shape 2,2]`.
+"""Evaluate a checkpoint: `python -m alexnet_jax.evaluate --workdir DIR [--step N] [--crops 1|2|10] [--mesh_shape 2,2]`.
 
 Reads the run's config from the checkpoint, restores the parameters onto the requested mesh (any device
 count, whatever mesh trained them) and reports top-1/top-5 accuracy and loss over the whole configured
 evaluation split. `--ten_crop` sets `config.eval_crops=10`: the dataset's pipeline then yields (B, 10, H, W, C)
-crops and the eval step averages the softmax over each image's crops (the paper's test, section 4.1).
+crops and the eval step averages the softmax over each image's crops (the paper's test, section 4.1);
+`--crops N` sets any of the views (1: the image alone, 2: with its reflection, 10: the paper's).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "The training run's --workdir (holds checkpoints/).")
     flags.DEFINE_integer("step", None, "Checkpoint step to evaluate; default: the latest readable one.")
     flags.DEFINE_bool("ten_crop", False, "Average the softmax over 10 crops per image (config.eval_crops=10).")
+    flags.DEFINE_enum("crops", None, ["1", "2", "10"], "Views averaged per image (config.eval_crops); default: "
+                      "the run's.")
     flags.DEFINE_list("mesh_shape", None, "Mesh (data, model) to evaluate on, e.g. 2,2 or -1,1; default: the run's.")
     flags.DEFINE_integer("eval_batch_size", None, "Global evaluation batch size; default: the run's.")
     flags.DEFINE_string("data_dir", None, "Override config.data_dir (where tfds keeps prepared datasets).")
@@ -78,6 +81,10 @@ def main(argv: list[str]) -> None:
     from alexnet_jax.errors import UserError
 
     overrides: dict[str, Any] = {"eval_crops": 10} if FLAGS.ten_crop else {}  # else the run's own views
+    if FLAGS.crops is not None:
+        if FLAGS.ten_crop and FLAGS.crops != "10":
+            sys.exit(f"alexnet_jax.evaluate: error: --ten_crop and --crops={FLAGS.crops} disagree: give one of them")
+        overrides["eval_crops"] = int(FLAGS.crops)
     if FLAGS.mesh_shape:
         try:
             overrides["mesh_shape"] = tuple(int(s) for s in FLAGS.mesh_shape)

@@ -114,7 +114,8 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     series: dict[str, dict[int, float]] = {}
     for path in files:  # a resumed run appends a new file; later values of a step win
         try:
-            for event in tf.compat.v1.train.summary_iterator(path):
+            for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+                event = tf.compat.v1.Event.FromString(record)
                 for v in event.summary.value:
                     value = float(tf.make_ndarray(v.tensor)) if v.HasField("tensor") else float(v.simple_value)
                     series.setdefault(v.tag, {})[int(event.step)] = value
