@@ -54,6 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_epochs = 90.0
     c.num_train_steps = -1  # -1: from num_epochs
     c.learning_rate = 0.01
+    # learning_rate is the rate at this global batch size; another batch size scales it linearly (Goyal et al.
+    # 2017; flax's ImageNet example does the same at 256). 0: learning_rate is used as given whatever the batch.
+    c.lr_reference_batch = 0
     c.momentum = 0.9
     c.nesterov = False
     c.weight_decay = 5e-4

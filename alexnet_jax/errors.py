@@ -31,6 +31,8 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
         fail("num_epochs", "must be positive (or set num_train_steps)")
     if config.learning_rate <= 0:
         fail("learning_rate", "must be positive")
+    if config.get("lr_reference_batch", 0) < 0:
+        fail("lr_reference_batch", "must be >= 0 (0: use learning_rate as given at any batch size)")
     if not 0 <= config.momentum < 1:
         fail("momentum", "must be in [0, 1)")
     if config.weight_decay < 0:

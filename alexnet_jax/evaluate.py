@@ -66,7 +66,8 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, mesh: Any = No
                                 "crops per image (it yields whole images); evaluate without --ten_crop")
             yield batch
 
-    metrics = trainer.evaluate(restored.state, checked(data.eval(jax.process_index(), jax.process_count())))
+    batches = data.eval(jax.process_index(), jax.process_count(), trainer.eval_row_multiple)
+    metrics = trainer.evaluate(restored.state, checked(batches))
     return {**metrics, "step": step, "crops": int(config.eval_crops), "dataset": config.dataset,
             "mesh": dict(mesh.shape), "checkpoint": ckpt.step_dir(step)}
 

@@ -332,13 +332,15 @@ def train_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.Conf
 
 def eval_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict,
                  stats: dict[str, np.ndarray], process_index: int = 0, process_count: int = 1,
-                 threads: int | None = None) -> tf.data.Dataset:
+                 threads: int | None = None, row_multiple: int = 0) -> tf.data.Dataset:
     """This process's slice of `validation`, in local batches padded with mask-0 rows to the same count on
-    every process. Images are (B, crop, crop, 3), or (B, 10, crop, crop, 3) with `eval_crops=10`."""
+    every process (`input_pipeline.padded_rows`). Images are (B, crop, crop, 3), or (B, 10, crop, crop, 3)
+    with `eval_crops=10`."""
+    from alexnet_jax.input_pipeline import padded_rows
+
     local = config.eval_batch_size // process_count
     instructions, counts = _instructions(builder, "validation", process_index, process_count)
-    num_batches = -(-max(counts) // local)
-    fill = num_batches * local - counts[process_index]
+    fill = padded_rows(max(counts), local, row_multiple) - counts[process_index]
     crop, resize, crops = int(config.image_size), int(config.resize_size), int(config.eval_crops)
     mean, std = (stats["mean_image"], np.ones(3, np.float32)) if config.normalization == "pixel" else (
         stats["mean"], stats["std"])
@@ -379,8 +381,8 @@ def create_data(config: ml_collections.ConfigDict):
         class_names=names,
         train=lambda start, stop, pid, nproc: _guard(tfds.as_numpy(
             train_dataset(builder, config, stats, start, stop, pid, nproc)), builder, "train"),
-        eval=lambda pid, nproc: _guard(tfds.as_numpy(eval_dataset(builder, config, stats, pid, nproc)),
-                                       builder, "validation"),
+        eval=lambda pid, nproc, row_multiple=0: _guard(tfds.as_numpy(eval_dataset(
+            builder, config, stats, pid, nproc, row_multiple=row_multiple)), builder, "validation"),
         mean=mean,
         std=std,
     )

@@ -297,6 +297,16 @@ def train_batches(
     return iter(tfds.as_numpy(ds.with_options(opts)))
 
 
+def padded_rows(count: int, local: int, row_multiple: int = 0) -> int:
+    """Rows one process yields for `count` examples in batches of `local`: whole batches, except that with
+    `row_multiple` > 0 the last batch is only padded up to a multiple of it (e.g. the devices it is split
+    over), so a small evaluation set does not cost a full batch of padding."""
+    num_batches = max(1, -(-count // local))
+    rest = count - (num_batches - 1) * local
+    last = local if row_multiple <= 0 else min(local, -(-max(rest, 1) // row_multiple) * row_multiple)
+    return (num_batches - 1) * local + last
+
+
 def eval_batches(
     data: InMemoryData,
     config: ml_collections.ConfigDict,
@@ -304,16 +314,16 @@ def eval_batches(
     std: np.ndarray,
     process_index: int = 0,
     process_count: int = 1,
+    row_multiple: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of the test set in local batches; padded rows have mask 0.
 
-    Every process yields the same number of batches (ceil(n / global batch)), so collective eval steps line
-    up; together the processes cover each example exactly once.
+    Every process yields the same number of batches of the same shapes, so collective eval steps line up;
+    together the processes cover each example exactly once.
     """
     n = len(data)
     local = config.eval_batch_size // process_count
-    num_batches = -(-n // (local * process_count))
-    per_process = num_batches * local
+    per_process = padded_rows(-(-n // process_count), local, row_multiple)
     lo = min(n, process_index * per_process)
     hi = min(n, lo + per_process)
     images, labels = data.images[lo:hi], data.labels[lo:hi]
@@ -343,8 +353,8 @@ class Data:
     """What the trainer needs from a dataset, whatever its size or source.
 
     `train(start_step, num_steps, process_index, process_count)` yields this process's rows of global
-    training batches `start_step .. num_steps-1`; `eval(process_index, process_count)` yields this
-    process's padded, masked share of the evaluation split.
+    training batches `start_step .. num_steps-1`; `eval(process_index, process_count, row_multiple=0)` yields
+    this process's padded, masked share of the evaluation split (see `padded_rows`).
     """
 
     num_train: int
@@ -352,7 +362,7 @@ class Data:
     image_shape: tuple[int, int, int]
     class_names: tuple[str, ...]
     train: Callable[[int, int, int, int], Iterator[dict[str, np.ndarray]]]
-    eval: Callable[[int, int], Iterator[dict[str, np.ndarray]]]
+    eval: Callable[..., Iterator[dict[str, np.ndarray]]]
     # The normalisation images get (0-255 scale, per channel): saved with checkpoints so `predict` can
     # preprocess an image exactly like `eval` without the training set.
     mean: np.ndarray | None = None
@@ -380,7 +390,8 @@ def create_data(config: ml_collections.ConfigDict) -> Data:
         image_shape=(config.image_size, config.image_size, train_data.images.shape[-1]),
         class_names=train_data.class_names,
         train=lambda start, stop, pid, nproc: train_batches(train_data, config, mean, std, start, stop, pid, nproc),
-        eval=lambda pid, nproc: eval_batches(test_data, config, mean, std, pid, nproc),
+        eval=lambda pid, nproc, row_multiple=0: eval_batches(test_data, config, mean, std, pid, nproc,
+                                                              row_multiple),
         mean=mean,
         std=std,
     )

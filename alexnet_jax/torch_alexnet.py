@@ -38,8 +38,8 @@ def build(model: AlexNet, image_shape: tuple[int, int, int]) -> Any:
     groups = spec.default_groups if model.groups is None else model.groups
     widths = tuple(model.widths or spec.widths)
     fc_width = model.fc_width or spec.fc_width
-    if norm not in ("lrn", "none") or spec.adaptive_pool or spec.dropout_before_fc:
-        raise ValueError("the torch yardstick covers the paper and small variants (LRN or no norm)")
+    if norm not in ("lrn", "none"):
+        raise ValueError("the torch yardstick covers LRN or no normalisation")
     h, w, cin = image_shape
     k1, s1 = spec.conv1_kernel, spec.conv1_stride
     if spec.conv1_padding == "cuda-convnet":
@@ -71,16 +71,18 @@ def build(model: AlexNet, image_shape: tuple[int, int, int]) -> Any:
         nn.Conv2d(widths[1], widths[2], 3, 1, 1), *after(0),
         nn.Conv2d(widths[2], widths[3], 3, 1, 1, groups=groups), *after(0),
         nn.Conv2d(widths[3], widths[4], 3, 1, 1, groups=groups), *after(0), nn.MaxPool2d(3, 2),
+        *([nn.AdaptiveAvgPool2d(spec.adaptive_pool)] if spec.adaptive_pool else []),
     )
     with torch.no_grad():
         flat = features(torch.zeros(1, cin, h, w)).numel()
-    net = nn.Sequential(
-        features, nn.Flatten(),
-        nn.Linear(flat, fc_width), nn.ReLU(inplace=True), nn.Dropout(model.dropout_rate),
-        nn.Linear(fc_width, fc_width), nn.ReLU(inplace=True), nn.Dropout(model.dropout_rate),
-        nn.Linear(fc_width, model.num_classes),
-    )
-    return net
+
+    def hidden(fan_in: int) -> list:  # torchvision (owt): dropout on the input; the paper: on the output
+        layers = [nn.Linear(fan_in, fc_width), nn.ReLU(inplace=True)]
+        drop = nn.Dropout(model.dropout_rate)
+        return [drop, *layers] if spec.dropout_before_fc else [*layers, drop]
+
+    return nn.Sequential(features, nn.Flatten(), *hidden(flat), *hidden(fc_width),
+                         nn.Linear(fc_width, model.num_classes))
 
 
 def load_flax_params(net: Any, params: Any) -> None:

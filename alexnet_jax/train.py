@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from functools import partial
@@ -150,6 +151,9 @@ class Trainer:
         self.abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
         self.state_sharding = sharding.tree_shardings(mesh, self.abstract_state, strategy)
         self.batch_sharding = sharding.batch_sharding(mesh, strategy)
+        # A process's evaluation batch need only be a multiple of its share of the batch shards.
+        shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(strategy))
+        self.eval_row_multiple = max(1, shards // jax.process_count())
         rep = sharding.replicated(mesh)
         self.init = jax.jit(init, out_shardings=self.state_sharding)
         self.train_step = jax.jit(
@@ -226,9 +230,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, restored_eval = ckpt.restore_or(state)
     # --- end checkpointing
     start = int(state.step)
-    logging.info("%s on %s: %d train / %d test images, %d steps (%.2f epochs of %d), mesh %s",
-                 config.variant, config.dataset, data.num_train, data.num_eval, total, total / per_epoch,
-                 per_epoch, dict(mesh.shape))
+    logging.info("%s on %s: %d train / %d test images, %d steps (%.2f epochs of %d), batch %d, learning rate "
+                 "%.4g, mesh %s", config.variant, config.dataset, data.num_train, data.num_eval, total,
+                 total / per_epoch, per_epoch, config.batch_size, optim.base_learning_rate(config),
+                 dict(mesh.shape))
 
     writer = _Writer(workdir)
     pid, nproc = jax.process_index(), jax.process_count()
@@ -253,7 +258,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if not np.isfinite(means["loss"]):
                 raise TrainingError(
                     f"the training loss became {means['loss']} by step {done}: lower --config.learning_rate "
-                    f"(now {config.learning_rate}) or check the input data"
+                    f"(now {config.learning_rate}, {optim.base_learning_rate(config):.4g} at batch "
+                    f"{config.batch_size}) or check the input data (docs/recipe.md)"
                 )
             lr = float(fetched[-1]["lr"])
             rate = interval_steps * config.batch_size / max(elapsed, 1e-9)
@@ -268,7 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if done % eval_every == 0 or done == total:
             jax.block_until_ready(state)  # queued train steps are training time, not evaluation time
             t_eval = time.time()
-            last_eval = step_eval = trainer.evaluate(state, data.eval(pid, nproc))
+            last_eval = step_eval = trainer.evaluate(state, data.eval(pid, nproc, trainer.eval_row_multiple))
             if config.lr_schedule == "plateau":
                 plateau, opt_state = optim.plateau_step(
                     trainer.plateau, state.plateau, state.opt_state, 1.0 - last_eval["top1"])

@@ -4,14 +4,20 @@ The layout is exactly the one image-net.org ships (REFERENCE.md section 4):
 
 - `ILSVRC2012_img_train.tar`: a tar of per-class tars `n<8 digits>.tar`, each holding `n<8 digits>_<i>.JPEG`;
 - `ILSVRC2012_img_val.tar`: flat `ILSVRC2012_val_%08d.JPEG`. tfds labels them with its bundled
-  `validation_labels.txt` by sorted file name, so the k-th validation image gets that file's k-th label; the
-  classes written here are those labels, so every validation image's class also has training images.
+  `validation_labels.txt` by sorted position, so the k-th validation member gets that file's k-th label
+  whatever the image shows. Two layouts follow from that:
+  - default: one validation image per class, the classes being the list's first `classes` labels;
+  - `--val-per-class M`: a real 4-class (or C-class) validation set. The C synsets whose M-th validation image
+    comes earliest in the list are the classes; their images keep their real ILSVRC file names (so their real
+    labels), and every other position up to the last one kept holds an empty directory entry of that name,
+    which takes its label in tfds's sorted list but yields no example. A subset of the real validation tar
+    needs the same placeholders, or tfds labels it wrongly (docs/imagenet.md).
 
 Images are real baseline JPEGs of varied sizes (ImageNet-like 500x375 and 375x500, smaller and larger ones,
 some grayscale; no CMYK) with a class-dependent colour and stripe pattern, so a net can tell classes apart.
 
 Usage: python scripts/make_tiny_imagenet.py MANUAL_DIR [--classes 8] [--train-per-class 4]
-           [--corrupt-train N] [--no-train]
+           [--val-per-class M] [--corrupt-train N] [--no-train]
 """
 
 from __future__ import annotations
@@ -27,13 +33,37 @@ from PIL import Image
 SIZES = ((500, 375), (375, 500), (320, 240), (640, 480), (256, 256), (200, 150), (300, 400), (180, 260))
 
 
-def validation_labels(count: int) -> list[str]:
-    """The first `count` synsets of tfds's bundled validation_labels.txt (what tfds will assign)."""
+def all_validation_labels() -> list[str]:
+    """tfds's bundled validation_labels.txt: the synset of the k-th (sorted) validation member."""
     import tensorflow_datasets as tfds
 
     path = tfds.core.tfds_path("datasets/imagenet2012/validation_labels.txt")
     with open(os.fspath(path)) as f:
-        return f.read().split()[:count]
+        return f.read().split()
+
+
+def validation_labels(count: int) -> list[str]:
+    """The first `count` synsets of tfds's bundled validation_labels.txt (what tfds will assign)."""
+    return all_validation_labels()[:count]
+
+
+def balanced_validation(classes: int, per_class: int) -> tuple[list[str], dict[str, list[int]]]:
+    """The `classes` synsets whose `per_class`-th validation image comes first in tfds's list, and the
+    0-based positions of their first `per_class` images (their real ILSVRC2012_val indices minus one)."""
+    labels = all_validation_labels()
+    where: dict[str, list[int]] = {}
+    for k, synset in enumerate(labels):
+        where.setdefault(synset, []).append(k)
+    chosen = sorted(where, key=lambda s: (where[s][per_class - 1], s))[:classes]
+    return chosen, {s: where[s][:per_class] for s in chosen}
+
+
+def _add_placeholder(tar: tarfile.TarFile, name: str) -> None:
+    """An empty directory entry: it takes a position in tfds's sorted label list but yields no example."""
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    info.mode = 0o755
+    tar.addfile(info)
 
 
 def make_jpeg(cls: int, index: int, rng: np.random.Generator, size: tuple[int, int], gray: bool) -> bytes:
@@ -66,12 +96,18 @@ def corrupt(data: bytes) -> bytes:
 
 
 def write_tiny_imagenet(manual_dir: str, classes: int = 8, train_per_class: int = 4, corrupt_train: int = 0,
-                        train: bool = True, val: bool = True, seed: int = 0) -> dict[str, int]:
+                        train: bool = True, val: bool = True, seed: int = 0,
+                        val_per_class: int = 0) -> dict[str, int]:
     """Write the archives; returns the number of images per split. Image k of class c is grayscale if
-    (c + k) % 5 == 0. `corrupt_train` damages that many training JPEGs (for the bad-input tests)."""
+    (c + k) % 5 == 0. `corrupt_train` damages that many training JPEGs (for the bad-input tests).
+    `val_per_class` > 0: that many validation images of every class, labelled correctly by tfds (see above)."""
     os.makedirs(manual_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
-    synsets = validation_labels(classes)
+    if val_per_class > 0:
+        synsets, val_positions = balanced_validation(classes, val_per_class)
+    else:
+        synsets = validation_labels(classes)
+        val_positions = {s: [k] for k, s in enumerate(synsets)}
     counts = {"train": 0, "validation": 0}
     if train:
         with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), "w") as outer:
@@ -86,10 +122,16 @@ def write_tiny_imagenet(manual_dir: str, classes: int = 8, train_per_class: int 
                         counts["train"] += 1
                 _add(outer, f"{synset}.tar", inner_buf.getvalue())
     if val:
+        class_at = {k: c for c, s in enumerate(synsets) for k in val_positions[s]}
         with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), "w") as tar:
-            for k in range(classes):
-                data = make_jpeg(k, 100 + k, rng, SIZES[(3 * k + 1) % len(SIZES)], gray=k % 4 == 3)
-                _add(tar, f"ILSVRC2012_val_{k + 1:08d}.JPEG", data)
+            for k in range(max(class_at) + 1):
+                name = f"ILSVRC2012_val_{k + 1:08d}.JPEG"
+                if k not in class_at:
+                    _add_placeholder(tar, name)
+                    continue
+                c, i = class_at[k], counts["validation"]
+                data = make_jpeg(c, 100 + i, rng, SIZES[(3 * i + 1) % len(SIZES)], gray=i % 4 == 3)
+                _add(tar, name, data)
                 counts["validation"] += 1
     return counts
 
@@ -99,10 +141,13 @@ def main() -> None:
     p.add_argument("manual_dir")
     p.add_argument("--classes", type=int, default=8)
     p.add_argument("--train-per-class", type=int, default=4)
+    p.add_argument("--val-per-class", type=int, default=0,
+                   help="validation images per class (0: one per class, the list's first classes)")
     p.add_argument("--corrupt-train", type=int, default=0)
     p.add_argument("--no-train", action="store_true", help="write only the validation tar")
     a = p.parse_args()
-    counts = write_tiny_imagenet(a.manual_dir, a.classes, a.train_per_class, a.corrupt_train, train=not a.no_train)
+    counts = write_tiny_imagenet(a.manual_dir, a.classes, a.train_per_class, a.corrupt_train, train=not a.no_train,
+                                 val_per_class=a.val_per_class)
     print(f"wrote {counts} to {a.manual_dir}")
 
 
