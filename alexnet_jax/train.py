@@ -240,6 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     batches = data.train(start, total, pid, nproc)
     pending: list[dict[str, jax.Array]] = []
     train_seconds, timed_images, last_eval = 0.0, 0, restored_eval
+    best_eval: dict[str, Any] = {}  # the highest validation top-1 of this run's evaluations, and its step
     t_interval, interval_steps = time.time(), 0
     for step in range(start, total):
         state, metrics = trainer.train_step(state, trainer.global_batch(next(batches)))
@@ -275,6 +276,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             jax.block_until_ready(state)  # queued train steps are training time, not evaluation time
             t_eval = time.time()
             last_eval = step_eval = trainer.evaluate(state, data.eval(pid, nproc, trainer.eval_row_multiple))
+            if last_eval["top1"] > best_eval.get("top1", -1.0):
+                best_eval = {**last_eval, "step": done}
             if config.lr_schedule == "plateau":
                 plateau, opt_state = optim.plateau_step(
                     trainer.plateau, state.plateau, state.opt_state, 1.0 - last_eval["top1"])
@@ -299,6 +302,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "top1_error": None if not last_eval else 1 - last_eval["top1"],
         "top5_error": None if not last_eval else 1 - last_eval["top5"],
         "eval_loss": last_eval.get("loss"),
+        "best_top1_accuracy": best_eval.get("top1"),  # the kept best checkpoint (checkpoint_keep_best)
+        "best_eval_loss": best_eval.get("loss"),
+        "best_step": best_eval.get("step"),
         "num_eval_examples": last_eval.get("count"),
         "step": int(state.step),
         "epochs": int(state.step) / per_epoch,
@@ -306,6 +312,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "wall_seconds": time.time() - t_start,
         "dataset": config.dataset,
         "variant": config.variant,
+        "batch_size": config.batch_size,
+        "learning_rate": optim.base_learning_rate(config),
         "mesh": dict(mesh.shape),
     }
     if jax.process_index() == 0:

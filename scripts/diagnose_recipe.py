@@ -112,7 +112,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--set", action="append", default=[], help="key=value config overrides")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--replot", action="store_true", help="only redraw OUT/diagnosis.png from OUT/diagnosis.json")
     a = p.parse_args()
+    if a.replot:
+        with open(os.path.join(a.out, "diagnosis.json")) as f:
+            saved = json.load(f)
+        plot(saved.pop("log"), saved, os.path.join(a.out, "diagnosis.png"))
+        return
 
     import importlib.util
 
@@ -193,8 +199,8 @@ def plot(log: dict, result: dict, path: str) -> None:
     sides = ["jax"] + (["torch"] if log["torch_loss"] else [])
     fig, ax = plt.subplots(1, 4, figsize=(20, 4.2))
     for side, style in zip(sides, ("-", "--"), strict=False):
-        ax[0].plot(log[f"{side}_loss"], style, label=side)
-        ax[1].plot(log[f"{side}_logit_std"], style, label=side)
+        ax[0].semilogy(log[f"{side}_loss"], style, label=side)
+        ax[1].semilogy(log[f"{side}_logit_std"], style, label=side)
         for k, layer in enumerate(LAYERS):
             color = plt.cm.viridis(k / (len(LAYERS) - 1))
             ax[2].semilogy([r[layer] for r in log[f"{side}_rms"]], style, color=color,

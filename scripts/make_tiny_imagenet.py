@@ -66,11 +66,13 @@ def _add_placeholder(tar: tarfile.TarFile, name: str) -> None:
     tar.addfile(info)
 
 
-def make_jpeg(cls: int, index: int, rng: np.random.Generator, size: tuple[int, int], gray: bool) -> bytes:
-    """A JPEG whose mean colour and stripe direction depend on the class, with noise per image."""
+def make_jpeg(cls: int, index: int, rng: np.random.Generator, size: tuple[int, int], gray: bool,
+              classes: int = 8) -> bytes:
+    """A JPEG whose mean colour and stripe direction depend on the class, with noise per image; the stripe
+    directions of `classes` classes are spread over the half circle (so grayscale images stay separable)."""
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    angle = np.pi * cls / 8
+    angle = np.pi * cls / min(classes, 8)
     stripes = 0.5 + 0.5 * np.sin((xx * np.cos(angle) + yy * np.sin(angle)) / (4 + cls))
     base = np.array([(cls * 67) % 256, (cls * 131 + 50) % 256, (cls * 29 + 100) % 256], np.float32)
     image = base * 0.6 + 100 * stripes[..., None] + rng.normal(0, 12, (h, w, 3))
@@ -115,7 +117,8 @@ def write_tiny_imagenet(manual_dir: str, classes: int = 8, train_per_class: int 
                 inner_buf = io.BytesIO()
                 with tarfile.open(fileobj=inner_buf, mode="w") as inner:
                     for k in range(train_per_class):
-                        data = make_jpeg(c, k, rng, SIZES[(c + k) % len(SIZES)], gray=(c + k) % 5 == 0)
+                        data = make_jpeg(c, k, rng, SIZES[(c + k) % len(SIZES)], gray=(c + k) % 5 == 0,
+                                         classes=classes)
                         if counts["train"] < corrupt_train:
                             data = corrupt(data)
                         _add(inner, f"{synset}_{k + 1}.JPEG", data)
@@ -130,7 +133,8 @@ def write_tiny_imagenet(manual_dir: str, classes: int = 8, train_per_class: int 
                     _add_placeholder(tar, name)
                     continue
                 c, i = class_at[k], counts["validation"]
-                data = make_jpeg(c, 100 + i, rng, SIZES[(3 * i + 1) % len(SIZES)], gray=i % 4 == 3)
+                data = make_jpeg(c, 100 + i, rng, SIZES[(3 * i + 1) % len(SIZES)], gray=i % 4 == 3,
+                                 classes=classes)
                 _add(tar, name, data)
                 counts["validation"] += 1
     return counts

@@ -1,0 +1,102 @@
+"""Does the paper's recipe learn here? A few-minute check on a generated 4-class ILSVRC-format archive.
+
+Writes a tiny ILSVRC-2012 manual-download folder (4 classes, each its own colour and stripe direction plus noise,
+JPEGs of 150-640 px; a validation split whose labels tfds assigns correctly), prepares it with tfds's real
+`imagenet2012` builder, then runs the real training command
+
+    python -m alexnet_jax.main --config configs/imagenet.py --workdir WORKDIR/run_VARIANT \\
+        --config.data_dir=WORKDIR/data --config.batch_size=8 --config.num_train_steps=120
+
+(only batch size, steps and data_dir changed; `--variant owt` adds --config.variant=owt) and reports whether the
+10-crop validation top-1 reached 0.9 and the validation loss fell below ln(1000) (the uniform guess); see
+`verdict`.
+Exit status 0 when it learns, 1 when it does not. About 2 minutes on 2 CPU cores.
+
+    python scripts/check_recipe.py [--workdir runs/check_recipe] [--variant paper|owt] [--steps 120] [--batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 40, 8
+MIN_TOP1 = 0.9
+MAX_LOSS = math.log(1000)
+
+
+def _tiny():
+    spec = importlib.util.spec_from_file_location("make_tiny_imagenet",
+                                                  os.path.join(REPO, "scripts", "make_tiny_imagenet.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def prepare(workdir: str) -> str:
+    """The prepared tfds data_dir of the 4-class archive (made once, reused by later runs)."""
+    manual, data = os.path.join(workdir, "manual"), os.path.join(workdir, "data")
+    if not os.path.isfile(os.path.join(manual, "ILSVRC2012_img_val.tar")):
+        _tiny().write_tiny_imagenet(manual, classes=CLASSES, train_per_class=TRAIN_PER_CLASS,
+                                    val_per_class=VAL_PER_CLASS)
+    cmd = [sys.executable, os.path.join(REPO, "scripts", "prepare_imagenet.py"), "--manual_dir", manual,
+           "--data_dir", data]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return data
+
+
+def run(workdir: str, data_dir: str, variant: str, steps: int, batch: int, env: dict[str, str] | None = None,
+        quiet: bool = False) -> dict:
+    """Train with the shipped configs/imagenet.py; returns summary.json."""
+    out = os.path.join(workdir, f"run_{variant}")
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume of the last check
+    cmd = [sys.executable, "-m", "alexnet_jax.main", "--config", os.path.join(REPO, "configs", "imagenet.py"),
+           "--workdir", out, f"--config.data_dir={data_dir}", f"--config.batch_size={batch}",
+           f"--config.num_train_steps={steps}"]
+    if variant != "paper":
+        cmd.append(f"--config.variant={variant}")
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=quiet, text=True)
+    if proc.returncode:
+        raise SystemExit(f"training failed (exit {proc.returncode}){': ' + proc.stderr[-2000:] if quiet else ''}")
+    with open(os.path.join(out, "summary.json")) as f:
+        return json.load(f)
+
+
+def verdict(summary: dict) -> tuple[bool, str]:
+    """Learns: an evaluation reached MIN_TOP1 with its loss below ln(1000), and the last one still has a loss
+    below ln(1000) and at least twice chance. (On 4 trivially separable classes a constant rate ends up at the
+    edge of stability, where the loss spikes now and then: docs/recipe.md.)"""
+    best, last = summary["best_top1_accuracy"], summary["top1_accuracy"]
+    ok = (best >= MIN_TOP1 and summary["best_eval_loss"] < MAX_LOSS and summary["eval_loss"] < MAX_LOSS
+          and last >= 2 / CLASSES)
+    return ok, (f"{'LEARNS' if ok else 'DOES NOT LEARN'}: {summary['variant']} net, batch "
+                f"{summary.get('batch_size', '?')}, {summary['step']} steps: best 10-crop top-1 {best:.3f} at step "
+                f"{summary['best_step']} (needs >= {MIN_TOP1}) with validation loss {summary['best_eval_loss']:.3f}; "
+                f"last {last:.3f} with loss {summary['eval_loss']:.3f} (needs < ln 1000 = {MAX_LOSS:.2f} and "
+                f"top-1 >= {2 / CLASSES}), on {summary['num_eval_examples']} validation images")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default=os.path.join("runs", "check_recipe"))
+    p.add_argument("--variant", default="paper", choices=("paper", "owt"))
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--batch", type=int, default=8)
+    a = p.parse_args()
+    workdir = os.path.abspath(a.workdir)
+    data_dir = prepare(workdir)
+    ok, line = verdict(run(workdir, data_dir, a.variant, a.steps, a.batch))
+    print(line)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
