@@ -40,3 +40,24 @@ def test_paper_recipe_learns_four_classes(archive, variant):
     assert summary["best_eval_loss"] < math.log(1000) and summary["eval_loss"] < math.log(1000), line
     assert summary["top1_accuracy"] >= 0.5, line  # the last evaluation: twice chance at least
     assert ok, line
+
+
+def test_balanced_validation_split_is_labelled_by_content(tmp_path):
+    """tfds labels validation images by sorted position: the generator's placeholders make the kept images get
+    the class they show (without them the 8 images would get the list's first 8, mostly untrained, labels)."""
+    import tensorflow_datasets as tfds
+
+    tiny = check._tiny()
+    manual, data = str(tmp_path / "manual"), str(tmp_path / "data")
+    counts = tiny.write_tiny_imagenet(manual, classes=4, train_per_class=1, val_per_class=2)
+    assert counts == {"train": 4, "validation": 8}
+    synsets, positions = tiny.balanced_validation(4, 2)
+    drawn = {f"ILSVRC2012_val_{k + 1:08d}.JPEG": s for s in synsets for k in positions[s]}
+    builder = tfds.builder("imagenet2012", data_dir=data)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    names = builder.info.features["label"].names
+    got = {ex["file_name"].decode(): names[ex["label"]]
+           for ex in builder.as_dataset(split="validation").as_numpy_iterator()}
+    assert got == drawn and len(set(got.values())) == 4
+    train = {names[ex["label"]] for ex in builder.as_dataset(split="train").as_numpy_iterator()}
+    assert train == set(synsets)
