@@ -38,12 +38,12 @@ def main(argv: list[str]) -> None:
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
-    from alexnet_jax import sharding, train
+    from alexnet_jax import distributed, train
     from alexnet_jax.errors import UserError
 
     logging.get_absl_handler().use_absl_log_file = False
     try:
-        sharding.initialize_distributed(FLAGS.config)  # before any other JAX call
+        distributed.initialize(FLAGS.config)  # before any other JAX call
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (UserError, train.TrainingError) as e:
         sys.exit(f"alexnet_jax: error: {e}")

@@ -2,7 +2,7 @@
 
 Usage: python multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR STEPS
 Each process simulates 8 / NUM_PROCESSES CPU devices, joins the others over gloo on localhost through
-`sharding.initialize_distributed`, reads only its own rows of every global batch and trains STEPS steps on a
+`distributed.initialize`, reads only its own rows of every global batch and trains STEPS steps on a
 ('data', 'model') = (4, 2) mesh spanning all processes. Process 0 writes the final parameters; every process
 writes the labels of the rows it read. `run` is also called in-process for the 1 x 8 reference.
 """
@@ -67,10 +67,10 @@ def main() -> None:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // nproc}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from alexnet_jax import sharding
+    from alexnet_jax import distributed
 
     config = config_for_test(pid, nproc, port)
-    assert sharding.initialize_distributed(config) == (nproc > 1)  # before any other JAX call
+    assert distributed.initialize(config) == (nproc > 1)  # before any other JAX call
     params, seen = run(config, pid, nproc, steps)
     np.save(os.path.join(out_dir, f"labels_{pid}_of_{nproc}.npy"), seen)
     if pid == 0:

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from alexnet_jax import default_config, optim, sharding, train
+from alexnet_jax import collectives, default_config, distributed, optim, sharding, train
 from alexnet_jax.errors import UserError
 
 IMAGE = (20, 20, 1)
@@ -107,8 +107,8 @@ def test_paper_split_communicates_like_the_paper():
     """4x2, the 2012 net's layer shapes: no 'model' traffic in conv1/2/4/5, 'model' traffic at conv3 and fc6-8."""
     config = tiny_config(variant="paper", widths=(), fc_width=0, num_classes=1000, image_size=67,
                          batch_size=8, mesh_shape=(4, 2))
-    _, compiled = sharding.compiled_train_step(config, mesh_of((4, 2)), (67, 67, 3))
-    ops = sharding.collectives(compiled.as_text(), mesh_of((4, 2)))
+    _, compiled = collectives.compiled_train_step(config, mesh_of((4, 2)), (67, 67, 3))
+    ops = collectives.collectives(compiled.as_text(), mesh_of((4, 2)))
     over_model = {(c.layer, c.pass_, c.kind) for c in ops if "model" in c.axes}
     layers = {layer for layer, _, _ in over_model}
     assert not layers & {"conv1", "conv2", "conv4", "conv5"}, over_model
@@ -180,7 +180,7 @@ def test_main_rejects_a_bad_mesh_before_compiling(repo, tmp_path):
 def test_report_cli(repo):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run(
-        [sys.executable, "-m", "alexnet_jax.sharding", "--config", "configs/fashion_mnist.py", "--mesh", "4,2",
+        [sys.executable, "-m", "alexnet_jax.collectives", "--config", "configs/fashion_mnist.py", "--mesh", "4,2",
          "--config.batch_size=16", "--config.widths=(32,64,96,96,64)"],  # pinned: the lines below name them
         cwd=repo, env=env, capture_output=True, text=True, timeout=180,
     )
@@ -202,7 +202,7 @@ def test_collectives_parser_reads_every_replica_group_spelling():
         '  %d = (f32[2]{0}, f32[3,3]{1,0}) all-reduce(%p, %q), replica_groups={{0,2,4,6},{1,3,5,7}}, '
         'metadata={op_name="jit(f)/(transpose(jvp(AlexNet))/fc6/fc6/psum:transpose(jvp(AlexNet))/fc7/fc7/psum)"}',
     ])
-    got = [(c.kind, c.bytes, c.axes, c.layer, c.pass_) for c in sharding.collectives(hlo, mesh)]
+    got = [(c.kind, c.bytes, c.axes, c.layer, c.pass_) for c in collectives.collectives(hlo, mesh)]
     assert got == [
         ("all-gather", 128, ("model",), "conv3", "forward"),
         ("all-reduce", 64, ("data",), "conv2", "backward"),
@@ -249,13 +249,13 @@ def test_distributed_start_up_follows_config_and_environment(monkeypatch):
                 "OMPI_COMM_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     config = default_config.get_config()
-    assert sharding.initialize_distributed(config) is False  # one process: nothing asked for it
+    assert distributed.initialize(config) is False  # one process: nothing asked for it
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     monkeypatch.setenv("SLURM_NTASKS", "1")
-    assert sharding.initialize_distributed(config) is False  # a one-task SLURM job is one process
+    assert distributed.initialize(config) is False  # a one-task SLURM job is one process
     config.distributed = "sometimes"
     with pytest.raises(UserError, match=r"--config.distributed='sometimes': choose 'auto', 'on' or 'off'"):
-        sharding.initialize_distributed(config)
+        distributed.initialize(config)
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host-0,host-1")
-    assert sharding._multi_process_env()
+    assert distributed._multi_process_env()
