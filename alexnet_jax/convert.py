@@ -135,12 +135,13 @@ def to_flax_params(state: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarr
 
 def torchvision_config(widths: tuple[int, ...], fc_width: int, num_classes: int, image_size: int = 224) -> Any:
     """The alexnet_jax config that builds torchvision's network and evaluates as torchvision does."""
-    from alexnet_jax import default_config, models
+    from alexnet_jax import default_config
+    from alexnet_jax.model import VARIANTS
 
     c = default_config.get_config()
     c.dataset = "imagenet2012"
     c.variant = "owt"
-    spec = models.VARIANTS["owt"]
+    spec = VARIANTS["owt"]
     c.widths = () if tuple(widths) == spec.widths else tuple(widths)
     c.fc_width = 0 if fc_width == spec.fc_width else fc_width
     c.num_classes = num_classes
@@ -195,7 +196,7 @@ def convert(path: str, workdir: str, *, image_size: int = 224) -> dict[str, Any]
                                       trainer.state_sharding, data_info=info, handle_sigterm=False)
     ckpt.save(0, state)
     ckpt.close()
-    from alexnet_jax.models import count_params
+    from alexnet_jax.flops import count_params
 
     return {"checkpoint": ckpt.step_dir(0), "params": count_params(params), "widths": list(widths),
             "fc_width": fc_width, "num_classes": num_classes}

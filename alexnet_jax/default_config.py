@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.channel_mean = ()
     c.channel_std = ()
 
-    # Model (alexnet_jax.models.AlexNet).
+    # Model (alexnet_jax.model.AlexNet).
     c.model = "AlexNet"
     c.variant = "paper"  # 'paper' (2012), 'owt' (torchvision / one weird trick), 'small' (28-32 px)
     c.norm = ""  # 'lrn', 'batchnorm', 'none'; '' = the variant's own (paper: lrn)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from alexnet_jax import models, optim
+from alexnet_jax import model, optim
 
 
 class UserError(Exception):
@@ -41,14 +41,16 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
         fail("dropout_rate", "must be in [0, 1)")
     if config.lr_schedule not in optim.SCHEDULES:
         fail("lr_schedule", f"choose one of {optim.SCHEDULES}")
-    if config.variant not in models.VARIANTS:
-        fail("variant", f"choose one of {tuple(models.VARIANTS)}")
-    if config.norm and config.norm not in models.NORMS:
-        fail("norm", f"choose one of {models.NORMS} (or '' for the variant's own)")
+    if config.variant not in model.VARIANTS:
+        fail("variant", f"choose one of {tuple(model.VARIANTS)}")
+    if config.norm and config.norm not in model.NORMS:
+        fail("norm", f"choose one of {model.NORMS} (or '' for the variant's own)")
     if config.groups not in (0, 1, 2):
         fail("groups", "choose 1, 2 (the paper's two-GPU split) or 0 for the variant's own")
-    if config.init_scheme not in models.INITS:
-        fail("init_scheme", f"choose one of {models.INITS}")
+    if config.init_scheme not in model.INITS:
+        fail("init_scheme", f"choose one of {model.INITS}")
+    if config.get("sharding", "paper") not in model.STRATEGIES:
+        fail("sharding", f"choose one of {model.STRATEGIES}")
     if config.dtype not in ("float32", "bfloat16", "float16"):
         fail("dtype", "choose 'float32' or 'bfloat16'")
     if config.widths and len(config.widths) != 5:

@@ -54,10 +54,10 @@ def read_params(workdir: str, step: int | None = None) -> tuple[int, dict[str, A
 
 def conv1_groups(config: dict[str, Any]) -> int:
     """How many groups conv1's output channels form in this config (the paper net: 2, one per GPU)."""
-    from alexnet_jax import models
+    from alexnet_jax.model import VARIANTS
 
     groups = int(config.get("groups") or 0)
-    return groups or models.VARIANTS[config.get("variant", "paper")].default_groups
+    return groups or VARIANTS[config.get("variant", "paper")].default_groups
 
 
 def filter_grid(kernel: np.ndarray, groups: int, cols: int | None = None) -> np.ndarray:

@@ -8,6 +8,9 @@ parallelism in the convs and model parallelism in the FC layers).
 Multiply-adds (MAC) count the weight products only: a conv layer's H_out*W_out*k*k*(C_in/groups)*C_out, a
 dense layer's in*out. Biases, ReLU, LRN and pooling add < 1% and are left out, as in the paper's figures.
 A FLOP is 2 MAC; training costs ~3x the forward pass (forward, gradient w.r.t. inputs, w.r.t. weights).
+
+This module owns all shape and cost analysis of a built model (`stage_outputs`, `feature_shapes`,
+`count_params`, `forward_macs`, `layer_costs`); the model package only defines the network.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from alexnet_jax import models
+from alexnet_jax.model import AlexNet, create_model
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 FLOAT_BYTES = 4
@@ -42,8 +45,8 @@ def image_shape_of(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
     return (int(config.image_size), int(config.image_size), channels)
 
 
-def layer_costs(model: Any, image_shape: tuple[int, int, int]) -> list[LayerCost]:
-    """One row per conv/FC layer; shapes come from `jax.eval_shape` of init and apply (nothing is computed)."""
+def _abstract_run(model: AlexNet, image_shape: tuple[int, int, int]) -> tuple[Any, Any]:
+    """(params, sown intermediates) of init and apply on one image, as shapes (`jax.eval_shape`)."""
 
     def run() -> Any:
         x = jnp.zeros((1, *image_shape))
@@ -51,7 +54,27 @@ def layer_costs(model: Any, image_shape: tuple[int, int, int]) -> list[LayerCost
         _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
         return variables["params"], state["intermediates"]
 
-    params, inter = jax.eval_shape(run)
+    return jax.eval_shape(run)
+
+
+def stage_outputs(model: AlexNet, image_shape: tuple[int, int, int]) -> dict[str, jax.ShapeDtypeStruct]:
+    """The sown conv (`convN_out`) and pool (`poolN`) outputs for one image, as shapes (`jax.eval_shape`)."""
+    return _abstract_run(model, image_shape)[1]
+
+
+def feature_shapes(model: AlexNet, image_shape: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
+    """Per-image output shape of every conv and pool stage (shapes only, no FLOPs spent)."""
+    return {name.removesuffix("_out"): tuple(v.shape[1:]) for name, v in stage_outputs(model, image_shape).items()}
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter tree."""
+    return sum(int(math.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+
+
+def layer_costs(model: AlexNet, image_shape: tuple[int, int, int]) -> list[LayerCost]:
+    """One row per conv/FC layer; shapes come from `jax.eval_shape` of init and apply (nothing is computed)."""
+    params, inter = _abstract_run(model, image_shape)
     rows = []
     for name in LAYERS:
         kernel, bias = params[name]["kernel"].shape, params[name]["bias"].shape
@@ -66,10 +89,19 @@ def layer_costs(model: Any, image_shape: tuple[int, int, int]) -> list[LayerCost
     return rows
 
 
-def activation_floats(model: Any, image_shape: tuple[int, int, int]) -> int:
+def forward_macs(model: AlexNet, image_shape: tuple[int, int, int]) -> dict[str, int]:
+    """Multiply-adds per image of every conv and FC layer (the paper net with groups: 724.4M in all).
+
+    A conv's count is output positions x its kernel's size (a grouped kernel already holds cin/groups);
+    training costs about 3x the forward pass (forward, input gradient, kernel gradient).
+    """
+    return {r.name: r.macs for r in layer_costs(model, image_shape)}
+
+
+def activation_floats(model: AlexNet, image_shape: tuple[int, int, int]) -> int:
     """Floats per image in the layer outputs a training step keeps for the backward pass (conv outputs,
     their ReLU/LRN/pool results and the FC outputs): a lower bound on activation memory."""
-    inter = models.stage_outputs(model, image_shape)
+    inter = stage_outputs(model, image_shape)
     total = 0
     for name, v in inter.items():
         size = math.prod(v.shape[1:])
@@ -126,12 +158,6 @@ def plot_table(rows: list[LayerCost], path: str, title: str = "") -> str:
     return path
 
 
-def model_of(config: ml_collections.ConfigDict) -> Any:
-    from alexnet_jax import train
-
-    return train.create_model(config)
-
-
 def main(argv: list[str]) -> None:
     from absl import app, flags
 
@@ -144,7 +170,7 @@ def main(argv: list[str]) -> None:
         check_config(config, 1)
     except UserError as e:
         sys.exit(f"alexnet_jax.flops: error: {e}")
-    model = model_of(config)
+    model = create_model(config)
     shape = image_shape_of(config)
     rows = layer_costs(model, shape)
     groups = model.groups or model.spec.default_groups

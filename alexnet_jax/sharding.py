@@ -6,7 +6,7 @@ strategy does not split the layers that read them). Strategies:
 
 - 'paper': the 2012 net's two-GPU split generalised to m = |model| devices: each device holds 1/m of the
   kernels of every conv layer and 1/m of the neurons of every FC layer; conv2/conv4/conv5 read only their
-  own device's maps, conv3 and fc6-fc8 exchange data (see models.py for how the layers run).
+  own device's maps, conv3 and fc6-fc8 exchange data (see model/layers.py for how the layers run).
 - 'owt': Krizhevsky 2014, "One weird trick": convs data-parallel over every device, FC layers split.
 - 'data_parallel': every parameter replicated, the batch split over every device.
 
@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from alexnet_jax.errors import UserError
-from alexnet_jax.models import DATA, MODEL, STRATEGIES, VARIANTS
+from alexnet_jax.model import DATA, MODEL, STRATEGIES, VARIANTS
 
 AXES = (DATA, MODEL)
 

@@ -1,6 +1,6 @@
 """The same AlexNet in PyTorch, for `scripts/benchmark.py --vs-torch`: a yardstick, not a second implementation.
 
-Built from an `alexnet_jax.models.AlexNet` and an image shape, so the two nets have the same layers, shapes,
+Built from an `alexnet_jax.model.AlexNet` and an image shape, so the two nets have the same layers, shapes,
 groups, LRN (the paper's formula: torch's `LocalResponseNorm` divides alpha by the window size, so it gets
 alpha * n; with groups the window stays inside each group, as in the JAX model), overlapping 3/2 max-pooling,
 dropout and SGD with momentum and weight decay. `load_flax_params` copies JAX parameters in, which is how the
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from alexnet_jax.models import LRN_ALPHA, LRN_BETA, LRN_BIAS, LRN_DEPTH_RADIUS, AlexNet, conv1_edge_padding
+from alexnet_jax.model import LRN_ALPHA, LRN_BETA, LRN_BIAS, LRN_DEPTH_RADIUS, AlexNet, conv1_edge_padding
 
 INSTALL_HINT = "pip install 'torch==2.13.0' (or: pip install -e '.[bench]'), a CPU build"
 

@@ -19,7 +19,7 @@ from absl import logging
 
 from alexnet_jax import checkpointing, input_pipeline, optim, sharding
 from alexnet_jax.errors import UserError, check_config
-from alexnet_jax.models import AlexNet
+from alexnet_jax.model import AlexNet, create_model
 
 
 @flax.struct.dataclass
@@ -34,23 +34,6 @@ class TrainState:
 
 class TrainingError(Exception):
     """Training cannot go on (e.g. the loss became NaN); the message says what to try."""
-
-
-def create_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> AlexNet:
-    """The configured AlexNet; with a mesh, its layers run split as `config.sharding` says (sharding.py)."""
-    return AlexNet(
-        num_classes=config.num_classes,
-        variant=config.variant,
-        norm=config.norm or None,
-        groups=config.groups or None,
-        init_scheme=config.init_scheme,
-        dropout_rate=config.dropout_rate,
-        widths=tuple(config.widths) or None,
-        fc_width=config.fc_width or None,
-        dtype=jnp.dtype(config.dtype),
-        mesh=mesh,
-        strategy=sharding.strategy_of(config),
-    )
 
 
 def create_train_state(

@@ -187,7 +187,7 @@ def bench_train_step(config_path: str, batch: int, steps: int, overrides: list[s
     alternates with it in the same process (both see the same machine load) and the ratio is reported."""
     import jax
 
-    from alexnet_jax import models, sharding, train
+    from alexnet_jax import flops, sharding, train
 
     config = _load_config(config_path, batch, overrides)
     if vs_torch:
@@ -210,7 +210,7 @@ def bench_train_step(config_path: str, batch: int, steps: int, overrides: list[s
     t2 = time.perf_counter()
     state, m = step_fn(state, device_batch)  # warm-up
     jax.block_until_ready((state, m))
-    macs = models.forward_macs(trainer.model, shape)
+    macs = flops.forward_macs(trainer.model, shape)
     train_flop = 3 * 2 * sum(macs.values()) * batch  # forward + input gradient + kernel gradient
     mem = step_fn.memory_analysis()
     out: dict[str, float] = {

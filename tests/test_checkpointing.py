@@ -18,6 +18,7 @@ from conftest import FASHION_MNIST_DIR, REPO
 
 from alexnet_jax import checkpointing, evaluate, input_pipeline, predict, sharding, train
 from alexnet_jax.errors import UserError
+from alexnet_jax.model import create_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -172,7 +173,7 @@ def test_plain_orbax_restores_the_parameter_tree(run_4x2, python):
                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    model = train.create_model(config)
+    model = create_model(config)
     expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"])
     expected = {"/".join(k.key for k in p): list(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
     assert got["step"] == 4 and got["same"] and got["types"] == ["ndarray"]

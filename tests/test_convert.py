@@ -11,8 +11,9 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, os.path.dirname(__file__))
 from torchvision_alexnet import TorchvisionAlexNet  # noqa: E402
 
-from alexnet_jax import convert, train  # noqa: E402
+from alexnet_jax import convert  # noqa: E402
 from alexnet_jax.errors import UserError  # noqa: E402
+from alexnet_jax.model import create_model  # noqa: E402
 
 
 def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -50,7 +51,7 @@ def converted(pth, tmp_path_factory) -> str:
 def _flax_logits(state_dict, images_nhwc: np.ndarray) -> np.ndarray:
     widths, fc_width, classes, _ = convert.check_architecture(state_dict)
     config = convert.torchvision_config(widths, fc_width, classes, images_nhwc.shape[1])
-    model = train.create_model(config)
+    model = create_model(config)
     return np.asarray(model.apply({"params": convert.to_flax_params(state_dict)}, images_nhwc, train=False))
 
 

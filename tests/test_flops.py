@@ -3,7 +3,7 @@
 import subprocess
 
 from alexnet_jax import flops
-from alexnet_jax.models import AlexNet
+from alexnet_jax.model import AlexNet
 
 
 def _split(rows):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from alexnet_jax import models
-from alexnet_jax.models import AlexNet, Conv, count_params, feature_shapes, local_response_norm
+from alexnet_jax.flops import count_params, feature_shapes
+from alexnet_jax.model import AlexNet, Conv, conv1_edge_padding, create_model, local_response_norm, max_pool
 
 PAPER_LAYER_PARAMS = {  # REFERENCE.md section 1
     "conv1": 34_944, "conv2": 307_456, "conv3": 885_120, "conv4": 663_936, "conv5": 442_624,
@@ -41,8 +41,8 @@ def test_paper_feature_sizes(size):
 
 
 def test_conv1_edge_padding_is_cuda_convnets():
-    assert models.conv1_edge_padding(224, 11, 4) == 3
-    assert models.conv1_edge_padding(227, 11, 4) == 0
+    assert conv1_edge_padding(224, 11, 4) == 3
+    assert conv1_edge_padding(227, 11, 4) == 0
 
 
 def test_owt_variant_is_torchvisions_alexnet():
@@ -187,9 +187,9 @@ def test_max_pool_matches_flax_values_and_gradients_with_ties():
     x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(0), (2, 13, 15, 4)))
     x = jnp.round(x * 4) / 4  # many equal values in a window, zeros after ReLU among them
     ref = lambda v: nn.max_pool(v, (3, 3), (2, 2), "VALID")  # noqa: E731
-    np.testing.assert_array_equal(models.max_pool(x), ref(x))
+    np.testing.assert_array_equal(max_pool(x), ref(x))
     w = jax.random.normal(jax.random.PRNGKey(1), ref(x).shape)
-    g_ours = jax.grad(lambda v: jnp.sum(models.max_pool(v) * w))(x)
+    g_ours = jax.grad(lambda v: jnp.sum(max_pool(v) * w))(x)
     g_ref = jax.grad(lambda v: jnp.sum(ref(v) * w))(x)
     # same positions get the gradient; where two windows overlap the sum may round in another order
     np.testing.assert_allclose(g_ours, g_ref, rtol=1e-6, atol=1e-6)
@@ -208,8 +208,6 @@ def load_config(name):
 
 
 def test_config_files_build_the_intended_models():
-    from alexnet_jax.train import create_model
-
     imagenet = load_config("imagenet.py")
     model = create_model(imagenet)
     params = abstract_params(model, (imagenet.image_size, imagenet.image_size, 3))

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import models
+from alexnet_jax.flops import count_params, forward_macs
 from alexnet_jax.input_pipeline import fashion_mnist_files_present
-from alexnet_jax.models import AlexNet, forward_macs, strided_conv_as_matmuls
+from alexnet_jax.model import AlexNet, ops, strided_conv_as_matmuls
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_FMNIST = fashion_mnist_files_present("/usr/share/datasets/fashion-mnist")
@@ -55,7 +55,7 @@ def test_paper_net_step_matches_the_plain_formulation(monkeypatch):
         return jnp.sum(logits * jnp.arange(10.0)), logits
 
     (_, ours), g_ours = jax.value_and_grad(loss, has_aux=True)(params)
-    monkeypatch.setattr(models, "strided_conv_as_matmuls", plain_conv)
+    monkeypatch.setattr(ops, "strided_conv_as_matmuls", plain_conv)
     (_, ref), g_ref = jax.value_and_grad(loss, has_aux=True)(params)
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(g_ours), jax.tree_util.tree_leaves(g_ref), strict=True):
@@ -82,7 +82,7 @@ def test_torch_yardstick_computes_the_same_function(variant, shape, kw):
     params = model.init(jax.random.PRNGKey(3), jnp.asarray(x))["params"]
     net = torch_alexnet.build(model, shape)
     torch_alexnet.load_flax_params(net, params)
-    assert sum(p.numel() for p in net.parameters()) == models.count_params(params)
+    assert sum(p.numel() for p in net.parameters()) == count_params(params)
     net.eval()
     with torch.no_grad():
         theirs = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()

@@ -14,6 +14,7 @@ import pytest
 
 from alexnet_jax import collectives, default_config, distributed, optim, sharding, train
 from alexnet_jax.errors import UserError
+from alexnet_jax.model import create_model
 
 IMAGE = (20, 20, 1)
 
@@ -53,7 +54,7 @@ def batch_for(config):
 def reference():
     """The initial state and one train step on one device, no mesh at all: what every mesh must reproduce."""
     config = tiny_config()
-    model = train.create_model(config)
+    model = create_model(config)
     tx = optim.create_optimizer(config, 10, 100)
     plateau = optim.create_plateau(config)
     with jax.default_device(jax.devices()[0]):

@@ -1,0 +1,49 @@
+"""AlexNet in Flax, as a package: numeric kernels (`ops`), mesh-aware layers (`layers`), the network (`alexnet`).
+
+`from alexnet_jax.model import AlexNet, create_model, ...` gives the public names of all three; the shape and
+multiply-add analysis of a built model is in `alexnet_jax.flops`.
+"""
+
+from alexnet_jax.model.alexnet import INITS, NORMS, STRATEGIES, VARIANTS, AlexNet, Variant, create_model
+from alexnet_jax.model.layers import DATA, MODEL, Conv, Dense, model_axis_size
+from alexnet_jax.model.ops import (
+    LRN_ALPHA,
+    LRN_BETA,
+    LRN_BIAS,
+    LRN_DEPTH_RADIUS,
+    POOL_STRIDE,
+    POOL_WINDOW,
+    adaptive_avg_pool,
+    conv1_edge_padding,
+    grouped_conv,
+    local_response_norm,
+    max_pool,
+    strided_conv_as_matmuls,
+)
+
+__all__ = [
+    "DATA",
+    "INITS",
+    "LRN_ALPHA",
+    "LRN_BETA",
+    "LRN_BIAS",
+    "LRN_DEPTH_RADIUS",
+    "MODEL",
+    "NORMS",
+    "POOL_STRIDE",
+    "POOL_WINDOW",
+    "STRATEGIES",
+    "VARIANTS",
+    "AlexNet",
+    "Conv",
+    "Dense",
+    "Variant",
+    "adaptive_avg_pool",
+    "conv1_edge_padding",
+    "create_model",
+    "grouped_conv",
+    "local_response_norm",
+    "max_pool",
+    "model_axis_size",
+    "strided_conv_as_matmuls",
+]

@@ -1,0 +1,208 @@
+"""Pure-JAX numeric kernels of AlexNet, with their hand-written gradients and XLA:CPU workarounds.
+
+What the layers compute, without Flax and without any mesh: the paper's local response normalisation
+(section 3.3, with a custom VJP ~3x faster than autodiff on CPU), cuda-convnet's conv1 edge padding, grouped
+convolution as one convolution per group (XLA:CPU runs that ~3x faster than `feature_group_count`, and it is
+what lets the layers place each group on its own device), conv1 as matmuls (space-to-depth; XLA:CPU's strided
+convolution and its kernel gradient are ~3x slower), the paper's overlapping 3/2 max-pooling with a backward
+pass of strided pads instead of select-and-scatter, and torchvision's adaptive average pooling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+# The paper's LRN constants (section 3.3): k=2, n=5, alpha=1e-4, beta=0.75; alpha is NOT divided by n.
+LRN_DEPTH_RADIUS = 2
+LRN_BIAS = 2.0
+LRN_ALPHA = 1e-4
+LRN_BETA = 0.75
+
+
+def _window_sum(v: jax.Array, depth_radius: int, groups: int) -> jax.Array:
+    """Sum over channels c-r..c+r, never crossing a group boundary (zero padding at the edges)."""
+    grouped = v.reshape(*v.shape[:-1], groups, v.shape[-1] // groups)
+    window = (1,) * (grouped.ndim - 1) + (2 * depth_radius + 1,)
+    padding = [(0, 0)] * (grouped.ndim - 1) + [(depth_radius, depth_radius)]
+    sums = jax.lax.reduce_window(grouped, 0.0, jax.lax.add, window, (1,) * grouped.ndim, padding)
+    return sums.reshape(v.shape)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _lrn(x: jax.Array, depth_radius: int, bias: float, alpha: float, beta: float, groups: int) -> jax.Array:
+    return _lrn_fwd(x, depth_radius, bias, alpha, beta, groups)[0]
+
+
+def _neg_power(d: jax.Array, beta: float) -> jax.Array:
+    """d ** -beta; for the paper's beta = 0.75 as rsqrt(d) * rsqrt(sqrt(d)), ~5x cheaper than pow on CPU."""
+    if beta == 0.75:
+        return jax.lax.rsqrt(d) * jax.lax.rsqrt(jnp.sqrt(d))
+    return jnp.power(d, -beta)
+
+
+def _lrn_fwd(x, depth_radius, bias, alpha, beta, groups):
+    d = bias + alpha * _window_sum(x * x, depth_radius, groups)
+    scale = _neg_power(d, beta)
+    return x * scale, (x, d, scale)
+
+
+def _lrn_bwd(depth_radius, bias, alpha, beta, groups, res, g):
+    # dy_c/dx_j = [c == j] d_c^-beta - 2 alpha beta x_j x_c d_c^(-beta-1) [j in window(c)]; the window relation
+    # is symmetric, so the second term is one more window sum. Autodiff of the forward is ~3x slower on CPU.
+    x, d, scale = res
+    return (g * scale - 2.0 * alpha * beta * x * _window_sum(g * x * scale / d, depth_radius, groups),)
+
+
+_lrn.defvjp(_lrn_fwd, _lrn_bwd)
+
+
+def local_response_norm(
+    x: jax.Array,
+    depth_radius: int = LRN_DEPTH_RADIUS,
+    bias: float = LRN_BIAS,
+    alpha: float = LRN_ALPHA,
+    beta: float = LRN_BETA,
+    groups: int = 1,
+) -> jax.Array:
+    """b[c] = a[c] / (bias + alpha * sum_{|c'-c|<=r} a[c']^2) ** beta over the last (channel) axis.
+
+    Same formula as `tf.nn.local_response_normalization` (alpha not divided by the window size, unlike
+    PyTorch/Caffe). With `groups > 1` the window never crosses a group boundary: in the paper's net each
+    GPU normalises only its own maps (cuda-convnet's rnorm1a/rnorm1b). Computed in float32, with a
+    hand-written gradient (tests compare it with autodiff of the formula).
+    """
+    channels = x.shape[-1]
+    if channels % groups:
+        raise ValueError(f"LRN: {channels} channels do not split into {groups} groups")
+    y = _lrn(x.astype(jnp.float32), depth_radius, float(bias), float(alpha), float(beta), groups)
+    return y.astype(x.dtype)
+
+
+def conv1_edge_padding(size: int, kernel: int, stride: int) -> int:
+    """Bottom/right zero padding of cuda-convnet's conv1: 1 + ceil((size - kernel) / stride) outputs.
+
+    224 px inputs get 3 px (55x55 maps, the paper's figure); 227 px inputs (Caffe) need none.
+    """
+    outputs = 1 + math.ceil((size - kernel) / stride)
+    return (outputs - 1) * stride + kernel - size
+
+
+def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, strides: int,
+                 padding: Sequence[tuple[int, int]]) -> jax.Array:
+    """`groups` convolutions on channel slices, concatenated: what `feature_group_count=groups` computes."""
+    xs = jnp.split(x, groups, axis=-1)
+    ks = jnp.split(kernel, groups, axis=-1)
+    if strides > 1:  # conv1: XLA:CPU's strided convolution is ~3x slower than the same sums as matmuls
+        outs = [strided_conv_as_matmuls(xi, ki, (strides, strides), padding) for xi, ki in zip(xs, ks, strict=True)]
+    else:
+        outs = [
+            jax.lax.conv_general_dilated(xi, ki, (1, 1), list(padding), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            for xi, ki in zip(xs, ks, strict=True)
+        ]
+    return outs[0] if groups == 1 else jnp.concatenate(outs, axis=-1)
+
+
+def strided_conv_as_matmuls(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Sequence[tuple[int, int]]
+) -> jax.Array:
+    """The same convolution as `lax.conv_general_dilated(x, kernel, strides, padding)` (NHWC, HWIO), as matmuls.
+
+    For conv1 (11x11/4 on 3 channels) XLA:CPU's convolution, and above all its kernel gradient, is ~3x slower
+    than PyTorch's (docs/performance.md). Space-to-depth turns it into a stride-1 convolution on s*s*C
+    channels with a ceil(k/s)-tap kernel (zero-padded to a multiple of the stride); with the rows outermost,
+    (H, N, W, C), each kernel row is one matmul over a contiguous slice of the column-shifted input, so the
+    patches are only built kw/s-fold, and autodiff of the matmuls gives the kernel gradient as matmuls too.
+    """
+    n, h, w, c = x.shape
+    kh, kw, _, cout = kernel.shape
+    (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
+    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    th, tw = -(-kh // sh), -(-kw // sw)  # kernel taps in units of the stride
+    hb, wb = oh - 1 + th, ow - 1 + tw  # input blocks read; rows past the last block meet only zero taps
+    zero = jnp.zeros((), x.dtype)
+    x = jax.lax.pad(x, zero, [(0, 0, 0), (pt, hb * sh - h - pt, 0), (pl, wb * sw - w - pl, 0), (0, 0, 0)])
+    x = x.reshape(n, hb, sh, wb, sw, c).transpose(1, 0, 3, 2, 4, 5).reshape(hb, n, wb, sh * sw * c)
+    cols = jnp.concatenate([x[:, :, j : j + ow] for j in range(tw)], axis=-1)  # (hb, n, ow, tw*sh*sw*c)
+    k = jnp.pad(kernel, [(0, th * sh - kh), (0, tw * sw - kw), (0, 0), (0, 0)])
+    k = k.reshape(th, sh, tw, sw, c, cout).transpose(0, 2, 1, 3, 4, 5).reshape(th, tw * sh * sw * c, cout)
+    y = None
+    for i in range(th):
+        part = cols[i : i + oh].reshape(oh * n * ow, -1) @ k[i]
+        y = part if y is None else y + part
+    return y.reshape(oh, n, ow, cout).transpose(1, 0, 2, 3)
+
+
+POOL_WINDOW, POOL_STRIDE = 3, 2
+
+
+def _pool_slices(x: jax.Array):
+    """The 9 strided views whose elementwise max is the pooled map, in row-major window order."""
+    n, h, w, c = x.shape
+    oh, ow = (h - POOL_WINDOW) // POOL_STRIDE + 1, (w - POOL_WINDOW) // POOL_STRIDE + 1
+    for i in range(POOL_WINDOW):
+        for j in range(POOL_WINDOW):
+            end = (n, i + POOL_STRIDE * (oh - 1) + 1, j + POOL_STRIDE * (ow - 1) + 1, c)
+            yield i, j, jax.lax.slice(x, (0, i, j, 0), end, (1, POOL_STRIDE, POOL_STRIDE, 1))
+
+
+@jax.custom_vjp
+def max_pool(x: jax.Array) -> jax.Array:
+    """The paper's overlapping pooling: 3x3 windows, stride 2, no padding (NHWC).
+
+    Same values and gradients as `nn.max_pool(x, (3, 3), (2, 2), 'VALID')` (the first maximum of a window
+    gets the gradient, as XLA's select-and-scatter does), but the backward pass is 9 strided pads instead
+    of select-and-scatter, which XLA:CPU runs ~9x slower.
+    """
+    return _max_pool_fwd(x)[0]
+
+
+def _max_pool_fwd(x: jax.Array):
+    best = arg = None
+    for k, (_, _, view) in enumerate(_pool_slices(x)):
+        if best is None:
+            best, arg = view, jnp.zeros(view.shape, jnp.int8)
+        else:
+            better = view > best  # strict: ties keep the earlier position
+            best = jnp.where(better, view, best)
+            arg = jnp.where(better, jnp.int8(k), arg)
+    return best, (arg, x.shape)
+
+
+def _max_pool_bwd(res, g: jax.Array):
+    arg, shape = res
+    h, w = shape[1:3]
+    oh, ow = g.shape[1:3]
+    zero = jnp.zeros((), g.dtype)
+    grad = None
+    for k in range(POOL_WINDOW * POOL_WINDOW):
+        i, j = divmod(k, POOL_WINDOW)
+        part = jnp.where(arg == k, g, zero)
+        pads = [(0, 0, 0), (i, h - i - POOL_STRIDE * (oh - 1) - 1, POOL_STRIDE - 1),
+                (j, w - j - POOL_STRIDE * (ow - 1) - 1, POOL_STRIDE - 1), (0, 0, 0)]
+        part = jax.lax.pad(part, zero, pads)
+        grad = part if grad is None else grad + part
+    return (grad,)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:
+    """torchvision's AdaptiveAvgPool2d: bin i covers [floor(i*H/size), ceil((i+1)*H/size))."""
+    h, w = x.shape[1:3]
+    if (h, w) == (size, size):
+        return x
+    rows = []
+    for i in range(size):
+        r0, r1 = (i * h) // size, -((-(i + 1) * h) // size)
+        cols = []
+        for j in range(size):
+            c0, c1 = (j * w) // size, -((-(j + 1) * w) // size)
+            cols.append(jnp.mean(x[:, r0:r1, c0:c1, :], axis=(1, 2)))
+        rows.append(jnp.stack(cols, axis=1))
+    return jnp.stack(rows, axis=1)
