@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from alexnet_jax import models
-from alexnet_jax.input_pipeline import fashion_mnist_files_present
+from alexnet_jax.data import fashion_mnist_files_present
 from alexnet_jax.models import AlexNet, forward_macs, strided_conv_as_matmuls
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
