@@ -402,7 +402,7 @@ def for_trainer(workdir: str, config: ml_collections.ConfigDict, trainer: Any, d
     """A Checkpointer whose restores land on `trainer`'s mesh and shardings."""
     info: dict[str, Any] = {}
     if data is not None:
-        from alexnet_jax import input_pipeline
+        from alexnet_jax.data import steps_per_epoch
 
         mean, std = getattr(data, "mean", None), getattr(data, "std", None)
         info = {
@@ -413,7 +413,7 @@ def for_trainer(workdir: str, config: ml_collections.ConfigDict, trainer: Any, d
             "std": None if std is None else np.asarray(std, np.float64).tolist(),
             "num_train": data.num_train,
             "num_eval": data.num_eval,
-            "steps_per_epoch": input_pipeline.steps_per_epoch(data.num_train, config.batch_size),
+            "steps_per_epoch": steps_per_epoch(data.num_train, config.batch_size),
         }
     return Checkpointer(workdir, config, abstract_train_state(trainer), trainer.state_sharding, data_info=info,
                         **kwargs)

@@ -31,7 +31,7 @@ POOL_SIZE = 6  # torchvision's AdaptiveAvgPool2d((6, 6))
 # torchvision's transforms.Normalize for its ImageNet weights (0-1 scale) ...
 TORCHVISION_MEAN = (0.485, 0.456, 0.406)
 TORCHVISION_STD = (0.229, 0.224, 0.225)
-# ... and this project's 0-255 scale (input_pipeline and predict normalise uint8 pixel values).
+# ... and this project's 0-255 scale (the data pipelines and predict normalise uint8 pixel values).
 MEAN_255 = tuple(255.0 * m for m in TORCHVISION_MEAN)
 STD_255 = tuple(255.0 * s for s in TORCHVISION_STD)
 # Published accuracy of IMAGENET1K_V1 (torchvision's model card), centre 224 crop of the 256 resize.

@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.random_flip = True  # horizontal reflections
     c.shuffle_buffer = 0  # imagenet2012: records per process in the shuffle buffer (0: 16 x local batch);
     # in-memory datasets take a full per-epoch permutation instead
-    # ImageNet (alexnet_jax.imagenet / augment; docs/imagenet.md). Paper values; each one can be switched.
+    # ImageNet (alexnet_jax.data.imagenet / augment; docs/imagenet.md). Paper values; each one can be switched.
     # folder with ILSVRC2012_img_train.tar + _val.tar (imagenet2012) or cifar-10-binary.tar.gz (cifar10, offline);
     # '' = tfds's <data_dir>/downloads/manual
     c.manual_dir = ""

@@ -37,7 +37,8 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, mesh: Any = No
     configured dataset's evaluation split). `overrides` change evaluation-side config keys only."""
     import jax
 
-    from alexnet_jax import checkpointing, input_pipeline, sharding, train
+    from alexnet_jax import checkpointing, sharding, train
+    from alexnet_jax import data as datalib
     from alexnet_jax.errors import UserError
 
     step, saved, _ = checkpointing.read_saved(workdir, step)
@@ -52,8 +53,8 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, mesh: Any = No
     if config.eval_batch_size % mesh.shape["data"]:
         raise UserError(f"--eval_batch_size={config.eval_batch_size} must be divisible by the mesh's data axis "
                         f"({mesh.shape['data']})")
-    data = data if data is not None else input_pipeline.create_data(config)
-    per_epoch = max(1, input_pipeline.steps_per_epoch(data.num_train, config.batch_size))
+    data = data if data is not None else datalib.create_data(config)
+    per_epoch = max(1, datalib.steps_per_epoch(data.num_train, config.batch_size))
     total = config.num_train_steps if config.num_train_steps > 0 else int(round(config.num_epochs * per_epoch))
     trainer = train.Trainer(config, mesh, data.image_shape, per_epoch, total)
     ckpt = checkpointing.for_trainer(workdir, config, trainer, read_only=True)

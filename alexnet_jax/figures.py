@@ -175,14 +175,15 @@ def predictions(workdir: str, step: int | None = None, max_images: int | None = 
     """(images 0-255 (N, H, W, C), predicted, true labels, class names, meta) on the test split."""
     import jax
 
-    from alexnet_jax import checkpointing, input_pipeline, predict, sharding, train
+    from alexnet_jax import checkpointing, predict, sharding, train
+    from alexnet_jax import data as datalib
 
     step, saved, meta = checkpointing.read_saved(workdir, step)
     config = checkpointing.config_from_dict(saved)
     if config.dataset not in ("fashion_mnist", "cifar10"):
         raise UserError(f"prediction grids are for the small datasets (fashion_mnist, cifar10), not {config.dataset}")
     config.eval_crops = 1  # the grid shows each test image once, as the model sees it
-    data = input_pipeline.create_data(config)
+    data = datalib.create_data(config)
     mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
     trainer = train.Trainer(config, mesh, data.image_shape, 1, max(1, config.num_train_steps))
     ckpt = checkpointing.for_trainer(workdir, config, trainer, read_only=True)

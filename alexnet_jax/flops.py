@@ -164,7 +164,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = flags.FLAGS.config
-    from alexnet_jax.errors import UserError, check_config
+    from alexnet_jax.config import check_config
+    from alexnet_jax.errors import UserError
 
     try:
         check_config(config, 1)

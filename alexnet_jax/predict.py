@@ -30,15 +30,15 @@ IMAGENET_RESIZE_RATIO = 256 / 224  # the paper: shorter side 256, 224 crops
 
 def class_names(dataset: str, meta: dict[str, Any], num_classes: int) -> list[str]:
     """The checkpoint's class names; else the dataset's (ImageNet: tfds's imagenet2012 synset labels)."""
-    from alexnet_jax import input_pipeline
+    from alexnet_jax import data as datalib
 
     names = meta.get("class_names")
     if names and len(names) == num_classes:
         return list(names)
     if dataset == "fashion_mnist":
-        return list(input_pipeline.FASHION_MNIST_CLASSES)
+        return list(datalib.FASHION_MNIST_CLASSES)
     if dataset == "cifar10":
-        return list(input_pipeline.CIFAR10_CLASSES)
+        return list(datalib.CIFAR10_CLASSES)
     if dataset == "imagenet2012":
         import tensorflow_datasets as tfds
 
@@ -50,7 +50,7 @@ def preprocess(path: str, image_shape: tuple[int, int, int], mean: Any, std: Any
     """One image file as the model's normalised (H, W, C) float32 input."""
     import tensorflow as tf
 
-    from alexnet_jax import input_pipeline
+    from alexnet_jax import data as datalib
     from alexnet_jax.errors import UserError
 
     size, _, channels = image_shape
@@ -67,7 +67,7 @@ def preprocess(path: str, image_shape: tuple[int, int, int], mean: Any, std: Any
     else:  # small datasets: the whole (square) image, resized as the eval pipeline does
         crop = min(h, w)
     image = tf.image.crop_to_bounding_box(image, (h - crop) // 2, (w - crop) // 2, crop, crop)
-    return np.asarray(input_pipeline._normalise(image, mean, std, size), np.float32)
+    return np.asarray(datalib.resize_and_normalise(image, mean, std, size), np.float32)
 
 
 def predict(workdir: str, paths: list[str], *, step: int | None = None, top_k: int = 5

@@ -17,8 +17,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from alexnet_jax import checkpointing, input_pipeline, optim, sharding
-from alexnet_jax.errors import UserError, check_config
+from alexnet_jax import checkpointing, optim, sharding
+from alexnet_jax import data as datalib
+from alexnet_jax.config import check_config
+from alexnet_jax.errors import UserError
 from alexnet_jax.model import AlexNet, create_model
 
 
@@ -199,8 +201,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     except OSError as e:
         raise UserError(f"--workdir {workdir!r} cannot be created: {e.strerror}") from None
 
-    data = input_pipeline.create_data(config)
-    per_epoch = input_pipeline.steps_per_epoch(data.num_train, config.batch_size)
+    data = datalib.create_data(config)
+    per_epoch = datalib.steps_per_epoch(data.num_train, config.batch_size)
     if per_epoch == 0:
         raise UserError(f"--config.batch_size={config.batch_size} exceeds the {data.num_train} training images")
     total = config.num_train_steps if config.num_train_steps > 0 else int(round(config.num_epochs * per_epoch))

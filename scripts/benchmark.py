@@ -1,8 +1,8 @@
 """Throughput measurements on this machine.
 
 --mode pipeline (default): input-pipeline images/s on ImageNet-sized JPEGs (500x375 and 375x500, generated in
-  memory), for the paper's training augmentation and the 10-crop evaluation, with tf.data (alexnet_jax.augment,
-  the same functions alexnet_jax.imagenet maps over the records) beside a plain PIL + NumPy implementation of
+  memory), for the paper's training augmentation and the 10-crop evaluation, with tf.data (alexnet_jax.data.augment,
+  the same functions alexnet_jax.data.imagenet maps over the records) beside a plain PIL + NumPy implementation of
   the same steps, measured in the same run. "Per core" = images / CPU-seconds of this process (all threads),
   so a pipeline allowed several threads is not credited for them; --threads sets tf.data's thread pool.
 --mode train_step: the jit-compiled train step (configs/imagenet.py's net unless --config is given, random
@@ -71,7 +71,7 @@ def pil_square(jpeg: bytes, size: int):
 
 def pil_train(jpeg: bytes, rng: np.random.Generator, mean_image: np.ndarray, crop: int = 224,
               resize: int = 256) -> np.ndarray:
-    from alexnet_jax.augment import PCA_EIGVAL, PCA_EIGVEC
+    from alexnet_jax.data.augment import PCA_EIGVAL, PCA_EIGVEC
 
     x = pil_square(jpeg, resize) - mean_image
     y0, x0 = rng.integers(0, resize - crop + 1, 2)
@@ -83,7 +83,7 @@ def pil_train(jpeg: bytes, rng: np.random.Generator, mean_image: np.ndarray, cro
 
 
 def pil_ten_crop(jpeg: bytes, mean_image: np.ndarray, crop: int = 224, resize: int = 256) -> np.ndarray:
-    from alexnet_jax.augment import corner_offsets
+    from alexnet_jax.data.augment import corner_offsets
 
     x = pil_square(jpeg, resize) - mean_image
     five = [x[y : y + crop, o : o + crop] for y, o in corner_offsets(resize, crop)]
@@ -102,7 +102,7 @@ def _timed(fn, warmup_fn=None) -> dict[str, float]:
 def bench_pipeline(images: int, threads: int, repeats: int = 2, batch: int = 32) -> dict[str, dict[str, float]]:
     import tensorflow as tf
 
-    from alexnet_jax import augment
+    from alexnet_jax.data import augment
 
     tf.config.set_visible_devices([], "GPU")
     jpegs = make_jpegs(images)

@@ -125,7 +125,8 @@ def main() -> None:
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
-    from alexnet_jax import input_pipeline, sharding, train
+    from alexnet_jax import data as datalib
+    from alexnet_jax import sharding, train
 
     spec = importlib.util.spec_from_file_location("cfg", a.config)
     cfg = importlib.util.module_from_spec(spec)
@@ -134,8 +135,8 @@ def main() -> None:
     config.data_dir = a.data_dir
     config.eval_crops = 1
     _set(config, a.set)
-    data = input_pipeline.create_data(config)
-    per_epoch = input_pipeline.steps_per_epoch(data.num_train, config.batch_size)
+    data = datalib.create_data(config)
+    per_epoch = datalib.steps_per_epoch(data.num_train, config.batch_size)
     mesh = sharding.make_mesh((1, 1), jax.devices()[:1])
     trainer = train.Trainer(config, mesh, data.image_shape, per_epoch, a.steps)
     state = trainer.init(jax.random.PRNGKey(config.seed))

@@ -19,7 +19,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from alexnet_jax import imagenet  # noqa: E402
+from alexnet_jax.data import imagenet  # noqa: E402
 from alexnet_jax.errors import UserError  # noqa: E402
 
 

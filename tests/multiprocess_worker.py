@@ -42,18 +42,20 @@ def run(config, pid: int, nproc: int, steps: int) -> tuple[dict[str, np.ndarray]
     import jax
     from jax.experimental import multihost_utils
 
-    from alexnet_jax import input_pipeline, sharding, train
+    from alexnet_jax import data as datalib
+    from alexnet_jax import sharding, train
+    from alexnet_jax.data import small
 
     assert jax.process_count() == nproc and jax.local_device_count() * nproc == 8
     rng = np.random.default_rng(0)  # the same synthetic dataset in every process
-    data = input_pipeline.InMemoryData(rng.integers(0, 256, (64, 20, 20, 1), np.uint8),
+    data = datalib.InMemoryData(rng.integers(0, 256, (64, 20, 20, 1), np.uint8),
                                        rng.integers(0, 10, 64).astype(np.int32), tuple(map(str, range(10))))
-    mean, std = input_pipeline.channel_stats(data.images)
+    mean, std = datalib.channel_stats(data.images)
     mesh = sharding.make_mesh(config.mesh_shape)
     trainer = train.Trainer(config, mesh, (20, 20, 1), steps_per_epoch=4, total_steps=steps)
     state = trainer.init(jax.random.PRNGKey(config.seed))
     seen = []
-    for local in input_pipeline.train_batches(data, config, mean, std, 0, steps, pid, nproc):
+    for local in small.train_batches(data, config, mean, std, 0, steps, pid, nproc):
         seen.append(local["label"])
         state, _ = trainer.train_step(state, trainer.global_batch(local))
     params = multihost_utils.process_allgather(state.params, tiled=True)

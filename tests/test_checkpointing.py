@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from conftest import FASHION_MNIST_DIR, REPO
 
-from alexnet_jax import checkpointing, evaluate, input_pipeline, predict, sharding, train
+from alexnet_jax import checkpointing, evaluate, predict, sharding, train
+from alexnet_jax import data as datalib
+from alexnet_jax.data import small
 from alexnet_jax.errors import UserError
 from alexnet_jax.model import create_model
 
@@ -50,22 +52,22 @@ def synthetic_splits(n_train=64, n_eval=40, seed=0):
     rng = np.random.default_rng(seed)
 
     def split(n):
-        return input_pipeline.InMemoryData(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
+        return datalib.InMemoryData(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
                                            rng.integers(0, 10, n).astype(np.int32),
-                                           input_pipeline.FASHION_MNIST_CLASSES)
+                                           datalib.FASHION_MNIST_CLASSES)
 
     return split(n_train), split(n_eval)
 
 
-def synthetic_data(config) -> input_pipeline.Data:
+def synthetic_data(config) -> datalib.Data:
     """Random uint8 'FashionMNIST' through the real in-memory train/eval pipelines (no files needed)."""
     tr, te = synthetic_splits()
-    mean, std = input_pipeline.channel_stats(tr.images)
-    return input_pipeline.Data(
+    mean, std = datalib.channel_stats(tr.images)
+    return datalib.Data(
         num_train=len(tr), num_eval=len(te), image_shape=(config.image_size, config.image_size, 1),
         class_names=tr.class_names,
-        train=lambda s, e, p, n: input_pipeline.train_batches(tr, config, mean, std, s, e, p, n),
-        eval=lambda p, n: input_pipeline.eval_batches(te, config, mean, std, p, n), mean=mean, std=std)
+        train=lambda s, e, p, n: small.train_batches(tr, config, mean, std, s, e, p, n),
+        eval=lambda p, n: small.eval_batches(te, config, mean, std, p, n), mean=mean, std=std)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +76,7 @@ def run_4x2(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run_4x2"))
     config = tiny_config(mesh_shape=(4, 2))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(input_pipeline, "create_data", synthetic_data)
+        mp.setattr(datalib, "create_data", synthetic_data)
         summary = train.train_and_evaluate(config, workdir)
     return workdir, config, summary
 
@@ -243,7 +245,7 @@ def test_predict_matches_the_eval_pipeline(run_4x2, tmp_path):
     for (path, top), p in zip(results, probs, strict=True):
         assert len(top) == 5 and path.endswith(".png")
         order = np.argsort(-p, kind="stable")[:5]
-        assert [name for name, _ in top] == [input_pipeline.FASHION_MNIST_CLASSES[j] for j in order]
+        assert [name for name, _ in top] == [datalib.FASHION_MNIST_CLASSES[j] for j in order]
         np.testing.assert_allclose([prob for _, prob in top], p[order], rtol=1e-5)
 
 
@@ -289,7 +291,7 @@ def test_sigterm_in_process_saves_after_eval_and_resumes_bitwise(run_4x2, tmp_pa
     """SIGTERM right after step 2's evaluation (the plateau schedule has just been fed): the checkpoint at
     step 3 and the resumed run reproduce the uninterrupted 4x2 run bitwise, plateau state included."""
     workdir, config, summary = run_4x2
-    monkeypatch.setattr(input_pipeline, "create_data", synthetic_data)
+    monkeypatch.setattr(datalib, "create_data", synthetic_data)
     original = checkpointing.Checkpointer.after_step
 
     def after_step(self, step, state, **kwargs):
@@ -309,7 +311,7 @@ def test_sigterm_in_process_saves_after_eval_and_resumes_bitwise(run_4x2, tmp_pa
     _assert_bitwise(_final_arrays(work, 4), _final_arrays(workdir, 4), "resumed at 3")
 
 
-@pytest.mark.skipif(not input_pipeline.fashion_mnist_files_present(FASHION_MNIST_DIR),
+@pytest.mark.skipif(not datalib.fashion_mnist_files_present(FASHION_MNIST_DIR),
                     reason=f"needs the FashionMNIST files in {FASHION_MNIST_DIR} (Debian: dataset-fashion-mnist)")
 def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(tmp_path, python, repo, fmnist_data_dir):
     """The real command line on the real FashionMNIST: SIGTERM after step 2 (saves step 3, exits 0); the

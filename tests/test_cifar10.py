@@ -12,7 +12,9 @@ import pytest
 from tensorflow_datasets.core.download import checksums
 from tensorflow_datasets.image_classification import cifar
 
-from alexnet_jax import default_config, input_pipeline
+from alexnet_jax import data as datalib
+from alexnet_jax import default_config
+from alexnet_jax.data import small
 from alexnet_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +38,7 @@ def write_archive(path: str, seed: int = 0) -> dict[str, list[tuple[int, bytes]]
         members[f"data_batch_{k + 1}.bin"] = raw
         expected["train"] += ex
     members["test_batch.bin"], expected["test"] = _records(rng, NUM_TEST, 0)
-    members["batches.meta.txt"] = ("\n".join(input_pipeline.CIFAR10_CLASSES) + "\n\n").encode()
+    members["batches.meta.txt"] = ("\n".join(datalib.CIFAR10_CLASSES) + "\n\n").encode()
     with tarfile.open(path, "w:gz") as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
@@ -60,22 +62,22 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar")
     manual = root / "manual"
     manual.mkdir()
-    archive = manual / input_pipeline.CIFAR10_ARCHIVE
+    archive = manual / small.CIFAR10_ARCHIVE
     expected = write_archive(str(archive))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cifar.Cifar10, "url_infos", {input_pipeline.CIFAR10_URL: checksums.compute_url_info(archive)})
-        mp.setattr(input_pipeline, "_reachable", lambda url: False)  # never the network
-        train = input_pipeline.load_in_memory(_config(str(root / "tfds"), str(manual)), "train")
+        mp.setattr(cifar.Cifar10, "url_infos", {small.CIFAR10_URL: checksums.compute_url_info(archive)})
+        mp.setattr(small, "_reachable", lambda url: False)  # never the network
+        train = small.load_in_memory(_config(str(root / "tfds"), str(manual)), "train")
     return str(root / "tfds"), expected, train
 
 
 def test_real_builder_prepares_archive_from_manual_dir(prepared):
     data_dir, expected, train = prepared
     assert train.images.shape == (5 * TRAIN_PER_FILE, 32, 32, 3) and train.images.dtype == np.uint8
-    assert train.class_names == input_pipeline.CIFAR10_CLASSES
+    assert train.class_names == datalib.CIFAR10_CLASSES
     got = sorted((int(label), image.tobytes()) for label, image in zip(train.labels, train.images, strict=True))
     assert got == sorted(expected["train"])  # every record once, planes decoded to HWC
-    test = input_pipeline.load_in_memory(_config(data_dir), "test")  # prepared: no archive needed any more
+    test = small.load_in_memory(_config(data_dir), "test")  # prepared: no archive needed any more
     got = sorted((int(lb), im.tobytes()) for lb, im in zip(test.labels, test.images, strict=True))
     assert got == sorted(expected["test"])
 
@@ -98,17 +100,17 @@ def test_main_trains_and_evaluates_on_cifar10(prepared, tmp_path):
 def test_archive_with_another_checksum_is_refused(tmp_path):
     manual = tmp_path / "manual"
     manual.mkdir()
-    write_archive(str(manual / input_pipeline.CIFAR10_ARCHIVE))  # not the real file: tfds's checksum differs
+    write_archive(str(manual / small.CIFAR10_ARCHIVE))  # not the real file: tfds's checksum differs
     with pytest.raises(UserError, match="checksum differs") as e:
-        input_pipeline.load_in_memory(_config(str(tmp_path / "tfds"), str(manual)), "train")
-    assert input_pipeline.CIFAR10_URL in str(e.value)
+        small.load_in_memory(_config(str(tmp_path / "tfds"), str(manual)), "train")
+    assert small.CIFAR10_URL in str(e.value)
     assert not (tmp_path / "tfds" / "cifar10").exists() or not any((tmp_path / "tfds" / "cifar10").rglob("*.tfrecord*"))
 
 
 def test_missing_archive_offline_names_file_and_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(input_pipeline, "_reachable", lambda url: False)
+    monkeypatch.setattr(small, "_reachable", lambda url: False)
     with pytest.raises(UserError) as e:
-        input_pipeline.load_in_memory(_config(str(tmp_path / "tfds")), "train")
+        small.load_in_memory(_config(str(tmp_path / "tfds")), "train")
     message = str(e.value)
-    assert "unreachable" in message and input_pipeline.CIFAR10_URL in message
+    assert "unreachable" in message and small.CIFAR10_URL in message
     assert os.path.join(str(tmp_path / "tfds"), "downloads", "manual") in message  # tfds's default manual folder

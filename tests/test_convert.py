@@ -143,7 +143,9 @@ def test_evaluate_uses_torchvision_normalisation_on_imagenet(torch_model, conver
     the metrics equal torch's on the same pixels."""
     import importlib.util
 
-    from alexnet_jax import checkpointing, evaluate, imagenet, input_pipeline
+    from alexnet_jax import checkpointing, evaluate
+    from alexnet_jax import data as datalib
+    from alexnet_jax.data import imagenet
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location("make_tiny_imagenet",
@@ -159,7 +161,7 @@ def test_evaluate_uses_torchvision_normalisation_on_imagenet(torch_model, conver
     config = checkpointing.config_from_dict(saved)
     config.data_dir = data_dir
     config.eval_batch_size = 8
-    data = input_pipeline.create_data(config)
+    data = datalib.create_data(config)
     np.testing.assert_allclose(data.mean, [123.675, 116.28, 103.53], rtol=1e-6)
     batches = list(data.eval(0, 1))
     images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])

@@ -16,7 +16,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from alexnet_jax import augment, default_config, imagenet, input_pipeline
+from alexnet_jax import data as datalib
+from alexnet_jax import default_config
+from alexnet_jax.data import augment, imagenet
 from alexnet_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +96,7 @@ def test_main_trains_and_evaluates_on_tiny_imagenet(prepared, tmp_path):
 
 
 def test_resumed_stream_equals_uninterrupted(prepared):
-    data = input_pipeline.create_data(_config(prepared[0]))
+    data = datalib.create_data(_config(prepared[0]))
     assert data.num_train == 32  # 4 steps per epoch at batch 8: the stream below crosses two epochs
     full = list(data.train(0, 10, 0, 1))
     resumed = list(data.train(5, 10, 0, 1))
@@ -106,12 +108,12 @@ def test_resumed_stream_equals_uninterrupted(prepared):
     epoch0 = np.concatenate([b["label"] for b in full[:4]])
     epoch1 = np.concatenate([b["label"] for b in full[4:8]])
     assert sorted(epoch0) == sorted(epoch1) and not np.array_equal(epoch0, epoch1)
-    other_seed = list(input_pipeline.create_data(_config(prepared[0], seed=1)).train(0, 1, 0, 1))
+    other_seed = list(datalib.create_data(_config(prepared[0], seed=1)).train(0, 1, 0, 1))
     assert not np.array_equal(other_seed[0]["image"], full[0]["image"])
 
 
 def test_processes_read_disjoint_slices(prepared):
-    data = input_pipeline.create_data(_config(prepared[0]))
+    data = datalib.create_data(_config(prepared[0]))
     rows = [next(iter(data.train(0, 1, pid, 2))) for pid in (0, 1)]
     assert all(r["image"].shape == (4, 224, 224, 3) for r in rows)
     assert not np.array_equal(rows[0]["image"], rows[1]["image"])
@@ -120,7 +122,7 @@ def test_processes_read_disjoint_slices(prepared):
 @pytest.mark.parametrize("crops", [1, 10])
 @pytest.mark.parametrize("nproc,batch", [(1, 8), (1, 3), (3, 6)])
 def test_eval_counts_every_image_once(prepared, crops, nproc, batch):
-    data = input_pipeline.create_data(_config(prepared[0], eval_crops=crops, eval_batch_size=batch))
+    data = datalib.create_data(_config(prepared[0], eval_crops=crops, eval_batch_size=batch))
     labels, lengths = [], []
     for pid in range(nproc):
         batches = list(data.eval(pid, nproc))
@@ -244,7 +246,7 @@ def test_mean_image_is_the_training_mean(prepared):
     squares = np.asarray(squares, np.float64)
     np.testing.assert_allclose(stats["mean_image"], squares.mean(0), atol=1e-3)
     np.testing.assert_allclose(stats["std"], squares.std(axis=(0, 1, 2)), rtol=1e-4)
-    batch = next(iter(input_pipeline.create_data(_config(prepared[0], pca_lighting=0.0)).train(0, 1, 0, 1)))
+    batch = next(iter(datalib.create_data(_config(prepared[0], pca_lighting=0.0)).train(0, 1, 0, 1)))
     assert abs(batch["image"].mean()) < 20  # mean-subtracted pixels centre on zero
 
 
@@ -262,11 +264,11 @@ def test_corrupt_jpeg_in_archive_is_named_and_never_trained_on(tmp_path):
     imagenet.prepare(data, manual, verify=False)
     c = _config(data, batch_size=2, shuffle_buffer=6)
     with pytest.raises(UserError, match="does not decode"):  # computing the mean image meets it first
-        input_pipeline.create_data(c)
+        datalib.create_data(c)
     builder = imagenet.open_prepared(c)
-    stats = {"mean_image": np.zeros((256, 256, 3), np.float32), "mean": np.zeros(3, np.float32),
-             "std": np.ones(3, np.float32)}
-    batches = imagenet._guard(imagenet.tfds.as_numpy(imagenet.train_dataset(builder, c, stats, 0, 3)), builder,
+    norm = datalib.normalisation_for(c, {"mean_image": np.zeros((256, 256, 3), np.float32),
+                                         "mean": np.zeros(3, np.float32), "std": np.ones(3, np.float32)})
+    batches = imagenet._guard(imagenet.tfds.as_numpy(imagenet.train_dataset(builder, c, norm, 0, 3)), builder,
                               "train")
     with pytest.raises(UserError, match="does not decode.*prepare_imagenet.py --verify_only"):
         list(batches)
@@ -284,12 +286,12 @@ def test_unprepared_dataset_says_what_to_do(tmp_path):
     c = _config(str(tmp_path / "data"), manual_dir=str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match=r"not prepared.*ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar not "
                                         r"found in .*nowhere.*scripts/prepare_imagenet.py"):
-        input_pipeline.create_data(c)
+        datalib.create_data(c)
 
 
 def test_unknown_dataset_and_bad_values_are_rejected(tmp_path):
     with pytest.raises(UserError, match=r"dataset='imagenet' is unknown; choose one of"):
-        input_pipeline.create_data(_config(str(tmp_path), dataset="imagenet"))
+        datalib.create_data(_config(str(tmp_path), dataset="imagenet"))
     with pytest.raises(UserError, match="eval_crops"):
         imagenet.check_config(_config(str(tmp_path), eval_crops=5))
     with pytest.raises(UserError, match="train_crop"):

@@ -1,13 +1,16 @@
 """FashionMNIST through a tfds builder, a deterministic resumable stream, and exact-once evaluation."""
 
 import gzip
+import json
 import os
 import struct
 
 import numpy as np
 import pytest
 
-from alexnet_jax import default_config, input_pipeline
+from alexnet_jax import data as datalib
+from alexnet_jax import default_config
+from alexnet_jax.data import small
 from alexnet_jax.errors import UserError
 
 
@@ -41,11 +44,11 @@ def small_config(src, tmp_path, **kw):
 
 def test_builder_prepares_idx_files_into_data_dir(fake_fmnist, tmp_path):
     c = small_config(fake_fmnist, tmp_path)
-    train = input_pipeline.load_in_memory(c, "train")
-    test = input_pipeline.load_in_memory(c, "test")
+    train = small.load_in_memory(c, "train")
+    test = small.load_in_memory(c, "test")
     assert train.images.shape == (96, 28, 28, 1) and test.images.shape == (37, 28, 28, 1)
     np.testing.assert_array_equal(test.labels, np.arange(37) % 10)
-    raw = input_pipeline.read_idx(str(fake_fmnist / "train-images-idx3-ubyte.gz"))
+    raw = small.read_idx(str(fake_fmnist / "train-images-idx3-ubyte.gz"))
     np.testing.assert_array_equal(train.images[..., 0], raw)
     assert train.class_names[9] == "Ankle boot"
     assert os.path.isdir(tmp_path / "tfds" / "fashion_mnist_files" / "1.1.0")
@@ -57,7 +60,7 @@ def collect(it, n):
 
 def test_stream_is_a_function_of_seed_and_step(fake_fmnist, tmp_path):
     c = small_config(fake_fmnist, tmp_path)
-    data = input_pipeline.create_data(c)
+    data = datalib.create_data(c)
     full = collect(data.train(0, 12, 0, 1), 12)  # 12 steps = 2 epochs of 6
     resumed = collect(data.train(7, 12, 0, 1), 5)
     for a, b in zip(full[7:], resumed, strict=True):
@@ -66,13 +69,13 @@ def test_stream_is_a_function_of_seed_and_step(fake_fmnist, tmp_path):
     # each epoch is a permutation: every example once, in a new order the next epoch
     epoch0 = np.concatenate([b["label"] for b in full[:6]])
     assert sorted(epoch0.tolist()) == sorted((np.arange(96) % 10).tolist())
-    other_seed = input_pipeline.create_data(small_config(fake_fmnist, tmp_path, seed=4))
+    other_seed = datalib.create_data(small_config(fake_fmnist, tmp_path, seed=4))
     assert not np.array_equal(next(other_seed.train(0, 1, 0, 1))["image"], full[0]["image"])
 
 
 def test_processes_read_disjoint_rows_of_each_global_batch(fake_fmnist, tmp_path):
     c = small_config(fake_fmnist, tmp_path)
-    data = input_pipeline.create_data(c)
+    data = datalib.create_data(c)
     whole = collect(data.train(0, 3, 0, 1), 3)
     parts = [collect(data.train(0, 3, p, 2), 3) for p in range(2)]
     for step in range(3):
@@ -84,9 +87,9 @@ def test_processes_read_disjoint_rows_of_each_global_batch(fake_fmnist, tmp_path
 
 def test_augmentation_crops_and_flips(fake_fmnist, tmp_path):
     c = small_config(fake_fmnist, tmp_path, crop_padding=0, random_flip=True)
-    data = input_pipeline.create_data(c)
+    data = datalib.create_data(c)
     flipped = same = 0
-    plain = input_pipeline.create_data(small_config(fake_fmnist, tmp_path, crop_padding=0, random_flip=False))
+    plain = datalib.create_data(small_config(fake_fmnist, tmp_path, crop_padding=0, random_flip=False))
     for a, b in zip(collect(data.train(0, 6, 0, 1), 6), collect(plain.train(0, 6, 0, 1), 6), strict=True):
         for x, y in zip(a["image"], b["image"], strict=True):
             if np.array_equal(x, y):
@@ -95,7 +98,7 @@ def test_augmentation_crops_and_flips(fake_fmnist, tmp_path):
                 np.testing.assert_array_equal(x, y[:, ::-1])
                 flipped += 1
     assert flipped + same == 96 and 30 <= flipped <= 66  # about half
-    padded = input_pipeline.create_data(small_config(fake_fmnist, tmp_path, crop_padding=2, random_flip=False))
+    padded = datalib.create_data(small_config(fake_fmnist, tmp_path, crop_padding=2, random_flip=False))
     shifted = sum(not np.array_equal(x, y) for a, b in zip(collect(padded.train(0, 6, 0, 1), 6),
                                                            collect(plain.train(0, 6, 0, 1), 6), strict=True)
                   for x, y in zip(a["image"], b["image"], strict=True))
@@ -105,7 +108,7 @@ def test_augmentation_crops_and_flips(fake_fmnist, tmp_path):
 @pytest.mark.parametrize("batch,processes", [(16, 1), (10, 1), (37, 1), (64, 1), (8, 2), (12, 4)])
 def test_eval_counts_every_example_exactly_once(fake_fmnist, tmp_path, batch, processes):
     c = small_config(fake_fmnist, tmp_path, eval_batch_size=batch)
-    data = input_pipeline.create_data(c)
+    data = datalib.create_data(c)
     seen, real, batches = [], 0, []
     for p in range(processes):
         bs = list(data.eval(p, processes))
@@ -125,31 +128,49 @@ def test_truncated_idx_file_is_a_clear_error(tmp_path):
     with gzip.open(path, "wb") as f:
         f.write(data[:-100])
     with pytest.raises(UserError, match="truncated"):
-        input_pipeline.read_idx(str(path))
+        small.read_idx(str(path))
 
 
 def test_data_dir_that_is_a_file_is_refused(fake_fmnist, tmp_path):
     bad = tmp_path / "file"
     bad.write_text("x")
     with pytest.raises(UserError, match="is a file, not a directory"):
-        input_pipeline.load_in_memory(small_config(fake_fmnist, tmp_path, data_dir=str(bad)), "train")
+        small.load_in_memory(small_config(fake_fmnist, tmp_path, data_dir=str(bad)), "train")
 
 
-@pytest.mark.skipif(not input_pipeline.fashion_mnist_files_present("/usr/share/datasets/fashion-mnist"),
+@pytest.mark.skipif(not datalib.fashion_mnist_files_present("/usr/share/datasets/fashion-mnist"),
                     reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
 def test_real_fashion_mnist_files():
-    images = input_pipeline.read_idx("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
-    labels = input_pipeline.read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
+    images = small.read_idx("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+    labels = small.read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
     assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
     assert np.bincount(labels).tolist() == [1000] * 10
 
 
 def test_eval_with_reflection_yields_image_and_mirror(fake_fmnist, tmp_path):
     c = small_config(fake_fmnist, tmp_path, eval_batch_size=16, eval_crops=2)
-    batches = list(input_pipeline.create_data(c).eval(0, 1))
+    batches = list(datalib.create_data(c).eval(0, 1))
     assert batches[0]["image"].shape == (16, 2, 28, 28, 1)
     for b in batches:
         np.testing.assert_array_equal(b["image"][:, 1], b["image"][:, 0, :, ::-1])
     assert sum(int(b["mask"].sum()) for b in batches) == 37
     with pytest.raises(UserError, match="10-crop evaluation is for imagenet2012"):
-        input_pipeline.create_data(small_config(fake_fmnist, tmp_path, eval_crops=10))
+        datalib.create_data(small_config(fake_fmnist, tmp_path, eval_crops=10))
+
+
+def test_normalisation_is_decided_once_and_survives_json(tmp_path):
+    c = small_config(tmp_path, tmp_path)
+    stats = {"mean": np.array([33.3, 1.0, 2.0], np.float32), "std": np.array([70.1, 2.0, 3.0], np.float32)}
+    norm = datalib.normalisation_for(c, stats)
+    assert (norm.kind, norm.resize_size, norm.mean_image) == ("channel", 28, None)
+    c.update(dict(dataset="imagenet2012", normalization="pixel", resize_size=8))
+    mean_image = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32) * 255
+    pixel = datalib.normalisation_for(c, {**stats, "mean_image": mean_image})
+    assert pixel.arrays(per_pixel=True)[0] is mean_image and pixel.arrays(per_pixel=False)[0] is pixel.mean
+    np.testing.assert_array_equal(pixel.std, np.ones(3, np.float32))
+    for n in (norm, pixel):
+        back = datalib.Normalisation.from_json(json.loads(json.dumps(n.to_json())))
+        assert (back.kind, back.resize_size) == (n.kind, n.resize_size)
+        for a, b in zip(back.arrays() + back.arrays(per_pixel=False), n.arrays() + n.arrays(per_pixel=False),
+                        strict=True):
+            assert a.dtype == np.float32 and a.tobytes() == b.tobytes()  # bit for bit

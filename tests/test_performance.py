@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from alexnet_jax.data import fashion_mnist_files_present
 from alexnet_jax.flops import count_params, forward_macs
-from alexnet_jax.input_pipeline import fashion_mnist_files_present
 from alexnet_jax.model import AlexNet, ops, strided_conv_as_matmuls
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from alexnet_jax import default_config, train
-from alexnet_jax.input_pipeline import fashion_mnist_files_present
+from alexnet_jax.data import fashion_mnist_files_present
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_FMNIST = fashion_mnist_files_present("/usr/share/datasets/fashion-mnist")

@@ -18,6 +18,9 @@ prepared works as is; random access (array_record) would make the skip O(1) but 
 
 Evaluation. Each process reads its even slice of `validation` in order, padded with masked zero images to the
 same number of batches on every process, so every image counts exactly once whatever the batch size.
+
+Normalisation. `base.normalisation_for` builds one `Normalisation` from the training statistics; the training and
+evaluation pipelines take their arrays from it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from alexnet_jax import augment
+from alexnet_jax.data import augment
+from alexnet_jax.data.base import Data, Normalisation, check_data_dir, data_options, normalisation_for, padded_rows
 from alexnet_jax.errors import UserError
 
 NAME = "imagenet2012"
@@ -191,15 +195,6 @@ def _records(instructions, order: tf.Tensor | None = None, cycle_length: int = 1
                          deterministic=True)
 
 
-def _options(threads: int | None) -> tf.data.Options:
-    opts = tf.data.Options()
-    opts.deterministic = True
-    opts.threading.private_threadpool_size = threads or max(1, os.cpu_count() or 1)
-    if threads == 1:
-        opts.threading.max_intra_op_parallelism = 1
-    return opts
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Statistics for normalisation.
 
@@ -218,7 +213,7 @@ def dataset_stats(builder: tfds.core.DatasetBuilder, resize: int, examples: int,
     logging.info("computing the training mean image over %d images (cached in %s)", n, path)
     ds = _records(builder.info.splits["train"].file_instructions).take(n)
     ds = ds.map(lambda r: augment.decode_square(_parser(builder)(r)["image"], resize, method),
-                num_parallel_calls=tf.data.AUTOTUNE).batch(64).with_options(_options(threads))
+                num_parallel_calls=tf.data.AUTOTUNE).batch(64).with_options(data_options(threads))
     total = np.zeros((resize, resize, 3), np.float64)
     sq = np.zeros(3, np.float64)
     try:
@@ -270,16 +265,13 @@ def _guard(batches: Iterator, builder: tfds.core.DatasetBuilder, split: str) -> 
         raise _corrupt_error(builder, split, e) from None
 
 
-def _norm_arrays(config: ml_collections.ConfigDict, stats: dict[str, np.ndarray]):
-    if config.normalization == "pixel" and config.train_crop == "paper":
-        return stats["mean_image"], np.ones(3, np.float32)
-    if config.normalization == "pixel":
-        return stats["mean"], np.ones(3, np.float32)
-    return stats["mean"], stats["std"]
+def _train_arrays(config: ml_collections.ConfigDict, norm: Normalisation) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's crops line up with the mean image; random resized crops do not (per-channel mean instead)."""
+    return norm.arrays(per_pixel=config.train_crop == "paper")
 
 
 def train_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict,
-                  stats: dict[str, np.ndarray], start_step: int, num_steps: int, process_index: int = 0,
+                  norm: Normalisation, start_step: int, num_steps: int, process_index: int = 0,
                   process_count: int = 1, threads: int | None = None) -> tf.data.Dataset:
     """This process's rows of global batches `start_step .. num_steps-1` (images float32, labels int32)."""
     bs = config.batch_size
@@ -292,7 +284,7 @@ def train_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.Conf
     buffer = min(counts[process_index], config.shuffle_buffer or 16 * local)
     cycle = min(len(instructions), 16)
     crop, resize = int(config.image_size), int(config.resize_size)
-    mean, std = _norm_arrays(config, stats)
+    mean, std = _train_arrays(config, norm)
 
     def epoch(e):
         key = tf.stack([tf.constant(seed, tf.int64), e])
@@ -315,74 +307,71 @@ def train_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.Conf
         if config.train_crop == "paper":
             image = augment.paper_train_image(
                 ex["image"], key, resize=resize, crop=crop, flip=bool(config.random_flip),
-                pca_std=float(config.pca_lighting), normalization=config.normalization, mean=mean, std=std,
+                pca_std=float(config.pca_lighting), normalization=norm.kind, mean=mean, std=std,
                 method=config.resize_method)
         else:
             image = augment.random_resized_crop(
                 ex["image"], key, crop=crop, area_range=tuple(config.rrc_area_range),
                 aspect_range=tuple(config.rrc_aspect_range), flip=bool(config.random_flip),
-                pca_std=float(config.pca_lighting), normalization=config.normalization, mean=mean, std=std,
+                pca_std=float(config.pca_lighting), normalization=norm.kind, mean=mean, std=std,
                 method=config.resize_method)
         return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
     ds = ds.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(_options(threads))
+    return ds.with_options(data_options(threads))
 
 
 def eval_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict,
-                 stats: dict[str, np.ndarray], process_index: int = 0, process_count: int = 1,
+                 norm: Normalisation, process_index: int = 0, process_count: int = 1,
                  threads: int | None = None, row_multiple: int = 0) -> tf.data.Dataset:
     """This process's slice of `validation`, in local batches padded with mask-0 rows to the same count on
-    every process (`input_pipeline.padded_rows`). Images are (B, crop, crop, 3), or (B, 10, crop, crop, 3)
+    every process (`base.padded_rows`). Images are (B, crop, crop, 3), or (B, 10, crop, crop, 3)
     with `eval_crops=10`."""
-    from alexnet_jax.input_pipeline import padded_rows
-
     local = config.eval_batch_size // process_count
     instructions, counts = _instructions(builder, "validation", process_index, process_count)
     fill = padded_rows(max(counts), local, row_multiple) - counts[process_index]
     crop, resize, crops = int(config.image_size), int(config.resize_size), int(config.eval_crops)
-    mean, std = (stats["mean_image"], np.ones(3, np.float32)) if config.normalization == "pixel" else (
-        stats["mean"], stats["std"])
+    mean, std = norm.arrays(per_pixel=True)  # crops of the resized square: they line up with the mean image
     parse = _parser(builder)
     shape = (crop, crop, 3) if crops == 1 else (crops, crop, crop, 3)
 
     def one(record):
         ex = parse(record)
         image = augment.eval_image(ex["image"], resize=resize, crop=crop, crops=crops,
-                                   normalization=config.normalization, mean=mean, std=std,
+                                   normalization=norm.kind, mean=mean, std=std,
                                    method=config.resize_method)
         return {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(1.0)}
 
     ds = _records(instructions).map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     pad = {"image": tf.zeros(shape), "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
     ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(fill))
-    return ds.batch(local).prefetch(2).with_options(_options(threads))
+    return ds.batch(local).prefetch(2).with_options(data_options(threads))
 
 
-def create_data(config: ml_collections.ConfigDict):
+def create_data(config: ml_collections.ConfigDict) -> Data:
     """The `Data` the trainer consumes, streaming from the prepared imagenet2012."""
-    from alexnet_jax import input_pipeline  # Data lives there; it imports this module lazily
-
     check_config(config)
-    input_pipeline._check_data_dir(config.data_dir)
+    check_data_dir(config.data_dir)
     builder = open_prepared(config)
     stats = fixed_stats(config) or dataset_stats(builder, int(config.resize_size), int(config.stats_examples),
                                                  config.resize_method)
-    mean, std = _norm_arrays(config, stats)
+    norm = normalisation_for(config, stats)
+    mean, std = _train_arrays(config, norm)
     crop = int(config.image_size)
     names = tuple(builder.info.features["label"].names)
     if config.num_classes != len(names):
         raise UserError(f"--config.num_classes={config.num_classes}: {NAME} has {len(names)} classes")
-    return input_pipeline.Data(
+    return Data(
         num_train=builder.info.splits["train"].num_examples,
         num_eval=builder.info.splits["validation"].num_examples,
         image_shape=(crop, crop, 3),
         class_names=names,
         train=lambda start, stop, pid, nproc: _guard(tfds.as_numpy(
-            train_dataset(builder, config, stats, start, stop, pid, nproc)), builder, "train"),
+            train_dataset(builder, config, norm, start, stop, pid, nproc)), builder, "train"),
         eval=lambda pid, nproc, row_multiple=0: _guard(tfds.as_numpy(eval_dataset(
-            builder, config, stats, pid, nproc, row_multiple=row_multiple)), builder, "validation"),
+            builder, config, norm, pid, nproc, row_multiple=row_multiple)), builder, "validation"),
         mean=mean,
         std=std,
+        normalisation=norm,
     )

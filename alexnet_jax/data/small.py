@@ -1,7 +1,7 @@
-"""Input pipelines on tensorflow-datasets + tf.data.
+"""The small datasets (FashionMNIST, CIFAR-10): preparation with tfds, and in-memory training and evaluation.
 
-Small datasets (FashionMNIST, CIFAR-10) are prepared by a tfds builder into `config.data_dir` and held in
-memory. The training stream is a pure function of (seed, step): step s of epoch e takes rows
+They are prepared by a tfds builder into `config.data_dir` (FashionMNIST from the local IDX files when
+present) and held in memory. The training stream is a pure function of (seed, step): step s of epoch e takes rows
 [s*B, (s+1)*B) of a stateless permutation seeded by (seed, e), and each image's augmentation is seeded by
 (seed, step, row). So a run restarted at step N yields exactly the batches an uninterrupted run would,
 and each process of a multi-host run reads only its own rows of every global batch.
@@ -18,7 +18,7 @@ import os
 import socket
 import struct
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import ml_collections
 import numpy as np
@@ -26,6 +26,15 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
+from alexnet_jax.data.base import (
+    DATASETS,
+    Data,
+    check_data_dir,
+    data_options,
+    normalisation_for,
+    padded_rows,
+    steps_per_epoch,
+)
 from alexnet_jax.errors import UserError
 
 FASHION_MNIST_CLASSES = (
@@ -38,7 +47,6 @@ FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-DATASETS = ("fashion_mnist", "cifar10", "imagenet2012")
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -121,23 +129,6 @@ class InMemoryData:
         return len(self.labels)
 
 
-def _check_data_dir(data_dir: str) -> str | None:
-    if not data_dir:
-        return None
-    data_dir = os.path.expanduser(data_dir)
-    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
-        raise UserError(f"data_dir {data_dir!r} is a file, not a directory: give --config.data_dir a folder "
-                        "where tfds may keep prepared datasets (or '' for tfds's default).")
-    try:
-        os.makedirs(data_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"data_dir {data_dir!r} cannot be created ({e.strerror}): give --config.data_dir a "
-                        "writable folder (or '' for tfds's default).") from None
-    if not os.access(data_dir, os.W_OK | os.X_OK):
-        raise UserError(f"data_dir {data_dir!r} is not writable: give --config.data_dir a writable folder.")
-    return data_dir
-
-
 def _reachable(url: str, timeout: float = 5.0) -> bool:
     """A quick look before a tfds download, whose retries would otherwise hang for minutes offline."""
     parsed = urllib.parse.urlparse(url)
@@ -155,7 +146,7 @@ def _download_url(builder: tfds.core.DatasetBuilder) -> str | None:
 
 
 def _fashion_mnist_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    data_dir = _check_data_dir(config.data_dir)
+    data_dir = check_data_dir(config.data_dir)
     source = os.path.expanduser(config.fashion_mnist_dir)
     if fashion_mnist_files_present(source):
         builder = FashionMnistFiles(source_dir=source, data_dir=data_dir)
@@ -188,7 +179,7 @@ def _cifar10_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuil
     tfds checks a manually placed archive against the checksum it registers for the download, so a
     truncated or different file is refused rather than prepared.
     """
-    data_dir = _check_data_dir(config.data_dir)
+    data_dir = check_data_dir(config.data_dir)
     builder = tfds.builder("cifar10", data_dir=data_dir)
     if builder.is_prepared():
         return builder
@@ -232,15 +223,13 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(0).astype(np.float32), x.std(0).astype(np.float32)
 
 
-def _normalise(image: tf.Tensor, mean: np.ndarray, std: np.ndarray, size: int) -> tf.Tensor:
+def resize_and_normalise(image: tf.Tensor, mean: np.ndarray, std: np.ndarray, size: int) -> tf.Tensor:
+    """uint8 image(s) (..., H, W, C) to float32 (..., size, size, C), bilinear when the size differs, then
+    `(image - mean) / std`: what the small datasets' pipelines (and `predict`) feed the model."""
     image = tf.cast(image, tf.float32)
     if image.shape[-3] != size or image.shape[-2] != size:
         image = tf.image.resize(image, (size, size), method="bilinear")
     return (image - mean) / std
-
-
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    return num_examples // batch_size
 
 
 def train_batches(
@@ -286,25 +275,12 @@ def train_batches(
             image = tf.image.stateless_random_crop(image, (h, w, image.shape[-1]), seed=k_crop)
         if flip:
             image = tf.image.stateless_random_flip_left_right(image, seed=k_flip)
-        return {"image": _normalise(image, mean, std, size), "label": tf.gather(labels, row)}
+        return {"image": resize_and_normalise(image, mean, std, size), "label": tf.gather(labels, row)}
 
     ds = tf.data.Dataset.range(start_step, num_steps).flat_map(rows_of_step)
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    opts = tf.data.Options()
-    opts.deterministic = True
-    opts.threading.private_threadpool_size = max(1, os.cpu_count() or 1)
-    return iter(tfds.as_numpy(ds.with_options(opts)))
-
-
-def padded_rows(count: int, local: int, row_multiple: int = 0) -> int:
-    """Rows one process yields for `count` examples in batches of `local`: whole batches, except that with
-    `row_multiple` > 0 the last batch is only padded up to a multiple of it (e.g. the devices it is split
-    over), so a small evaluation set does not cost a full batch of padding."""
-    num_batches = max(1, -(-count // local))
-    rest = count - (num_batches - 1) * local
-    last = local if row_multiple <= 0 else min(local, -(-max(rest, 1) // row_multiple) * row_multiple)
-    return (num_batches - 1) * local + last
+    return iter(tfds.as_numpy(ds.with_options(data_options())))
 
 
 def eval_batches(
@@ -338,7 +314,7 @@ def eval_batches(
 
     @tf.autograph.experimental.do_not_convert  # plain Python branching only; spares AutoGraph's warning
     def prepare(b):
-        image = _normalise(b["image"], mean, std, size)
+        image = resize_and_normalise(b["image"], mean, std, size)
         if reflect:  # (B, 2, H, W, C): the image and its mirror; eval_step averages their softmax
             image = tf.stack([image, tf.reverse(image, axis=[2])], axis=1)
         return {**b, "image": image}
@@ -348,35 +324,8 @@ def eval_batches(
     return iter(tfds.as_numpy(ds.prefetch(2)))
 
 
-@dataclasses.dataclass
-class Data:
-    """What the trainer needs from a dataset, whatever its size or source.
-
-    `train(start_step, num_steps, process_index, process_count)` yields this process's rows of global
-    training batches `start_step .. num_steps-1`; `eval(process_index, process_count, row_multiple=0)` yields
-    this process's padded, masked share of the evaluation split (see `padded_rows`).
-    """
-
-    num_train: int
-    num_eval: int
-    image_shape: tuple[int, int, int]
-    class_names: tuple[str, ...]
-    train: Callable[[int, int, int, int], Iterator[dict[str, np.ndarray]]]
-    eval: Callable[..., Iterator[dict[str, np.ndarray]]]
-    # The normalisation images get (0-255 scale, per channel): saved with checkpoints so `predict` can
-    # preprocess an image exactly like `eval` without the training set.
-    mean: np.ndarray | None = None
-    std: np.ndarray | None = None
-
-
 def create_data(config: ml_collections.ConfigDict) -> Data:
-    """Prepare (if needed) and open the configured dataset; ImageNet streams (alexnet_jax.imagenet)."""
-    if config.dataset == "imagenet2012":
-        from alexnet_jax import imagenet
-
-        return imagenet.create_data(config)
-    if config.dataset not in DATASETS:
-        raise UserError(f"--config.dataset={config.dataset!r} is unknown; choose one of {DATASETS}")
+    """Prepare (if needed) and load FashionMNIST or CIFAR-10; normalised per channel by the training set."""
     if config.get("eval_crops", 1) not in (1, 2):
         raise UserError(f"--config.eval_crops={config.eval_crops}: {config.dataset} images are evaluated whole "
                         "(they are no larger than the crop): use 1, or 2 to add the reflection; 10-crop "
@@ -384,6 +333,8 @@ def create_data(config: ml_collections.ConfigDict) -> Data:
     train_data = load_in_memory(config, "train")
     test_data = load_in_memory(config, "test")
     mean, std = channel_stats(train_data.images)
+    norm = normalisation_for(config, {"mean": mean, "std": std})
+    mean, std = norm.arrays()
     return Data(
         num_train=len(train_data),
         num_eval=len(test_data),
@@ -394,4 +345,5 @@ def create_data(config: ml_collections.ConfigDict) -> Data:
                                                               row_multiple),
         mean=mean,
         std=std,
+        normalisation=norm,
     )

@@ -1,0 +1,72 @@
+"""The config checks that reject bad values with a message saying what to change, before any work starts.
+
+Separate from `alexnet_jax.errors` because they need the model and optimizer tables, which the data package
+must not import."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from alexnet_jax import model, optim
+from alexnet_jax.errors import UserError
+
+
+def check_config(config: ml_collections.ConfigDict, device_count: int, process_count: int = 1) -> None:
+    """Reject bad values with a message that says what to change, before data or devices are touched."""
+
+    def fail(key: str, msg: str) -> None:
+        raise UserError(f"--config.{key}={config.get(key)!r}: {msg}")
+
+    if config.batch_size <= 0:
+        fail("batch_size", "must be a positive number of images (the global batch across all devices)")
+    if config.eval_batch_size <= 0:
+        fail("eval_batch_size", "must be positive")
+    del device_count  # divisibility by the mesh's batch shards: sharding.check_mesh, once the mesh is known
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % process_count:
+            fail(key, f"must be divisible by the {process_count} processes")
+    if config.num_train_steps == 0 or config.num_train_steps < -1:
+        fail("num_train_steps", "must be a positive number of steps, or -1 to use num_epochs")
+    if config.num_train_steps == -1 and config.num_epochs <= 0:
+        fail("num_epochs", "must be positive (or set num_train_steps)")
+    if config.learning_rate <= 0:
+        fail("learning_rate", "must be positive")
+    if config.get("lr_reference_batch", 0) < 0:
+        fail("lr_reference_batch", "must be >= 0 (0: use learning_rate as given at any batch size)")
+    if not 0 <= config.momentum < 1:
+        fail("momentum", "must be in [0, 1)")
+    if config.weight_decay < 0:
+        fail("weight_decay", "must be >= 0")
+    if not 0 <= config.dropout_rate < 1:
+        fail("dropout_rate", "must be in [0, 1)")
+    if config.lr_schedule not in optim.SCHEDULES:
+        fail("lr_schedule", f"choose one of {optim.SCHEDULES}")
+    if config.variant not in model.VARIANTS:
+        fail("variant", f"choose one of {tuple(model.VARIANTS)}")
+    if config.norm and config.norm not in model.NORMS:
+        fail("norm", f"choose one of {model.NORMS} (or '' for the variant's own)")
+    if config.groups not in (0, 1, 2):
+        fail("groups", "choose 1, 2 (the paper's two-GPU split) or 0 for the variant's own")
+    if config.init_scheme not in model.INITS:
+        fail("init_scheme", f"choose one of {model.INITS}")
+    if config.get("sharding", "paper") not in model.STRATEGIES:
+        fail("sharding", f"choose one of {model.STRATEGIES}")
+    if config.dtype not in ("float32", "bfloat16", "float16"):
+        fail("dtype", "choose 'float32' or 'bfloat16'")
+    if config.widths and len(config.widths) != 5:
+        fail("widths", "give five conv widths, e.g. (96, 256, 384, 384, 256)")
+    if config.num_classes < 2:
+        fail("num_classes", "must be at least 2")
+    if config.image_size < 16:
+        fail("image_size", "must be at least 16 pixels")
+    if config.log_every_steps <= 0:
+        fail("log_every_steps", "must be positive")
+    if config.get("eval_crops", 1) not in (1, 2, 10):
+        fail("eval_crops", "choose 1 (centre), 2 (whole image and its reflection, small datasets) or 10 (four "
+                           "corners and centre, and their reflections, imagenet2012)")
+    if config.get("checkpoint_every_steps", 0) < 0:
+        fail("checkpoint_every_steps", "must be >= 0 (0: save only at the end and on SIGTERM/preemption)")
+    if config.get("checkpoint_keep", 1) < 1:
+        fail("checkpoint_keep", "must be at least 1 (the latest checkpoint is what a rerun resumes from)")
+    if config.get("checkpoint_keep_best", 0) < 0:
+        fail("checkpoint_keep_best", "must be >= 0")

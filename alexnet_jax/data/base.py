@@ -1,0 +1,156 @@
+"""What every dataset hands the trainer, and the pieces more than one pipeline shares.
+
+- `Data`: the interface the trainer, evaluation and checkpointing consume, whatever the dataset's size or source.
+- `Normalisation`: how images are normalised, decided once by `normalisation_for` and used by the training and
+  evaluation pipelines alike; `to_json` / `from_json` carry it in checkpoint metadata.
+- `padded_rows`, `steps_per_epoch`, `check_data_dir`, `data_options`: batch arithmetic, the tfds data folder
+  check and the deterministic tf.data options, the same for the in-memory and the streaming pipelines.
+
+Nothing here imports the model, the trainer, checkpointing or sharding: data sits below them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from alexnet_jax.errors import UserError
+
+DATASETS = ("fashion_mnist", "cifar10", "imagenet2012")
+NORMALISATION_KINDS = ("pixel", "channel")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Normalisation:
+    """How an image on the 0-255 scale becomes the model's input: `(image - mean) / std`.
+
+    'channel': `mean`, `std` per channel. 'pixel' (the paper): subtract the training set's mean image
+    `mean_image` ((resize_size, resize_size, C)) from crops that line up with the resized square, its per-channel
+    average `mean` from crops that do not; `std` is all ones. `resize_size` is the square images are resized to
+    before cropping (the crop itself for the small datasets).
+    """
+
+    kind: str
+    mean: np.ndarray
+    std: np.ndarray
+    mean_image: np.ndarray | None = None
+    resize_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in NORMALISATION_KINDS:
+            raise ValueError(f"normalisation kind {self.kind!r}: choose one of {NORMALISATION_KINDS}")
+        if self.kind == "pixel" and self.mean_image is None:
+            raise ValueError("'pixel' normalisation needs the training set's mean image")
+
+    def arrays(self, per_pixel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) to apply. With 'pixel', `per_pixel` picks the mean image (crops of the resized square)
+        over its per-channel average (crops that do not line up with it, e.g. random resized crops)."""
+        if self.kind == "pixel" and per_pixel:
+            return self.mean_image, self.std
+        return self.mean, self.std
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain lists and numbers (float32 values, so `from_json` gives back the same arrays bit for bit)."""
+        return {
+            "kind": self.kind,
+            "mean": np.asarray(self.mean, np.float32).tolist(),
+            "std": np.asarray(self.std, np.float32).tolist(),
+            "mean_image": None if self.mean_image is None else np.asarray(self.mean_image, np.float32).tolist(),
+            "resize_size": int(self.resize_size),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Normalisation:
+        mean_image = d.get("mean_image")
+        return cls(
+            kind=d["kind"],
+            mean=np.asarray(d["mean"], np.float32),
+            std=np.asarray(d["std"], np.float32),
+            mean_image=None if mean_image is None else np.asarray(mean_image, np.float32),
+            resize_size=int(d.get("resize_size", 0)),
+        )
+
+
+def normalisation_for(config: ml_collections.ConfigDict, stats: Mapping[str, np.ndarray | None]) -> Normalisation:
+    """The one place the normalisation is chosen. `stats`: the training set's per-channel `mean` and `std`
+    (0-255 scale) and, for ImageNet, its `mean_image` (or the config's fixed `channel_mean` / `channel_std`).
+
+    Small datasets: per channel, at the crop size. ImageNet: `config.normalization` at `config.resize_size`."""
+    if config.dataset == "imagenet2012":
+        kind, resize = config.normalization, int(config.resize_size)
+    else:
+        kind, resize = "channel", int(config.image_size)
+    mean = np.asarray(stats["mean"], np.float32)
+    if kind == "pixel":
+        return Normalisation("pixel", mean, np.ones(3, np.float32), stats["mean_image"], resize)
+    return Normalisation("channel", mean, np.asarray(stats["std"], np.float32), None, resize)
+
+
+@dataclasses.dataclass
+class Data:
+    """What the trainer needs from a dataset, whatever its size or source.
+
+    `train(start_step, num_steps, process_index, process_count)` yields this process's rows of global
+    training batches `start_step .. num_steps-1`; `eval(process_index, process_count, row_multiple=0)` yields
+    this process's padded, masked share of the evaluation split (see `padded_rows`).
+    """
+
+    num_train: int
+    num_eval: int
+    image_shape: tuple[int, int, int]
+    class_names: tuple[str, ...]
+    train: Callable[[int, int, int, int], Iterator[dict[str, np.ndarray]]]
+    eval: Callable[..., Iterator[dict[str, np.ndarray]]]
+    # The normalisation training images get (0-255 scale): saved with checkpoints so `predict` can
+    # preprocess an image exactly like `eval` without the training set.
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+    normalisation: Normalisation | None = None
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    return num_examples // batch_size
+
+
+def padded_rows(count: int, local: int, row_multiple: int = 0) -> int:
+    """Rows one process yields for `count` examples in batches of `local`: whole batches, except that with
+    `row_multiple` > 0 the last batch is only padded up to a multiple of it (e.g. the devices it is split
+    over), so a small evaluation set does not cost a full batch of padding."""
+    num_batches = max(1, -(-count // local))
+    rest = count - (num_batches - 1) * local
+    last = local if row_multiple <= 0 else min(local, -(-max(rest, 1) // row_multiple) * row_multiple)
+    return (num_batches - 1) * local + last
+
+
+def check_data_dir(data_dir: str) -> str | None:
+    """`config.data_dir` expanded and created, or None for tfds's default; a UserError if it is unusable."""
+    if not data_dir:
+        return None
+    data_dir = os.path.expanduser(data_dir)
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(f"data_dir {data_dir!r} is a file, not a directory: give --config.data_dir a folder "
+                        "where tfds may keep prepared datasets (or '' for tfds's default).")
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"data_dir {data_dir!r} cannot be created ({e.strerror}): give --config.data_dir a "
+                        "writable folder (or '' for tfds's default).") from None
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise UserError(f"data_dir {data_dir!r} is not writable: give --config.data_dir a writable folder.")
+    return data_dir
+
+
+def data_options(threads: int | None = None) -> tf.data.Options:
+    """Deterministic tf.data on a private pool of `threads` (default: all cores; 1 also stops intra-op threads)."""
+    opts = tf.data.Options()
+    opts.deterministic = True
+    opts.threading.private_threadpool_size = threads or max(1, os.cpu_count() or 1)
+    if threads == 1:
+        opts.threading.max_intra_op_parallelism = 1
+    return opts
