@@ -81,7 +81,9 @@ def torch_side(model, params, image_shape, config):
     modules = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
     outputs: dict[int, object] = {}
     for i, m in enumerate(modules):
-        m.register_forward_hook(lambda _m, _i, out, i=i: outputs.__setitem__(i, out))
+        # the RMS at once: the in-place ReLU that follows overwrites the output tensor
+        m.register_forward_hook(lambda _m, _i, out, i=i: outputs.__setitem__(
+            i, float(out.detach().square().mean().sqrt())))
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step(images, labels):
@@ -90,7 +92,7 @@ def torch_side(model, params, image_shape, config):
         logits = net(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))
         loss = loss_fn(logits, torch.from_numpy(labels.astype(np.int64)))
         loss.backward()
-        rms = {LAYERS[i]: float(outputs[i].detach().square().mean().sqrt()) for i in range(len(modules))}
+        rms = {LAYERS[i]: outputs[i] for i in range(len(modules))}
         grads = {LAYERS[i]: float(torch.sqrt(sum(p.grad.square().sum() for p in m.parameters())))
                  for i, m in enumerate(modules)}
         opt.step()

@@ -67,7 +67,7 @@ def synthetic_data(config) -> datalib.Data:
         num_train=len(tr), num_eval=len(te), image_shape=(config.image_size, config.image_size, 1),
         class_names=tr.class_names,
         train=lambda s, e, p, n: small.train_batches(tr, config, mean, std, s, e, p, n),
-        eval=lambda p, n: small.eval_batches(te, config, mean, std, p, n), mean=mean, std=std)
+        eval=lambda p, n, rows=0: small.eval_batches(te, config, mean, std, p, n, rows), mean=mean, std=std)
 
 
 @pytest.fixture(scope="module")
