@@ -21,12 +21,9 @@ thread only after the new one is finalised, so the last complete checkpoint alwa
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging as logging_std
 import os
 import shutil
-import signal
-import threading
 from typing import Any
 
 import jax
@@ -35,21 +32,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from alexnet_jax.config import config_differences, config_to_dict
 from alexnet_jax.errors import UserError
 
 CHECKPOINT_SUBDIR = "checkpoints"
 REJECTED_SUBDIR = "checkpoints.unreadable"  # where unreadable checkpoints are moved (never deleted)
 ITEMS = ("params", "batch_stats", "train_state", "data", "meta", "config")
 ARRAY_ITEMS = ("params", "batch_stats", "train_state")
-
-# Config keys that may change when a run is resumed: they do not change what the checkpoint holds
-# (lengthening a run, logging, evaluation, checkpoint policy, where data lives, the device mesh).
-RESUMABLE_CHANGES = frozenset({
-    "num_train_steps", "num_epochs", "log_every_steps", "eval_every_steps", "eval_batch_size", "eval_crops",
-    "mesh_shape", "sharding", "data_dir", "fashion_mnist_dir", "checkpoint_every_steps", "checkpoint_keep",
-    "checkpoint_keep_best", "checkpoint_async",
-})
-
 
 class _QuietOrbax(logging_std.Filter):
     """Orbax logs every save's internals at INFO through absl; keep its warnings and errors only."""
@@ -66,44 +55,6 @@ def quiet_orbax_logs() -> None:
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINT_SUBDIR)
-
-
-def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The config as plain JSON values (tuples become lists), as stored in the `config` item."""
-    return json.loads(config.to_json())
-
-
-def config_from_dict(saved: dict[str, Any]) -> ml_collections.ConfigDict:
-    """A full config from a saved one: keys added since the checkpoint was written keep their defaults."""
-    from alexnet_jax import default_config
-
-    config = default_config.get_config()
-    for key, value in saved.items():
-        if key in config:
-            default = config[key]
-            config[key] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
-        else:
-            config[key] = value
-    return config
-
-
-def config_differences(saved: dict[str, Any], current: dict[str, Any],
-                       allowed: frozenset[str] = RESUMABLE_CHANGES) -> list[str]:
-    """`key: saved -> current` for every key that differs and is not allowed to; a key missing on one side
-    counts as its default value."""
-    from alexnet_jax import default_config
-
-    defaults = config_to_dict(default_config.get_config())
-    missing = object()
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        if key in allowed:
-            continue
-        a, b = saved.get(key, defaults.get(key, missing)), current.get(key, defaults.get(key, missing))
-        if a != b:
-            out.append(f"{key}: checkpoint {'(absent)' if a is missing else repr(a)}, now "
-                       f"{'(absent)' if b is missing else repr(b)}")
-    return out
 
 
 def _leaf_paths(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -152,28 +103,24 @@ class CheckpointUnreadable(Exception):
 
 
 class Checkpointer:
-    """Save/restore policy for one run; the training loop calls `restore_or`, `after_step` and `close`.
+    """Saves and restores one run's TrainState items plus the metadata dict handed to it; when to save, and
+    SIGTERM, are the training loop's (`alexnet_jax.preemption`). The loop calls `restore_or`, `save`, `close`.
 
     `abstract_state` is the TrainState as `jax.ShapeDtypeStruct`s and `state_sharding` the shardings the
     current mesh wants: restores land directly on that mesh, whatever mesh wrote the checkpoint.
     """
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict, abstract_state: Any, state_sharding: Any,
-                 *, data_info: dict[str, Any] | None = None, read_only: bool = False,
-                 handle_sigterm: bool = True):
+                 *, metadata: dict[str, Any] | None = None, read_only: bool = False):
         self.config = config
         self.directory = checkpoint_dir(workdir)
         self.workdir = os.path.dirname(self.directory)
         self.abstract_state = abstract_state
         self.state_sharding = state_sharding
-        self.data_info = dict(data_info or {})
+        self.metadata = dict(metadata or {})
         self.has_batch_stats = bool(jax.tree_util.tree_leaves(abstract_state.batch_stats))
-        self.every = int(config.get("checkpoint_every_steps", 0))
         self.keep = int(config.get("checkpoint_keep", 3))
         self.keep_best = int(config.get("checkpoint_keep_best", 0))
-        self.preempted_at: int | None = None
-        self._signalled = threading.Event()
-        self._previous_handler: Any = None
         self._saved_steps: set[int] = set()
         if read_only and not os.path.isdir(self.directory):
             raise UserError(f"no checkpoints in {self.directory}: train with --workdir {self.workdir} first")
@@ -197,27 +144,6 @@ class Checkpointer:
         handlers.update({name: ocp.JsonCheckpointHandler() for name in ("data", "meta", "config")})
         quiet_orbax_logs()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-        if handle_sigterm and not read_only:
-            self._install_sigterm()
-
-    # ---------------------------------------------------------------------------------------------- signals
-    def _install_sigterm(self) -> None:
-        """On one process, SIGTERM asks for a checkpoint at the next step boundary and a clean exit. On many
-        processes JAX's preemption service owns SIGTERM and orbax's `reached_preemption` reports it."""
-        if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
-            return
-
-        def handler(signum: int, _frame: Any) -> None:
-            logging.warning("received %s: saving a checkpoint at the next step boundary, then exiting",
-                            signal.Signals(signum).name)
-            self._signalled.set()
-
-        self._previous_handler = signal.signal(signal.SIGTERM, handler)
-
-    def _uninstall_sigterm(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
 
     # ------------------------------------------------------------------------------------------------- save
     def step_dir(self, step: int) -> str:
@@ -228,11 +154,11 @@ class Checkpointer:
         """Start an (async) save of `state` at `step`; returns False when that step is already on disk."""
         if step in self._saved_steps or step in self.manager.all_steps():
             return False
-        per_epoch = self.data_info.get("steps_per_epoch") or 0
+        per_epoch = self.metadata.get("steps_per_epoch") or 0
         data = {"next_step": step, "epoch": step / per_epoch if per_epoch else None, "seed": self.config.seed,
                 "batch_size": self.config.batch_size, "steps_per_epoch": per_epoch or None,
                 "dataset": self.config.dataset}
-        meta = {**self.data_info, "last_eval": last_eval or None}
+        meta = {**self.metadata, "last_eval": last_eval or None}
         items: dict[str, Any] = {
             "params": ocp.args.StandardSave(state.params),
             "train_state": ocp.args.StandardSave(_train_part(state)),
@@ -248,36 +174,15 @@ class Checkpointer:
             self._saved_steps.add(step)
         return saved
 
-    def preemption_requested(self, step: int) -> bool:
-        return self._signalled.is_set() or self.manager.reached_preemption(step)
-
-    def after_step(self, step: int, state: Any, *, final: bool, eval_metrics: dict[str, float] | None,
-                   last_eval: dict[str, float] | None) -> bool:
-        """Save when the policy says so; returns True when training must stop (SIGTERM or preemption).
-
-        `step` is the number of steps done; `state` must include the updates made after this step's evaluation
-        (the plateau schedule), so a resumed run continues exactly as the uninterrupted one would."""
-        preempt = self.preemption_requested(step)
-        due = (final or preempt or (self.every > 0 and step % self.every == 0)
-               or (eval_metrics is not None and self.keep_best > 0))
-        if due:
-            self.save(step, state, eval_metrics, last_eval)
-        if preempt and not final:
-            self.manager.wait_until_finished()
-            self.preempted_at = step
-            logging.warning("preempted after step %d: checkpoint saved in %s; rerun the same command (same "
-                            "--workdir) to resume from it", step, self.step_dir(step))
-            return True
-        return False
+    def reached_preemption(self, step: int) -> bool:
+        """Whether JAX's preemption service (multi-process jobs) asks for a checkpoint at `step`."""
+        return self.manager.reached_preemption(step)
 
     def close(self) -> None:
         """Wait for the last save to be finalised; raise if a save failed."""
-        try:
-            self.manager.wait_until_finished()
-            self.manager.check_for_errors()
-            self.manager.close()
-        finally:
-            self._uninstall_sigterm()
+        self.manager.wait_until_finished()
+        self.manager.check_for_errors()
+        self.manager.close()
         if self._saved_steps:
             logging.info("checkpoints in %s: steps %s", self.directory, self.manager.all_steps())
 
@@ -392,31 +297,32 @@ class Checkpointer:
         return found.state, dict(found.meta.get("last_eval") or {})
 
 
-def abstract_train_state(trainer: Any) -> Any:
-    """The trainer's state as ShapeDtypeStructs (no computation, no memory)."""
-    return jax.eval_shape(trainer.init, jax.random.PRNGKey(0))
-
-
-def for_trainer(workdir: str, config: ml_collections.ConfigDict, trainer: Any, data: Any = None,
-                **kwargs: Any) -> Checkpointer:
-    """A Checkpointer whose restores land on `trainer`'s mesh and shardings."""
-    info: dict[str, Any] = {}
-    if data is not None:
-        from alexnet_jax.data import steps_per_epoch
-
-        mean, std = getattr(data, "mean", None), getattr(data, "std", None)
-        info = {
-            "dataset": config.dataset,
-            "image_shape": list(data.image_shape),
-            "class_names": list(data.class_names),
-            "mean": None if mean is None else np.asarray(mean, np.float64).tolist(),
-            "std": None if std is None else np.asarray(std, np.float64).tolist(),
-            "num_train": data.num_train,
-            "num_eval": data.num_eval,
-            "steps_per_epoch": steps_per_epoch(data.num_train, config.batch_size),
-        }
-    return Checkpointer(workdir, config, abstract_train_state(trainer), trainer.state_sharding, data_info=info,
-                        **kwargs)
+def restore_arrays(workdir: str, step: int, targets: dict[str, Any]) -> dict[str, Any]:
+    """Array items of checkpoint `step` (e.g. 'params', 'batch_stats') restored onto `targets`, trees of
+    `jax.ShapeDtypeStruct` with the shardings wanted: what inference needs, without the optimizer state.
+    A saved parameter tree of another shape is a UserError naming the differences."""
+    directory = checkpoint_dir(workdir)
+    quiet_orbax_logs()
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                                    item_handlers={name: ocp.StandardCheckpointHandler() for name in targets})
+    try:
+        saved = manager.item_metadata(step)["params"]
+    except Exception as e:  # noqa: BLE001 - unreadable metadata means an unusable checkpoint
+        raise UserError(f"the checkpoint at step {step} in {directory} cannot be read ({type(e).__name__}: {e})"
+                        ) from None
+    diffs = tree_differences(saved, targets["params"])
+    if diffs:
+        raise UserError(f"the checkpoint at step {step} in {directory} holds parameters of a different model: "
+                        + "; ".join(diffs))
+    try:
+        out = manager.restore(step, args=ocp.args.Composite(
+            **{name: ocp.args.StandardRestore(tree) for name, tree in targets.items()}))
+    except Exception as e:  # noqa: BLE001 - a truncated or half-written item fails in many ways
+        raise UserError(f"the checkpoint at step {step} in {directory} cannot be read ({type(e).__name__}: {e})"
+                        ) from None
+    finally:
+        manager.close()
+    return {name: out[name] for name in targets}
 
 
 def read_saved(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any], dict[str, Any]]:

@@ -1,17 +1,29 @@
-"""The config checks that reject bad values with a message saying what to change, before any work starts.
+"""The config checks that reject bad values with a message saying what to change, before any work starts,
+and the config's JSON round trip (checkpoints store it).
 
 Separate from `alexnet_jax.errors` because they need the model and optimizer tables, which the data package
 must not import."""
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import ml_collections
 
-from alexnet_jax import model, optim
+from alexnet_jax import default_config, model, optim
 from alexnet_jax.errors import UserError
 
+# Config keys that may change when a run is resumed: they do not change what the checkpoint holds
+# (lengthening a run, logging, evaluation, checkpoint policy, where data lives, the device mesh).
+RESUMABLE_CHANGES = frozenset({
+    "num_train_steps", "num_epochs", "log_every_steps", "eval_every_steps", "eval_batch_size", "eval_crops",
+    "mesh_shape", "sharding", "data_dir", "fashion_mnist_dir", "checkpoint_every_steps", "checkpoint_keep",
+    "checkpoint_keep_best", "checkpoint_async",
+})
 
-def check_config(config: ml_collections.ConfigDict, device_count: int, process_count: int = 1) -> None:
+
+def check_config(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
     """Reject bad values with a message that says what to change, before data or devices are touched."""
 
     def fail(key: str, msg: str) -> None:
@@ -21,7 +33,7 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
         fail("batch_size", "must be a positive number of images (the global batch across all devices)")
     if config.eval_batch_size <= 0:
         fail("eval_batch_size", "must be positive")
-    del device_count  # divisibility by the mesh's batch shards: sharding.check_mesh, once the mesh is known
+    # divisibility by the mesh's batch shards: sharding.check_mesh, once the mesh is known
     for key in ("batch_size", "eval_batch_size"):
         if config[key] % process_count:
             fail(key, f"must be divisible by the {process_count} processes")
@@ -70,3 +82,37 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
         fail("checkpoint_keep", "must be at least 1 (the latest checkpoint is what a rerun resumes from)")
     if config.get("checkpoint_keep_best", 0) < 0:
         fail("checkpoint_keep_best", "must be >= 0")
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as plain JSON values (tuples become lists), as stored in the `config` item."""
+    return json.loads(config.to_json())
+
+
+def config_from_dict(saved: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A full config from a saved one: keys added since the checkpoint was written keep their defaults."""
+    config = default_config.get_config()
+    for key, value in saved.items():
+        if key in config:
+            default = config[key]
+            config[key] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+        else:
+            config[key] = value
+    return config
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any],
+                       allowed: frozenset[str] = RESUMABLE_CHANGES) -> list[str]:
+    """`key: saved -> current` for every key that differs and is not allowed to; a key missing on one side
+    counts as its default value."""
+    defaults = config_to_dict(default_config.get_config())
+    missing = object()
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        if key in allowed:
+            continue
+        a, b = saved.get(key, defaults.get(key, missing)), current.get(key, defaults.get(key, missing))
+        if a != b:
+            out.append(f"{key}: checkpoint {'(absent)' if a is missing else repr(a)}, now "
+                       f"{'(absent)' if b is missing else repr(b)}")
+    return out

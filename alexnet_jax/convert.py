@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
+from alexnet_jax.config import RESUMABLE_CHANGES
+from alexnet_jax.data import Normalisation
 from alexnet_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -41,6 +43,9 @@ PUBLISHED_TOP1, PUBLISHED_TOP5 = 0.56522, 0.79066
 def define_flags() -> None:
     flags.DEFINE_string("torchvision", None, "A torchvision alexnet state dict (.pth), e.g. alexnet-owt-7be5be79.pth.")
     flags.DEFINE_string("workdir", None, "Where to write the checkpoint (WORKDIR/checkpoints/0).")
+    from alexnet_jax import cli
+
+    cli.define_config_overrides()  # e.g. --config.image_size=227, --config.data_dir for the saved config
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -161,7 +166,8 @@ def torchvision_config(widths: tuple[int, ...], fc_width: int, num_classes: int,
     return c
 
 
-def convert(path: str, workdir: str, *, image_size: int = 224) -> dict[str, Any]:
+def convert(path: str, workdir: str, *, image_size: int = 224,
+            overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the torchvision state dict at `path` as checkpoint step 0 of `workdir`; returns a summary."""
     import jax
 
@@ -175,7 +181,14 @@ def convert(path: str, workdir: str, *, image_size: int = 224) -> dict[str, Any]
     if os.path.isdir(directory) and os.listdir(directory):
         raise UserError(f"{directory} already holds checkpoints; give a new --workdir for the converted weights")
     params = to_flax_params(state_dict)
-    config = torchvision_config(widths, fc_width, num_classes, image_size)
+    overrides = dict(overrides or {})
+    config = torchvision_config(widths, fc_width, num_classes, int(overrides.pop("image_size", image_size)))
+    for key, value in overrides.items():  # the keys the checkpoint may carry differently (data_dir, eval_crops...)
+        if key not in RESUMABLE_CHANGES:
+            raise UserError(f"--config.{key}: the converted net's config fixes it; these can be set: image_size, "
+                            + ", ".join(sorted(RESUMABLE_CHANGES)))
+        config[key] = tuple(value) if isinstance(config[key], tuple) else value
+    image_size = config.image_size
     mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
     image_shape = (image_size, image_size, 3)
     trainer = train.Trainer(config, mesh, image_shape, 1, 1)
@@ -189,11 +202,13 @@ def convert(path: str, workdir: str, *, image_size: int = 224) -> dict[str, Any]
         from alexnet_jax import predict
 
         names = predict.class_names("imagenet2012", {}, num_classes)
+    norm = Normalisation("channel", np.asarray(MEAN_255, np.float32), np.asarray(STD_255, np.float32),
+                         resize_size=config.resize_size)
     info = {"dataset": config.dataset, "image_shape": list(image_shape), "class_names": names,
-            "mean": list(MEAN_255), "std": list(STD_255), "source": os.path.abspath(path),
+            "normalisation": norm.to_json(), "source": os.path.abspath(path),
             "converted_from": "torchvision.models.alexnet state dict"}
-    ckpt = checkpointing.Checkpointer(workdir, config, checkpointing.abstract_train_state(trainer),
-                                      trainer.state_sharding, data_info=info, handle_sigterm=False)
+    ckpt = checkpointing.Checkpointer(workdir, config, trainer.abstract_state, trainer.state_sharding,
+                                      metadata=info)
     ckpt.save(0, state)
     ckpt.close()
     from alexnet_jax.flops import count_params
@@ -206,18 +221,22 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from alexnet_jax import cli
+
     logging.get_absl_handler().use_absl_log_file = False
     try:
-        out = convert(FLAGS.torchvision, FLAGS.workdir)
+        out = convert(FLAGS.torchvision, FLAGS.workdir, overrides=cli.config_overrides())
     except UserError as e:
         sys.exit(f"alexnet_jax.convert: error: {e}")
     print(f"wrote {out['checkpoint']}: owt AlexNet, {out['params']:,} parameters, widths {out['widths']}, "
           f"fc {out['fc_width']}, {out['num_classes']} classes")
-    print(f"evaluate: python -m alexnet_jax.evaluate --workdir {FLAGS.workdir} --data_dir <tfds data_dir>")
+    print(f"evaluate: python -m alexnet_jax.evaluate --workdir {FLAGS.workdir} --config.data_dir=<tfds data_dir>")
     print(f"predict:  python -m alexnet_jax.predict --workdir {FLAGS.workdir} IMAGE.jpg")
 
 
 if __name__ == "__main__":
     define_flags()
     flags.mark_flags_as_required(["torchvision", "workdir"])
-    app.run(main)
+    from alexnet_jax import cli
+
+    app.run(main, flags_parser=cli.parse_flags)

@@ -175,21 +175,16 @@ def predictions(workdir: str, step: int | None = None, max_images: int | None = 
     """(images 0-255 (N, H, W, C), predicted, true labels, class names, meta) on the test split."""
     import jax
 
-    from alexnet_jax import checkpointing, predict, sharding, train
     from alexnet_jax import data as datalib
+    from alexnet_jax import inference, predict
 
-    step, saved, meta = checkpointing.read_saved(workdir, step)
-    config = checkpointing.config_from_dict(saved)
+    # the grid shows each test image once, as the model sees it
+    loaded = inference.load(workdir, step, inference.mesh_of_one_device(), {"eval_crops": 1})
+    config, meta, variables = loaded.config, loaded.meta, loaded.variables
     if config.dataset not in ("fashion_mnist", "cifar10"):
         raise UserError(f"prediction grids are for the small datasets (fashion_mnist, cifar10), not {config.dataset}")
-    config.eval_crops = 1  # the grid shows each test image once, as the model sees it
     data = datalib.create_data(config)
-    mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
-    trainer = train.Trainer(config, mesh, data.image_shape, 1, max(1, config.num_train_steps))
-    ckpt = checkpointing.for_trainer(workdir, config, trainer, read_only=True)
-    state = ckpt.restore(step, template=trainer.init(jax.random.PRNGKey(0)), model_only=True).state
-    variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
-    apply = jax.jit(lambda v, x: jax.numpy.argmax(trainer.model.apply(v, x, train=False), -1))
+    apply = jax.jit(lambda v, x: jax.numpy.argmax(loaded.model.apply(v, x, train=False), -1))
     images, preds, labels = [], [], []
     count = 0
     for batch in data.eval(0, 1):

@@ -168,7 +168,7 @@ def main(argv: list[str]) -> None:
     from alexnet_jax.errors import UserError
 
     try:
-        check_config(config, 1)
+        check_config(config)
     except UserError as e:
         sys.exit(f"alexnet_jax.flops: error: {e}")
     model = create_model(config)

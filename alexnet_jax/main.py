@@ -8,26 +8,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from alexnet_jax import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Where logs, TensorBoard scalars and summary.json are written.")
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file; override keys with --config.key=value.",
                                 lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a one-line message instead of a trace for a bad --config override."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(f"alexnet_jax: error: {e}\nSee --helpfull for the flags.")
-    except (AttributeError, KeyError) as e:  # ml_collections: --config.<key> names no field
-        key = str(e).strip("\"'")
-        given = next((a for a in argv if a.startswith("--config.") and key in a), key)
-        sys.exit(f"alexnet_jax: error: {given}: unknown config key {key!r}. The keys and their defaults are "
-                 "in alexnet_jax/default_config.py.")
-    except (ValueError, TypeError) as e:
-        sys.exit(f"alexnet_jax: error: cannot apply the command line's config overrides: {e}")
 
 
 def main(argv: list[str]) -> None:
@@ -50,4 +37,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

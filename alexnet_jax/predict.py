@@ -1,10 +1,11 @@
 """Classify images with a checkpoint: `python -m alexnet_jax.predict --workdir DIR IMAGE [IMAGE ...]`.
 
-Prints the top-5 classes with their probabilities for each image. Images (PNG, JPEG, GIF, BMP) are
-preprocessed as the evaluation pipeline does, with what the checkpoint saved (no training set needed):
-converted to the model's channels (grayscale for FashionMNIST), centre-cropped to a square (ImageNet: resized
-so the shorter side is 256/224 of the crop, as in the paper, then centre-cropped), resized to the model's
-input size and normalised with the training set's per-channel mean/std.
+Prints the top-5 classes with their probabilities for each image. Images (PNG, JPEG, GIF, BMP, of any size) are
+preprocessed as the evaluation pipeline does, with the normalisation record the checkpoint saved (no training
+set needed): converted to the model's channels (grayscale for FashionMNIST), the centre square taken; ImageNet:
+resized to `resize_size` (256), normalised (the paper's per-pixel mean image, or per-channel mean/std) and the
+centre crop taken, exactly the single-view evaluation; small datasets: resized to the input size and
+normalised per channel. Takes the same `--config.key=value` overrides as `evaluate`.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """Command-line flags (defined on demand, so importing this module never clashes with main's)."""
+    from alexnet_jax import cli
+
     flags.DEFINE_string("workdir", None, "The training run's --workdir (holds checkpoints/).")
     flags.DEFINE_integer("step", None, "Checkpoint step to use; default: the latest readable one.")
     flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
-
-IMAGENET_RESIZE_RATIO = 256 / 224  # the paper: shorter side 256, 224 crops
+    cli.define_config_overrides()
 
 
 def class_names(dataset: str, meta: dict[str, Any], num_classes: int) -> list[str]:
@@ -46,11 +48,13 @@ def class_names(dataset: str, meta: dict[str, Any], num_classes: int) -> list[st
     return [str(i) for i in range(num_classes)]
 
 
-def preprocess(path: str, image_shape: tuple[int, int, int], mean: Any, std: Any, dataset: str) -> np.ndarray:
-    """One image file as the model's normalised (H, W, C) float32 input."""
+def preprocess(path: str, image_shape: tuple[int, int, int], norm: Any, dataset: str,
+               resize_method: str = "area") -> np.ndarray:
+    """One image file as the model's normalised (H, W, C) float32 input (`norm`: a data.Normalisation)."""
     import tensorflow as tf
 
     from alexnet_jax import data as datalib
+    from alexnet_jax.data import augment
     from alexnet_jax.errors import UserError
 
     size, _, channels = image_shape
@@ -59,43 +63,33 @@ def preprocess(path: str, image_shape: tuple[int, int, int], mean: Any, std: Any
     except (tf.errors.OpError, ValueError) as e:
         raise UserError(f"{path}: not a readable image ({type(e).__name__}); give PNG, JPEG, GIF or BMP") from None
     h, w = int(image.shape[0]), int(image.shape[1])
-    if dataset == "imagenet2012":  # shorter side to 256/224 of the crop, then the centre crop
-        short = int(round(size * IMAGENET_RESIZE_RATIO))
-        h, w = max(short, round(h * short / min(h, w))), max(short, round(w * short / min(h, w)))
-        image = tf.image.resize(image, (h, w), method="bilinear")
-        crop = size
-    else:  # small datasets: the whole (square) image, resized as the eval pipeline does
-        crop = min(h, w)
-    image = tf.image.crop_to_bounding_box(image, (h - crop) // 2, (w - crop) // 2, crop, crop)
-    return np.asarray(datalib.resize_and_normalise(image, mean, std, size), np.float32)
+    side = min(h, w)
+    square = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
+    if dataset != "imagenet2012":  # small datasets: the whole (square) image, resized as the eval pipeline does
+        return np.asarray(datalib.resize_and_normalise(square, norm.mean, norm.std, size), np.float32)
+    # ImageNet, as augment.eval_image with one view: the square at resize_size, normalised, its centre crop
+    resize = norm.resize_size or round(size * 256 / 224)
+    mean, std = norm.arrays()
+    square = (augment.resize(square, resize, resize_method) - mean) / std
+    return np.asarray(augment.centre_crop(square, size), np.float32)
 
 
-def predict(workdir: str, paths: list[str], *, step: int | None = None, top_k: int = 5
-            ) -> list[tuple[str, list[tuple[str, float]]]]:
+def predict(workdir: str, paths: list[str], *, step: int | None = None, top_k: int = 5,
+            overrides: dict[str, Any] | None = None) -> list[tuple[str, list[tuple[str, float]]]]:
     """Top-k (class name, probability) for every image in `paths`, with checkpoint `step` (default latest)."""
     import jax
     import jax.numpy as jnp
 
-    from alexnet_jax import checkpointing, sharding, train
-    from alexnet_jax.errors import UserError
+    from alexnet_jax import inference
 
-    step, saved, meta = checkpointing.read_saved(workdir, step)
-    config = checkpointing.config_from_dict(saved)
-    image_shape = tuple(meta.get("image_shape") or ())
-    if len(image_shape) != 3 or meta.get("mean") is None or meta.get("std") is None:
-        raise UserError(f"the checkpoint at step {step} does not record the input shape and normalisation "
-                        "(mean/std) that predict needs; evaluate it with alexnet_jax.evaluate instead")
-    mean = np.asarray(meta["mean"], np.float32)
-    std = np.asarray(meta["std"], np.float32)
-    mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
-    trainer = train.Trainer(config, mesh, image_shape, 1, max(1, config.num_train_steps))
-    ckpt = checkpointing.for_trainer(workdir, config, trainer, read_only=True)
-    state = ckpt.restore(step, template=trainer.init(jax.random.PRNGKey(0)), model_only=True).state
-    names = class_names(config.dataset, meta, config.num_classes)
-    images = np.stack([preprocess(p, image_shape, mean, std, config.dataset) for p in paths])
-    variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
-    probs = jax.jit(lambda v, x: jax.nn.softmax(trainer.model.apply(v, x, train=False)))(variables,
-                                                                                         jnp.asarray(images))
+    loaded = inference.load(workdir, step, inference.mesh_of_one_device(), overrides)
+    config = loaded.config
+    names = class_names(config.dataset, loaded.meta, config.num_classes)
+    norm = loaded.normalisation
+    images = np.stack([preprocess(p, loaded.image_shape, norm, config.dataset, config.resize_method)
+                       for p in paths])
+    probs = jax.jit(lambda v, x: jax.nn.softmax(loaded.model.apply(v, x, train=False)))(loaded.variables,
+                                                                                        jnp.asarray(images))
     probs = np.asarray(jax.device_get(probs))
     k = min(top_k, probs.shape[-1])
     out = []
@@ -113,6 +107,7 @@ def main(argv: list[str]) -> None:
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
+    from alexnet_jax import cli
     from alexnet_jax.errors import UserError
 
     logging.get_absl_handler().use_absl_log_file = False
@@ -120,7 +115,7 @@ def main(argv: list[str]) -> None:
     if missing:
         sys.exit(f"alexnet_jax.predict: error: no such file: {', '.join(missing)}")
     try:
-        results = predict(FLAGS.workdir, paths, step=FLAGS.step, top_k=FLAGS.top_k)
+        results = predict(FLAGS.workdir, paths, step=FLAGS.step, top_k=FLAGS.top_k, overrides=cli.config_overrides())
     except UserError as e:
         sys.exit(f"alexnet_jax.predict: error: {e}")
     for path, top in results:
@@ -132,4 +127,6 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     define_flags()
     flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+    from alexnet_jax import cli
+
+    app.run(main, flags_parser=cli.parse_flags)

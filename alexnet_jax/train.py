@@ -22,6 +22,7 @@ from alexnet_jax import data as datalib
 from alexnet_jax.config import check_config
 from alexnet_jax.errors import UserError
 from alexnet_jax.model import AlexNet, create_model
+from alexnet_jax.preemption import SavePolicy
 
 
 @flax.struct.dataclass
@@ -105,9 +106,13 @@ def crop_averaged_logits(apply_fn: Any, images: jax.Array) -> jax.Array:
     return jnp.log(probs)
 
 
-def eval_step(model: AlexNet, state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def variables_of(state: TrainState) -> dict[str, Any]:
+    """The model's variables in a TrainState (or its shardings): params, and BatchNorm statistics if any."""
+    return {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+
+
+def eval_step(model: AlexNet, variables: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Sums over the real (mask == 1) rows, so padded rows never count."""
-    variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
     logits = crop_averaged_logits(partial(model.apply, variables, train=False), batch["image"])
     mask = batch["mask"]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
@@ -117,6 +122,34 @@ def eval_step(model: AlexNet, state: TrainState, batch: dict[str, jax.Array]) ->
         "top5": jnp.sum(_topk_correct(logits, batch["label"], 5) * mask),
         "count": jnp.sum(mask),
     }
+
+
+class Evaluator:
+    """The jit-compiled evaluation step on a mesh, for a model's variables alone (no optimizer): used by the
+    training loop and by `alexnet_jax.evaluate` on restored parameters."""
+
+    def __init__(self, model: AlexNet, mesh: jax.sharding.Mesh, strategy: str, variables_sharding: Any):
+        self.batch_sharding = sharding.batch_sharding(mesh, strategy)
+        # A process's evaluation batch need only be a multiple of its share of the batch shards.
+        shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(strategy))
+        self.row_multiple = max(1, shards // jax.process_count())
+        self.step = jax.jit(partial(eval_step, model), in_shardings=(variables_sharding, self.batch_sharding),
+                            out_shardings=sharding.replicated(mesh))
+
+    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Assemble the global batch from this process's rows."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
+
+    def __call__(self, variables: dict[str, Any], batches) -> dict[str, float]:
+        """Loss, top-1, top-5 over every real row of `batches` (this process's share of them), and the count."""
+        totals = None
+        for local in batches:
+            out = self.step(variables, self.global_batch(local))
+            totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
+        totals = jax.device_get(totals)
+        n = float(totals["count"])
+        return {"loss": float(totals["loss"]) / n, "top1": float(totals["top1"]) / n,
+                "top5": float(totals["top5"]) / n, "count": int(round(n))}
 
 
 class Trainer:
@@ -136,9 +169,8 @@ class Trainer:
         self.abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
         self.state_sharding = sharding.tree_shardings(mesh, self.abstract_state, strategy)
         self.batch_sharding = sharding.batch_sharding(mesh, strategy)
-        # A process's evaluation batch need only be a multiple of its share of the batch shards.
-        shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(strategy))
-        self.eval_row_multiple = max(1, shards // jax.process_count())
+        self.evaluator = Evaluator(self.model, mesh, strategy, variables_of(self.state_sharding))
+        self.eval_row_multiple = self.evaluator.row_multiple
         rep = sharding.replicated(mesh)
         self.init = jax.jit(init, out_shardings=self.state_sharding)
         self.train_step = jax.jit(
@@ -147,24 +179,13 @@ class Trainer:
             out_shardings=(self.state_sharding, rep),
             donate_argnums=0,
         )
-        self.eval_step = jax.jit(
-            partial(eval_step, self.model), in_shardings=(self.state_sharding, self.batch_sharding),
-            out_shardings=rep,
-        )
 
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Assemble the global batch from this process's rows."""
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
 
     def evaluate(self, state: TrainState, batches) -> dict[str, float]:
-        totals = None
-        for local in batches:
-            out = self.eval_step(state, self.global_batch(local))
-            totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
-        totals = jax.device_get(totals)
-        n = float(totals["count"])
-        return {"loss": float(totals["loss"]) / n, "top1": float(totals["top1"]) / n,
-                "top5": float(totals["top5"]) / n, "count": int(round(n))}
+        return self.evaluator(variables_of(state), batches)
 
 
 def _fmt_seconds(s: float) -> str:
@@ -190,10 +211,25 @@ class _Writer:
         self._w.flush()
 
 
+def run_metadata(config: ml_collections.ConfigDict, data: datalib.Data) -> dict[str, Any]:
+    """What a checkpoint records beside the arrays so inference needs no training set: the input shape, the
+    class names and the normalisation (the whole record: predict preprocesses exactly like evaluation)."""
+    norm = data.normalisation
+    return {
+        "dataset": config.dataset,
+        "image_shape": list(data.image_shape),
+        "class_names": list(data.class_names),
+        "normalisation": None if norm is None else norm.to_json(),
+        "num_train": data.num_train,
+        "num_eval": data.num_eval,
+        "steps_per_epoch": datalib.steps_per_epoch(data.num_train, config.batch_size),
+    }
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train, evaluate every `eval_every_steps` (default: each epoch) and write `workdir/summary.json`."""
     t_start = time.time()
-    check_config(config, jax.device_count(), jax.process_count())
+    check_config(config, jax.process_count())
     mesh = sharding.make_mesh(config.mesh_shape)
     sharding.check_mesh(config, mesh, sharding.strategy_of(config))
     try:
@@ -211,7 +247,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     trainer = Trainer(config, mesh, data.image_shape, per_epoch, total)
     state = trainer.init(jax.random.PRNGKey(config.seed))
     # --- checkpointing: resume from WORKDIR/checkpoints if there is a checkpoint (alexnet_jax.checkpointing)
-    ckpt = checkpointing.for_trainer(workdir, config, trainer, data)
+    ckpt = checkpointing.Checkpointer(workdir, config, trainer.abstract_state, trainer.state_sharding,
+                                      metadata=run_metadata(config, data))
     state, restored_eval = ckpt.restore_or(state)
     # --- end checkpointing
     start = int(state.step)
@@ -227,58 +264,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_seconds, timed_images, last_eval = 0.0, 0, restored_eval
     best_eval: dict[str, Any] = {}  # the highest validation top-1 of this run's evaluations, and its step
     t_interval, interval_steps = time.time(), 0
-    for step in range(start, total):
-        state, metrics = trainer.train_step(state, trainer.global_batch(next(batches)))
-        pending.append(metrics)
-        interval_steps += 1
-        done = step + 1
-        step_eval = None
-        if done % config.log_every_steps == 0 or done == total:
-            fetched = jax.device_get(pending)
-            now = time.time()
-            elapsed = now - t_interval
-            if step + 1 - interval_steps > start:  # not the first interval: it includes compilation
-                train_seconds += elapsed
-                timed_images += interval_steps * config.batch_size
-            means = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "top1", "top5")}
-            if not np.isfinite(means["loss"]):
-                raise TrainingError(
-                    f"the training loss became {means['loss']} by step {done}: lower --config.learning_rate "
-                    f"(now {config.learning_rate}, {optim.base_learning_rate(config):.4g} at batch "
-                    f"{config.batch_size}) or check the input data (docs/recipe.md)"
-                )
-            lr = float(fetched[-1]["lr"])
-            rate = interval_steps * config.batch_size / max(elapsed, 1e-9)
-            eta = (total - done) * config.batch_size / rate
-            logging.info("step %d/%d (epoch %.2f) | loss %.4f | top1 %.2f%% | top5 %.2f%% | lr %.4g | "
-                         "%.0f img/s | ETA %s", done, total, done / per_epoch, means["loss"],
-                         100 * means["top1"], 100 * means["top5"], lr, rate, _fmt_seconds(eta))
-            writer.scalars(done, {"train/loss": means["loss"], "train/top1": means["top1"],
-                                  "train/top5": means["top5"], "train/lr": lr, "train/images_per_second": rate})
-            pending.clear()
-            interval_steps, t_interval = 0, time.time()
-        if done % eval_every == 0 or done == total:
-            jax.block_until_ready(state)  # queued train steps are training time, not evaluation time
-            t_eval = time.time()
-            last_eval = step_eval = trainer.evaluate(state, data.eval(pid, nproc, trainer.eval_row_multiple))
-            if last_eval["top1"] > best_eval.get("top1", -1.0):
-                best_eval = {**last_eval, "step": done}
-            if config.lr_schedule == "plateau":
-                plateau, opt_state = optim.plateau_step(
-                    trainer.plateau, state.plateau, state.opt_state, 1.0 - last_eval["top1"])
-                state = state.replace(plateau=plateau, opt_state=opt_state)
-            logging.info("eval at step %d: top1 %.2f%% | top5 %.2f%% | loss %.4f | %d images | %.1fs",
-                         done, 100 * last_eval["top1"], 100 * last_eval["top5"], last_eval["loss"],
-                         last_eval["count"], time.time() - t_eval)
-            writer.scalars(done, {"eval/top1": last_eval["top1"], "eval/top5": last_eval["top5"],
-                                  "eval/loss": last_eval["loss"]})
-            t_interval += time.time() - t_eval  # evaluation time is not training time
-        # --- checkpointing: save per policy; on SIGTERM/preemption save and stop
-        if ckpt.after_step(done, state, final=done == total, eval_metrics=step_eval, last_eval=last_eval):
-            break
+    with SavePolicy(ckpt, config) as policy:  # saves when due; SIGTERM: save, stop (alexnet_jax.preemption)
+        for step in range(start, total):
+            state, metrics = trainer.train_step(state, trainer.global_batch(next(batches)))
+            pending.append(metrics)
+            interval_steps += 1
+            done = step + 1
+            step_eval = None
+            if done % config.log_every_steps == 0 or done == total:
+                fetched = jax.device_get(pending)
+                now = time.time()
+                elapsed = now - t_interval
+                if step + 1 - interval_steps > start:  # not the first interval: it includes compilation
+                    train_seconds += elapsed
+                    timed_images += interval_steps * config.batch_size
+                means = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "top1", "top5")}
+                if not np.isfinite(means["loss"]):
+                    raise TrainingError(
+                        f"the training loss became {means['loss']} by step {done}: lower --config.learning_rate "
+                        f"(now {config.learning_rate}, {optim.base_learning_rate(config):.4g} at batch "
+                        f"{config.batch_size}) or check the input data (docs/recipe.md)"
+                    )
+                lr = float(fetched[-1]["lr"])
+                rate = interval_steps * config.batch_size / max(elapsed, 1e-9)
+                eta = (total - done) * config.batch_size / rate
+                logging.info("step %d/%d (epoch %.2f) | loss %.4f | top1 %.2f%% | top5 %.2f%% | lr %.4g | "
+                             "%.0f img/s | ETA %s", done, total, done / per_epoch, means["loss"],
+                             100 * means["top1"], 100 * means["top5"], lr, rate, _fmt_seconds(eta))
+                writer.scalars(done, {"train/loss": means["loss"], "train/top1": means["top1"],
+                                      "train/top5": means["top5"], "train/lr": lr, "train/images_per_second": rate})
+                pending.clear()
+                interval_steps, t_interval = 0, time.time()
+            if done % eval_every == 0 or done == total:
+                jax.block_until_ready(state)  # queued train steps are training time, not evaluation time
+                t_eval = time.time()
+                last_eval = step_eval = trainer.evaluate(state, data.eval(pid, nproc, trainer.eval_row_multiple))
+                if last_eval["top1"] > best_eval.get("top1", -1.0):
+                    best_eval = {**last_eval, "step": done}
+                if config.lr_schedule == "plateau":
+                    plateau, opt_state = optim.plateau_step(
+                        trainer.plateau, state.plateau, state.opt_state, 1.0 - last_eval["top1"])
+                    state = state.replace(plateau=plateau, opt_state=opt_state)
+                logging.info("eval at step %d: top1 %.2f%% | top5 %.2f%% | loss %.4f | %d images | %.1fs",
+                             done, 100 * last_eval["top1"], 100 * last_eval["top5"], last_eval["loss"],
+                             last_eval["count"], time.time() - t_eval)
+                writer.scalars(done, {"eval/top1": last_eval["top1"], "eval/top5": last_eval["top5"],
+                                      "eval/loss": last_eval["loss"]})
+                t_interval += time.time() - t_eval  # evaluation time is not training time
+            # --- checkpointing: save per policy; on SIGTERM/preemption save and stop
+            if policy.after_step(done, state, final=done == total, eval_metrics=step_eval, last_eval=last_eval):
+                break
     ckpt.close()
-    if ckpt.preempted_at is not None:
-        return {"preempted": True, "step": ckpt.preempted_at, "checkpoint": ckpt.step_dir(ckpt.preempted_at)}
+    if policy.preempted_at is not None:
+        return {"preempted": True, "step": policy.preempted_at, "checkpoint": ckpt.step_dir(policy.preempted_at)}
     # --- end checkpointing
 
     summary = {

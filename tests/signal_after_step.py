@@ -4,7 +4,7 @@ given step returns: `python tests/signal_after_step.py STEP SIGNAME --config ...
 A deterministic stand-in for a kill or preemption "at step N": an external `kill` would race a tiny model's
 millisecond steps. Saves already started are let finish first, so the latest checkpoint before STEP is on disk
 (the half-written case has its own test). With SIGKILL nothing more runs; SIGTERM goes through the handler
-that `alexnet_jax.checkpointing` installs, as a real one would.
+that `alexnet_jax.preemption` installs, as a real one would.
 """
 
 import os
@@ -13,22 +13,23 @@ import sys
 
 from absl import app
 
-from alexnet_jax import checkpointing, main
+from alexnet_jax import main
+from alexnet_jax.preemption import SavePolicy
 
 STEP = int(sys.argv.pop(1))
 SIGNAL = getattr(signal, sys.argv.pop(1))
-_after_step = checkpointing.Checkpointer.after_step
+_after_step = SavePolicy.after_step
 
 
 def after_step(self, step, state, **kwargs):
     stop = _after_step(self, step, state, **kwargs)
     if step == STEP:
-        self.manager.wait_until_finished()
+        self.ckpt.manager.wait_until_finished()
         os.kill(os.getpid(), SIGNAL)
     return stop
 
 
-checkpointing.Checkpointer.after_step = after_step
+SavePolicy.after_step = after_step
 
 if __name__ == "__main__":
     app.run(main.main)

@@ -17,13 +17,21 @@ import pytest
 from conftest import FASHION_MNIST_DIR, REPO
 
 from alexnet_jax import checkpointing, evaluate, predict, sharding, train
+from alexnet_jax import config as config_lib
 from alexnet_jax import data as datalib
 from alexnet_jax.data import small
 from alexnet_jax.errors import UserError
 from alexnet_jax.model import create_model
+from alexnet_jax.preemption import SavePolicy
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
+
+
+def _reader(workdir, config, trainer, read_only=True):
+    """The run's Checkpointer, restoring onto `trainer`'s mesh."""
+    return checkpointing.Checkpointer(workdir, config, trainer.abstract_state, trainer.state_sharding,
+                                      read_only=read_only)
 
 def fashion_mnist_config():
     import importlib.util
@@ -67,7 +75,8 @@ def synthetic_data(config) -> datalib.Data:
         num_train=len(tr), num_eval=len(te), image_shape=(config.image_size, config.image_size, 1),
         class_names=tr.class_names,
         train=lambda s, e, p, n: small.train_batches(tr, config, mean, std, s, e, p, n),
-        eval=lambda p, n, rows=0: small.eval_batches(te, config, mean, std, p, n, rows), mean=mean, std=std)
+        eval=lambda p, n, rows=0: small.eval_batches(te, config, mean, std, p, n, rows), mean=mean, std=std,
+        normalisation=datalib.normalisation_for(config, {"mean": mean, "std": std}))
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +120,9 @@ def test_crop_averaging_is_mean_softmax_over_crops():
 
 
 def test_config_differences_lists_fields_and_allows_resumable_changes():
-    saved = checkpointing.config_to_dict(tiny_config())
-    now = checkpointing.config_to_dict(tiny_config(fc_width=64, num_train_steps=99, mesh_shape=(2, 2)))
-    assert checkpointing.config_differences(saved, now) == ["fc_width: checkpoint 32, now 64"]
+    saved = config_lib.config_to_dict(tiny_config())
+    now = config_lib.config_to_dict(tiny_config(fc_width=64, num_train_steps=99, mesh_shape=(2, 2)))
+    assert config_lib.config_differences(saved, now) == ["fc_width: checkpoint 32, now 64"]
 
 
 # --------------------------------------------------------------------------------------- mesh changes
@@ -131,7 +140,7 @@ def test_4x2_checkpoint_restores_on_1_device_and_2x2_with_same_accuracy(run_4x2)
         results[shape] = out
         # the full state lands on the target mesh with the strategy's shardings, values bitwise equal
         trainer = train.Trainer(config, mesh, (28, 28, 1), 4, 4)
-        ckpt = checkpointing.for_trainer(workdir, config, trainer, read_only=True)
+        ckpt = _reader(workdir, config, trainer)
         state = ckpt.restore(4).state
         for leaf, target in zip(jax.tree.leaves(state), jax.tree.leaves(trainer.state_sharding), strict=True):
             assert leaf.sharding.is_equivalent_to(target, leaf.ndim)
@@ -201,7 +210,7 @@ def test_truncated_latest_is_skipped_and_previous_restored(run_4x2, tmp_path, ca
                 fh.truncate(os.path.getsize(path) // 3)
     config = tiny_config(mesh_shape=(1, 1))
     trainer = _trainer(config)
-    ckpt = checkpointing.for_trainer(workdir, config, trainer)
+    ckpt = _reader(workdir, config, trainer, read_only=False)
     with caplog.at_level(logging.WARNING):
         state, last_eval = ckpt.restore_or(trainer.init(jax.random.PRNGKey(0)))
     ckpt.close()
@@ -217,7 +226,7 @@ def test_checkpoint_of_another_config_is_refused_with_the_differing_fields(run_4
     workdir = run_4x2[0]
     config = tiny_config(mesh_shape=(1, 1), fc_width=48, learning_rate=0.5)
     trainer = _trainer(config)
-    ckpt = checkpointing.for_trainer(workdir, config, trainer, read_only=True)
+    ckpt = _reader(workdir, config, trainer)
     with pytest.raises(UserError) as e:
         ckpt.latest(template=trainer.init(jax.random.PRNGKey(0)), set_aside=False)
     assert "fc_width: checkpoint 32, now 48" in str(e.value)
@@ -239,7 +248,7 @@ def test_predict_matches_the_eval_pipeline(run_4x2, tmp_path):
     # the reference: the same checkpoint applied to the eval pipeline's first batch
     mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
     trainer = train.Trainer(config, mesh, (28, 28, 1), 4, 4)
-    state = checkpointing.for_trainer(workdir, config, trainer, read_only=True).restore(4).state
+    state = _reader(workdir, config, trainer).restore(4).state
     batch = next(synthetic_data(config).eval(0, 1))
     probs = np.asarray(jax.nn.softmax(trainer.model.apply({"params": state.params}, batch["image"][:3])))
     for (path, top), p in zip(results, probs, strict=True):
@@ -292,7 +301,7 @@ def test_sigterm_in_process_saves_after_eval_and_resumes_bitwise(run_4x2, tmp_pa
     step 3 and the resumed run reproduce the uninterrupted 4x2 run bitwise, plateau state included."""
     workdir, config, summary = run_4x2
     monkeypatch.setattr(datalib, "create_data", synthetic_data)
-    original = checkpointing.Checkpointer.after_step
+    original = SavePolicy.after_step
 
     def after_step(self, step, state, **kwargs):
         stop = original(self, step, state, **kwargs)
@@ -300,12 +309,12 @@ def test_sigterm_in_process_saves_after_eval_and_resumes_bitwise(run_4x2, tmp_pa
             os.kill(os.getpid(), signal.SIGTERM)
         return stop
 
-    monkeypatch.setattr(checkpointing.Checkpointer, "after_step", after_step)
+    monkeypatch.setattr(SavePolicy, "after_step", after_step)
     work = str(tmp_path / "w")
     first = train.train_and_evaluate(config, work)
     assert first == {"preempted": True, "step": 3, "checkpoint": os.path.join(work, "checkpoints", "3")}
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
-    monkeypatch.setattr(checkpointing.Checkpointer, "after_step", original)
+    monkeypatch.setattr(SavePolicy, "after_step", original)
     second = train.train_and_evaluate(config, work)
     assert second["step"] == 4 and second["top1_accuracy"] == summary["top1_accuracy"]
     _assert_bitwise(_final_arrays(work, 4), _final_arrays(workdir, 4), "resumed at 3")

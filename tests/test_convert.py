@@ -69,20 +69,22 @@ def test_converted_logits_equal_pytorch(torch_model, pth, size):
 def test_convert_writes_a_checkpoint_predict_uses(torch_model, pth, converted, tmp_path):
     import tensorflow as tf
 
-    from alexnet_jax import checkpointing, predict
+    from alexnet_jax import checkpointing, inference, predict
 
     workdir = converted
     step, config, meta = checkpointing.read_saved(workdir)
     assert step == 0 and config["variant"] == "owt" and config["normalization"] == "channel"
-    np.testing.assert_allclose(meta["mean"], [123.675, 116.28, 103.53])
-    np.testing.assert_allclose(meta["std"], [58.395, 57.12, 57.375])
+    norm = inference.normalisation_of(meta, 0)
+    assert norm.kind == "channel" and norm.resize_size == 256
+    np.testing.assert_allclose(norm.mean, [123.675, 116.28, 103.53], rtol=1e-6)
+    np.testing.assert_allclose(norm.std, [58.395, 57.12, 57.375], rtol=1e-6)
     assert meta["class_names"][0] == "n01440764"  # tench: torchvision's index 0
     image = np.random.RandomState(1).randint(0, 256, (240, 320, 3), np.uint8)
     path = str(tmp_path / "x.png")
     tf.io.write_file(path, tf.io.encode_png(image))
     (_, top), = predict.predict(workdir, [path], top_k=3)
     # torch on the same preprocessed pixels (resize 256, centre 224 crop, torchvision's mean/std)
-    x = predict.preprocess(path, (224, 224, 3), np.asarray(meta["mean"]), np.asarray(meta["std"]), "imagenet2012")
+    x = predict.preprocess(path, (224, 224, 3), norm, "imagenet2012", "antialias")
     with torch.no_grad():
         nchw = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None]))
         probs = torch.softmax(torch_model(nchw), -1).numpy()[0]
@@ -144,6 +146,7 @@ def test_evaluate_uses_torchvision_normalisation_on_imagenet(torch_model, conver
     import importlib.util
 
     from alexnet_jax import checkpointing, evaluate
+    from alexnet_jax import config as config_lib
     from alexnet_jax import data as datalib
     from alexnet_jax.data import imagenet
 
@@ -158,7 +161,7 @@ def test_evaluate_uses_torchvision_normalisation_on_imagenet(torch_model, conver
 
     workdir = converted
     _, saved, _ = checkpointing.read_saved(workdir)
-    config = checkpointing.config_from_dict(saved)
+    config = config_lib.config_from_dict(saved)
     config.data_dir = data_dir
     config.eval_batch_size = 8
     data = datalib.create_data(config)

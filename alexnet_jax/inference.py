@@ -1,0 +1,99 @@
+"""A trained model for inference: config, model, variables and metadata from a checkpoint, no optimizer.
+
+`load(workdir)` is what `evaluate`, `predict` and `figures` start from: it reads the run's config and metadata
+(input shape, class names, the normalisation record) from the checkpoint, builds the model for the requested
+mesh (any device count, whatever mesh trained it) and restores only the parameters (and BatchNorm statistics)
+onto it. The optimizer, the plateau state and the training set are never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from alexnet_jax import checkpointing, sharding
+from alexnet_jax.config import RESUMABLE_CHANGES, config_from_dict
+from alexnet_jax.data import Normalisation
+from alexnet_jax.errors import UserError
+from alexnet_jax.model import AlexNet, create_model
+
+
+@dataclasses.dataclass
+class Loaded:
+    step: int
+    config: ml_collections.ConfigDict  # the run's config with the overrides applied
+    model: AlexNet
+    variables: dict[str, Any]  # {'params': ..., 'batch_stats': ...} placed on `mesh`
+    meta: dict[str, Any]
+    mesh: Mesh
+    checkpoint: str  # the step's directory
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta["image_shape"])
+
+    @property
+    def normalisation(self) -> Normalisation:
+        return normalisation_of(self.meta, self.step)
+
+
+def normalisation_of(meta: dict[str, Any], step: int) -> Normalisation:
+    """The checkpoint's normalisation record; checkpoints written before it have `mean`/`std` (a 3-D mean
+    is the paper's per-pixel mean image)."""
+    if meta.get("normalisation"):
+        return Normalisation.from_json(meta["normalisation"])
+    if meta.get("mean") is None or meta.get("std") is None:
+        raise UserError(f"the checkpoint at step {step} does not record the normalisation its images had; "
+                        "evaluate it with alexnet_jax.evaluate (which reads the training set) instead")
+    mean, std = np.asarray(meta["mean"], np.float32), np.asarray(meta["std"], np.float32)
+    if mean.ndim == 3:
+        return Normalisation("pixel", mean.mean((0, 1)), np.ones(3, np.float32), mean, mean.shape[0])
+    return Normalisation("channel", mean, std)
+
+
+def read_config(workdir: str, step: int | None = None, overrides: dict[str, Any] | None = None
+                ) -> tuple[int, ml_collections.ConfigDict, dict[str, Any]]:
+    """(step, config, meta) of `step` (default: the newest readable one). `overrides` may change only what
+    does not change the model (checkpointing's RESUMABLE_CHANGES: where data lives, evaluation, the mesh)."""
+    step, saved, meta = checkpointing.read_saved(workdir, step)
+    config = config_from_dict(saved)
+    for key, value in (overrides or {}).items():
+        if key not in RESUMABLE_CHANGES:
+            raise UserError(f"--config.{key} cannot be changed for a trained checkpoint (it changes the model or "
+                            f"its training); these can: {', '.join(sorted(RESUMABLE_CHANGES))}")
+        config[key] = tuple(value) if isinstance(config[key], tuple) else value
+    if config.eval_crops not in (1, 2, 10):
+        raise UserError(f"--config.eval_crops={config.eval_crops}: choose 1 (centre), 2 (with its reflection) or 10")
+    return step, config, meta
+
+
+def load(workdir: str, step: int | None = None, mesh: Mesh | None = None,
+         overrides: dict[str, Any] | None = None) -> Loaded:
+    """The model of checkpoint `step` (default latest) of `workdir`, restored onto `mesh` (default: the
+    config's `mesh_shape`; `mesh_of_one_device()` for a single image)."""
+    step, config, meta = read_config(workdir, step, overrides)
+    if len(meta.get("image_shape") or ()) != 3:
+        raise UserError(f"the checkpoint at step {step} does not record its input shape; retrain with this version")
+    mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh_shape)
+    strategy = sharding.strategy_of(config)
+    sharding.check_mesh(config, mesh, strategy)
+    model = create_model(config, mesh)
+    image_shape = tuple(meta["image_shape"])
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False))
+    shardings = sharding.tree_shardings(mesh, abstract, strategy)
+    targets = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                     abstract, shardings)
+    variables = checkpointing.restore_arrays(workdir, step, dict(targets))
+    return Loaded(step, config, model, variables, meta, mesh, os.path.join(checkpointing.checkpoint_dir(workdir),
+                                                                            str(step)))
+
+
+def mesh_of_one_device() -> Mesh:
+    return sharding.make_mesh((1, 1), devices=jax.devices()[:1])

@@ -1,0 +1,142 @@
+"""The house rules of issue #12, read from the source: who may import whom, no cycles, no oversized modules.
+
+Every `import` / `from ... import` of an `alexnet_jax` module counts, including those inside functions: an
+import cycle hidden in a function is still a cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+
+import pytest
+
+PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "alexnet_jax")
+MAX_LINES = 420  # "no module over ~400 lines"
+
+# (importer prefix, forbidden prefixes): the dependencies point one way,
+# entry points -> train -> model / data / sharding / checkpointing -> config.
+RULES = [
+    # the model may read sharding's placement table, not the compiled-HLO report
+    ("alexnet_jax.model", ("alexnet_jax.data", "alexnet_jax.train", "alexnet_jax.checkpointing",
+                           "alexnet_jax.collectives", "alexnet_jax.inference", "alexnet_jax.optim")),
+    ("alexnet_jax.data", ("alexnet_jax.model", "alexnet_jax.train", "alexnet_jax.checkpointing",
+                          "alexnet_jax.sharding", "alexnet_jax.collectives", "alexnet_jax.inference",
+                          "alexnet_jax.optim")),
+    ("alexnet_jax.checkpointing", ("alexnet_jax.train", "alexnet_jax.data", "alexnet_jax.model",
+                                   "alexnet_jax.inference")),
+    ("alexnet_jax.sharding", ("alexnet_jax.train", "alexnet_jax.data", "alexnet_jax.checkpointing",
+                              "alexnet_jax.collectives", "alexnet_jax.inference")),
+    ("alexnet_jax.preemption", ("alexnet_jax.train", "alexnet_jax.data", "alexnet_jax.model")),
+    ("alexnet_jax.inference", ("alexnet_jax.train", "alexnet_jax.optim")),
+    ("alexnet_jax.errors", ("alexnet_jax.",)),
+    ("alexnet_jax.train", ("alexnet_jax.main", "alexnet_jax.evaluate", "alexnet_jax.predict",
+                           "alexnet_jax.convert", "alexnet_jax.figures", "alexnet_jax.collectives")),
+]
+
+
+def _modules() -> dict[str, str]:
+    """Module name -> file path for every module of the package."""
+    out = {}
+    for root, _dirs, files in os.walk(PACKAGE_DIR):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(root, f)
+                rel = os.path.relpath(path, os.path.dirname(PACKAGE_DIR))[:-3].replace(os.sep, ".")
+                out[rel.removesuffix(".__init__")] = path
+    return out
+
+
+def imports_of(name: str, path: str, known: set[str]) -> set[str]:
+    """The package's modules `name` imports anywhere in its file (module level or inside functions)."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    package = name if path.endswith("__init__.py") else name.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t and t not in known and "." in t:  # `import alexnet_jax.model.ops` -> that module
+                t = t.rsplit(".", 1)[0]
+            if t in known and t != name:
+                found.add(t)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+    known = set(mods)
+    return {name: imports_of(name, path, known) for name, path in mods.items()}
+
+
+def _is(module: str, prefix: str) -> bool:
+    return module == prefix.rstrip(".") or module.startswith(prefix if prefix.endswith(".") else prefix + ".")
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a list of modules (first == last), or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    # a package's __init__ re-exporting its own modules is not a cycle of concerns: drop package -> own module
+    graph = {m: {t for t in deps if not _is(t, m)} for m, deps in graph.items()}
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+@pytest.mark.parametrize("importer,forbidden", RULES, ids=[r[0] for r in RULES])
+def test_dependencies_point_one_way(importer, forbidden):
+    graph = _graph()
+    bad = sorted(f"{m} imports {t}" for m, deps in graph.items() if _is(m, importer)
+                 for t in deps if any(_is(t, f) for f in forbidden) and not _is(t, importer))
+    assert not bad, "; ".join(bad)
+
+
+def test_no_module_over_the_size_limit():
+    sizes = {name: sum(1 for _ in open(path)) for name, path in _modules().items()}
+    assert {n: s for n, s in sizes.items() if s > MAX_LINES} == {}
+
+
+def test_the_checker_sees_function_level_imports_and_cycles(tmp_path):
+    """The checker itself: a cycle through a function-level import is found."""
+    pkg = tmp_path / "alexnet_jax"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from alexnet_jax import b\n")
+    (pkg / "b.py").write_text("def f():\n    from alexnet_jax.a import x\n    return x\n")
+    known = {"alexnet_jax", "alexnet_jax.a", "alexnet_jax.b"}
+    graph = {m: imports_of(m, str(pkg / (m.split(".")[-1] + ".py")), known) for m in known - {"alexnet_jax"}}
+    assert graph == {"alexnet_jax.a": {"alexnet_jax.b"}, "alexnet_jax.b": {"alexnet_jax.a"}}
+    assert find_cycle(graph) == ["alexnet_jax.a", "alexnet_jax.b", "alexnet_jax.a"]
