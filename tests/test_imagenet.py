@@ -91,6 +91,51 @@ def test_main_trains_and_evaluates_on_tiny_imagenet(prepared, tmp_path):
     assert summary["num_eval_examples"] == 8  # every validation image once, with the 10-crop eval of the config
     assert 0.0 <= summary["top1_error"] <= 1.0 and summary["top5_error"] <= summary["top1_error"]
 
+    # The trained run as a user has it (configs/imagenet.py: the per-pixel mean image): `predict` on a JPEG of
+    # ImageNet size and a small PNG, and `evaluate` with the same --config.key=value flags as main.
+    jpeg, png = tmp_path / "photo.jpg", tmp_path / "small.png"
+    jpeg.write_bytes(_jpeg(500, 375, seed=5))
+    Image.fromarray(np.random.default_rng(6).integers(0, 256, (131, 97, 3), dtype=np.uint8)).save(png)
+    proc = subprocess.run([sys.executable, "-m", "alexnet_jax.predict", "--workdir", str(tmp_path), str(jpeg),
+                           str(png)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == str(jpeg) and lines[6] == str(png) and len(lines) == 12  # top-5 for each
+    assert all(line.strip().startswith(f"{k}. n") for k, line in zip([1, 2, 3, 4, 5] * 2, lines[1:6] + lines[7:],
+                                                                      strict=True))
+    proc = subprocess.run([sys.executable, "-m", "alexnet_jax.evaluate", "--workdir", str(tmp_path),
+                           f"--config.data_dir={data_dir}", "--config.eval_crops=10", "--config.eval_batch_size=3"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["count"] == 8 and result["crops"] == 10 and result["step"] == 2
+    assert result["top1"] == pytest.approx(summary["top1_accuracy"])
+    assert result["loss"] == pytest.approx(summary["eval_loss"], rel=1e-4)
+    proc = subprocess.run([sys.executable, "-m", "alexnet_jax.evaluate", "--workdir", str(tmp_path),
+                           "--config.fc_width=64"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    last = proc.stderr.strip().splitlines()[-1]  # one readable message, not a trace
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert last.startswith("alexnet_jax.evaluate: error: --config.fc_width cannot be changed for a trained")
+
+
+def test_predict_preprocesses_like_the_eval_pipeline(prepared, tmp_path):
+    """predict's input for an image file equals the evaluation pipeline's single view of the same JPEG, with the
+    paper's per-pixel mean image from the normalisation record (any size: shorter side 300 and 180 here)."""
+    from alexnet_jax import predict
+
+    data = datalib.create_data(_config(prepared[0], normalization="pixel"))
+    norm = data.normalisation
+    assert norm.kind == "pixel" and norm.mean_image.shape == (256, 256, 3)
+    for w, h in ((400, 300), (180, 260)):
+        path = tmp_path / f"x{w}.jpg"
+        path.write_bytes(_jpeg(w, h, seed=w))
+        mean, std = norm.arrays()
+        want = augment.eval_image(tf.constant(path.read_bytes()), resize=256, crop=224, crops=1,
+                                  normalization="pixel", mean=mean, std=std, method="area").numpy()
+        got = predict.preprocess(str(path), (224, 224, 3), norm, "imagenet2012", "area")
+        assert got.shape == (224, 224, 3)
+        np.testing.assert_allclose(got, want, atol=1e-3)
+
 
 # ---- the stream -----------------------------------------------------------------------------------------
 
