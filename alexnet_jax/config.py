@@ -1,13 +1,13 @@
 """The config checks that reject bad values with a message saying what to change, before any work starts.
 
-Separate from `alexnet_jax.errors` because they need the model and optimizer tables, which the data package
+Separate from `alexnet_jax.errors` because they need the model, optimizer and sharding tables, which the data package
 must not import."""
 
 from __future__ import annotations
 
 import ml_collections
 
-from alexnet_jax import model, optim
+from alexnet_jax import model, optim, sharding
 from alexnet_jax.errors import UserError
 
 
@@ -49,8 +49,8 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
         fail("groups", "choose 1, 2 (the paper's two-GPU split) or 0 for the variant's own")
     if config.init_scheme not in model.INITS:
         fail("init_scheme", f"choose one of {model.INITS}")
-    if config.get("sharding", "paper") not in model.STRATEGIES:
-        fail("sharding", f"choose one of {model.STRATEGIES}")
+    if config.get("sharding", "paper") not in sharding.STRATEGIES:
+        fail("sharding", f"choose one of {sharding.STRATEGIES}")
     if config.dtype not in ("float32", "bfloat16", "float16"):
         fail("dtype", "choose 'float32' or 'bfloat16'")
     if config.widths and len(config.widths) != 5:
