@@ -21,10 +21,11 @@ from jax.sharding import Mesh
 
 from alexnet_jax import train
 from alexnet_jax.errors import UserError
-from alexnet_jax.sharding import AXES, check_mesh, make_mesh, path_str, strategy_of
+from alexnet_jax.model import groups_of
+from alexnet_jax.sharding import AXES, CONV_LAYERS, FC_LAYERS, check_mesh, make_mesh, path_str, strategy_of
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
-LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+LAYERS = CONV_LAYERS + FC_LAYERS
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
                 "f32": 4, "s64": 8, "u64": 8, "f64": 8}
 
@@ -193,7 +194,7 @@ def main(argv: Sequence[str]) -> None:
         mesh_shape = tuple(int(s) for s in f.mesh.split(",")) if f.mesh else tuple(config.mesh_shape)
         mesh = make_mesh(mesh_shape)
         strategy = strategy_of(config)
-        check_mesh(config, mesh, strategy)
+        check_mesh(config, mesh, strategy, groups=groups_of(config))
         size = config.image_size
         channels = f.channels or (1 if config.dataset == "fashion_mnist" else 3)
         rep = report(config, mesh, (size, size, channels))

@@ -1,8 +1,8 @@
 """The config checks that reject bad values with a message saying what to change, before any work starts,
 and the config's JSON round trip (checkpoints store it).
 
-Separate from `alexnet_jax.errors` because they need the model and optimizer tables, which the data package
-must not import."""
+Separate from `alexnet_jax.errors` because they need the model, optimizer and sharding tables, which the data
+package must not import."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-from alexnet_jax import default_config, model, optim
+from alexnet_jax import default_config, model, optim, sharding
 from alexnet_jax.errors import UserError
 
 # Config keys that may change when a run is resumed: they do not change what the checkpoint holds
@@ -61,8 +61,8 @@ def check_config(config: ml_collections.ConfigDict, process_count: int = 1) -> N
         fail("groups", "choose 1, 2 (the paper's two-GPU split) or 0 for the variant's own")
     if config.init_scheme not in model.INITS:
         fail("init_scheme", f"choose one of {model.INITS}")
-    if config.get("sharding", "paper") not in model.STRATEGIES:
-        fail("sharding", f"choose one of {model.STRATEGIES}")
+    if config.get("sharding", "paper") not in sharding.STRATEGIES:
+        fail("sharding", f"choose one of {sharding.STRATEGIES}")
     if config.dtype not in ("float32", "bfloat16", "float16"):
         fail("dtype", "choose 'float32' or 'bfloat16'")
     if config.widths and len(config.widths) != 5:

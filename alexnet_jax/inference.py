@@ -22,7 +22,7 @@ from alexnet_jax import checkpointing, sharding
 from alexnet_jax.config import RESUMABLE_CHANGES, config_from_dict
 from alexnet_jax.data import Normalisation
 from alexnet_jax.errors import UserError
-from alexnet_jax.model import AlexNet, create_model
+from alexnet_jax.model import AlexNet, create_model, groups_of
 
 
 @dataclasses.dataclass
@@ -83,7 +83,7 @@ def load(workdir: str, step: int | None = None, mesh: Mesh | None = None,
         raise UserError(f"the checkpoint at step {step} does not record its input shape; retrain with this version")
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh_shape)
     strategy = sharding.strategy_of(config)
-    sharding.check_mesh(config, mesh, strategy)
+    sharding.check_mesh(config, mesh, strategy, groups=groups_of(config))
     model = create_model(config, mesh)
     image_shape = tuple(meta["image_shape"])
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False))

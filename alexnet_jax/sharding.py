@@ -1,13 +1,19 @@
-"""Device meshes and where every array lives: the one owner of placement.
+"""Device meshes and where every array lives: the one owner of parallelism.
 
-The mesh has axes ('data', 'model'). Parameters follow the partition rules in `PARTITION_RULES` (one table
-for the whole model, one entry per strategy); batches are split on 'data' (and on 'model' too where the
-strategy does not split the layers that read them). Strategies:
+This module owns the mesh axes (`DATA`, `MODEL`), the strategies (`STRATEGIES`), and the one table that says
+where each parameter lives under each strategy (`PARTITION_RULES`). Everything else about placement follows
+from that table: the train state's shardings (`tree_specs`, `tree_shardings`), the batch's (`batch_axes`,
+`batch_sharding`), and how each layer runs on the mesh (`placement(mesh, strategy)`, a `Placement` that
+`model.AlexNet` asks, layer by layer, for its `shard_map` specs: the layers in `model/layers.py` only carry
+out the local computation those specs imply). Changing a rule therefore changes who talks to whom.
+
+Strategies (the record of each is a `Strategy`):
 
 - 'paper': the 2012 net's two-GPU split generalised to m = |model| devices: each device holds 1/m of the
   kernels of every conv layer and 1/m of the neurons of every FC layer; conv2/conv4/conv5 read only their
-  own device's maps, conv3 and fc6-fc8 exchange data (see model/layers.py for how the layers run).
-- 'owt': Krizhevsky 2014, "One weird trick": convs data-parallel over every device, FC layers split.
+  own device's maps, conv3 and fc6-fc8 exchange data.
+- 'owt': Krizhevsky 2014, "One weird trick": convs data-parallel over every device, FC layers split; the batch
+  is gathered over 'model' where the conv tower meets fc6.
 - 'data_parallel': every parameter replicated, the batch split over every device.
 
 What the rules compile to (the collectives per layer) is reported by `alexnet_jax.collectives`; multi-host
@@ -16,6 +22,7 @@ start-up is `alexnet_jax.distributed`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Sequence
@@ -27,28 +34,188 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from alexnet_jax.errors import UserError
-from alexnet_jax.model import DATA, MODEL, STRATEGIES, VARIANTS
 
+# The mesh axes: batch shards over 'data', layer slices over 'model'.
+DATA, MODEL = "data", "model"
 AXES = (DATA, MODEL)
 
-# (regex searched in a leaf's full path, PartitionSpec). First match wins; unmatched leaves are replicated.
-# Paths are 'params/conv2/kernel', 'opt_state/inner_state/[2]/trace/conv2/kernel', 'batch_stats/bn2/mean':
-# a rule written for a parameter also places its optimiser state (momentum) the same way.
+# The partition table: (regex searched in a leaf's full path, PartitionSpec); first match wins, unmatched
+# leaves are replicated. Paths are 'params/conv2/kernel', 'opt_state/inner_state/[2]/trace/conv2/kernel',
+# 'batch_stats/bn2/mean': a rule written for a parameter also places its optimiser state (momentum).
+# A layer runs split over 'model' exactly where its kernel is (see `Placement`).
 _CONV_SPLIT = [
-    (r"conv\d/kernel$", P(None, None, None, MODEL)),  # (kh, kw, cin/groups, cout): split the kernels
-    (r"conv\d/bias$", P(MODEL)),
+    (r"conv\d/kernel$", P(None, None, None, MODEL)),  # (kh, kw, cin/groups, cout): each device 1/m of the kernels
+    (r"conv\d/bias$", P(MODEL)),  # the biases of those kernels
     (r"bn\d/(scale|bias|mean|var)$", P(MODEL)),  # norm='batchnorm': statistics of each device's maps
 ]
 _FC_SPLIT = [
-    (r"fc[67]/kernel$", P(None, MODEL)),  # (in, out): each device holds a slice of the neurons
-    (r"fc[67]/bias$", P(MODEL)),
-    (r"fc8/kernel$", P(MODEL, None)),  # the rows that read this device's fc7 neurons; partial sums added
+    (r"fc[67]/kernel$", P(None, MODEL)),  # (in, out), column split: each device holds a slice of the neurons
+    (r"fc[67]/bias$", P(MODEL)),  # the biases of those neurons
+    (r"fc8/kernel$", P(MODEL, None)),  # row split: the rows that read this device's fc7 neurons; partial sums added
 ]
+_REPLICATE = [(r".*", P())]  # everything else (fc8/bias, scalars, step counters): on every device
 PARTITION_RULES: dict[str, list[tuple[str, P]]] = {
-    "paper": _CONV_SPLIT + _FC_SPLIT + [(r".*", P())],
-    "owt": _FC_SPLIT + [(r".*", P())],
-    "data_parallel": [(r".*", P())],
+    "paper": _CONV_SPLIT + _FC_SPLIT + _REPLICATE,  # Krizhevsky et al. 2012: every layer split
+    "owt": _FC_SPLIT + _REPLICATE,  # Krizhevsky 2014: data-parallel convs, split FC layers
+    "data_parallel": _REPLICATE,  # nothing split; the batch over every device
 }
+STRATEGIES = tuple(PARTITION_RULES)
+
+# The layers the rules are written for, in the order the activations flow through them.
+CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+FC_LAYERS = ("fc6", "fc7", "fc8")
+
+
+def _axes(entry: Any) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, 'data' or ('data', 'model'))."""
+    return tuple(entry) if isinstance(entry, tuple) else (() if entry is None else (entry,))
+
+
+def model_axis_size(mesh: Mesh) -> int:
+    """How many devices split each layer (1 for a mesh without a 'model' axis)."""
+    return int(dict(mesh.shape).get(MODEL, 1))
+
+
+def _split_dims(spec: P) -> tuple[int, ...]:
+    """The dimensions `spec` splits over 'model'."""
+    return tuple(d for d, entry in enumerate(spec) if MODEL in _axes(entry))
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """One strategy's record: its rules (a row of `PARTITION_RULES`) and what they imply for the activations."""
+
+    name: str
+    rules: tuple[tuple[str, P], ...]
+
+    def spec(self, path: str) -> P:
+        """The rule for a leaf's full path ('params/conv2/kernel'): first match, else replicated."""
+        return next((spec for pattern, spec in self.rules if re.search(pattern, path)), P())
+
+    def layer_split(self, layer: str) -> bool:
+        """Whether `layer` runs split over 'model': exactly where its kernel is split."""
+        return bool(_split_dims(self.spec(f"params/{layer}/kernel")))
+
+    @property
+    def conv_split(self) -> bool:
+        """Whether the conv tower runs split over 'model' (the paper's two GPUs)."""
+        return any(self.layer_split(name) for name in CONV_LAYERS)
+
+    @property
+    def fc_split(self) -> bool:
+        """Whether the FC layers run split over 'model'."""
+        return any(self.layer_split(name) for name in FC_LAYERS)
+
+    @property
+    def batch(self) -> tuple[str, ...]:
+        """Mesh axes the batch is split on: 'data' where conv1 is split on 'model', else both."""
+        return (DATA,) if self.layer_split(CONV_LAYERS[0]) else (DATA, MODEL)
+
+    @property
+    def gather_batch_before(self) -> str | None:
+        """The layer before which the batch, split on 'model' too, is gathered over 'model' ('fc6' for owt)."""
+        first = next((name for name in CONV_LAYERS + FC_LAYERS if self.layer_split(name)), None)
+        return first if MODEL in self.batch else None
+
+
+STRATEGY_RECORDS: dict[str, Strategy] = {name: Strategy(name, tuple(rules)) for name, rules in PARTITION_RULES.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlacement:
+    """How one conv or dense layer runs on the mesh, from its parameters' rules and the previous layer's output.
+
+    `sharded` layers run as a `jax.shard_map` with in_specs (x, kernel, bias) and out_specs out; the others run
+    the plain code on global arrays. `out` is what the next layer reads.
+    """
+
+    mesh: Mesh
+    x: P  # the input: batch over 'data' (when sharded), features split over 'model' or whole
+    kernel: P  # the kernel's rule
+    bias: P  # the bias's rule
+    out: P  # the output: features split over 'model' where the kernel's output channels / columns are
+    sharded: bool
+    gather_batch_first: bool  # the batch arrives split on 'model' too (owt's conv tower): `Placement.gather_batch`
+
+    @property
+    def model_size(self) -> int:
+        return model_axis_size(self.mesh)
+
+    @property
+    def split_in(self) -> bool:
+        """The input's features arrive split over 'model' (the previous layer's output was)."""
+        return self.x[-1] == MODEL
+
+    @property
+    def split_out(self) -> bool:
+        """Each device computes its slice of the output features (kernel split on its last dimension)."""
+        return self.out[-1] == MODEL
+
+    @property
+    def row_split(self) -> bool:
+        """Dense kernel split by rows: each device's partial products are summed over 'model'."""
+        return _split_dims(self.kernel) == (0,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """A mesh and a strategy: what `model.AlexNet` asks, layer by layer, to know how each layer runs."""
+
+    mesh: Mesh
+    strategy: Strategy
+
+    @property
+    def model_size(self) -> int:
+        return model_axis_size(self.mesh)
+
+    def input_spec(self, ndim: int = 4) -> P:
+        """The images as they arrive: batch split on `Strategy.batch`."""
+        return P(self.strategy.batch, *([None] * (ndim - 1)))
+
+    def conv(self, name: str, x: P) -> LayerPlacement:
+        """Conv layer `name` reading an activation placed as `x`: kernel (kh, kw, cin/groups, cout)."""
+        return self._layer(name, x, {(): False, (3,): True}, out_ndim=4)
+
+    def dense(self, name: str, x: P) -> LayerPlacement:
+        """Dense layer `name` reading `x` (flattened inside): kernel (in, out), split by columns or rows."""
+        return self._layer(name, x, {(): False, (1,): True, (0,): False}, out_ndim=2)
+
+    def _layer(self, name: str, x: P, split_out_of: dict[tuple[int, ...], bool], out_ndim: int) -> LayerPlacement:
+        kernel, bias = self.strategy.spec(f"params/{name}/kernel"), self.strategy.spec(f"params/{name}/bias")
+        dims = _split_dims(kernel)
+        if dims not in split_out_of:
+            raise ValueError(f"{name}: no layer runs with its kernel placed as {kernel}; split the output channels "
+                             f"(conv: dimension 3; dense: 1) or the rows of a dense kernel (0)")
+        split_out, arrives_split = split_out_of[dims], x[-1] == MODEL
+        sharded = self.model_size > 1 and (arrives_split or bool(dims))
+        # A replicated kernel reads the whole input: one that arrives split is gathered where the shard_map begins.
+        split_in = arrives_split and bool(dims)
+        if self.model_size > 1 and _split_dims(bias) != ((0,) if split_out else ()):
+            raise ValueError(f"{name}: the bias rule {bias} does not match the kernel's {kernel}; place the bias "
+                             f"as the kernel's output {'channels' if out_ndim == 4 else 'columns'}")
+        batch = DATA if sharded else x[0]  # a split layer's batch is on 'data' only
+        return LayerPlacement(
+            mesh=self.mesh,
+            x=P(batch, *([None] * (len(x) - 2)), MODEL if split_in else None),
+            kernel=kernel,
+            bias=bias,
+            out=P(batch, *([None] * (out_ndim - 2)), MODEL if split_out and sharded else None),
+            sharded=sharded,
+            gather_batch_first=sharded and MODEL in _axes(x[0]),
+        )
+
+    def gather_batch(self, x: jax.Array) -> jax.Array:
+        """Gather the batch over 'model' here: pinning it split over both axes first keeps the gather on this
+        activation (owt: pool5), where the partitioner would otherwise move it onto the larger conv5 maps."""
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P((DATA, MODEL))))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(DATA)))
+
+
+def placement(mesh: Mesh | None, strategy: str) -> Placement | None:
+    """The placement `model.AlexNet` runs under (None without a mesh: the plain single-device code)."""
+    if strategy not in STRATEGY_RECORDS:
+        raise ValueError(f"unknown sharding strategy {strategy!r}; choose one of {STRATEGIES}")
+    return None if mesh is None else Placement(mesh, STRATEGY_RECORDS[strategy])
 
 
 def mesh_shape_for(requested: Sequence[int], device_count: int) -> tuple[int, int]:
@@ -92,13 +259,10 @@ def path_str(path: Any) -> str:
 
 def tree_specs(tree: Any, strategy: str = "data_parallel") -> Any:
     """A PartitionSpec for every leaf of a (train-state) tree, from `PARTITION_RULES[strategy]`."""
-    rules = [(re.compile(pattern), spec) for pattern, spec in PARTITION_RULES[strategy]]
+    record = STRATEGY_RECORDS[strategy]
 
-    def spec_for(path: Any, _leaf: Any) -> P:
-        name = path_str(path)
-        if not getattr(_leaf, "ndim", 0):
-            return P()
-        return next((spec for rx, spec in rules if rx.search(name)), P())
+    def spec_for(path: Any, leaf: Any) -> P:
+        return record.spec(path_str(path)) if getattr(leaf, "ndim", 0) else P()
 
     return jax.tree_util.tree_map_with_path(spec_for, tree)
 
@@ -122,7 +286,7 @@ def tree_shardings(mesh: Mesh, tree: Any, strategy: str = "data_parallel") -> An
 
 def batch_axes(strategy: str) -> tuple[str, ...]:
     """Mesh axes the batch is split on: 'data' where the layers are split on 'model', else both."""
-    return (DATA,) if strategy == "paper" else (DATA, MODEL)
+    return STRATEGY_RECORDS[strategy].batch
 
 
 def batch_sharding(mesh: Mesh, strategy: str = "paper") -> NamedSharding:
@@ -134,8 +298,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def check_mesh(config: ml_collections.ConfigDict, mesh: Mesh, strategy: str) -> None:
-    """Batch sizes and group counts the mesh can split, checked before anything is compiled."""
+def check_mesh(config: ml_collections.ConfigDict, mesh: Mesh, strategy: str, *, groups: int) -> None:
+    """Batch sizes and conv group counts (`groups`, the model's) the mesh can split, checked before compiling."""
     shards = math.prod(mesh.shape[a] for a in batch_axes(strategy))
     names = " x ".join(f"'{a}' ({mesh.shape[a]})" for a in batch_axes(strategy))
     for key in ("batch_size", "eval_batch_size"):
@@ -148,7 +312,6 @@ def check_mesh(config: ml_collections.ConfigDict, mesh: Mesh, strategy: str) -> 
                         f"shards ({names}, sharding={strategy!r}) but {nproc} processes each feed their own rows; "
                         f"use a mesh whose batch shards are a multiple of {nproc}")
     m = mesh.shape[MODEL]
-    groups = config.get("groups", 0) or VARIANTS[config.variant].default_groups
-    if strategy == "paper" and m > 1 and groups > 1 and groups % m and m % groups:
+    if STRATEGY_RECORDS[strategy].conv_split and m > 1 and groups > 1 and groups % m and m % groups:
         raise UserError(f"--config.mesh_shape: a 'model' axis of {m} cannot hold {groups} conv groups; use a "
                         f"divisor or a multiple of {groups}, or --config.sharding=owt")

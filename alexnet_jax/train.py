@@ -21,7 +21,7 @@ from alexnet_jax import checkpointing, optim, sharding
 from alexnet_jax import data as datalib
 from alexnet_jax.config import check_config
 from alexnet_jax.errors import UserError
-from alexnet_jax.model import AlexNet, create_model
+from alexnet_jax.model import AlexNet, create_model, groups_of
 from alexnet_jax.preemption import SavePolicy
 
 
@@ -159,7 +159,7 @@ class Trainer:
                  total_steps):
         self.config, self.mesh = config, mesh
         strategy = sharding.strategy_of(config)
-        sharding.check_mesh(config, mesh, strategy)
+        sharding.check_mesh(config, mesh, strategy, groups=groups_of(config))
         self.model = create_model(config, mesh)
         self.tx = optim.create_optimizer(config, steps_per_epoch, total_steps)
         self.plateau = optim.create_plateau(config)
@@ -231,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     t_start = time.time()
     check_config(config, jax.process_count())
     mesh = sharding.make_mesh(config.mesh_shape)
-    sharding.check_mesh(config, mesh, sharding.strategy_of(config))
+    sharding.check_mesh(config, mesh, sharding.strategy_of(config), groups=groups_of(config))
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:

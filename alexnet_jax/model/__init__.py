@@ -4,8 +4,8 @@
 multiply-add analysis of a built model is in `alexnet_jax.flops`.
 """
 
-from alexnet_jax.model.alexnet import INITS, NORMS, STRATEGIES, VARIANTS, AlexNet, Variant, create_model
-from alexnet_jax.model.layers import DATA, MODEL, Conv, Dense, model_axis_size
+from alexnet_jax.model.alexnet import INITS, NORMS, VARIANTS, AlexNet, Variant, create_model, groups_of
+from alexnet_jax.model.layers import Conv, Dense
 from alexnet_jax.model.ops import (
     LRN_ALPHA,
     LRN_BETA,
@@ -22,17 +22,14 @@ from alexnet_jax.model.ops import (
 )
 
 __all__ = [
-    "DATA",
     "INITS",
     "LRN_ALPHA",
     "LRN_BETA",
     "LRN_BIAS",
     "LRN_DEPTH_RADIUS",
-    "MODEL",
     "NORMS",
     "POOL_STRIDE",
     "POOL_WINDOW",
-    "STRATEGIES",
     "VARIANTS",
     "AlexNet",
     "Conv",
@@ -42,8 +39,8 @@ __all__ = [
     "conv1_edge_padding",
     "create_model",
     "grouped_conv",
+    "groups_of",
     "local_response_norm",
     "max_pool",
-    "model_axis_size",
     "strided_conv_as_matmuls",
 ]

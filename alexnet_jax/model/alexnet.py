@@ -10,32 +10,32 @@ kernel has the shape `nn.Conv(feature_group_count=2)` would give it, (kh, kw, ci
 convolution is computed as one convolution per group: XLA:CPU runs that ~3x faster than a
 `feature_group_count` convolution, and it is what lets `sharding.py` place each group on its own device.
 
-Given a `mesh` with a 'model' axis of size > 1 and `strategy='paper'`, every conv and FC layer runs as a
-`jax.shard_map` that says who talks to whom, as on the paper's two GPUs: each device holds its slice of
-every layer's kernels (output channels / neurons), conv2/conv4/conv5 read only the maps on their own device
-(no communication), conv3 and fc6/fc7 all-gather their input maps over 'model', fc8 sums its two halves.
-The SPMD partitioner alone does not find that pattern (it all-gathers around a sharded grouped conv).
-With `strategy='owt'` (Krizhevsky 2014) the convs are data-parallel over every device and only the FC layers
-are split. The parameter tree and the numbers are the same with or without a mesh.
+Given a `placement` (`sharding.placement(mesh, strategy)`), the network asks it, layer by layer, how each
+layer runs on the mesh, threading each layer's output placement into the next: with the 'paper' rules every
+conv and FC layer runs as a `jax.shard_map` (conv2/conv4/conv5 read only the maps on their own device, conv3
+and fc6/fc7 all-gather their input maps over 'model', fc8 sums its halves); with 'owt' (Krizhevsky 2014) the
+convs are data-parallel and only the FC layers are split. The parameter tree and the numbers are the same
+with or without a placement.
 
 This module owns the network's topology (variants, norms, initialisation) and `create_model`, which builds it
-from a config; the kernels are in `ops.py`, the mesh-aware layers in `layers.py`, the shape and
-multiply-add analysis in `alexnet_jax/flops.py`.
+from a config; where anything lives is `alexnet_jax/sharding.py`'s, the kernels are in `ops.py`, the
+mesh-aware layers in `layers.py`, the shape and multiply-add analysis in `alexnet_jax/flops.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from alexnet_jax.model.layers import DATA, MODEL, Conv, Dense, Dtype, model_axis_size
+from alexnet_jax import sharding
+from alexnet_jax.model.layers import Conv, Dense, Dtype
 from alexnet_jax.model.ops import adaptive_avg_pool, conv1_edge_padding, local_response_norm, max_pool
 
 
@@ -67,8 +67,6 @@ VARIANTS: dict[str, Variant] = {
 }
 
 NORMS = ("lrn", "batchnorm", "none")
-# How layers are placed on a mesh ('data', 'model'); see sharding.py for the parameter rules of each.
-STRATEGIES = ("paper", "owt", "data_parallel")
 
 INITS = ("paper", "he")
 
@@ -91,9 +89,9 @@ class AlexNet(nn.Module):
         ReLU layers, LeCun-normal for fc8, zero biases).
       widths / fc_width: override the variant's conv widths and hidden FC width.
       dtype: compute dtype (e.g. bfloat16); parameters stay `param_dtype`, logits are float32.
-      mesh / strategy: run on a ('data', 'model') mesh with the paper's split of every layer ('paper'),
-        data-parallel convs and split FC layers ('owt') or nothing split ('data_parallel'). Only a
-        'model' axis > 1 changes the computation; the parameters and numbers stay those of `mesh=None`.
+      placement: where it runs (`sharding.placement(mesh, strategy)`): each layer runs as the partition
+        rules of its parameters say. Only a 'model' axis > 1 changes the computation; the parameters and
+        numbers stay those of `placement=None`.
     """
 
     num_classes: int = 1000
@@ -106,8 +104,7 @@ class AlexNet(nn.Module):
     fc_width: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    mesh: Mesh | None = None
-    strategy: str = "paper"
+    placement: sharding.Placement | None = None
 
     @property
     def spec(self) -> Variant:
@@ -161,59 +158,57 @@ class AlexNet(nn.Module):
             self.sow("intermediates", name, y, reduce_fn=lambda _, new: new)
             return y
 
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}")
         # Model parallelism only at apply time: init's batch of 1 cannot be split, and the parameters
         # (global shapes) are the same either way.
-        split = model_axis_size(self.mesh) > 1 and self.strategy != "data_parallel" and not self.is_initializing()
-        conv_mesh = self.mesh if split and self.strategy == "paper" else None
-        fc_mesh = self.mesh if split else None
-        conv = partial(Conv, mesh=conv_mesh, **common)
+        placement = None if self.is_initializing() else self.placement
+        x_spec = P() if placement is None else placement.input_spec(x.ndim)  # threaded from layer to layer
+
+        def conv(y: jax.Array, *args: Any, name: str, **kw: Any) -> jax.Array:
+            nonlocal x_spec
+            place = None if placement is None else placement.conv(name, x_spec)
+            if place is not None and place.gather_batch_first:
+                y = placement.gather_batch(y)
+            x_spec = x_spec if place is None else place.out
+            return Conv(*args, name=name, placement=place, **common, **kw)(y)
 
         with jax.named_scope("conv1"):
-            x = stage("conv1_out", conv(widths[0], k1, s1, pad1, 1, bias_init=zero, name="conv1",
-                                        split_input=False)(x))
+            x = stage("conv1_out", conv(x, widths[0], k1, s1, pad1, 1, bias_init=zero, name="conv1"))
             x = stage("pool1", max_pool(normalise(x, 1, lrn=True)))
         with jax.named_scope("conv2"):
-            x = conv(widths[1], spec.conv2_kernel, 1, ((p2, p2), (p2, p2)), groups, bias_init=one, name="conv2")(x)
+            x = conv(x, widths[1], spec.conv2_kernel, 1, ((p2, p2), (p2, p2)), groups, bias_init=one, name="conv2")
             x = stage("pool2", max_pool(normalise(stage("conv2_out", x), 2, lrn=True)))
         with jax.named_scope("conv3"):
-            x = stage("conv3_out", conv(widths[2], 3, 1, same3, 1, bias_init=zero, name="conv3")(x))
+            x = stage("conv3_out", conv(x, widths[2], 3, 1, same3, 1, bias_init=zero, name="conv3"))
             x = normalise(x, 3, lrn=False)
         with jax.named_scope("conv4"):
-            x = stage("conv4_out", conv(widths[3], 3, 1, same3, groups, bias_init=one, name="conv4")(x))
+            x = stage("conv4_out", conv(x, widths[3], 3, 1, same3, groups, bias_init=one, name="conv4"))
             x = normalise(x, 4, lrn=False)
         with jax.named_scope("conv5"):
-            x = stage("conv5_out", conv(widths[4], 3, 1, same3, groups, bias_init=one, name="conv5")(x))
+            x = stage("conv5_out", conv(x, widths[4], 3, 1, same3, groups, bias_init=one, name="conv5"))
             x = stage("pool5", max_pool(normalise(x, 5, lrn=False)))
             if spec.adaptive_pool:
                 x = adaptive_avg_pool(x, spec.adaptive_pool)
 
         dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
-        dense = partial(Dense, kernel_init=kinit, dtype=self.dtype, param_dtype=self.param_dtype, mesh=fc_mesh)
-        # Split FC layers: fc6 and fc7 hold slices of the neurons (fc6 gathers the maps it reads when the
-        # convs were split too), fc8 sums the partial products of its rows. Flattening happens inside fc6.
-        conv_split = conv_mesh is not None
-        if fc_mesh is not None and not conv_split:  # owt: the conv tower ran on every device's own images;
-            # gather the batch over 'model' after pool5 (pinning pool5 first keeps the gather off the larger
-            # conv5 maps, where the partitioner would otherwise move it).
-            with jax.named_scope("fc6"):
-                x = jax.lax.with_sharding_constraint(x, NamedSharding(fc_mesh, P((DATA, MODEL))))
-                x = jax.lax.with_sharding_constraint(x, NamedSharding(fc_mesh, P(DATA)))
-        if fc_mesh is None:
-            x = x.reshape(x.shape[0], -1)
-        layers = (("fc6", fc_width, "column", conv_split), ("fc7", fc_width, "column", True),
-                  ("fc8", self.num_classes, "row", True))
-        for name, features, how, split_input in layers:
+        # fc6 and fc7 hold slices of the neurons (fc6 gathers the maps it reads when the convs were split too),
+        # fc8 sums the partial products of its rows; where the conv tower ran data-parallel over 'model' too
+        # (owt), the batch is gathered over 'model' first. A sharded fc6 flattens its (gathered) input itself.
+        for name, features in (("fc6", fc_width), ("fc7", fc_width), ("fc8", self.num_classes)):
             with jax.named_scope(name):
+                place = None if placement is None else placement.dense(name, x_spec)
+                if place is not None and place.gather_batch_first:
+                    x = placement.gather_batch(x)
+                if place is None or not place.sharded:
+                    x = x.reshape(x.shape[0], -1)
+                x_spec = x_spec if place is None else place.out
                 hidden = name != "fc8"
                 if hidden and spec.dropout_before_fc:
                     x = dropout(x.reshape(x.shape[0], -1)).reshape(x.shape)
                 extra = {}
                 if not hidden and self.init_scheme == "he":  # no ReLU after fc8: LeCun scaling keeps the
                     extra["kernel_init"] = nn.initializers.lecun_normal()  # first logits near zero
-                x = dense(features, bias_init=one if hidden else zero, name=name, split=how,
-                          split_input=split_input, **extra)(x)
+                x = Dense(features, bias_init=one if hidden else zero, name=name, placement=place,
+                          **dict(common, **extra))(x)
                 if hidden:
                     x = nn.relu(x)
                     if not spec.dropout_before_fc:
@@ -223,9 +218,6 @@ class AlexNet(nn.Module):
 
 def create_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> AlexNet:
     """The configured AlexNet; with a mesh, its layers run split as `config.sharding` says (sharding.py)."""
-    strategy = config.get("sharding", "paper")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"--config.sharding={strategy!r}: choose one of {STRATEGIES}")
     return AlexNet(
         num_classes=config.num_classes,
         variant=config.variant,
@@ -236,6 +228,10 @@ def create_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) ->
         widths=tuple(config.widths) or None,
         fc_width=config.fc_width or None,
         dtype=jnp.dtype(config.dtype),
-        mesh=mesh,
-        strategy=strategy,
+        placement=sharding.placement(mesh, config.get("sharding", "paper")),
     )
+
+
+def groups_of(config: ml_collections.ConfigDict) -> int:
+    """The conv group count a config builds (`sharding.check_mesh` needs it)."""
+    return config.get("groups", 0) or VARIANTS[config.variant].default_groups

@@ -3,12 +3,14 @@
 A grouped kernel has the shape `nn.Conv(feature_group_count=2)` would give it, (kh, kw, cin/groups, cout),
 but the convolution is computed as one convolution per group (`ops.grouped_conv`).
 
-Given a `mesh` with a 'model' axis of size > 1, a layer runs as a `jax.shard_map` that says who talks to whom,
-as on the paper's two GPUs: each device holds its slice of the layer's kernels (output channels / neurons),
-grouped convs read only the maps on their own device (no communication), layers connected across groups
-all-gather their input maps over 'model', a row-split dense layer sums its partial products. The SPMD
-partitioner alone does not find that pattern (it all-gathers around a sharded grouped conv). The parameters
-and the numbers are the same with or without a mesh.
+This module owns the local computation of a layer on one device, not where anything lives: a layer is given a
+`sharding.LayerPlacement` (derived from the partition rules of its kernel and bias and from the previous
+layer's output) and, when that placement is `sharded`, runs as a `jax.shard_map` with its specs, computing what
+they imply, as on the paper's two GPUs: a device holding a slice of the kernels (output channels / neurons)
+computes that slice; grouped convs whose groups are on their own device read only the maps there (no
+communication); a layer whose input arrives split but which reads across groups all-gathers it over 'model';
+a row-split dense layer sums its partial products. The SPMD partitioner alone does not find that pattern (it
+all-gathers around a sharded grouped conv). The parameters and the numbers are the same with or without one.
 """
 
 from __future__ import annotations
@@ -20,29 +22,27 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from alexnet_jax.model.ops import grouped_conv
+from alexnet_jax.sharding import MODEL, LayerPlacement
 
 Dtype = Any
 
-# The mesh axes: batch shards over 'data', layer slices over 'model'.
-DATA, MODEL = "data", "model"
 
-
-def model_axis_size(mesh: Mesh | None) -> int:
-    """How many devices split each layer (1 without a mesh or without a 'model' axis)."""
-    return 1 if mesh is None else int(dict(mesh.shape).get(MODEL, 1))
+def _this_device(x: jax.Array, m: int, axis: int) -> jax.Array:
+    """This device's 1/m slice of `x` along `axis` (inside a shard_map over 'model')."""
+    n = x.shape[axis] // m
+    return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(MODEL) * n, n, axis=axis)
 
 
 class Conv(nn.Module):
     """A 2-D convolution whose `groups` are computed as separate convolutions on channel slices.
 
-    The parameters are those of `nn.Conv(features, feature_group_count=groups)`. With a `mesh` whose
-    'model' axis m > 1, each device computes its features/m output channels in a `shard_map`: from its own
-    input maps when those are all its kernels read (groups divisible by m), else after all-gathering them.
-    `split_input=False` means the input is not split over 'model' (conv1 reads the whole image).
+    The parameters are those of `nn.Conv(features, feature_group_count=groups)`. Given a sharded `placement`,
+    each device computes its features/m output channels in a `shard_map`: from its own input maps when those
+    are all its kernels read (groups divisible by m), else from the maps its kernels read, all-gathered over
+    'model' first when they arrive split. A kernel replicated over 'model' reads the whole input (gathered where
+    the `shard_map` begins) and computes every output channel.
     """
 
     features: int
@@ -54,8 +54,7 @@ class Conv(nn.Module):
     bias_init: nn.initializers.Initializer = nn.initializers.zeros
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    mesh: Mesh | None = None
-    split_input: bool = True
+    placement: LayerPlacement | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -71,43 +70,42 @@ class Conv(nn.Module):
         )
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if not self._sharded():
+        place = self.placement
+        if place is None or not place.sharded:
             return grouped_conv(x, kernel, self.groups, self.strides, self.padding) + bias
-        return jax.shard_map(
-            self._local,
-            mesh=self.mesh,
-            in_specs=(P(DATA, None, None, MODEL if self.split_input else None), P(None, None, None, MODEL),
-                      P(MODEL)),
-            out_specs=P(DATA, None, None, MODEL),
-        )(x, kernel, bias)
-
-    def _sharded(self) -> bool:
-        return model_axis_size(self.mesh) > 1
+        return jax.shard_map(self._local, mesh=place.mesh, in_specs=(place.x, place.kernel, place.bias),
+                             out_specs=place.out)(x, kernel, bias)
 
     def _local(self, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
         """One device's share: its output channels, from the input maps they are connected to."""
-        m, groups = model_axis_size(self.mesh), self.groups
-        if not self.split_input:  # conv1: every device sees the whole image
-            local_groups = groups
-        elif groups % m == 0:  # the paper's grouped layers: this device's maps are all its kernels read
+        place = self.placement
+        assert place is not None
+        m, groups = place.model_size, self.groups
+        if not place.split_out:  # kernel replicated over 'model': every output channel, from the whole input
+            return grouped_conv(x, kernel, groups, self.strides, self.padding) + bias
+        if place.split_in and groups % m == 0:  # the paper's grouped layers: this device's maps are all it reads
             local_groups = groups // m
-        else:  # connected across devices (conv3; or a group spread over several devices)
-            x = jax.lax.all_gather(x, MODEL, axis=3, tiled=True)
-            if groups > 1:  # m is a multiple of groups (checked in sharding.py): keep this device's group
+        else:  # connected across devices (conv3; or a group spread over several devices); conv1: whole image
+            if place.split_in:
+                x = jax.lax.all_gather(x, MODEL, axis=3, tiled=True)
+            local_groups = 1
+            if groups > 1 and groups % m == 0:  # whole input, groups on their own devices: keep this device's
+                x, local_groups = _this_device(x, m, axis=3), groups // m
+            elif groups > 1:  # m is a multiple of groups (sharding.check_mesh): keep this device's group
                 per = x.shape[-1] // groups
                 group = jax.lax.axis_index(MODEL) // (m // groups)
                 x = jax.lax.dynamic_slice_in_dim(x, group * per, per, axis=3)
-            local_groups = 1
         return grouped_conv(x, kernel, local_groups, self.strides, self.padding) + bias
 
 
 class Dense(nn.Module):
-    """`nn.Dense` (same parameters, same numbers) that can run split over a mesh's 'model' axis.
+    """`nn.Dense` (same parameters, same numbers) that runs as its sharded `placement` says.
 
-    `split='column'`: each device holds a slice of the neurons (kernel columns) and all-gathers its input
-    first when the input arrives split (`split_input`); `split='row'`: each device holds the rows that read
-    its slice of the input and the partial products are summed over 'model'. Inputs of rank > 2 are
-    flattened (after the gather, so the feature order is that of the whole layer).
+    Kernel split by columns: each device holds a slice of the neurons and all-gathers its input first when the
+    input arrives split; by rows: each device holds the rows that read its slice of the input and the partial
+    products are summed over 'model'; replicated: every device computes every neuron from the whole input
+    (gathered where the `shard_map` begins). Inputs of rank > 2 are flattened (after the gather: the feature
+    order is the layer's).
     """
 
     features: int
@@ -115,35 +113,30 @@ class Dense(nn.Module):
     bias_init: nn.initializers.Initializer = nn.initializers.zeros
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    mesh: Mesh | None = None
-    split: str = "column"
-    split_input: bool = True
+    placement: LayerPlacement | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        m = model_axis_size(self.mesh)
-        sharded = m > 1
         in_features = math.prod(x.shape[1:])
         kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if not sharded:
+        place = self.placement
+        if place is None or not place.sharded:
             return jnp.dot(x.reshape(x.shape[0], -1), kernel) + bias
-        x_spec = P(DATA, *([None] * (x.ndim - 2)), MODEL if self.split_input else None)
-        if self.split == "row":
-            if not self.split_input:
-                raise ValueError(f"{self.name}: a row-split layer reads an input split over '{MODEL}'")
+        if place.row_split and x.ndim > 2:
+            raise ValueError(f"{self.name}: a row-split layer reads a flat input, got rank {x.ndim}")
+        m = place.model_size
 
-            def row(x, kernel, bias):
-                return jax.lax.psum(jnp.dot(x, kernel), MODEL) + bias
+        def row(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+            if not place.split_in:  # the whole input arrived: keep the features these rows read
+                x = _this_device(x, m, axis=1)
+            return jax.lax.psum(jnp.dot(x, kernel), MODEL) + bias
 
-            return jax.shard_map(row, mesh=self.mesh, in_specs=(x_spec, P(MODEL, None), P()),
-                                 out_specs=P(DATA, None))(x, kernel, bias)
-
-        def column(x, kernel, bias):
-            if self.split_input:
+        def column(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+            if place.split_in:
                 x = jax.lax.all_gather(x, MODEL, axis=x.ndim - 1, tiled=True)
             return jnp.dot(x.reshape(x.shape[0], -1), kernel) + bias
 
-        return jax.shard_map(column, mesh=self.mesh, in_specs=(x_spec, P(None, MODEL), P(MODEL)),
-                             out_specs=P(DATA, MODEL))(x, kernel, bias)
+        return jax.shard_map(row if place.row_split else column, mesh=place.mesh,
+                             in_specs=(place.x, place.kernel, place.bias), out_specs=place.out)(x, kernel, bias)
