@@ -109,7 +109,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any],
     missing = object()
     out = []
     for key in sorted(set(saved) | set(current)):
-        if key in allowed:
+        if key in allowed or key not in defaults:  # retired keys (e.g. `model`) never block a resume
             continue
         a, b = saved.get(key, defaults.get(key, missing)), current.get(key, defaults.get(key, missing))
         if a != b:

@@ -39,7 +39,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.channel_std = ()
 
     # Model (alexnet_jax.model.AlexNet).
-    c.model = "AlexNet"
     c.variant = "paper"  # 'paper' (2012), 'owt' (torchvision / one weird trick), 'small' (28-32 px)
     c.norm = ""  # 'lrn', 'batchnorm', 'none'; '' = the variant's own (paper: lrn)
     c.groups = 0  # 1 or 2; 0 = the variant's own (paper: 2)

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from alexnet_jax import checkpointing, sharding
-from alexnet_jax.config import RESUMABLE_CHANGES, config_from_dict
+from alexnet_jax.config import RESUMABLE_CHANGES, check_config, config_from_dict
 from alexnet_jax.data import Normalisation
 from alexnet_jax.errors import UserError
 from alexnet_jax.model import AlexNet, create_model, groups_of
@@ -69,8 +69,7 @@ def read_config(workdir: str, step: int | None = None, overrides: dict[str, Any]
             raise UserError(f"--config.{key} cannot be changed for a trained checkpoint (it changes the model or "
                             f"its training); these can: {', '.join(sorted(RESUMABLE_CHANGES))}")
         config[key] = tuple(value) if isinstance(config[key], tuple) else value
-    if config.eval_crops not in (1, 2, 10):
-        raise UserError(f"--config.eval_crops={config.eval_crops}: choose 1 (centre), 2 (with its reflection) or 10")
+    check_config(config, jax.process_count())
     return step, config, meta
 
 
