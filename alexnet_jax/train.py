@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from clu import metric_writers
 
 from alexnet_jax import checkpointing, optim, sharding
 from alexnet_jax import data as datalib
@@ -193,24 +194,6 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-class _Writer:
-    """TensorBoard scalars (process 0 only)."""
-
-    def __init__(self, workdir: str):
-        import tensorflow as tf
-
-        self._tf = tf
-        self._w = tf.summary.create_file_writer(workdir) if jax.process_index() == 0 else None
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self._w is None:
-            return
-        with self._w.as_default(step=step):
-            for k, v in values.items():
-                self._tf.summary.scalar(k, v)
-        self._w.flush()
-
-
 def run_metadata(config: ml_collections.ConfigDict, data: datalib.Data) -> dict[str, Any]:
     """What a checkpoint records beside the arrays so inference needs no training set: the input shape, the
     class names and the normalisation (the whole record: predict preprocesses exactly like evaluation)."""
@@ -257,7 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  total / per_epoch, per_epoch, config.batch_size, optim.base_learning_rate(config),
                  dict(mesh.shape))
 
-    writer = _Writer(workdir)
+    # TensorBoard scalars through clu (process 0 writes; the others write nothing)
+    writer = metric_writers.SummaryWriter(workdir) if jax.process_index() == 0 else metric_writers.MultiWriter([])
     pid, nproc = jax.process_index(), jax.process_count()
     batches = data.train(start, total, pid, nproc)
     pending: list[dict[str, jax.Array]] = []
@@ -291,8 +275,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 logging.info("step %d/%d (epoch %.2f) | loss %.4f | top1 %.2f%% | top5 %.2f%% | lr %.4g | "
                              "%.0f img/s | ETA %s", done, total, done / per_epoch, means["loss"],
                              100 * means["top1"], 100 * means["top5"], lr, rate, _fmt_seconds(eta))
-                writer.scalars(done, {"train/loss": means["loss"], "train/top1": means["top1"],
+                writer.write_scalars(done, {"train/loss": means["loss"], "train/top1": means["top1"],
                                       "train/top5": means["top5"], "train/lr": lr, "train/images_per_second": rate})
+                writer.flush()
                 pending.clear()
                 interval_steps, t_interval = 0, time.time()
             if done % eval_every == 0 or done == total:
@@ -308,13 +293,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 logging.info("eval at step %d: top1 %.2f%% | top5 %.2f%% | loss %.4f | %d images | %.1fs",
                              done, 100 * last_eval["top1"], 100 * last_eval["top5"], last_eval["loss"],
                              last_eval["count"], time.time() - t_eval)
-                writer.scalars(done, {"eval/top1": last_eval["top1"], "eval/top5": last_eval["top5"],
+                writer.write_scalars(done, {"eval/top1": last_eval["top1"], "eval/top5": last_eval["top5"],
                                       "eval/loss": last_eval["loss"]})
+                writer.flush()
                 t_interval += time.time() - t_eval  # evaluation time is not training time
             # --- checkpointing: save per policy; on SIGTERM/preemption save and stop
             if policy.after_step(done, state, final=done == total, eval_metrics=step_eval, last_eval=last_eval):
                 break
     ckpt.close()
+    writer.close()
     if policy.preempted_at is not None:
         return {"preempted": True, "step": policy.preempted_at, "checkpoint": ckpt.step_dir(policy.preempted_at)}
     # --- end checkpointing
