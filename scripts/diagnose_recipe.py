@@ -69,6 +69,7 @@ def torch_side(model, params, image_shape, config):
     from alexnet_jax import torch_alexnet
 
     torch = torch_alexnet.import_torch()
+    torch.manual_seed(config.seed)  # torch's dropout masks: reproducible run to run (JAX's are by construction)
     net = torch_alexnet.build(model, image_shape)
     torch_alexnet.load_flax_params(net, params)
     weights = [p for n, p in net.named_parameters() if n.endswith("weight")]
