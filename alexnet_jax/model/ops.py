@@ -162,14 +162,19 @@ def max_pool(x: jax.Array) -> jax.Array:
 
 
 def _max_pool_fwd(x: jax.Array):
-    best = arg = None
-    for k, (_, _, view) in enumerate(_pool_slices(x)):
-        if best is None:
-            best, arg = view, jnp.zeros(view.shape, jnp.int8)
-        else:
-            better = view > best  # strict: ties keep the earlier position
-            best = jnp.where(better, view, best)
-            arg = jnp.where(better, jnp.int8(k), arg)
+    # A reduction over the 9 stacked views, not a chain of selects: XLA:CPU never fuses a reduction into its
+    # consumers, so the pooled map and the argmax are computed once. With selects it fused the whole 9-way
+    # comparison (and the LRN and conv bias before it) into every consumer: each backward pad and each
+    # transpose feeding the next layer's kernel gradient recomputed it. argmax keeps the first maximum.
+    views = jnp.stack([view for _, _, view in _pool_slices(x)])
+    index = jax.lax.broadcasted_iota(jnp.int8, views.shape, 0)
+
+    def first_max(a, b):  # (value, index) pairs: the larger value; on a tie the earlier window position
+        take_b = (b[0] > a[0]) | ((b[0] == a[0]) & (b[1] < a[1]))
+        return jnp.where(take_b, b[0], a[0]), jnp.where(take_b, b[1], a[1])
+
+    init = (jnp.array(-jnp.inf, x.dtype), jnp.array(POOL_WINDOW * POOL_WINDOW, jnp.int8))
+    best, arg = jax.lax.reduce((views, index), init, first_max, (0,))
     return best, (arg, x.shape)
 
 
