@@ -19,7 +19,7 @@ from alexnet_jax.errors import UserError
 RESUMABLE_CHANGES = frozenset({
     "num_train_steps", "num_epochs", "log_every_steps", "eval_every_steps", "eval_batch_size", "eval_crops",
     "mesh_shape", "sharding", "data_dir", "fashion_mnist_dir", "checkpoint_every_steps", "checkpoint_keep",
-    "checkpoint_keep_best", "checkpoint_async",
+    "checkpoint_keep_best", "checkpoint_async", "kernels",
 })
 
 
@@ -65,6 +65,8 @@ def check_config(config: ml_collections.ConfigDict, process_count: int = 1) -> N
         fail("sharding", f"choose one of {sharding.STRATEGIES}")
     if config.dtype not in ("float32", "bfloat16", "float16"):
         fail("dtype", "choose 'float32' or 'bfloat16'")
+    if config.get("kernels", "auto") not in model.KERNELS:
+        fail("kernels", f"choose one of {model.KERNELS} ('auto': cpu_tuned on CPU, native on GPU/TPU)")
     if config.widths and len(config.widths) != 5:
         fail("widths", "give five conv widths, e.g. (96, 256, 384, 384, 256)")
     if config.num_classes < 2:

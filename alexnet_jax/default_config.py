@@ -47,6 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.fc_width = 0  # override fc6/fc7 width; 0 = the variant's
     c.dropout_rate = 0.5
     c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
+    # How convolutions, pooling and LRN are computed (the same function either way; docs/performance.md):
+    # 'cpu_tuned' (per-group convs, conv1 as matmuls, Winograd 3x3, custom VJPs), 'native' (XLA's own ops),
+    # 'auto' (cpu_tuned on the CPU backend, native on GPU/TPU).
+    c.kernels = "auto"
 
     # Optimisation (the paper's section 5).
     c.batch_size = 128  # global, across all devices and processes

@@ -7,6 +7,7 @@ multiply-add analysis of a built model is in `alexnet_jax.flops`.
 from alexnet_jax.model.alexnet import INITS, NORMS, VARIANTS, AlexNet, Variant, create_model, groups_of
 from alexnet_jax.model.layers import Conv, Dense
 from alexnet_jax.model.ops import (
+    KERNELS,
     LRN_ALPHA,
     LRN_BETA,
     LRN_BIAS,
@@ -18,11 +19,14 @@ from alexnet_jax.model.ops import (
     grouped_conv,
     local_response_norm,
     max_pool,
+    pool,
+    resolve_kernels,
     strided_conv_as_matmuls,
 )
 
 __all__ = [
     "INITS",
+    "KERNELS",
     "LRN_ALPHA",
     "LRN_BETA",
     "LRN_BIAS",
@@ -42,5 +46,7 @@ __all__ = [
     "groups_of",
     "local_response_norm",
     "max_pool",
+    "pool",
+    "resolve_kernels",
     "strided_conv_as_matmuls",
 ]

@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from alexnet_jax import sharding
 from alexnet_jax.model.layers import Conv, Dense, Dtype
-from alexnet_jax.model.ops import adaptive_avg_pool, conv1_edge_padding, local_response_norm, max_pool
+from alexnet_jax.model.ops import adaptive_avg_pool, conv1_edge_padding, local_response_norm, pool, resolve_kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +89,8 @@ class AlexNet(nn.Module):
         ReLU layers, LeCun-normal for fc8, zero biases).
       widths / fc_width: override the variant's conv widths and hidden FC width.
       dtype: compute dtype (e.g. bfloat16); parameters stay `param_dtype`, logits are float32.
+      kernels: the formulation of convolutions, pooling and LRN: 'cpu_tuned', 'native' (XLA's own ops) or
+        'auto' (cpu_tuned on the CPU backend, native elsewhere); the same function either way (ops.py).
       placement: where it runs (`sharding.placement(mesh, strategy)`): each layer runs as the partition
         rules of its parameters say. Only a 'model' axis > 1 changes the computation; the parameters and
         numbers stay those of `placement=None`.
@@ -104,6 +106,7 @@ class AlexNet(nn.Module):
     fc_width: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: str = "auto"
     placement: sharding.Placement | None = None
 
     @property
@@ -126,6 +129,7 @@ class AlexNet(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"AlexNet expects NHWC images, got shape {x.shape}")
 
+        kernels = resolve_kernels(self.kernels)
         kinit = _kernel_init(self.init_scheme)
         one = nn.initializers.ones if self.init_scheme == "paper" else nn.initializers.zeros
         zero = nn.initializers.zeros
@@ -140,7 +144,7 @@ class AlexNet(nn.Module):
             y = nn.relu(y)
             if norm == "lrn" and lrn:
                 # conv1's two halves live on different GPUs in the paper, so LRN stays within a group.
-                y = local_response_norm(y, groups=groups)
+                y = local_response_norm(y, groups=groups, kernels=kernels)
             return y
 
         x = x.astype(self.dtype)
@@ -169,14 +173,14 @@ class AlexNet(nn.Module):
             if place is not None and place.gather_batch_first:
                 y = placement.gather_batch(y)
             x_spec = x_spec if place is None else place.out
-            return Conv(*args, name=name, placement=place, **common, **kw)(y)
+            return Conv(*args, name=name, placement=place, kernels=kernels, **common, **kw)(y)
 
         with jax.named_scope("conv1"):
             x = stage("conv1_out", conv(x, widths[0], k1, s1, pad1, 1, bias_init=zero, name="conv1"))
-            x = stage("pool1", max_pool(normalise(x, 1, lrn=True)))
+            x = stage("pool1", pool(normalise(x, 1, lrn=True), kernels))
         with jax.named_scope("conv2"):
             x = conv(x, widths[1], spec.conv2_kernel, 1, ((p2, p2), (p2, p2)), groups, bias_init=one, name="conv2")
-            x = stage("pool2", max_pool(normalise(stage("conv2_out", x), 2, lrn=True)))
+            x = stage("pool2", pool(normalise(stage("conv2_out", x), 2, lrn=True), kernels))
         with jax.named_scope("conv3"):
             x = stage("conv3_out", conv(x, widths[2], 3, 1, same3, 1, bias_init=zero, name="conv3"))
             x = normalise(x, 3, lrn=False)
@@ -185,7 +189,7 @@ class AlexNet(nn.Module):
             x = normalise(x, 4, lrn=False)
         with jax.named_scope("conv5"):
             x = stage("conv5_out", conv(x, widths[4], 3, 1, same3, groups, bias_init=one, name="conv5"))
-            x = stage("pool5", max_pool(normalise(x, 5, lrn=False)))
+            x = stage("pool5", pool(normalise(x, 5, lrn=False), kernels))
             if spec.adaptive_pool:
                 x = adaptive_avg_pool(x, spec.adaptive_pool)
 
@@ -228,6 +232,7 @@ def create_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) ->
         widths=tuple(config.widths) or None,
         fc_width=config.fc_width or None,
         dtype=jnp.dtype(config.dtype),
+        kernels=config.get("kernels", "auto"),
         placement=sharding.placement(mesh, config.get("sharding", "paper")),
     )
 

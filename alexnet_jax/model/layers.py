@@ -55,6 +55,7 @@ class Conv(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     placement: LayerPlacement | None = None
+    kernels: str = "cpu_tuned"  # ops.grouped_conv's formulation: 'cpu_tuned' or 'native' ('auto' resolved there)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -72,7 +73,7 @@ class Conv(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         place = self.placement
         if place is None or not place.sharded:
-            return grouped_conv(x, kernel, self.groups, self.strides, self.padding) + bias
+            return grouped_conv(x, kernel, self.groups, self.strides, self.padding, self.kernels) + bias
         return jax.shard_map(self._local, mesh=place.mesh, in_specs=(place.x, place.kernel, place.bias),
                              out_specs=place.out)(x, kernel, bias)
 
@@ -82,7 +83,7 @@ class Conv(nn.Module):
         assert place is not None
         m, groups = place.model_size, self.groups
         if not place.split_out:  # kernel replicated over 'model': every output channel, from the whole input
-            return grouped_conv(x, kernel, groups, self.strides, self.padding) + bias
+            return grouped_conv(x, kernel, groups, self.strides, self.padding, self.kernels) + bias
         if place.split_in and groups % m == 0:  # the paper's grouped layers: this device's maps are all it reads
             local_groups = groups // m
         else:  # connected across devices (conv3; or a group spread over several devices); conv1: whole image
@@ -95,7 +96,7 @@ class Conv(nn.Module):
                 per = x.shape[-1] // groups
                 group = jax.lax.axis_index(MODEL) // (m // groups)
                 x = jax.lax.dynamic_slice_in_dim(x, group * per, per, axis=3)
-        return grouped_conv(x, kernel, local_groups, self.strides, self.padding) + bias
+        return grouped_conv(x, kernel, local_groups, self.strides, self.padding, self.kernels) + bias
 
 
 class Dense(nn.Module):

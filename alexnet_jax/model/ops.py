@@ -6,6 +6,12 @@ convolution as one convolution per group (XLA:CPU runs that ~3x faster than `fea
 what lets the layers place each group on its own device), conv1 as matmuls (space-to-depth; XLA:CPU's strided
 convolution and its kernel gradient are ~3x slower), the paper's overlapping 3/2 max-pooling with a backward
 pass of strided pads instead of select-and-scatter, and torchvision's adaptive average pooling.
+
+Those formulations are CPU workarounds. `kernels` chooses per backend (`resolve_kernels`): 'cpu_tuned' (the
+above, plus 3x3 convolutions by Winograd, `model/winograd.py`), 'native' (XLA's own ops: one convolution with
+`feature_group_count`, strided conv1, `reduce_window` pooling, autodiff of the LRN formula), or 'auto'
+(cpu_tuned on CPU, native on GPU/TPU, where cuDNN/XLA's fused kernels are the ones tuned). Both compute the
+same function to float32 rounding; tests compare values and gradients.
 """
 
 from __future__ import annotations
@@ -16,6 +22,19 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+
+from alexnet_jax.model.winograd import conv3x3
+
+KERNELS = ("auto", "native", "cpu_tuned")
+
+
+def resolve_kernels(kernels: str) -> str:
+    """'auto' -> 'cpu_tuned' on the CPU backend, 'native' elsewhere (docs/performance.md says why)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}; choose one of {KERNELS}")
+    if kernels == "auto":
+        return "cpu_tuned" if jax.default_backend() == "cpu" else "native"
+    return kernels
 
 # The paper's LRN constants (section 3.3): k=2, n=5, alpha=1e-4, beta=0.75; alpha is NOT divided by n.
 LRN_DEPTH_RADIUS = 2
@@ -68,18 +87,20 @@ def local_response_norm(
     alpha: float = LRN_ALPHA,
     beta: float = LRN_BETA,
     groups: int = 1,
+    kernels: str = "cpu_tuned",
 ) -> jax.Array:
     """b[c] = a[c] / (bias + alpha * sum_{|c'-c|<=r} a[c']^2) ** beta over the last (channel) axis.
 
     Same formula as `tf.nn.local_response_normalization` (alpha not divided by the window size, unlike
     PyTorch/Caffe). With `groups > 1` the window never crosses a group boundary: in the paper's net each
     GPU normalises only its own maps (cuda-convnet's rnorm1a/rnorm1b). Computed in float32, with a
-    hand-written gradient (tests compare it with autodiff of the formula).
+    hand-written gradient (tests compare it with autodiff of the formula, which `kernels='native'` uses).
     """
     channels = x.shape[-1]
     if channels % groups:
         raise ValueError(f"LRN: {channels} channels do not split into {groups} groups")
-    y = _lrn(x.astype(jnp.float32), depth_radius, float(bias), float(alpha), float(beta), groups)
+    lrn = _lrn if resolve_kernels(kernels) == "cpu_tuned" else lambda *a: _lrn_fwd(*a)[0]
+    y = lrn(x.astype(jnp.float32), depth_radius, float(bias), float(alpha), float(beta), groups)
     return y.astype(x.dtype)
 
 
@@ -93,12 +114,21 @@ def conv1_edge_padding(size: int, kernel: int, stride: int) -> int:
 
 
 def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, strides: int,
-                 padding: Sequence[tuple[int, int]]) -> jax.Array:
-    """`groups` convolutions on channel slices, concatenated: what `feature_group_count=groups` computes."""
+                 padding: Sequence[tuple[int, int]], kernels: str = "cpu_tuned") -> jax.Array:
+    """What `conv_general_dilated(..., feature_group_count=groups)` computes (NHWC, HWIO).
+
+    'native': exactly that call. 'cpu_tuned': one convolution per channel slice, concatenated; conv1
+    (stride > 1) as matmuls, 3x3 stride-1 'SAME' convolutions by Winograd F(2x2, 3x3).
+    """
+    if resolve_kernels(kernels) == "native":
+        return jax.lax.conv_general_dilated(x, kernel, (strides, strides), list(padding),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
     xs = jnp.split(x, groups, axis=-1)
     ks = jnp.split(kernel, groups, axis=-1)
     if strides > 1:  # conv1: XLA:CPU's strided convolution is ~3x slower than the same sums as matmuls
         outs = [strided_conv_as_matmuls(xi, ki, (strides, strides), padding) for xi, ki in zip(xs, ks, strict=True)]
+    elif kernel.shape[:2] == (3, 3) and tuple(map(tuple, padding)) == ((1, 1), (1, 1)):  # conv3-5
+        outs = [conv3x3(xi, ki) for xi, ki in zip(xs, ks, strict=True)]
     else:
         outs = [
             jax.lax.conv_general_dilated(xi, ki, (1, 1), list(padding), dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -161,9 +191,18 @@ def max_pool(x: jax.Array) -> jax.Array:
     return _max_pool_fwd(x)[0]
 
 
+def pool(x: jax.Array, kernels: str = "cpu_tuned") -> jax.Array:
+    """The paper's 3x3/2 max-pooling: `max_pool` ('cpu_tuned') or XLA's `reduce_window` ('native')."""
+    if resolve_kernels(kernels) == "cpu_tuned":
+        return max_pool(x)
+    window, strides = (1, POOL_WINDOW, POOL_WINDOW, 1), (1, POOL_STRIDE, POOL_STRIDE, 1)
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, strides, "VALID")
+
+
 def _max_pool_fwd(x: jax.Array):
-    # A reduction over the 9 stacked views, not a chain of selects: XLA:CPU never fuses a reduction into its
-    # consumers, so the pooled map and the argmax are computed once. With selects it fused the whole 9-way
+    # One variadic reduction (value, index) over the 9 stacked views, not a chain of selects: XLA:CPU does not
+    # fuse a tuple-shaped reduction into its consumers, so the pooled map and the argmax are computed once (a
+    # plain jnp.max was still fused into the next layer's transposes). With selects it fused the whole 9-way
     # comparison (and the LRN and conv bias before it) into every consumer: each backward pad and each
     # transpose feeding the next layer's kernel gradient recomputed it. argmax keeps the first maximum.
     views = jnp.stack([view for _, _, view in _pool_slices(x)])

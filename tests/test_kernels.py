@@ -1,0 +1,90 @@
+"""`kernels`: the CPU-tuned formulations and XLA's native ops compute the same function (values and gradients)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alexnet_jax import config as config_lib
+from alexnet_jax import default_config
+from alexnet_jax.errors import UserError
+from alexnet_jax.model import AlexNet, grouped_conv, ops, resolve_kernels
+from alexnet_jax.model.winograd import conv3x3
+
+
+def _value_and_grads(f, *args, seed=3):
+    y, pullback = jax.vjp(f, *args)
+    g = jnp.asarray(np.random.default_rng(seed).normal(size=y.shape), y.dtype)
+    return (y, *pullback(g))
+
+
+@pytest.mark.parametrize("n,h,w,c,o", [(2, 13, 13, 8, 6), (3, 6, 7, 5, 4), (1, 2, 3, 3, 2), (1, 1, 1, 2, 3)])
+def test_winograd_conv3x3_equals_the_plain_convolution(n, h, w, c, o):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(n, h, w, c)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, c, o)), jnp.float32)
+    plain = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    for ours, ref in zip(_value_and_grads(conv3x3, x, k), _value_and_grads(plain, x, k), strict=True):
+        assert ours.shape == ref.shape
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=2e-6 * float(jnp.abs(ref).max()))
+
+
+@pytest.mark.parametrize("kernel,strides,padding,groups", [
+    (3, 1, ((1, 1), (1, 1)), 2),  # conv4/conv5: Winograd per group
+    (5, 1, ((2, 2), (2, 2)), 2),  # conv2: XLA's convolution per group
+    (11, 4, ((0, 3), (0, 3)), 1),  # conv1 at 224 px: matmuls
+])
+def test_grouped_conv_formulations_agree(kernel, strides, padding, groups):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 27 if strides == 1 else 39, 27 if strides == 1 else 39, 4)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(kernel, kernel, 4 // groups, 6)), jnp.float32)
+    tuned, native = (_value_and_grads(lambda x, k, kk=kk: grouped_conv(x, k, groups, strides, padding, kk), x, k)
+                     for kk in ("cpu_tuned", "native"))
+    for a, b in zip(tuned, native, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("variant,size", [("paper", 67), ("owt", 63)])
+def test_kernel_choices_give_the_same_logits_and_gradients(variant, size):
+    """The whole net (LRN, grouped convs, pooling, conv1) with kernels='cpu_tuned' vs 'native'."""
+    x = jnp.asarray(np.random.default_rng(2).normal(0, 50, (2, size, size, 3)), jnp.float32)
+    nets = {k: AlexNet(num_classes=10, variant=variant, widths=(16, 32, 24, 24, 16), fc_width=32, kernels=k)
+            for k in ("cpu_tuned", "native")}
+    params = nets["native"].init(jax.random.PRNGKey(0), x)["params"]
+    results = {}
+    for name, net in nets.items():
+        def loss(p, net=net):
+            logits = net.apply({"params": p}, x)
+            return jnp.sum(logits * jnp.arange(10.0)), logits
+
+        results[name] = jax.value_and_grad(loss, has_aux=True)(params)
+    (_, logits_t), grads_t = results["cpu_tuned"]
+    (_, logits_n), grads_n = results["native"]
+    assert float(jnp.abs(logits_n).max()) > 0
+    np.testing.assert_allclose(logits_t, logits_n, rtol=1e-5, atol=1e-5 * float(jnp.abs(logits_n).max()))
+    flat_t = jax.tree_util.tree_leaves_with_path(grads_t)
+    flat_n = dict(jax.tree_util.tree_leaves_with_path(grads_n))
+    assert len(flat_t) == len(flat_n) == 16  # 8 layers x (kernel, bias): every parameter compared
+    for path, a in flat_t:
+        b = flat_n[path]
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()),
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_auto_is_cpu_tuned_on_cpu_and_native_elsewhere(monkeypatch):
+    assert jax.default_backend() == "cpu"
+    assert resolve_kernels("auto") == "cpu_tuned"
+    assert resolve_kernels("native") == "native"
+    monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
+    assert resolve_kernels("auto") == "native"
+    assert resolve_kernels("cpu_tuned") == "cpu_tuned"
+    with pytest.raises(ValueError, match="unknown kernels"):
+        resolve_kernels("fast")
+
+
+def test_bad_kernels_value_is_refused_with_the_choices():
+    config = default_config.get_config()
+    config.kernels = "fastest"
+    with pytest.raises(UserError, match=r"--config.kernels='fastest': choose one of \('auto', 'native', 'cpu_tuned'\)"):
+        config_lib.check_config(config)
