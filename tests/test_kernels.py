@@ -8,8 +8,7 @@ import pytest
 from alexnet_jax import config as config_lib
 from alexnet_jax import default_config
 from alexnet_jax.errors import UserError
-from alexnet_jax.model import AlexNet, grouped_conv, ops, resolve_kernels
-from alexnet_jax.model.winograd import conv3x3
+from alexnet_jax.model import AlexNet, grouped_conv, ops, resolve_kernels, winograd
 
 
 def _value_and_grads(f, *args, seed=3):
@@ -18,21 +17,28 @@ def _value_and_grads(f, *args, seed=3):
     return (y, *pullback(g))
 
 
-@pytest.mark.parametrize("n,h,w,c,o", [(2, 13, 13, 8, 6), (3, 6, 7, 5, 4), (1, 2, 3, 3, 2), (1, 1, 1, 2, 3)])
-def test_winograd_conv3x3_equals_the_plain_convolution(n, h, w, c, o):
+@pytest.mark.parametrize("n,h,w,c,o,r,padding", [
+    (2, 13, 13, 8, 6, 3, ((1, 1), (1, 1))),  # conv3-5: odd maps, half a tile of padding
+    (3, 6, 7, 5, 4, 3, ((1, 1), (1, 1))),  # even and odd sides
+    (1, 1, 1, 2, 3, 3, ((1, 1), (1, 1))),  # one pixel
+    (2, 27, 27, 4, 6, 5, ((2, 2), (2, 2))),  # conv2's 5x5 'SAME'
+    (1, 9, 8, 3, 2, 5, ((1, 0), (2, 1))),  # asymmetric padding
+])
+def test_winograd_equals_the_plain_convolution(n, h, w, c, o, r, padding):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(n, h, w, c)), jnp.float32)
-    k = jnp.asarray(rng.normal(size=(3, 3, c, o)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(r, r, c, o)), jnp.float32)
     plain = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
-        x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    for ours, ref in zip(_value_and_grads(conv3x3, x, k), _value_and_grads(plain, x, k), strict=True):
-        assert ours.shape == ref.shape
-        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=2e-6 * float(jnp.abs(ref).max()))
+        x, k, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ours = _value_and_grads(lambda x, k: winograd.conv(x, k, padding), x, k)
+    for a, b in zip(ours, _value_and_grads(plain, x, k), strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
 
 
 @pytest.mark.parametrize("kernel,strides,padding,groups", [
     (3, 1, ((1, 1), (1, 1)), 2),  # conv4/conv5: Winograd per group
-    (5, 1, ((2, 2), (2, 2)), 2),  # conv2: XLA's convolution per group
+    (5, 1, ((2, 2), (2, 2)), 2),  # conv2: Winograd F(2x2, 5x5) per group
     (11, 4, ((0, 3), (0, 3)), 1),  # conv1 at 224 px: matmuls
 ])
 def test_grouped_conv_formulations_agree(kernel, strides, padding, groups):

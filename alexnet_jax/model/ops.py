@@ -8,7 +8,7 @@ convolution and its kernel gradient are ~3x slower), the paper's overlapping 3/2
 pass of strided pads instead of select-and-scatter, and torchvision's adaptive average pooling.
 
 Those formulations are CPU workarounds. `kernels` chooses per backend (`resolve_kernels`): 'cpu_tuned' (the
-above, plus 3x3 convolutions by Winograd, `model/winograd.py`), 'native' (XLA's own ops: one convolution with
+above, plus 3x3 and 5x5 convolutions by Winograd, `model/winograd.py`), 'native' (XLA's own ops: one convolution with
 `feature_group_count`, strided conv1, `reduce_window` pooling, autodiff of the LRN formula), or 'auto'
 (cpu_tuned on CPU, native on GPU/TPU, where cuDNN/XLA's fused kernels are the ones tuned). Both compute the
 same function to float32 rounding; tests compare values and gradients.
@@ -23,7 +23,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from alexnet_jax.model.winograd import conv3x3
+from alexnet_jax.model import winograd
 
 KERNELS = ("auto", "native", "cpu_tuned")
 
@@ -118,7 +118,7 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, strides: int,
     """What `conv_general_dilated(..., feature_group_count=groups)` computes (NHWC, HWIO).
 
     'native': exactly that call. 'cpu_tuned': one convolution per channel slice, concatenated; conv1
-    (stride > 1) as matmuls, 3x3 stride-1 'SAME' convolutions by Winograd F(2x2, 3x3).
+    (stride > 1) as matmuls, stride-1 3x3 and 5x5 convolutions by Winograd F(2x2, rxr) (model/winograd.py).
     """
     if resolve_kernels(kernels) == "native":
         return jax.lax.conv_general_dilated(x, kernel, (strides, strides), list(padding),
@@ -127,8 +127,9 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, strides: int,
     ks = jnp.split(kernel, groups, axis=-1)
     if strides > 1:  # conv1: XLA:CPU's strided convolution is ~3x slower than the same sums as matmuls
         outs = [strided_conv_as_matmuls(xi, ki, (strides, strides), padding) for xi, ki in zip(xs, ks, strict=True)]
-    elif kernel.shape[:2] == (3, 3) and tuple(map(tuple, padding)) == ((1, 1), (1, 1)):  # conv3-5
-        outs = [conv3x3(xi, ki) for xi, ki in zip(xs, ks, strict=True)]
+    elif kernel.shape[0] == kernel.shape[1] and kernel.shape[0] in winograd.SIZES:  # conv2 (5x5), conv3-5 (3x3)
+        pad = tuple(map(tuple, padding))
+        outs = [winograd.conv(xi, ki, pad) for xi, ki in zip(xs, ks, strict=True)]
     else:
         outs = [
             jax.lax.conv_general_dilated(xi, ki, (1, 1), list(padding), dimension_numbers=("NHWC", "HWIO", "NHWC"))
