@@ -16,6 +16,12 @@
   same machine load, each --run-steps steps of --config (the FashionMNIST quick start by default) with no
   evaluation, and compares their `train_images_per_second` (save time included, compilation excluded).
 
+Every run reports the machine's 1-minute load average at start and end (`load_avg_start`, `load_avg_end`) beside
+the core count: a figure taken while other work ran is not a measurement of this code (torch's OpenMP threads
+stall on a busy machine). `--record` appends the train-step result as a row of docs/performance.md's results
+table (between its `results:begin`/`results:end` markers), and refuses, printing the figure with a warning,
+when either load average was above the core count.
+
 Usage: python scripts/benchmark.py [--mode pipeline|train_step|all] [--images 256] [--threads 1] [--json]
        python scripts/benchmark.py --mode checkpoint --pairs 3 --run-steps 1000 --every 100
        python scripts/benchmark.py --vs-torch --set image_size=227 --batch 32 --steps 5     # paper net
@@ -290,6 +296,48 @@ def bench_checkpoint(config_path: str, pairs: int, run_steps: int, every: int,
             "median_without": without, "median_with": with_, "overhead_percent": 100.0 * (1.0 - with_ / without)}
 
 
+RESULTS_BEGIN, RESULTS_END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def results_row(out: dict, argv: list[str]) -> str:
+    """One markdown row: date, command, load at start/end, JAX and torch ms per step, the ratio."""
+    ts = out["train_step"]
+    args = " ".join(x for x in argv if x != "--record")
+    torch_ms = f"{ts['torch_ms_per_step']:.0f}" if "torch_ms_per_step" in ts else "-"
+    ratio = f"**{ts['jax_over_torch']:.2f}**" if "jax_over_torch" in ts else "-"
+    return (f"| {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} | `{args}` | {out['load_avg_start']:.2f} / "
+            f"{out['load_avg_end']:.2f} | {ts['ms_per_step']:.0f} | {torch_ms} | {ratio} |")
+
+
+def is_quiet(out: dict) -> bool:
+    """Neither load average (start, end) above the core count."""
+    return max(out["load_avg_start"], out["load_avg_end"]) <= (out["cpu_count"] or 1)
+
+
+def record(out: dict, argv: list[str], path: str) -> bool:
+    """Append the result to `path`'s results table, unless the machine was busy (then say so and keep the file)."""
+    row = results_row(out, argv)
+    if not is_quiet(out):
+        print(f"warning: not recorded in {path}: load average above the {out['cpu_count']} cores\n{row}",
+              file=sys.stderr)
+        return False
+    record_row(path, row)
+    print(f"recorded in {path}:\n{row}", file=sys.stderr)
+    return True
+
+
+def record_row(path: str, row: str) -> None:
+    """Append `row` to the table between the results markers of `path` (the table's header stays first)."""
+    with open(path) as f:
+        text = f.read()
+    if RESULTS_BEGIN not in text or RESULTS_END not in text:
+        raise SystemExit(f"error: {path} has no {RESULTS_BEGIN} ... {RESULTS_END} section to record into")
+    head, rest = text.split(RESULTS_BEGIN, 1)
+    table, tail = rest.split(RESULTS_END, 1)
+    with open(path, "w") as f:
+        f.write(head + RESULTS_BEGIN + table.rstrip("\n") + "\n" + row + "\n" + RESULTS_END + tail)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=("pipeline", "train_step", "all", "checkpoint"), default="pipeline")
@@ -309,6 +357,9 @@ def main() -> None:
     p.add_argument("--run-steps", type=int, default=1000, help="checkpoint: train steps per run")
     p.add_argument("--every", type=int, default=100, help="checkpoint: save every this many steps")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--record", action="store_true",
+                   help="train_step: append the result to docs/performance.md's results table (refused when the "
+                        "load average was above the core count)")
     a = p.parse_args()
     if a.single_thread:  # before jax is imported
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -319,7 +370,7 @@ def main() -> None:
             torch_alexnet.import_torch().set_num_threads(1)
     if a.vs_torch and a.mode == "pipeline":
         a.mode = "train_step"
-    out: dict[str, object] = {"cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
+    out: dict[str, object] = {"cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()[0]}
     if a.mode == "checkpoint":
         config = a.config if a.config != p.get_default("config") else "configs/fashion_mnist.py"
         out["checkpoint"] = bench_checkpoint(config, a.pairs, a.run_steps, a.every, a.set)
@@ -332,6 +383,15 @@ def main() -> None:
             out["train_step"] = bench_train_step(a.config, a.batch, a.steps, a.set, a.vs_torch)
         except UserError as e:
             raise SystemExit(f"error: {e}") from None
+    out["load_avg_end"] = os.getloadavg()[0]
+    if not is_quiet(out):
+        print(f"warning: load average {out['load_avg_start']:.2f} at start, {out['load_avg_end']:.2f} at end, above "
+              f"the {out['cpu_count']} cores: other work ran, so these figures are not a measurement of this code "
+              "alone (re-run on a quiet machine).", file=sys.stderr)
+    if a.record:
+        if "train_step" not in out:
+            raise SystemExit("error: --record records a train-step result: add --mode train_step or --vs-torch")
+        record(out, sys.argv[1:], os.path.join(REPO, "docs", "performance.md"))
     if a.json:
         print(json.dumps(out, indent=2))
         return

@@ -129,3 +129,29 @@ def test_benchmark_checkpoint_overhead_reports_json(fmnist_data_dir):
     assert len(out["images_per_s_without"]) == len(out["images_per_s_with"]) == 1
     assert out["overhead_percent"] == pytest.approx(100 * (1 - out["median_with"] / out["median_without"]))
     assert "run 1/1 with    checkpoints" in res.stderr
+
+
+def _benchmark_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(REPO, "scripts", "benchmark.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_records_only_quiet_runs(tmp_path):
+    """--record appends a row with the load averages; a run above the core count is printed, not recorded."""
+    bench = _benchmark_module()
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# t\n\n{bench.RESULTS_BEGIN}\n| date | command | load | JAX | torch | ratio |\n|-|-|-|-|-|-|\n"
+                   f"{bench.RESULTS_END}\n\nafter\n")
+    out = {"cpu_count": 2, "load_avg_start": 0.4, "load_avg_end": 1.9,
+           "train_step": {"ms_per_step": 1076.4, "torch_ms_per_step": 1389.0, "jax_over_torch": 0.775}}
+    assert bench.record(out, ["--vs-torch", "--record"], str(doc))
+    text = doc.read_text()
+    assert "| `--vs-torch` | 0.40 / 1.90 | 1076 | 1389 | **0.78** |" in text
+    assert text.index("1076") < text.index(bench.RESULTS_END) < text.index("after")
+    busy = dict(out, load_avg_end=2.5)
+    assert not bench.record(busy, ["--vs-torch"], str(doc))
+    assert doc.read_text() == text
