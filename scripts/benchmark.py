@@ -351,7 +351,7 @@ def main() -> None:
     p.add_argument("--vs-torch", action="store_true",
                    help="train_step: time the equivalent PyTorch step alternately in the same run (needs torch)")
     p.add_argument("--single-thread", action="store_true",
-                   help="one intra-op thread for XLA:CPU and torch (per-core comparison on a loaded machine)")
+                   help="one core (affinity) and one intra-op thread for XLA:CPU and torch: the per-core comparison")
     p.add_argument("--set", action="append", default=[], help="train_step: config override key=value")
     p.add_argument("--pairs", type=int, default=3, help="checkpoint: runs with and without saves, each")
     p.add_argument("--run-steps", type=int, default=1000, help="checkpoint: train steps per run")
@@ -362,6 +362,9 @@ def main() -> None:
                         "load average was above the core count)")
     a = p.parse_args()
     if a.single_thread:  # before jax is imported
+        # One core for the whole process: XLA:CPU's convolution/matmul library (YNNPACK) keeps its own thread
+        # pool whatever the Eigen flags say, so only the affinity mask makes the JAX side single-core.
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
         if a.vs_torch:

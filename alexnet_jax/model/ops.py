@@ -26,6 +26,10 @@ import jax.numpy as jnp
 from alexnet_jax.model import winograd
 
 KERNELS = ("auto", "native", "cpu_tuned")
+# Winograd's matmuls contract over the input channels: below this many per group XLA's convolution is faster
+# (the quick-start model's 1-channel conv1: its step 54 ms with Winograd there, 45 ms without; every other
+# layer of the three variants reads 32 or more channels and is faster with it).
+WINOGRAD_MIN_CHANNELS = 16
 
 
 def resolve_kernels(kernels: str) -> str:
@@ -127,7 +131,7 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, strides: int,
     ks = jnp.split(kernel, groups, axis=-1)
     if strides > 1:  # conv1: XLA:CPU's strided convolution is ~3x slower than the same sums as matmuls
         outs = [strided_conv_as_matmuls(xi, ki, (strides, strides), padding) for xi, ki in zip(xs, ks, strict=True)]
-    elif kernel.shape[0] == kernel.shape[1] and kernel.shape[0] in winograd.SIZES:  # conv2 (5x5), conv3-5 (3x3)
+    elif kernel.shape[0] == kernel.shape[1] in winograd.SIZES and kernel.shape[2] >= WINOGRAD_MIN_CHANNELS:
         pad = tuple(map(tuple, padding))
         outs = [winograd.conv(xi, ki, pad) for xi, ki in zip(xs, ks, strict=True)]
     else:
