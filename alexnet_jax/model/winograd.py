@@ -83,6 +83,23 @@ def _kernel_transform_transposed(du: jax.Array, g: Sequence[Sequence[float]]) ->
                       for b0 in range(r)])
 
 
+def _varying(x: jax.Array) -> frozenset[str]:
+    """The mesh axes `x` varies along inside a shard_map (empty outside one)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # jax 0.10; older releases call it `vma`
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _summed_to(ct: jax.Array, like: jax.Array) -> jax.Array:
+    """`ct` summed over the mesh axes it varies along but the primal (`like`) does not (inside a shard_map).
+
+    Autodiff does this itself (the transpose of the implicit broadcast, pvary, is psum); a custom VJP must:
+    e.g. a kernel replicated over 'data' meets images split over 'data', so its gradient is summed over 'data'.
+    """
+    extra = tuple(sorted(_varying(ct) - _varying(like)))
+    return jax.lax.psum(ct, extra) if extra else ct
+
+
 def _geometry(shape: Sequence[int], r: int, padding: tuple[tuple[int, int], tuple[int, int]]):
     (pt, pb), (pl, pr) = padding
     oh, ow = shape[1] + pt + pb - r + 1, shape[2] + pl + pr - r + 1
@@ -132,7 +149,9 @@ def _conv_bwd(padding, res, dy: jax.Array):
     cols = [_overlap_add([_comb((bt[j][b], dv[i, j]) for j in range(a)) for b in range(a)], axis=2)
             for i in range(a)]
     dxp = _overlap_add([_comb((bt[i][p], cols[i]) for i in range(a)) for p in range(a)], axis=1)
-    return dxp[:, pt : pt + h, pl : pl + w], _kernel_transform_transposed(du, g)
+    # v was computed from x alone and u from the kernel alone: they carry the primals' mesh-axis types
+    return (_summed_to(dxp[:, pt : pt + h, pl : pl + w], v),
+            _summed_to(_kernel_transform_transposed(du, g), u))
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
