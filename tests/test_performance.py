@@ -155,3 +155,15 @@ def test_benchmark_records_only_quiet_runs(tmp_path):
     busy = dict(out, load_avg_end=2.5)
     assert not bench.record(busy, ["--vs-torch"], str(doc))
     assert doc.read_text() == text
+
+
+def test_benchmark_layers_times_every_conv_per_formulation():
+    bench = _benchmark_module()
+    out = bench.bench_layers("configs/fashion_mnist.py", 8, 1, ["widths=(8,16,16,16,8)", "fc_width=16"])
+    assert list(out) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    for row in out.values():
+        assert {"cpu_tuned_ms", "native_ms"} <= set(row) and all(v > 0 for v in row.values())
+    calls = bench.conv_calls(AlexNet(num_classes=10), (227, 227, 3))
+    assert calls["conv1"] == ((227, 227, 3), (11, 11, 3, 96), 4, ((0, 0), (0, 0)), 1)
+    assert calls["conv2"] == ((27, 27, 96), (5, 5, 48, 256), 1, ((2, 2), (2, 2)), 2)
+    assert calls["conv5"] == ((13, 13, 384), (3, 3, 192, 256), 1, ((1, 1), (1, 1)), 2)
