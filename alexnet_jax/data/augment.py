@@ -7,12 +7,15 @@ Every random choice is drawn from a stateless key, so an image's augmentation is
   of the JPEG (`tf.io.decode_and_crop_jpeg`); the paper's stored training images.
 - `paper_train_image`: a random 224x224 (or Caffe's 227) patch of the square, a horizontal reflection half the
   time, and PCA lighting: `eigvec @ (alpha * eigval)` added to every pixel, alpha ~ N(0, 0.1) per image.
+  `paper_patch` is the same on any patch source; `square_patch` takes patches of prepared 256x256 squares.
 - `random_resized_crop`: Inception's random area/aspect crop, decoded in one step, for modern recipes.
 - `ten_crops` / `centre_crop`: the paper's test patches (4 corners + centre, and their reflections).
 - Normalisation: subtract the training set's per-pixel mean image (the paper) or per-channel mean / std.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -121,9 +124,23 @@ def paper_train_image(
     With 'pixel' normalisation `mean` is the (resize, resize, 3) mean image: the patch's own part of it is
     subtracted before the reflection, as if the mean had been subtracted from the square first.
     """
+    return paper_patch(lambda yx: decode_patch(jpeg, yx, resize, crop, method), key, resize=resize, crop=crop,
+                       flip=flip, pca_std=pca_std, normalization=normalization, mean=mean, std=std)
+
+
+def paper_patch(
+    patch_at: Callable[[tf.Tensor], tf.Tensor], key: tf.Tensor, *, resize: int, crop: int, flip: bool,
+    pca_std: float, normalization: str, mean: np.ndarray, std: np.ndarray,
+) -> tf.Tensor:
+    """The paper's training image from `patch_at(yx)`, the crop x crop patch (float32, 0-255) at offset yx of the
+    (resize)^2 square, however it is obtained (decoded from a source JPEG, or sliced from a prepared square).
+
+    The random choices are drawn from `key` in the same way whatever `patch_at` is, so the source JPEG path and
+    the prepared 256x256 paths draw the same offsets, reflections and lighting for the same (seed, step, row).
+    """
     k_crop, k_flip, k_pca = tf.unstack(tf.random.experimental.stateless_split(key, 3))
     yx = crop_offsets(k_crop, resize, crop)
-    image = decode_patch(jpeg, yx, resize, crop, method)
+    image = patch_at(yx)
     if normalization == "pixel":
         image = image - tf.slice(tf.constant(mean), tf.stack([yx[0], yx[1], 0]), [crop, crop, 3])
     if flip:
@@ -133,6 +150,15 @@ def paper_train_image(
     if normalization == "channel":
         image = normalise(image, normalization, mean, std)
     return image
+
+
+def square_patch(square: tf.Tensor, encoded: bool, crop: int) -> Callable[[tf.Tensor], tf.Tensor]:
+    """`patch_at` for a prepared square: a JPEG of it decoded only about the patch (bit-identical to slicing the
+    full decode, see `decode_window`), or a uint8 array sliced."""
+    if encoded:
+        size = tf.io.extract_jpeg_shape(square)[1]
+        return lambda yx: tf.cast(decode_window(square, yx[0], yx[1], crop, size), tf.float32)
+    return lambda yx: tf.cast(tf.slice(square, tf.stack([yx[0], yx[1], 0]), [crop, crop, 3]), tf.float32)
 
 
 def random_resized_crop(
@@ -173,7 +199,14 @@ def eval_image(
 ) -> tf.Tensor:
     """The centre crop (crops=1, shape (crop, crop, 3)) or the paper's 10 patches (crops=10, (10, crop, crop, 3)):
     4 corners + centre of the 256 square, then the same 5 reflected."""
-    square = normalise(decode_square(jpeg, resize, method), normalization, mean, std)
+    return eval_crops(decode_square(jpeg, resize, method), crop=crop, crops=crops, normalization=normalization,
+                      mean=mean, std=std)
+
+
+def eval_crops(square: tf.Tensor, *, crop: int, crops: int, normalization: str, mean: np.ndarray,
+               std: np.ndarray) -> tf.Tensor:
+    """`eval_image`'s views of a square already resized (float32, 0-255): the source and prepared paths share it."""
+    square = normalise(square, normalization, mean, std)
     if crops == 1:
         return centre_crop(square, crop)
     return ten_crops(square, crop)

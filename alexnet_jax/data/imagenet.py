@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import ml_collections
 import numpy as np
@@ -200,10 +200,12 @@ def _records(instructions, order: tf.Tensor | None = None, cycle_length: int = 1
 
 
 def dataset_stats(builder: tfds.core.DatasetBuilder, resize: int, examples: int, method: str = "area",
-                  threads: int | None = None) -> dict[str, np.ndarray]:
+                  threads: int | None = None, square_of: Callable | None = None) -> dict[str, np.ndarray]:
     """Mean image (resize, resize, 3) and per-channel mean/std over the first `examples` training images
     (0: all; tfds shuffled the records when preparing, so the first ones are a random sample), 0-255 scale.
-    Cached beside the prepared data."""
+    Cached beside the prepared data. `square_of(image feature)`: the float32 square (default: decode a source
+    JPEG's centre square and resize it)."""
+    square_of = square_of or (lambda jpeg: augment.decode_square(jpeg, resize, method))
     n = builder.info.splits["train"].num_examples if examples <= 0 else min(examples, builder.info.splits[
         "train"].num_examples)
     path = os.path.join(os.fspath(builder.data_dir), f"alexnet_jax_stats_{resize}px_{method}_{n}.npz")
@@ -212,7 +214,7 @@ def dataset_stats(builder: tfds.core.DatasetBuilder, resize: int, examples: int,
             return {k: f[k] for k in ("mean_image", "mean", "std")}
     logging.info("computing the training mean image over %d images (cached in %s)", n, path)
     ds = _records(builder.info.splits["train"].file_instructions).take(n)
-    ds = ds.map(lambda r: augment.decode_square(_parser(builder)(r)["image"], resize, method),
+    ds = ds.map(lambda r: square_of(_parser(builder)(r)["image"]),
                 num_parallel_calls=tf.data.AUTOTUNE).batch(64).with_options(data_options(threads))
     total = np.zeros((resize, resize, 3), np.float64)
     sq = np.zeros(3, np.float64)
@@ -272,8 +274,12 @@ def _train_arrays(config: ml_collections.ConfigDict, norm: Normalisation) -> tup
 
 def train_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict,
                   norm: Normalisation, start_step: int, num_steps: int, process_index: int = 0,
-                  process_count: int = 1, threads: int | None = None) -> tf.data.Dataset:
-    """This process's rows of global batches `start_step .. num_steps-1` (images float32, labels int32)."""
+                  process_count: int = 1, threads: int | None = None,
+                  train_image: Callable | None = None) -> tf.data.Dataset:
+    """This process's rows of global batches `start_step .. num_steps-1` (images float32, labels int32).
+
+    `train_image(image feature, key)`: the augmented image of one record (default: from a source JPEG with
+    `config.train_crop`); the stream around it (order, keys, skipping) is the same for every source."""
     bs = config.batch_size
     local = bs // process_count
     instructions, counts = _instructions(builder, "train", process_index, process_count)
@@ -304,7 +310,9 @@ def train_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.Conf
         ex = parse(record)
         step, row = index // local, process_index * local + index % local
         key = tf.stack([tf.constant(seed, tf.int64) * 1_000_003 + step, row])
-        if config.train_crop == "paper":
+        if train_image is not None:
+            image = train_image(ex["image"], key)
+        elif config.train_crop == "paper":
             image = augment.paper_train_image(
                 ex["image"], key, resize=resize, crop=crop, flip=bool(config.random_flip),
                 pca_std=float(config.pca_lighting), normalization=norm.kind, mean=mean, std=std,
@@ -324,10 +332,12 @@ def train_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.Conf
 
 def eval_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict,
                  norm: Normalisation, process_index: int = 0, process_count: int = 1,
-                 threads: int | None = None, row_multiple: int = 0) -> tf.data.Dataset:
+                 threads: int | None = None, row_multiple: int = 0,
+                 square_of: Callable | None = None) -> tf.data.Dataset:
     """This process's slice of `validation`, in local batches padded with mask-0 rows to the same count on
     every process (`base.padded_rows`). Images are (B, crop, crop, 3), or (B, 10, crop, crop, 3)
-    with `eval_crops=10`."""
+    with `eval_crops=10`. `square_of(image feature)`: the float32 square the crops come from (default: decode a
+    source JPEG's centre square and resize it)."""
     local = config.eval_batch_size // process_count
     instructions, counts = _instructions(builder, "validation", process_index, process_count)
     fill = padded_rows(max(counts), local, row_multiple) - counts[process_index]
@@ -338,9 +348,9 @@ def eval_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.Confi
 
     def one(record):
         ex = parse(record)
-        image = augment.eval_image(ex["image"], resize=resize, crop=crop, crops=crops,
-                                   normalization=norm.kind, mean=mean, std=std,
-                                   method=config.resize_method)
+        square = (square_of(ex["image"]) if square_of is not None
+                  else augment.decode_square(ex["image"], resize, config.resize_method))
+        image = augment.eval_crops(square, crop=crop, crops=crops, normalization=norm.kind, mean=mean, std=std)
         return {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(1.0)}
 
     ds = _records(instructions).map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
