@@ -99,9 +99,10 @@ def corrupt(data: bytes) -> bytes:
 
 def write_tiny_imagenet(manual_dir: str, classes: int = 8, train_per_class: int = 4, corrupt_train: int = 0,
                         train: bool = True, val: bool = True, seed: int = 0,
-                        val_per_class: int = 0) -> dict[str, int]:
+                        val_per_class: int = 0, truncate_train: int = 0) -> dict[str, int]:
     """Write the archives; returns the number of images per split. Image k of class c is grayscale if
-    (c + k) % 5 == 0. `corrupt_train` damages that many training JPEGs (for the bad-input tests).
+    (c + k) % 5 == 0. `corrupt_train` damages that many training JPEGs (for the bad-input tests);
+    `truncate_train` cuts that many (after the corrupted ones) to their first 90%, as an interrupted copy would.
     `val_per_class` > 0: that many validation images of every class, labelled correctly by tfds (see above)."""
     os.makedirs(manual_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -121,6 +122,8 @@ def write_tiny_imagenet(manual_dir: str, classes: int = 8, train_per_class: int 
                                          classes=classes)
                         if counts["train"] < corrupt_train:
                             data = corrupt(data)
+                        elif counts["train"] < corrupt_train + truncate_train:
+                            data = data[: len(data) * 9 // 10]
                         _add(inner, f"{synset}_{k + 1}.JPEG", data)
                         counts["train"] += 1
                 _add(outer, f"{synset}.tar", inner_buf.getvalue())

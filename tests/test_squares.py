@@ -1,0 +1,209 @@
+"""ImageNet prepared once as the paper's 256x256 squares (`alexnet_jax.data.squares`, `--config.prepared=True`):
+the tfds dataset round-trips, the crops, the stream's determinism and resumption, exactly-once evaluation,
+resumed and failed preparations, and `main` on it. Shares the tiny ILSVRC-format archive of conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from conftest import REPO, load_script
+
+from alexnet_jax import data as datalib
+from alexnet_jax import default_config
+from alexnet_jax.data import augment, imagenet, squares
+from alexnet_jax.errors import UserError
+
+
+def _config(data_dir: str, **kw) -> ml_collections.ConfigDict:
+    c = default_config.get_config()
+    c.data_dir = data_dir
+    c.batch_size = 8
+    c.eval_batch_size = 8
+    c.prepared = True
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def squares_of(prepared) -> dict[str, squares.Imagenet2012Squares]:
+    """The tiny archive's squares, raw and JPEG (quality 95), prepared through the API."""
+    return {fmt: squares.prepare(_config(prepared[0], prepared_format=fmt)) for fmt in squares.FORMATS}
+
+
+def _by_name(builder, split: str) -> dict[str, dict]:
+    skip = {"image": tfds.decode.SkipDecoding()} if builder.name == imagenet.NAME else None  # source: JPEG bytes
+    return {ex["file_name"].decode(): ex for ex in builder.as_dataset(split=split, decoders=skip).as_numpy_iterator()}
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_squares_are_the_rescaled_centre_crops_of_their_sources(prepared, squares_of, split):
+    """Every stored square equals the source JPEG's centre square resized to 256 and rounded, computed by the
+    source pipeline's own `augment.decode_square` (raw: exactly; JPEG 95: up to compression error)."""
+    source = _by_name(imagenet.open_prepared(_config(prepared[0])), split)
+    raw, jpeg = (_by_name(squares_of[f], split) for f in ("raw", "jpeg"))
+    assert set(raw) == set(jpeg) == set(source) and len(source) == (32 if split == "train" else 8)
+    for name, ex in source.items():
+        want = np.round(augment.decode_square(tf.constant(ex["image"]), 256).numpy()).astype(np.uint8)
+        assert raw[name]["image"].shape == (256, 256, 3) and raw[name]["image"].dtype == np.uint8
+        np.testing.assert_array_equal(raw[name]["image"], want)
+        err = np.abs(jpeg[name]["image"].astype(np.float32) - want)
+        assert err.mean() < 3.0, name
+        assert raw[name]["label"] == jpeg[name]["label"] == ex["label"]
+
+
+@pytest.mark.parametrize("crop,positions", [(224, 33), (227, 30)])
+def test_patches_cover_every_offset(crop, positions):
+    """A square whose pixels hold their own (y, x): the prepared path's patches start at all 33x33 (224) or
+    30x30 (227) offsets, and are the slices there."""
+    yy, xx = np.mgrid[0:256, 0:256]
+    square = tf.constant(np.stack([yy, xx, np.zeros_like(yy)], -1).astype(np.uint8))
+    zero = np.zeros((256, 256, 3), np.float32)
+
+    def patch(key):
+        p = augment.paper_patch(augment.square_patch(square, False, crop), key, resize=256, crop=crop, flip=False,
+                                pca_std=0.0, normalization="pixel", mean=zero, std=np.ones(3, np.float32))
+        return p[0, 0, :2], p[-1, -1, :2]
+
+    keys = tf.stack([tf.fill([12000], tf.constant(3, tf.int64)), tf.range(12000, dtype=tf.int64)], axis=1)
+    first, last = next(tf.data.Dataset.from_tensor_slices(keys).map(patch).batch(12000).as_numpy_iterator())
+    assert {tuple(p) for p in first.astype(int)} == {(y, x) for y in range(positions) for x in range(positions)}
+    np.testing.assert_array_equal(last - first, crop - 1)  # whole crop x crop slices
+
+
+def test_jpeg_square_patches_are_slices_of_the_decoded_square():
+    """A JPEG square decodes only the patch's pixels, bit-identical to slicing the full decode."""
+    rng = np.random.default_rng(0)
+    jpeg = tf.io.encode_jpeg(tf.constant(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)), quality=95)
+    full = tf.io.decode_jpeg(jpeg, channels=3).numpy().astype(np.float32)
+    patch_at = augment.square_patch(jpeg, True, 224)
+    for y, x in [(0, 0), (32, 32), (7, 19), (16, 31), (31, 1)]:
+        np.testing.assert_array_equal(patch_at(tf.constant([y, x])).numpy(), full[y : y + 224, x : x + 224])
+
+
+def test_prepared_stream_resumes_and_is_deterministic(prepared, squares_of):
+    data = datalib.create_data(_config(prepared[0]))
+    assert data.num_train == 32 and data.normalisation.kind == "pixel"
+    stored = np.asarray([ex["image"] for ex in _by_name(squares_of["raw"], "train").values()], np.float64)
+    np.testing.assert_allclose(data.normalisation.mean_image, stored.mean(0), atol=1e-3)  # the squares' mean
+    full = list(data.train(0, 10, 0, 1))
+    resumed = list(data.train(5, 10, 0, 1))
+    assert len(full) == 10 and len(resumed) == 5 and full[0]["image"].shape == (8, 224, 224, 3)
+    for a, b in zip(full[5:], resumed, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    again = list(datalib.create_data(_config(prepared[0])).train(0, 2, 0, 1))
+    np.testing.assert_array_equal(again[1]["image"], full[1]["image"])
+    epoch0 = np.concatenate([b["label"] for b in full[:4]])
+    epoch1 = np.concatenate([b["label"] for b in full[4:8]])
+    assert sorted(epoch0) == sorted(epoch1) and not np.array_equal(epoch0, epoch1)
+    other_seed = next(iter(datalib.create_data(_config(prepared[0], seed=1)).train(0, 1, 0, 1)))
+    assert not np.array_equal(other_seed["image"], full[0]["image"])
+    # the JPEG squares give the same stream up to compression error (same records order, same keys)
+    jpeg = next(iter(datalib.create_data(_config(prepared[0], prepared_format="jpeg")).train(0, 1, 0, 1)))
+    np.testing.assert_array_equal(jpeg["label"], full[0]["label"])
+    assert np.abs(jpeg["image"] - full[0]["image"]).mean() < 3.0
+    rows = [next(iter(data.train(0, 1, pid, 2))) for pid in (0, 1)]
+    assert not np.array_equal(rows[0]["image"], rows[1]["image"])  # processes read different slices
+
+
+@pytest.mark.parametrize("fmt", squares.FORMATS)
+@pytest.mark.parametrize("nproc,batch", [(1, 8), (1, 3), (3, 6)])
+def test_prepared_eval_counts_every_image_once(prepared, squares_of, fmt, nproc, batch):
+    data = datalib.create_data(_config(prepared[0], prepared_format=fmt, eval_crops=10, eval_batch_size=batch))
+    labels, lengths = [], []
+    for pid in range(nproc):
+        batches = list(data.eval(pid, nproc))
+        lengths.append(len(batches))
+        for b in batches:
+            assert b["image"].shape[1:] == (10, 224, 224, 3)
+            labels += list(b["label"][b["mask"] > 0])
+    assert len(set(lengths)) == 1
+    reference = [ex["label"] for ex in _by_name(squares_of[fmt], "validation").values()]
+    assert sorted(labels) == sorted(reference) and len(labels) == 8
+    if nproc == 1 and batch == 8:  # the 10 crops are those of the stored square minus the mean image
+        stored = {int(ex["label"]): ex["image"].astype(np.float32)
+                  for ex in _by_name(squares_of[fmt], "validation").values()}
+        b = batches[0]
+        mean = data.normalisation.mean_image
+        for image, label in zip(b["image"], b["label"], strict=True):
+            want = augment.ten_crops(tf.constant(stored[int(label)] - mean), 224).numpy()
+            np.testing.assert_allclose(image, want, atol=1e-4)
+
+
+def test_interrupted_preparation_resumes(prepared, monkeypatch):
+    """Stopped after the train shard: the rerun converts only the validation shard, then cleans up."""
+    config = _config(prepared[0], prepared_format="jpeg", prepared_quality=80)
+    convert, calls = squares.Imagenet2012Squares._convert, []
+
+    def interrupted(self, split, *args):
+        calls.append(split)
+        if split == "validation" and len(calls) == 2:
+            raise KeyboardInterrupt
+        return convert(self, split, *args)
+
+    monkeypatch.setattr(squares.Imagenet2012Squares, "_convert", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        squares.prepare(config)
+    builder = squares.builder_for(config)
+    assert not builder.is_prepared() and os.listdir(os.path.join(builder.work_dir(), "train"))
+    builder = squares.prepare(config)
+    assert calls == ["train", "validation", "validation"]
+    assert builder.info.splits["train"].num_examples == 32 and builder.info.splits["validation"].num_examples == 8
+    assert not os.path.exists(builder.work_dir())
+
+
+def test_truncated_source_jpeg_is_named(tmp_path):
+    tiny = load_script("make_tiny_imagenet")
+    manual, data = str(tmp_path / "manual"), str(tmp_path / "data")
+    tiny.write_tiny_imagenet(manual, classes=2, train_per_class=3, truncate_train=1)
+    imagenet.prepare(data, manual, verify=False)  # a copy prepared without the check
+    synset = tiny.validation_labels(1)[0]
+    with pytest.raises(UserError, match=rf"1 image\(s\) of imagenet2012's train split .* do not decode: "
+                                        rf"{synset}_1.JPEG\. Replace them"):
+        squares.prepare(_config(data))
+    assert not squares.builder_for(_config(data)).is_prepared()
+
+
+def test_unprepared_squares_and_bad_values_say_what_to_do(prepared, tmp_path):
+    with pytest.raises(UserError, match=r"256px_area_jpeg42 .* is not in .*: run `python -m alexnet_jax.data.prepare "
+                                        r"--config configs/imagenet.py --config.data_dir=.*prepared_format=jpeg`"):
+        datalib.create_data(_config(prepared[0], prepared_format="jpeg", prepared_quality=42))
+    with pytest.raises(UserError, match="prepared_format"):
+        squares.check_config(_config(prepared[0], prepared_format="png"))
+    with pytest.raises(UserError, match="train_crop"):
+        squares.check_config(_config(prepared[0], train_crop="random_resized"))
+
+
+def test_prepare_command_then_main_trains_and_evaluates(prepared, tmp_path):
+    """The one command (progress with images/s), then `main --config configs/imagenet.py --config.prepared=True`
+    trains and 10-crop-evaluates every validation image."""
+    data_dir, _ = prepared
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    flags = [f"--config.data_dir={data_dir}", "--config.prepared_format=jpeg", "--config.prepared_quality=90"]
+    proc = subprocess.run([sys.executable, "-m", "alexnet_jax.data.prepare", "--config",
+                           os.path.join(REPO, "configs/imagenet.py"), *flags],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train: 256px_area_jpeg90: 100%" in proc.stderr and "images/s" in proc.stderr
+    assert "train: 32 images" in proc.stdout and "validation: 8 images" in proc.stdout
+    cmd = [sys.executable, "-m", "alexnet_jax.main", "--config", os.path.join(REPO, "configs/imagenet.py"),
+           "--workdir", str(tmp_path / "run"), "--config.prepared=True", *flags, "--config.batch_size=4",
+           "--config.eval_batch_size=4", "--config.num_train_steps=2", "--config.log_every_steps=1",
+           "--config.widths=(8,16,16,16,8)", "--config.fc_width=32"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert summary["step"] == 2 and summary["num_eval_examples"] == 8  # configs/imagenet.py: 10 crops
+    # main read the squares: their mean image was computed (and cached) beside them by this run
+    squares_dir = squares.builder_for(_config(data_dir, prepared_format="jpeg", prepared_quality=90)).data_dir
+    assert [f for f in os.listdir(squares_dir) if f.startswith("alexnet_jax_stats_256px_area_32")]
+    assert 0.0 <= summary["top1_error"] <= 1.0 and summary["top5_error"] <= summary["top1_error"]
