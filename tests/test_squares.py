@@ -61,32 +61,38 @@ def test_squares_are_the_rescaled_centre_crops_of_their_sources(prepared, square
 
 
 @pytest.mark.parametrize("crop,positions", [(224, 33), (227, 30)])
-def test_patches_cover_every_offset(crop, positions):
-    """A square whose pixels hold their own (y, x): the prepared path's patches start at all 33x33 (224) or
-    30x30 (227) offsets, and are the slices there."""
-    yy, xx = np.mgrid[0:256, 0:256]
-    square = tf.constant(np.stack([yy, xx, np.zeros_like(yy)], -1).astype(np.uint8))
-    zero = np.zeros((256, 256, 3), np.float32)
-
-    def patch(key):
-        p = augment.paper_patch(augment.square_patch(square, False, crop), key, resize=256, crop=crop, flip=False,
-                                pca_std=0.0, normalization="pixel", mean=zero, std=np.ones(3, np.float32))
-        return p[0, 0, :2], p[-1, -1, :2]
-
-    keys = tf.stack([tf.fill([12000], tf.constant(3, tf.int64)), tf.range(12000, dtype=tf.int64)], axis=1)
-    first, last = next(tf.data.Dataset.from_tensor_slices(keys).map(patch).batch(12000).as_numpy_iterator())
-    assert {tuple(p) for p in first.astype(int)} == {(y, x) for y in range(positions) for x in range(positions)}
-    np.testing.assert_array_equal(last - first, crop - 1)  # whole crop x crop slices
+def test_batch_draws_cover_every_offset_and_reflect_half(crop, positions):
+    rows = tf.range(12000)
+    yx, flips, alpha = (t.numpy() for t in augment.batch_draws(tf.constant([4, 2], tf.int64), rows, 12000, 256,
+                                                               crop, 0.1))
+    assert {tuple(p) for p in yx} == {(y, x) for y in range(positions) for x in range(positions)}
+    assert abs(flips.mean() - 0.5) < 0.015  # 3.3 sigma
+    np.testing.assert_allclose(alpha.std(0), 0.1, rtol=0.05)
+    np.testing.assert_allclose(alpha.mean(0), 0.0, atol=0.005)
 
 
-def test_jpeg_square_patches_are_slices_of_the_decoded_square():
-    """A JPEG square decodes only the patch's pixels, bit-identical to slicing the full decode."""
+def test_batch_patches_are_the_drawn_slices_minus_their_mean_reflected():
+    """Each row of `paper_batch` is its square's slice at the row's drawn offset, minus the same slice of the mean
+    image, reflected when drawn, plus the drawn PCA colour; patches already cut (a JPEG square decodes only its
+    patch) give the same; a row's draws depend on its global row index only."""
     rng = np.random.default_rng(0)
-    jpeg = tf.io.encode_jpeg(tf.constant(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)), quality=95)
-    full = tf.io.decode_jpeg(jpeg, channels=3).numpy().astype(np.float32)
-    patch_at = augment.square_patch(jpeg, True, 224)
-    for y, x in [(0, 0), (32, 32), (7, 19), (16, 31), (31, 1)]:
-        np.testing.assert_array_equal(patch_at(tf.constant([y, x])).numpy(), full[y : y + 224, x : x + 224])
+    squares_np = rng.integers(0, 256, (24, 256, 256, 3), dtype=np.uint8)
+    mean = rng.uniform(0, 255, (256, 256, 3)).astype(np.float32)
+    key, rows = tf.constant([4, 2], tf.int64), tf.range(100, 124)
+    draws = augment.batch_draws(key, rows, 128, 256, 224, 0.1)
+    args = dict(crop=224, flip=True, pca_std=0.1, normalization="pixel", mean=mean, std=np.ones(3, np.float32))
+    out = augment.paper_batch(tf.constant(squares_np), *draws, **args).numpy()
+    yx, flips, alpha = (t.numpy() for t in draws)
+    assert 0 < flips.sum() < 24
+    for r in range(24):
+        (y, x), shift = yx[r], 255 * augment.PCA_EIGVEC @ (alpha[r] * augment.PCA_EIGVAL)
+        want = squares_np[r, y : y + 224, x : x + 224].astype(np.float32) - mean[y : y + 224, x : x + 224] + shift
+        np.testing.assert_allclose(out[r], want[:, ::-1] if flips[r] else want, atol=1e-3)
+    cut = np.stack([squares_np[r, y : y + 224, x : x + 224] for r, (y, x) in enumerate(yx)])
+    np.testing.assert_allclose(augment.paper_batch(tf.constant(cut), *draws, **args).numpy(), out, atol=1e-4)
+    part = augment.batch_draws(key, rows[8:16], 128, 256, 224, 0.1)  # another process's share of the batch
+    for a, b in zip(part, draws, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy()[8:16])
 
 
 def test_prepared_stream_resumes_and_is_deterministic(prepared, squares_of):

@@ -7,15 +7,13 @@ Every random choice is drawn from a stateless key, so an image's augmentation is
   of the JPEG (`tf.io.decode_and_crop_jpeg`); the paper's stored training images.
 - `paper_train_image`: a random 224x224 (or Caffe's 227) patch of the square, a horizontal reflection half the
   time, and PCA lighting: `eigvec @ (alpha * eigval)` added to every pixel, alpha ~ N(0, 0.1) per image.
-  `paper_patch` is the same on any patch source; `square_patch` takes patches of prepared 256x256 squares.
+  `paper_batch`: the same for a whole batch of prepared 256x256 uint8 squares (`data.squares`).
 - `random_resized_crop`: Inception's random area/aspect crop, decoded in one step, for modern recipes.
 - `ten_crops` / `centre_crop`: the paper's test patches (4 corners + centre, and their reflections).
 - Normalisation: subtract the training set's per-pixel mean image (the paper) or per-channel mean / std.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -124,23 +122,9 @@ def paper_train_image(
     With 'pixel' normalisation `mean` is the (resize, resize, 3) mean image: the patch's own part of it is
     subtracted before the reflection, as if the mean had been subtracted from the square first.
     """
-    return paper_patch(lambda yx: decode_patch(jpeg, yx, resize, crop, method), key, resize=resize, crop=crop,
-                       flip=flip, pca_std=pca_std, normalization=normalization, mean=mean, std=std)
-
-
-def paper_patch(
-    patch_at: Callable[[tf.Tensor], tf.Tensor], key: tf.Tensor, *, resize: int, crop: int, flip: bool,
-    pca_std: float, normalization: str, mean: np.ndarray, std: np.ndarray,
-) -> tf.Tensor:
-    """The paper's training image from `patch_at(yx)`, the crop x crop patch (float32, 0-255) at offset yx of the
-    (resize)^2 square, however it is obtained (decoded from a source JPEG, or sliced from a prepared square).
-
-    The random choices are drawn from `key` in the same way whatever `patch_at` is, so the source JPEG path and
-    the prepared 256x256 paths draw the same offsets, reflections and lighting for the same (seed, step, row).
-    """
     k_crop, k_flip, k_pca = tf.unstack(tf.random.experimental.stateless_split(key, 3))
     yx = crop_offsets(k_crop, resize, crop)
-    image = patch_at(yx)
+    image = decode_patch(jpeg, yx, resize, crop, method)
     if normalization == "pixel":
         image = image - tf.slice(tf.constant(mean), tf.stack([yx[0], yx[1], 0]), [crop, crop, 3])
     if flip:
@@ -152,13 +136,44 @@ def paper_patch(
     return image
 
 
-def square_patch(square: tf.Tensor, encoded: bool, crop: int) -> Callable[[tf.Tensor], tf.Tensor]:
-    """`patch_at` for a prepared square: a JPEG of it decoded only about the patch (bit-identical to slicing the
-    full decode, see `decode_window`), or a uint8 array sliced."""
-    if encoded:
-        size = tf.io.extract_jpeg_shape(square)[1]
-        return lambda yx: tf.cast(decode_window(square, yx[0], yx[1], crop, size), tf.float32)
-    return lambda yx: tf.cast(tf.slice(square, tf.stack([yx[0], yx[1], 0]), [crop, crop, 3]), tf.float32)
+def batch_draws(key: tf.Tensor, rows: tf.Tensor, global_batch: int, size: int, crop: int,
+                pca_std: float) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """`paper_batch`'s random choices for `rows` of a global batch, from the step's `key`: (y, x) offsets (B, 2)
+    uniform over all (size - crop + 1)^2, reflections (B,) with probability 1/2, PCA alphas (B, 3) ~ N(0, pca_std).
+    Row r takes row r of draws made for the whole global batch, so a row's choices depend on (seed, step, row),
+    not on the process count."""
+    k_crop, k_flip, k_pca = tf.unstack(tf.random.experimental.stateless_split(key, 3))
+    yx = tf.random.stateless_uniform([global_batch, 2], seed=k_crop, minval=0, maxval=size - crop + 1, dtype=tf.int32)
+    flips = tf.random.stateless_uniform([global_batch], seed=k_flip) < 0.5
+    alpha = tf.random.stateless_normal([global_batch, 3], seed=k_pca, stddev=max(pca_std, 0.0))
+    return tf.gather(yx, rows), tf.gather(flips, rows), tf.gather(alpha, rows)
+
+
+def paper_batch(
+    images: tf.Tensor, yx: tf.Tensor, flips: tf.Tensor, alpha: tf.Tensor, *, crop: int, flip: bool,
+    pca_std: float, normalization: str, mean: np.ndarray, std: np.ndarray,
+) -> tf.Tensor:
+    """`paper_train_image` for a batch of stored uint8 squares (B, S, S, 3), or of their patches already cut at
+    `yx` (B, crop, crop, 3), with the draws of `batch_draws`: the same distributions as `paper_train_image`.
+    The patch and its part of the mean image are gathered with the same (reflected) indices, so the mean is
+    subtracted as if before the reflection. Meant to run XLA-compiled: one pass over the pixels."""
+    cols = tf.range(crop)[None]
+    if flip:
+        cols = tf.where(flips[:, None], crop - 1 - cols, cols)
+    ys, xs = yx[:, :1] + tf.range(crop)[None], yx[:, 1:] + cols  # (B, crop) each
+    if images.shape[1] == crop:  # patches: only the reflection
+        patch = tf.gather(images, tf.broadcast_to(cols, tf.shape(xs)), axis=2, batch_dims=1)
+    else:
+        patch = tf.gather(tf.gather(images, ys, axis=1, batch_dims=1), xs, axis=2, batch_dims=1)
+    image = tf.cast(patch, tf.float32)
+    if normalization == "pixel":
+        image = image - tf.gather(tf.gather(tf.constant(mean), ys), xs, axis=2, batch_dims=1)
+    if pca_std > 0:
+        shift = 255.0 * tf.linalg.matvec(tf.constant(PCA_EIGVEC)[None], alpha * tf.constant(PCA_EIGVAL))
+        image = image + shift[:, None, None, :]
+    if normalization == "channel":
+        image = normalise(image, normalization, mean, std)
+    return image
 
 
 def random_resized_crop(
@@ -199,17 +214,20 @@ def eval_image(
 ) -> tf.Tensor:
     """The centre crop (crops=1, shape (crop, crop, 3)) or the paper's 10 patches (crops=10, (10, crop, crop, 3)):
     4 corners + centre of the 256 square, then the same 5 reflected."""
-    return eval_crops(decode_square(jpeg, resize, method), crop=crop, crops=crops, normalization=normalization,
-                      mean=mean, std=std)
-
-
-def eval_crops(square: tf.Tensor, *, crop: int, crops: int, normalization: str, mean: np.ndarray,
-               std: np.ndarray) -> tf.Tensor:
-    """`eval_image`'s views of a square already resized (float32, 0-255): the source and prepared paths share it."""
-    square = normalise(square, normalization, mean, std)
+    square = normalise(decode_square(jpeg, resize, method), normalization, mean, std)
     if crops == 1:
         return centre_crop(square, crop)
     return ten_crops(square, crop)
+
+
+def eval_batch(squares: tf.Tensor, *, crop: int, crops: int, normalization: str, mean: np.ndarray,
+               std: np.ndarray) -> tf.Tensor:
+    """`eval_image` for a batch of stored uint8 squares (B, S, S, 3): (B, crop, crop, 3) or (B, 10, crop, crop, 3)."""
+    images = normalise(tf.cast(squares, tf.float32), normalization, mean, std)
+    five = [images[:, y : y + crop, x : x + crop] for y, x in corner_offsets(squares.shape[1], crop)]
+    if crops == 1:
+        return five[4]
+    return tf.stack(five + [tf.reverse(p, axis=[2]) for p in five], axis=1)
 
 
 def centre_crop(square: tf.Tensor, crop: int) -> tf.Tensor:

@@ -275,11 +275,13 @@ def _train_arrays(config: ml_collections.ConfigDict, norm: Normalisation) -> tup
 def train_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict,
                   norm: Normalisation, start_step: int, num_steps: int, process_index: int = 0,
                   process_count: int = 1, threads: int | None = None,
-                  train_image: Callable | None = None) -> tf.data.Dataset:
+                  squares: Callable | None = None) -> tf.data.Dataset:
     """This process's rows of global batches `start_step .. num_steps-1` (images float32, labels int32).
 
-    `train_image(image feature, key)`: the augmented image of one record (default: from a source JPEG with
-    `config.train_crop`); the stream around it (order, keys, skipping) is the same for every source."""
+    `squares(records, key, rows)` for stored squares: a whole local batch of serialized records parsed and
+    augmented at once from the step's key (seed, step) and the rows' global indices (a few batch-wide ops instead
+    of a dozen per image). Otherwise each source JPEG is augmented alone from its key (seed, step, row). The
+    stream around it (order, keys, skipping) is the same either way."""
     bs = config.batch_size
     local = bs // process_count
     instructions, counts = _instructions(builder, "train", process_index, process_count)
@@ -310,9 +312,7 @@ def train_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.Conf
         ex = parse(record)
         step, row = index // local, process_index * local + index % local
         key = tf.stack([tf.constant(seed, tf.int64) * 1_000_003 + step, row])
-        if train_image is not None:
-            image = train_image(ex["image"], key)
-        elif config.train_crop == "paper":
+        if config.train_crop == "paper":
             image = augment.paper_train_image(
                 ex["image"], key, resize=resize, crop=crop, flip=bool(config.random_flip),
                 pca_std=float(config.pca_lighting), normalization=norm.kind, mean=mean, std=std,
@@ -325,38 +325,49 @@ def train_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.Conf
                 method=config.resize_method)
         return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
-    ds = ds.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(data_options(threads))
+    def whole_batch(index, records):
+        key = tf.stack([tf.constant(seed, tf.int64) * 1_000_003 + index[0] // local, tf.constant(-1, tf.int64)])
+        return squares(records, key, process_index * local + index % local)
+
+    if squares is None:
+        ds = ds.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(local, drop_remainder=True)
+    else:
+        ds = ds.batch(local, drop_remainder=True).map(whole_batch, num_parallel_calls=tf.data.AUTOTUNE,
+                                                      deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(data_options(threads))
 
 
 def eval_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict,
                  norm: Normalisation, process_index: int = 0, process_count: int = 1,
                  threads: int | None = None, row_multiple: int = 0,
-                 square_of: Callable | None = None) -> tf.data.Dataset:
+                 squares: tuple[Callable, Callable] | None = None) -> tf.data.Dataset:
     """This process's slice of `validation`, in local batches padded with mask-0 rows to the same count on
     every process (`base.padded_rows`). Images are (B, crop, crop, 3), or (B, 10, crop, crop, 3)
-    with `eval_crops=10`. `square_of(image feature)`: the float32 square the crops come from (default: decode a
-    source JPEG's centre square and resize it)."""
+    with `eval_crops=10`. `squares=(decode, crops_batch)` for stored squares: each record's uint8 square, then
+    the crops of a whole batch at once."""
     local = config.eval_batch_size // process_count
     instructions, counts = _instructions(builder, "validation", process_index, process_count)
     fill = padded_rows(max(counts), local, row_multiple) - counts[process_index]
     crop, resize, crops = int(config.image_size), int(config.resize_size), int(config.eval_crops)
     mean, std = norm.arrays(per_pixel=True)  # crops of the resized square: they line up with the mean image
     parse = _parser(builder)
-    shape = (crop, crop, 3) if crops == 1 else (crops, crop, crop, 3)
 
     def one(record):
         ex = parse(record)
-        square = (square_of(ex["image"]) if square_of is not None
-                  else augment.decode_square(ex["image"], resize, config.resize_method))
-        image = augment.eval_crops(square, crop=crop, crops=crops, normalization=norm.kind, mean=mean, std=std)
+        if squares is not None:
+            return {"image": squares[0](ex["image"]), "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(1.0)}
+        image = augment.eval_image(ex["image"], resize=resize, crop=crop, crops=crops,
+                                   normalization=norm.kind, mean=mean, std=std,
+                                   method=config.resize_method)
         return {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(1.0)}
 
     ds = _records(instructions).map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    pad = {"image": tf.zeros(shape), "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(fill))
-    return ds.batch(local).prefetch(2).with_options(data_options(threads))
+    image = ds.element_spec["image"]
+    pad = {"image": tf.zeros(image.shape, image.dtype), "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(fill)).batch(local)
+    if squares is not None:
+        ds = ds.map(lambda b: {**b, "image": squares[1](b["image"])})
+    return ds.prefetch(2).with_options(data_options(threads))
 
 
 def create_data(config: ml_collections.ConfigDict) -> Data:

@@ -13,10 +13,14 @@ costs most of the host's time per image; a 256x256 square costs a fraction of it
   dataset from them, so an interrupted preparation converts only the shards not done yet; the folder is removed
   once the dataset is written. A source JPEG that does not decode (the full image, not only its square) stops
   the preparation with its file name.
-- `create_data`: the same stream as `imagenet.create_data` (order, (seed, step, row) keys, skipping on resume,
-  padded exactly-once evaluation: `imagenet.train_dataset` / `eval_dataset`), with the per-image work done on
-  256x256 uint8 squares: random 224/227 patches (a JPEG square decodes only the patch), reflections, PCA lighting,
-  the mean image of the prepared squares; the 10-crop test from the same squares.
+- `create_data`: the same stream as `imagenet.create_data` (order, skipping on resume, padded exactly-once
+  evaluation: `imagenet.train_dataset` / `eval_dataset`), with the per-image work done batch-wide on 256x256
+  uint8 squares: a batch of records is parsed at once, raw squares are one reshape (of a JPEG square only the
+  patch is decoded), and the random 224/227 patches, reflections, PCA lighting and the mean image of the
+  prepared squares run as one XLA-compiled pass (`augment.paper_batch`); the 10-crop test from the same squares.
+  The random choices come from (seed, step) for the whole global batch, row r taking row r of them
+  (`augment.batch_draws`): the same distributions as the source path, and the same determinism and resumption,
+  though not the same draws.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import ml_collections
 import numpy as np
@@ -217,17 +221,57 @@ def open_prepared(config: ml_collections.ConfigDict) -> Imagenet2012Squares:
     return builder
 
 
-def square_reader(builder: Imagenet2012Squares):
-    """(square as float32, patch_at for a key's offset) readers of the stored image feature."""
+def decoder(builder: Imagenet2012Squares):
+    """The uint8 (S, S, 3) square of a stored image feature (raw bytes or JPEG)."""
     c: SquareConfig = builder.builder_config
-    encoded = c.encoding == "jpeg"
+    if c.encoding == "jpeg":
+        return lambda image: tf.ensure_shape(tf.io.decode_jpeg(image, channels=3), (c.size, c.size, 3))
+    return lambda image: tf.reshape(tf.io.decode_raw(image, tf.uint8), (c.size, c.size, 3))
 
-    def uint8(image: tf.Tensor) -> tf.Tensor:
-        return tf.io.decode_jpeg(image, channels=3) if encoded else tf.reshape(
-            tf.io.decode_raw(image, tf.uint8), (c.size, c.size, 3))
 
-    return (lambda image: tf.cast(uint8(image), tf.float32)), (
-        lambda image, crop: augment.square_patch(image if encoded else uint8(image), encoded, crop))
+# The records' layout (tfds serialises the image feature as one bytes value, raw or JPEG, the label as int64).
+_SPEC = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
+
+
+def pipelines(config: ml_collections.ConfigDict, norm, builder: Imagenet2012Squares) -> tuple[Callable, tuple]:
+    """The `squares=` hooks of `imagenet.train_dataset` (a batch of records to augmented images) and
+    `eval_dataset` (each record's uint8 square, then a batch's crops).
+
+    Batch-wide: a batch of records is parsed at once, raw squares are decoded at once (of a JPEG square only the
+    patch is decoded, one by one with `tf.map_fn`), and the augmentation (`augment.paper_batch`) / the crops run
+    as one XLA-compiled function, so gathering the patch, subtracting its part of the mean image, adding the
+    lighting and casting to float32 is one pass over the pixels instead of one pass per op."""
+    mean, std = norm.arrays(per_pixel=True)
+    crop, size = int(config.image_size), builder.builder_config.size
+    decode = decoder(builder)
+    jpeg = builder.builder_config.encoding == "jpeg"
+
+    @tf.function(jit_compile=True)
+    def augment_batch(images: tf.Tensor, yx: tf.Tensor, flips: tf.Tensor, alpha: tf.Tensor) -> tf.Tensor:
+        return augment.paper_batch(images, yx, flips, alpha, crop=crop, flip=bool(config.random_flip),
+                                   pca_std=float(config.pca_lighting), normalization=norm.kind, mean=mean, std=std)
+
+    def patch_of_jpeg(args):  # decodes only the patch's rows and columns (bit-identical to slicing the square)
+        image, yx = args
+        return augment.decode_window(image, yx[0], yx[1], crop, size)
+
+    def train_batch(records: tf.Tensor, key: tf.Tensor, rows: tf.Tensor) -> dict[str, tf.Tensor]:
+        ex = tf.io.parse_example(records, _SPEC)
+        yx, flips, alpha = augment.batch_draws(key, rows, int(config.batch_size), size, crop,
+                                               float(config.pca_lighting))
+        if jpeg:
+            images = tf.map_fn(patch_of_jpeg, (ex["image"], yx),
+                               fn_output_signature=tf.TensorSpec((crop, crop, 3), tf.uint8))
+        else:
+            images = tf.reshape(tf.io.decode_raw(ex["image"], tf.uint8), (-1, size, size, 3))
+        return {"image": augment_batch(images, yx, flips, alpha), "label": tf.cast(ex["label"], tf.int32)}
+
+    @tf.function(jit_compile=True)
+    def eval_batch(images: tf.Tensor) -> tf.Tensor:
+        return augment.eval_batch(images, crop=crop, crops=int(config.eval_crops), normalization=norm.kind,
+                                  mean=mean, std=std)
+
+    return train_batch, (decode, eval_batch)
 
 
 def create_data(config: ml_collections.ConfigDict) -> Data:
@@ -235,31 +279,27 @@ def create_data(config: ml_collections.ConfigDict) -> Data:
     check_config(config)
     check_data_dir(config.data_dir)
     builder = open_prepared(config)
-    square, patches = square_reader(builder)
-    size = builder.builder_config.size
+    decode = decoder(builder)
     stats = imagenet.fixed_stats(config) or imagenet.dataset_stats(
-        builder, size, int(config.stats_examples), config.resize_method, square_of=square)
+        builder, builder.builder_config.size, int(config.stats_examples), config.resize_method,
+        square_of=lambda image: tf.cast(decode(image), tf.float32))
     norm = normalisation_for(config, stats)
-    mean, std = norm.arrays(per_pixel=True)
+    train, evaluation = pipelines(config, norm, builder)
     crop = int(config.image_size)
     names = tuple(builder.info.features["label"].names)
     if config.num_classes != len(names):
         raise UserError(f"--config.num_classes={config.num_classes}: {imagenet.NAME} has {len(names)} classes")
-
-    def train_image(image: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
-        return augment.paper_patch(patches(image, crop), key, resize=size, crop=crop, flip=bool(config.random_flip),
-                                   pca_std=float(config.pca_lighting), normalization=norm.kind, mean=mean, std=std)
-
     return Data(
         num_train=builder.info.splits["train"].num_examples,
         num_eval=builder.info.splits["validation"].num_examples,
         image_shape=(crop, crop, 3),
         class_names=names,
         train=lambda start, stop, pid, nproc: imagenet._guard(tfds.as_numpy(imagenet.train_dataset(
-            builder, config, norm, start, stop, pid, nproc, train_image=train_image)), builder, "train"),
+            builder, config, norm, start, stop, pid, nproc, squares=train)), builder, "train"),
         eval=lambda pid, nproc, row_multiple=0: imagenet._guard(tfds.as_numpy(imagenet.eval_dataset(
-            builder, config, norm, pid, nproc, row_multiple=row_multiple, square_of=square)), builder, "validation"),
-        mean=mean,
-        std=std,
+            builder, config, norm, pid, nproc, row_multiple=row_multiple, squares=evaluation)), builder,
+            "validation"),
+        mean=norm.arrays(per_pixel=True)[0],
+        std=norm.std,
         normalisation=norm,
     )
