@@ -121,6 +121,22 @@ def test_prepared_stream_resumes_and_is_deterministic(prepared, squares_of):
     assert not np.array_equal(rows[0]["image"], rows[1]["image"])  # processes read different slices
 
 
+def test_prepared_stream_rows_are_their_steps_drawn_patches(prepared, squares_of):
+    """End to end, without mean or lighting: row r of step s is a stored square's patch at the offset and
+    reflection `batch_draws` gives for (seed, s) and row r."""
+    config = _config(prepared[0], normalization="channel", channel_mean=(0.0, 0.0, 0.0), channel_std=(1.0, 1.0, 1.0),
+                     pca_lighting=0.0, seed=3)
+    stored = [(ex["label"], ex["image"]) for ex in _by_name(squares_of["raw"], "train").values()]
+    for step, batch in enumerate(datalib.create_data(config).train(0, 6, 0, 1)):
+        key = tf.constant([3 * 1_000_003 + step, -1], tf.int64)
+        yx, flips, _ = (t.numpy() for t in augment.batch_draws(key, tf.range(8), 8, 256, 224, 0.0))
+        for r in range(8):
+            (y, x), label = yx[r], batch["label"][r]
+            patches = [im[y : y + 224, x : x + 224][:, ::-1] if flips[r] else im[y : y + 224, x : x + 224]
+                       for lab, im in stored if lab == label]
+            assert any(np.array_equal(batch["image"][r], p.astype(np.float32)) for p in patches), (step, r)
+
+
 @pytest.mark.parametrize("fmt", squares.FORMATS)
 @pytest.mark.parametrize("nproc,batch", [(1, 8), (1, 3), (3, 6)])
 def test_prepared_eval_counts_every_image_once(prepared, squares_of, fmt, nproc, batch):
