@@ -7,7 +7,8 @@
   so a pipeline allowed several threads is not credited for them; --threads sets tf.data's thread pool.
   Then [sources] (issue #14): the real training stream and 10-crop evaluation (alexnet_jax.data.imagenet's
   train_dataset / eval_dataset: records read, shuffled, parsed, augmented, batched) on a generated ILSVRC-format
-  archive of realistic image sizes (--classes x --train-per-class, ~410x370 on average), prepared by tfds's
+  archive of realistic image sizes and bytes (--classes x --train-per-class, ~410x370 and ~110 KB on average
+  at --source-quality 97), prepared by tfds's
   imagenet2012 builder and then as 256x256 squares (alexnet_jax.data.squares, raw and JPEG 95), for today's
   source-JPEG path and both preparations side by side, in turns in one run; the stored bytes per image; and
   the host cores each path needs per accelerator (its train step's images/s at 40% of its bf16 peak).
@@ -164,7 +165,7 @@ MFU = 0.4
 
 
 def bench_sources(classes: int, train_per_class: int, threads: int, repeats: int = 3,
-                  batch: int = 32) -> dict[str, object]:
+                  batch: int = 32, quality: int = 97) -> dict[str, object]:
     """The real training and 10-crop evaluation pipelines (`alexnet_jax.data.imagenet.train_dataset` /
     `eval_dataset`: records read, shuffled, parsed, augmented, batched) on an ILSVRC-format archive of realistic
     image sizes, for today's source JPEGs and the prepared 256x256 squares (JPEG and raw), measured in turns in
@@ -186,7 +187,7 @@ def bench_sources(classes: int, train_per_class: int, threads: int, repeats: int
     with tempfile.TemporaryDirectory() as tmp:
         manual, data_dir = os.path.join(tmp, "manual"), os.path.join(tmp, "data")
         tiny.write_tiny_imagenet(manual, classes=classes, train_per_class=train_per_class, val_per_class=4,
-                                 sizes=tiny.REALISTIC_SIZES)
+                                 sizes=tiny.REALISTIC_SIZES, quality=quality)
         with contextlib.redirect_stdout(sys.stderr):  # tfds prints its progress: keep --json's stdout clean
             source = imagenet.prepare(data_dir, manual, verify=False)
         config = default_config.get_config()
@@ -208,11 +209,13 @@ def bench_sources(classes: int, train_per_class: int, threads: int, repeats: int
                                                                squares=train)
             datasets[f"{name}_eval_10crop"] = imagenet.eval_dataset(b, config, norm, threads=threads,
                                                                     squares=evaluation)
-        # Issue #14 item 3, the host's share only: raw squares to uint8 224 patches (crop and reflection), as if
-        # the float cast, mean image and lighting ran in the jitted step on the accelerator (not implemented).
+        # Issue #14 item 3, the host's share only (the device side is not implemented): raw squares to uint8 224
+        # patches (crop and reflection on the host; float cast, mean image and lighting in the jitted step), or
+        # to the uint8 squares themselves (everything in the jitted step).
         raw = builders["prepared_raw"][0]
-        datasets["prepared_raw_uint8_host_part_train"] = imagenet.train_dataset(
-            raw, config, norm, 0, steps, threads=threads, squares=_uint8_patches(config, raw))
+        for part, crop_on_host in (("patches", True), ("squares", False)):
+            datasets[f"prepared_raw_uint8_{part}_host_part_train"] = imagenet.train_dataset(
+                raw, config, norm, 0, steps, threads=threads, squares=_uint8_batches(config, raw, crop_on_host))
         totals = {k: [0, 0.0, 0.0] for k in datasets}
         for ds in datasets.values():  # warm-up: tracing, XLA compilation, thread pools, file caches
             list(ds.as_numpy_iterator())
@@ -230,20 +233,24 @@ def bench_sources(classes: int, train_per_class: int, threads: int, repeats: int
             for fmt in squares.FORMATS:
                 out[f"speedup_prepared_{fmt}_{k}_per_core"] = {
                     "x": out[f"prepared_{fmt}_{k}"]["images_per_cpu_s"] / out[f"today_{k}"]["images_per_cpu_s"]}
-        out["speedup_prepared_raw_uint8_host_part_train_per_core"] = {
-            "x": out["prepared_raw_uint8_host_part_train"]["images_per_cpu_s"] / out["today_train"]["images_per_cpu_s"]}
+        for part in ("patches", "squares"):
+            out[f"speedup_prepared_raw_uint8_{part}_host_part_train_per_core"] = {
+                "x": out[f"prepared_raw_uint8_{part}_host_part_train"]["images_per_cpu_s"]
+                / out["today_train"]["images_per_cpu_s"]}
         out["bytes_per_train_image"] = sizes
         widths, heights = zip(*tiny.REALISTIC_SIZES, strict=True)
         out["archive"] = {"train_images": source.info.splits["train"].num_examples,
                           "validation_images": source.info.splits["validation"].num_examples,
-                          "mean_size": f"{np.mean(widths):.0f}x{np.mean(heights):.0f}", "threads": threads}
+                          "mean_size": f"{np.mean(widths):.0f}x{np.mean(heights):.0f}", "jpeg_quality": quality,
+                          "threads": threads}
     out["host_cores_needed"] = _cores_needed({k: out[f"{k}_train"]["images_per_cpu_s"]
                                               for k in ("today", "prepared_jpeg", "prepared_raw")})
     return out
 
 
-def _uint8_patches(config, builder):
-    """A `squares=` hook that stops at uint8 patches: crop and reflection gathered in one XLA function."""
+def _uint8_batches(config, builder, crop_on_host: bool):
+    """A `squares=` hook that stops at uint8: patches (crop and reflection gathered in one XLA function) or the
+    squares as stored, with the step's draws beside them."""
     import tensorflow as tf
 
     from alexnet_jax.data import augment, squares
@@ -260,7 +267,9 @@ def _uint8_patches(config, builder):
         ex = tf.io.parse_example(records, squares._SPEC)
         yx, flips, alpha = augment.batch_draws(key, rows, int(config.batch_size), size, 224, 0.1)
         images = tf.reshape(tf.io.decode_raw(ex["image"], tf.uint8), (-1, size, size, 3))
-        return {"image": cut(images, yx, flips), "lighting": alpha, "label": ex["label"]}
+        if crop_on_host:
+            return {"image": cut(images, yx, flips), "lighting": alpha, "label": ex["label"]}
+        return {"image": images, "offset": yx, "flip": flips, "lighting": alpha, "label": ex["label"]}
 
     return hook
 
@@ -429,6 +438,8 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=16, help="pipeline: classes of the archive (4 validation "
                    "images each)")
     p.add_argument("--train-per-class", type=int, default=16, help="pipeline: training images per class")
+    p.add_argument("--source-quality", type=int, default=97, help="pipeline: JPEG quality of the archive's "
+                   "images (97: ~110 KB each, ILSVRC-2012's average; 85: ~43 KB)")
     p.add_argument("--config", default="configs/imagenet.py", help="train_step: the config file")
     p.add_argument("--batch", type=int, default=32, help="train_step: global batch")
     p.add_argument("--steps", type=int, default=5, help="train_step: timed steps after warm-up (median)")
@@ -457,7 +468,7 @@ def main() -> None:
         out["checkpoint"] = bench_checkpoint(config, a.pairs, a.run_steps, a.every, a.set)
     if a.mode in ("pipeline", "all"):
         out["pipeline"] = bench_pipeline(a.images, a.threads, a.repeats)
-        out["sources"] = bench_sources(a.classes, a.train_per_class, a.threads, a.repeats)
+        out["sources"] = bench_sources(a.classes, a.train_per_class, a.threads, a.repeats, quality=a.source_quality)
     if a.mode in ("train_step", "all"):
         from alexnet_jax.errors import UserError  # imports jax: only after --single-thread set XLA_FLAGS
 

@@ -69,7 +69,7 @@ def _add_placeholder(tar: tarfile.TarFile, name: str) -> None:
 
 
 def make_jpeg(cls: int, index: int, rng: np.random.Generator, size: tuple[int, int], gray: bool,
-              classes: int = 8) -> bytes:
+              classes: int = 8, quality: int = 85) -> bytes:
     """A JPEG whose mean colour and stripe direction depend on the class, with noise per image; the stripe
     directions of `classes` classes are spread over the half circle (so grayscale images stay separable)."""
     w, h = size
@@ -83,7 +83,7 @@ def make_jpeg(cls: int, index: int, rng: np.random.Generator, size: tuple[int, i
     if gray:
         pil = pil.convert("L")
     buf = io.BytesIO()
-    pil.save(buf, format="JPEG", quality=85)
+    pil.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
@@ -102,11 +102,12 @@ def corrupt(data: bytes) -> bytes:
 def write_tiny_imagenet(manual_dir: str, classes: int = 8, train_per_class: int = 4, corrupt_train: int = 0,
                         train: bool = True, val: bool = True, seed: int = 0,
                         val_per_class: int = 0, truncate_train: int = 0,
-                        sizes: tuple[tuple[int, int], ...] = SIZES) -> dict[str, int]:
+                        sizes: tuple[tuple[int, int], ...] = SIZES, quality: int = 85) -> dict[str, int]:
     """Write the archives; returns the number of images per split. Image k of class c is grayscale if
     (c + k) % 5 == 0. `corrupt_train` damages that many training JPEGs (for the bad-input tests);
     `truncate_train` cuts that many (after the corrupted ones) to their first 90%, as an interrupted copy would.
-    `sizes`: the (width, height) sizes images cycle through (`REALISTIC_SIZES`: ILSVRC-2012's ~400x350 average).
+    `sizes`: the (width, height) sizes images cycle through (`REALISTIC_SIZES`: ILSVRC-2012's ~400x350 average);
+    `quality`: their JPEG quality (97 on `REALISTIC_SIZES` gives ~110 KB per image, ILSVRC-2012's average).
     `val_per_class` > 0: that many validation images of every class, labelled correctly by tfds (see above)."""
     os.makedirs(manual_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -123,7 +124,7 @@ def write_tiny_imagenet(manual_dir: str, classes: int = 8, train_per_class: int 
                 with tarfile.open(fileobj=inner_buf, mode="w") as inner:
                     for k in range(train_per_class):
                         data = make_jpeg(c, k, rng, sizes[(c + k) % len(sizes)], gray=(c + k) % 5 == 0,
-                                         classes=classes)
+                                         classes=classes, quality=quality)
                         if counts["train"] < corrupt_train:
                             data = corrupt(data)
                         elif counts["train"] < corrupt_train + truncate_train:
@@ -141,7 +142,7 @@ def write_tiny_imagenet(manual_dir: str, classes: int = 8, train_per_class: int 
                     continue
                 c, i = class_at[k], counts["validation"]
                 data = make_jpeg(c, 100 + i, rng, sizes[(3 * i + 1) % len(sizes)], gray=i % 4 == 3,
-                                 classes=classes)
+                                 classes=classes, quality=quality)
                 _add(tar, name, data)
                 counts["validation"] += 1
     return counts
