@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.prepared = False
     c.prepared_format = "raw"
     c.prepared_quality = 95  # prepared_format='jpeg': the JPEG quality the squares are stored at
+    # prepared=True: the host ships the uint8 squares and the random draws; the crop, reflection, mean image and
+    # PCA lighting run inside the jitted train step (the same batches; fewer host cores, a little device time)
+    c.augment_on_device = False
     c.stats_examples = 50_000  # training images averaged for the mean image / channel stats (0: all)
     # normalization='channel' with fixed per-channel statistics on the 0-255 scale instead of the training set's,
     # e.g. torchvision's ImageNet mean/std x 255 for converted weights (alexnet_jax.convert); () = computed

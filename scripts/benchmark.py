@@ -10,8 +10,10 @@
   archive of realistic image sizes and bytes (--classes x --train-per-class, ~410x370 and ~110 KB on average
   at --source-quality 97), prepared by tfds's
   imagenet2012 builder and then as 256x256 squares (alexnet_jax.data.squares, raw and JPEG 95), for today's
-  source-JPEG path and both preparations side by side, in turns in one run; the stored bytes per image; and
-  the host cores each path needs per accelerator (its train step's images/s at 40% of its bf16 peak).
+  source-JPEG path and both preparations side by side, in turns in one run, with the host's part of
+  --config.augment_on_device=True (raw squares; the uint8 squares and their draws go to the step) and the
+  step's added cost (ms per batch of 32 / 128, jitted on this machine's JAX device); the stored bytes per
+  image; and the host cores each path needs per accelerator (its train step's images/s at 40% of its bf16 peak).
 --mode train_step: the jit-compiled train step (configs/imagenet.py's net unless --config is given, random
   batches already on the device): trace and compile time, the median of --steps timed steps after a warm-up
   (device-synchronised), images/s, XLA's memory analysis and the process's peak RSS, and FLOP/s from the
@@ -209,13 +211,17 @@ def bench_sources(classes: int, train_per_class: int, threads: int, repeats: int
                                                                squares=train)
             datasets[f"{name}_eval_10crop"] = imagenet.eval_dataset(b, config, norm, threads=threads,
                                                                     squares=evaluation)
-        # Issue #14 item 3, the host's share only (the device side is not implemented): raw squares to uint8 224
-        # patches (crop and reflection on the host; float cast, mean image and lighting in the jitted step), or
-        # to the uint8 squares themselves (everything in the jitted step).
+        # Issue #14 item 3: --config.augment_on_device=True, the host's part (raw squares to the uint8 squares of
+        # the batch and their draws; crop, reflection, mean image and lighting in the jitted step), and, measured
+        # only, a middle way: uint8 224 patches (crop and reflection on the host, the rest in the step).
         raw = builders["prepared_raw"][0]
-        for part, crop_on_host in (("patches", True), ("squares", False)):
-            datasets[f"prepared_raw_uint8_{part}_host_part_train"] = imagenet.train_dataset(
-                raw, config, norm, 0, steps, threads=threads, squares=_uint8_batches(config, raw, crop_on_host))
+        config.prepared_format, config.augment_on_device = "raw", True
+        datasets["prepared_raw_on_device_train"] = imagenet.train_dataset(
+            raw, config, norm, 0, steps, threads=threads, squares=squares.pipelines(config, norm, raw)[0])
+        on_device = squares.on_device(config, norm)
+        config.augment_on_device = False
+        datasets["prepared_raw_uint8_patches_host_part_train"] = imagenet.train_dataset(
+            raw, config, norm, 0, steps, threads=threads, squares=_uint8_patches(config, raw))
         totals = {k: [0, 0.0, 0.0] for k in datasets}
         for ds in datasets.values():  # warm-up: tracing, XLA compilation, thread pools, file caches
             list(ds.as_numpy_iterator())
@@ -233,10 +239,10 @@ def bench_sources(classes: int, train_per_class: int, threads: int, repeats: int
             for fmt in squares.FORMATS:
                 out[f"speedup_prepared_{fmt}_{k}_per_core"] = {
                     "x": out[f"prepared_{fmt}_{k}"]["images_per_cpu_s"] / out[f"today_{k}"]["images_per_cpu_s"]}
-        for part in ("patches", "squares"):
-            out[f"speedup_prepared_raw_uint8_{part}_host_part_train_per_core"] = {
-                "x": out[f"prepared_raw_uint8_{part}_host_part_train"]["images_per_cpu_s"]
-                / out["today_train"]["images_per_cpu_s"]}
+        for k in ("prepared_raw_on_device_train", "prepared_raw_uint8_patches_host_part_train"):
+            out[f"speedup_{k}_per_core"] = {"x": out[k]["images_per_cpu_s"] / out["today_train"]["images_per_cpu_s"]}
+        example = next(datasets["prepared_raw_on_device_train"].as_numpy_iterator())
+        out["on_device_augmentation_ms"] = _device_augment_ms(on_device, example)
         out["bytes_per_train_image"] = sizes
         widths, heights = zip(*tiny.REALISTIC_SIZES, strict=True)
         out["archive"] = {"train_images": source.info.splits["train"].num_examples,
@@ -244,13 +250,38 @@ def bench_sources(classes: int, train_per_class: int, threads: int, repeats: int
                           "mean_size": f"{np.mean(widths):.0f}x{np.mean(heights):.0f}", "jpeg_quality": quality,
                           "threads": threads}
     out["host_cores_needed"] = _cores_needed({k: out[f"{k}_train"]["images_per_cpu_s"]
-                                              for k in ("today", "prepared_jpeg", "prepared_raw")})
+                                              for k in SOURCE_PATHS})
     return out
 
 
-def _uint8_batches(config, builder, crop_on_host: bool):
-    """A `squares=` hook that stops at uint8: patches (crop and reflection gathered in one XLA function) or the
-    squares as stored, with the step's draws beside them."""
+SOURCE_PATHS = ("today", "prepared_jpeg", "prepared_raw", "prepared_raw_on_device")
+
+
+def _device_augment_ms(on_device, example: dict, repeats: int = 20) -> dict[str, float]:
+    """The jitted step's extra work with --config.augment_on_device=True (`augment.paper_batch_on_device`) on this
+    machine's default JAX device: the median ms per batch of 32 and of 128 uint8 squares (the example batch's
+    rows repeated), after a compiled warm-up."""
+    import jax
+
+    step = jax.jit(on_device)
+    out = {}
+    for batch in (32, 128):
+        reps = -(-batch // len(example["label"]))
+        b = jax.device_put({k: np.concatenate([v] * reps)[:batch] for k, v in example.items()})
+        jax.block_until_ready(step(b))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(step(b))
+            times.append(time.perf_counter() - t0)
+        out[f"batch_{batch}"] = 1e3 * float(np.median(times))
+    out["device"] = jax.devices()[0].device_kind
+    return out
+
+
+def _uint8_patches(config, builder):
+    """A `squares=` hook that stops at uint8 patches (crop and reflection gathered in one XLA function), with the
+    step's lighting draws beside them."""
     import tensorflow as tf
 
     from alexnet_jax.data import augment, squares
@@ -267,9 +298,7 @@ def _uint8_batches(config, builder, crop_on_host: bool):
         ex = tf.io.parse_example(records, squares._SPEC)
         yx, flips, alpha = augment.batch_draws(key, rows, int(config.batch_size), size, 224, 0.1)
         images = tf.reshape(tf.io.decode_raw(ex["image"], tf.uint8), (-1, size, size, 3))
-        if crop_on_host:
-            return {"image": cut(images, yx, flips), "lighting": alpha, "label": ex["label"]}
-        return {"image": images, "offset": yx, "flip": flips, "lighting": alpha, "label": ex["label"]}
+        return {"image": cut(images, yx, flips), "lighting": alpha, "label": ex["label"]}
 
     return hook
 
@@ -494,7 +523,7 @@ def main() -> None:
                                               for k, v in (row.items() if isinstance(row, dict) else [])))
     if "sources" in out:
         table = out["sources"]["host_cores_needed"]
-        paths = ("today", "prepared_jpeg", "prepared_raw")
+        paths = SOURCE_PATHS
         print(f"host cores per device at {MFU:.0%} of bf16 peak ({table['train_gflop_per_image']['x']:.2f} GFLOP "
               "per training image): " + ", ".join(
                   f"{d} {row['train_images_per_s']:.0f} img/s: " + "/".join(f"{row['cores_' + p]:.0f}" for p in paths)

@@ -18,6 +18,7 @@ from conftest import REPO, load_script
 
 from alexnet_jax import data as datalib
 from alexnet_jax import default_config
+from alexnet_jax.config import check_config
 from alexnet_jax.data import augment, imagenet, squares
 from alexnet_jax.errors import UserError
 
@@ -137,6 +138,36 @@ def test_prepared_stream_rows_are_their_steps_drawn_patches(prepared, squares_of
             assert any(np.array_equal(batch["image"][r], p.astype(np.float32)) for p in patches), (step, r)
 
 
+@pytest.mark.parametrize("fmt,normalization", [("raw", "pixel"), ("jpeg", "pixel"), ("raw", "channel")])
+def test_on_device_augmentation_gives_the_host_batches(prepared, squares_of, fmt, normalization):
+    """`augment_on_device=True`: the stream yields the uint8 squares and their draws (row r's draws those of global
+    row r, whatever the process count), and the jitted step's half, run sharded over 8 devices, makes of them
+    exactly the batches the host path yields."""
+    import jax
+
+    from alexnet_jax import sharding
+
+    kw = dict(prepared_format=fmt, normalization=normalization, seed=5)
+    if normalization == "channel":
+        kw.update(channel_mean=(120.0, 110.0, 100.0), channel_std=(60.0, 55.0, 50.0))
+    host = datalib.create_data(_config(prepared[0], **kw))
+    device = datalib.create_data(_config(prepared[0], augment_on_device=True, **kw))
+    assert host.on_device is None and device.image_shape == host.image_shape == (224, 224, 3)
+    batch_sharding = sharding.batch_sharding(sharding.make_mesh((8, 1)))
+    step = jax.jit(device.on_device, in_shardings=(batch_sharding,))
+    whole, flips = list(device.train(0, 3, 0, 1)), 0
+    for a, b in zip(host.train(0, 3, 0, 1), whole, strict=True):
+        assert b["image"].dtype == np.uint8 and b["image"].shape == (8, 256, 256, 3)
+        out = jax.device_get(step(b))
+        np.testing.assert_array_equal(out["label"], a["label"])
+        np.testing.assert_allclose(out["image"], a["image"], atol=2e-3, rtol=0)
+        flips += int(b["flip"].sum())
+    assert 0 < flips < 24
+    half = next(iter(device.train(0, 1, 1, 2)))  # process 1 of 2: rows 4..7 of the global batch's draws
+    for k in ("offset", "flip", "lighting"):
+        np.testing.assert_array_equal(half[k], whole[0][k][4:])
+
+
 @pytest.mark.parametrize("fmt", squares.FORMATS)
 @pytest.mark.parametrize("nproc,batch", [(1, 8), (1, 3), (3, 6)])
 def test_prepared_eval_counts_every_image_once(prepared, squares_of, fmt, nproc, batch):
@@ -203,6 +234,10 @@ def test_unprepared_squares_and_bad_values_say_what_to_do(prepared, tmp_path):
         squares.check_config(_config(prepared[0], prepared_format="png"))
     with pytest.raises(UserError, match="train_crop"):
         squares.check_config(_config(prepared[0], train_crop="random_resized"))
+    with pytest.raises(UserError, match=r"--config.augment_on_device=True: needs the prepared .* "
+                                        r"--config.prepared=True"):
+        check_config(_config(prepared[0], prepared=False, augment_on_device=True))
+    check_config(_config(prepared[0], augment_on_device=True))
 
 
 def test_prepare_command_then_main_trains_and_evaluates(prepared, tmp_path):
@@ -229,3 +264,10 @@ def test_prepare_command_then_main_trains_and_evaluates(prepared, tmp_path):
     squares_dir = squares.builder_for(_config(data_dir, prepared_format="jpeg", prepared_quality=90)).data_dir
     assert [f for f in os.listdir(squares_dir) if f.startswith("alexnet_jax_stats_256px_area_32")]
     assert 0.0 <= summary["top1_error"] <= 1.0 and summary["top5_error"] <= summary["top1_error"]
+    # resumed with the augmentation in the jitted step (the same batches, so the checkpoint's config allows it)
+    proc = subprocess.run([*(c for c in cmd if "num_train_steps" not in c), "--config.num_train_steps=3",
+                           "--config.augment_on_device=True"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert summary["step"] == 3 and summary["num_eval_examples"] == 8 and np.isfinite(summary["eval_loss"])

@@ -7,7 +7,8 @@ Every random choice is drawn from a stateless key, so an image's augmentation is
   of the JPEG (`tf.io.decode_and_crop_jpeg`); the paper's stored training images.
 - `paper_train_image`: a random 224x224 (or Caffe's 227) patch of the square, a horizontal reflection half the
   time, and PCA lighting: `eigvec @ (alpha * eigval)` added to every pixel, alpha ~ N(0, 0.1) per image.
-  `paper_batch`: the same for a whole batch of prepared 256x256 uint8 squares (`data.squares`).
+  `paper_batch`: the same for a whole batch of prepared 256x256 uint8 squares (`data.squares`);
+  `paper_batch_on_device`: `paper_batch` in JAX, for the jitted train step (`config.augment_on_device`).
 - `random_resized_crop`: Inception's random area/aspect crop, decoded in one step, for modern recipes.
 - `ten_crops` / `centre_crop`: the paper's test patches (4 corners + centre, and their reflections).
 - Normalisation: subtract the training set's per-pixel mean image (the paper) or per-channel mean / std.
@@ -174,6 +175,35 @@ def paper_batch(
     if normalization == "channel":
         image = normalise(image, normalization, mean, std)
     return image
+
+
+def paper_batch_on_device(batch: dict, *, crop: int, flip: bool, pca_std: float, normalization: str,
+                          mean: np.ndarray, std: np.ndarray) -> dict:
+    """`paper_batch` in JAX, inside the jitted train step (`config.augment_on_device=True`): `batch` holds the uint8
+    squares (B, S, S, 3) and the host's `batch_draws` for them ("offset" (B, 2), "flip" (B,), "lighting" (B, 3));
+    returns {"image": (B, crop, crop, 3) float32, "label"}, the batch the host's `paper_batch` computes from the same
+    draws (a few float roundings apart). Each row's patch is a `dynamic_slice` of its square and of the mean
+    image, so the mean is subtracted as if before the reflection."""
+    import jax
+    import jax.numpy as jnp
+
+    yx = batch["offset"].astype(jnp.int32)
+
+    def cut(images, y, x):
+        return jax.lax.dynamic_slice(images, (y, x, 0), (crop, crop, images.shape[-1]))
+
+    image = jax.vmap(cut)(batch["image"], yx[:, 0], yx[:, 1]).astype(jnp.float32)
+    if normalization == "pixel":
+        image = image - jax.vmap(cut, in_axes=(None, 0, 0))(jnp.asarray(mean, jnp.float32), yx[:, 0], yx[:, 1])
+    if flip:
+        image = jnp.where(batch["flip"].astype(bool)[:, None, None, None], image[:, :, ::-1], image)
+    if pca_std > 0:  # elementwise, not a matmul: no reduced-precision matmul on an accelerator
+        weighted = batch["lighting"].astype(jnp.float32) * PCA_EIGVAL  # (B, 3)
+        shift = 255.0 * jnp.sum(jnp.asarray(PCA_EIGVEC)[None] * weighted[:, None, :], axis=-1)
+        image = image + shift[:, None, None, :]
+    if normalization == "channel":
+        image = (image - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    return {"image": image, "label": batch["label"]}
 
 
 def random_resized_crop(

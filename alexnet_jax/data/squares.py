@@ -20,12 +20,15 @@ costs most of the host's time per image; a 256x256 square costs a fraction of it
   prepared squares run as one XLA-compiled pass (`augment.paper_batch`); the 10-crop test from the same squares.
   The random choices come from (seed, step) for the whole global batch, row r taking row r of them
   (`augment.batch_draws`): the same distributions as the source path, and the same determinism and resumption,
-  though not the same draws.
+  though not the same draws. With `config.augment_on_device=True` the host stops at the uint8 squares of the batch
+  and their draws, and the jitted train step cuts, reflects, subtracts and lights them (`on_device`): the same
+  batch, for less host work per image and a little more device work.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -259,6 +262,11 @@ def pipelines(config: ml_collections.ConfigDict, norm, builder: Imagenet2012Squa
         ex = tf.io.parse_example(records, _SPEC)
         yx, flips, alpha = augment.batch_draws(key, rows, int(config.batch_size), size, crop,
                                                float(config.pca_lighting))
+        if config.get("augment_on_device", False):  # whole uint8 squares and the draws: `on_device` does the rest
+            images = (tf.map_fn(decode, ex["image"], fn_output_signature=tf.TensorSpec((size, size, 3), tf.uint8))
+                      if jpeg else tf.reshape(tf.io.decode_raw(ex["image"], tf.uint8), (-1, size, size, 3)))
+            return {"image": images, "label": tf.cast(ex["label"], tf.int32), "offset": yx, "flip": flips,
+                    "lighting": alpha}
         if jpeg:
             images = tf.map_fn(patch_of_jpeg, (ex["image"], yx),
                                fn_output_signature=tf.TensorSpec((crop, crop, 3), tf.uint8))
@@ -272,6 +280,17 @@ def pipelines(config: ml_collections.ConfigDict, norm, builder: Imagenet2012Squa
                                   mean=mean, std=std)
 
     return train_batch, (decode, eval_batch)
+
+
+def on_device(config: ml_collections.ConfigDict, norm) -> Callable | None:
+    """With `config.augment_on_device`: the jitted step's half of `pipelines`' training batches (uint8 squares and
+    their draws in, the augmented float32 batch out: `augment.paper_batch_on_device`), else None."""
+    if not config.get("augment_on_device", False):
+        return None
+    mean, std = norm.arrays(per_pixel=True)
+    return functools.partial(augment.paper_batch_on_device, crop=int(config.image_size),
+                             flip=bool(config.random_flip), pca_std=float(config.pca_lighting),
+                             normalization=norm.kind, mean=mean, std=std)
 
 
 def create_data(config: ml_collections.ConfigDict) -> Data:
@@ -302,4 +321,5 @@ def create_data(config: ml_collections.ConfigDict) -> Data:
         mean=norm.arrays(per_pixel=True)[0],
         std=norm.std,
         normalisation=norm,
+        on_device=on_device(config, norm),
     )
