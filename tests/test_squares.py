@@ -264,10 +264,12 @@ def test_prepare_command_then_main_trains_and_evaluates(prepared, tmp_path):
     squares_dir = squares.builder_for(_config(data_dir, prepared_format="jpeg", prepared_quality=90)).data_dir
     assert [f for f in os.listdir(squares_dir) if f.startswith("alexnet_jax_stats_256px_area_32")]
     assert 0.0 <= summary["top1_error"] <= 1.0 and summary["top5_error"] <= summary["top1_error"]
-    # resumed with the augmentation in the jitted step (the same batches, so the checkpoint's config allows it)
-    proc = subprocess.run([*(c for c in cmd if "num_train_steps" not in c), "--config.num_train_steps=3",
-                           "--config.augment_on_device=True"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    # resumed for a step with the augmentation in the jitted step, on 2 devices (the uint8 squares sharded): the
+    # same batches, so the checkpoint's config allows the switch
+    cmd = [*(c for c in cmd if "num_train_steps" not in c), "--config.num_train_steps=3",
+           "--config.augment_on_device=True", "--config.eval_crops=1"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.load(open(tmp_path / "run" / "summary.json"))
-    assert summary["step"] == 3 and summary["num_eval_examples"] == 8 and np.isfinite(summary["eval_loss"])
+    assert summary["step"] == 3 and summary["num_eval_examples"] == 8 and summary["mesh"] == {"data": 2, "model": 1}
