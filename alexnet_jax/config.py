@@ -20,6 +20,7 @@ RESUMABLE_CHANGES = frozenset({
     "num_train_steps", "num_epochs", "log_every_steps", "eval_every_steps", "eval_batch_size", "eval_crops",
     "mesh_shape", "sharding", "data_dir", "fashion_mnist_dir", "checkpoint_every_steps", "checkpoint_keep",
     "checkpoint_keep_best", "checkpoint_async", "kernels",
+    "augment_on_device",  # the same batches, augmented in the step instead of on the host
 })
 
 
@@ -78,6 +79,9 @@ def check_config(config: ml_collections.ConfigDict, process_count: int = 1) -> N
     if config.get("eval_crops", 1) not in (1, 2, 10):
         fail("eval_crops", "choose 1 (centre), 2 (whole image and its reflection, small datasets) or 10 (four "
                            "corners and centre, and their reflections, imagenet2012)")
+    if config.get("augment_on_device", False) and not (config.dataset == "imagenet2012" and config.get("prepared")):
+        fail("augment_on_device", "needs the prepared 256x256 squares: --config.dataset=imagenet2012 "
+                                  "--config.prepared=True (the source JPEGs and small datasets augment on the host)")
     if config.get("checkpoint_every_steps", 0) < 0:
         fail("checkpoint_every_steps", "must be >= 0 (0: save only at the end and on SIGTERM/preemption)")
     if config.get("checkpoint_keep", 1) < 1:

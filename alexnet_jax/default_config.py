@@ -32,6 +32,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.rrc_aspect_range = (0.75, 4.0 / 3.0)  # random_resized: width / height
     c.pca_lighting = 0.1  # std of the per-image PCA colour alpha (paper: 0.1); 0 turns it off
     c.normalization = "pixel"  # 'pixel': subtract the training mean image (paper); 'channel': mean/std per channel
+    # Read ImageNet prepared once as the paper's resize_size squares (python -m alexnet_jax.data.prepare; the
+    # data/squares.py tfds dataset) instead of decoding the source JPEGs at every step; 'raw' uint8 or 'jpeg'.
+    c.prepared = False
+    c.prepared_format = "raw"
+    c.prepared_quality = 95  # prepared_format='jpeg': the JPEG quality the squares are stored at
+    # prepared=True: the host ships the uint8 squares and the random draws; the crop, reflection, mean image and
+    # PCA lighting run inside the jitted train step (the same batches; fewer host cores, a little device time)
+    c.augment_on_device = False
     c.stats_examples = 50_000  # training images averaged for the mean image / channel stats (0: all)
     # normalization='channel' with fixed per-channel statistics on the 0-255 scale instead of the training set's,
     # e.g. torchvision's ImageNet mean/std x 255 for converted weights (alexnet_jax.convert); () = computed

@@ -64,9 +64,13 @@ def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 
 def train_step(
-    model: AlexNet, tx: optax.GradientTransformation, state: TrainState, batch: dict[str, jax.Array]
+    model: AlexNet, tx: optax.GradientTransformation, state: TrainState, batch: dict[str, jax.Array],
+    augment: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SGD step on a global batch; returns the new state and batch-mean loss / top-1 / top-5."""
+    """One SGD step on a global batch; returns the new state and batch-mean loss / top-1 / top-5. `augment`
+    (`Data.on_device`): turns the batch the pipeline yields into the images first, inside the step."""
+    if augment is not None:
+        batch = augment(batch)
     dropout_rng = jax.random.fold_in(state.rng, state.step)
     has_bn = bool(state.batch_stats)
 
@@ -157,7 +161,7 @@ class Trainer:
     """Holds the compiled steps for one config and mesh."""
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, image_shape, steps_per_epoch,
-                 total_steps):
+                 total_steps, augment: Any = None):
         self.config, self.mesh = config, mesh
         strategy = sharding.strategy_of(config)
         sharding.check_mesh(config, mesh, strategy, groups=groups_of(config))
@@ -175,7 +179,7 @@ class Trainer:
         rep = sharding.replicated(mesh)
         self.init = jax.jit(init, out_shardings=self.state_sharding)
         self.train_step = jax.jit(
-            partial(train_step, self.model, self.tx),
+            partial(train_step, self.model, self.tx, augment=augment),
             in_shardings=(self.state_sharding, self.batch_sharding),
             out_shardings=(self.state_sharding, rep),
             donate_argnums=0,
@@ -227,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     total = config.num_train_steps if config.num_train_steps > 0 else int(round(config.num_epochs * per_epoch))
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else per_epoch
 
-    trainer = Trainer(config, mesh, data.image_shape, per_epoch, total)
+    trainer = Trainer(config, mesh, data.image_shape, per_epoch, total, augment=data.on_device)
     state = trainer.init(jax.random.PRNGKey(config.seed))
     # --- checkpointing: resume from WORKDIR/checkpoints if there is a checkpoint (alexnet_jax.checkpointing)
     ckpt = checkpointing.Checkpointer(workdir, config, trainer.abstract_state, trainer.state_sharding,

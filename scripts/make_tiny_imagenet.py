@@ -31,6 +31,8 @@ import numpy as np
 from PIL import Image
 
 SIZES = ((500, 375), (375, 500), (320, 240), (640, 480), (256, 256), (200, 150), (300, 400), (180, 260))
+# ILSVRC-2012's typical sizes, averaging about 410x370 (the real average is about 400x350): for benchmarks
+REALISTIC_SIZES = ((500, 375), (375, 500), (500, 333), (400, 300), (300, 400), (500, 400), (350, 350), (375, 275))
 
 
 def all_validation_labels() -> list[str]:
@@ -67,7 +69,7 @@ def _add_placeholder(tar: tarfile.TarFile, name: str) -> None:
 
 
 def make_jpeg(cls: int, index: int, rng: np.random.Generator, size: tuple[int, int], gray: bool,
-              classes: int = 8) -> bytes:
+              classes: int = 8, quality: int = 85) -> bytes:
     """A JPEG whose mean colour and stripe direction depend on the class, with noise per image; the stripe
     directions of `classes` classes are spread over the half circle (so grayscale images stay separable)."""
     w, h = size
@@ -81,7 +83,7 @@ def make_jpeg(cls: int, index: int, rng: np.random.Generator, size: tuple[int, i
     if gray:
         pil = pil.convert("L")
     buf = io.BytesIO()
-    pil.save(buf, format="JPEG", quality=85)
+    pil.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
@@ -99,9 +101,13 @@ def corrupt(data: bytes) -> bytes:
 
 def write_tiny_imagenet(manual_dir: str, classes: int = 8, train_per_class: int = 4, corrupt_train: int = 0,
                         train: bool = True, val: bool = True, seed: int = 0,
-                        val_per_class: int = 0) -> dict[str, int]:
+                        val_per_class: int = 0, truncate_train: int = 0,
+                        sizes: tuple[tuple[int, int], ...] = SIZES, quality: int = 85) -> dict[str, int]:
     """Write the archives; returns the number of images per split. Image k of class c is grayscale if
-    (c + k) % 5 == 0. `corrupt_train` damages that many training JPEGs (for the bad-input tests).
+    (c + k) % 5 == 0. `corrupt_train` damages that many training JPEGs (for the bad-input tests);
+    `truncate_train` cuts that many (after the corrupted ones) to their first 90%, as an interrupted copy would.
+    `sizes`: the (width, height) sizes images cycle through (`REALISTIC_SIZES`: ILSVRC-2012's ~400x350 average);
+    `quality`: their JPEG quality (97 on `REALISTIC_SIZES` gives ~110 KB per image, ILSVRC-2012's average).
     `val_per_class` > 0: that many validation images of every class, labelled correctly by tfds (see above)."""
     os.makedirs(manual_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -117,10 +123,12 @@ def write_tiny_imagenet(manual_dir: str, classes: int = 8, train_per_class: int 
                 inner_buf = io.BytesIO()
                 with tarfile.open(fileobj=inner_buf, mode="w") as inner:
                     for k in range(train_per_class):
-                        data = make_jpeg(c, k, rng, SIZES[(c + k) % len(SIZES)], gray=(c + k) % 5 == 0,
-                                         classes=classes)
+                        data = make_jpeg(c, k, rng, sizes[(c + k) % len(sizes)], gray=(c + k) % 5 == 0,
+                                         classes=classes, quality=quality)
                         if counts["train"] < corrupt_train:
                             data = corrupt(data)
+                        elif counts["train"] < corrupt_train + truncate_train:
+                            data = data[: len(data) * 9 // 10]
                         _add(inner, f"{synset}_{k + 1}.JPEG", data)
                         counts["train"] += 1
                 _add(outer, f"{synset}.tar", inner_buf.getvalue())
@@ -133,8 +141,8 @@ def write_tiny_imagenet(manual_dir: str, classes: int = 8, train_per_class: int 
                     _add_placeholder(tar, name)
                     continue
                 c, i = class_at[k], counts["validation"]
-                data = make_jpeg(c, 100 + i, rng, SIZES[(3 * i + 1) % len(SIZES)], gray=i % 4 == 3,
-                                 classes=classes)
+                data = make_jpeg(c, 100 + i, rng, sizes[(3 * i + 1) % len(sizes)], gray=i % 4 == 3,
+                                 classes=classes, quality=quality)
                 _add(tar, name, data)
                 counts["validation"] += 1
     return counts

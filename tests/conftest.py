@@ -33,3 +33,26 @@ def python() -> str:
 def fmnist_data_dir(tmp_path_factory) -> str:
     """One tfds data_dir per test session, so the real FashionMNIST files are prepared once."""
     return str(tmp_path_factory.mktemp("tfds"))
+
+
+def load_script(name: str):
+    """A module of scripts/ (they are not a package), e.g. make_tiny_imagenet."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> tuple[str, str]:
+    """(data_dir, manual_dir) with the tiny ILSVRC-format archive prepared by tfds's imagenet2012 builder, once
+    per session (tests/test_imagenet.py and tests/test_squares.py share it)."""
+    from alexnet_jax.data import imagenet
+
+    root = tmp_path_factory.mktemp("imagenet")
+    manual, data = str(root / "manual"), str(root / "data")
+    load_script("make_tiny_imagenet").write_tiny_imagenet(manual, classes=8, train_per_class=4)
+    imagenet.prepare(data, manual)
+    return data, manual

@@ -28,16 +28,6 @@ tiny = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tiny)
 
 
-@pytest.fixture(scope="session")
-def prepared(tmp_path_factory) -> tuple[str, str]:
-    """(data_dir, manual_dir) with the tiny archive prepared by tfds's imagenet2012 builder."""
-    root = tmp_path_factory.mktemp("imagenet")
-    manual, data = str(root / "manual"), str(root / "data")
-    tiny.write_tiny_imagenet(manual, classes=8, train_per_class=4)
-    imagenet.prepare(data, manual)
-    return data, manual
-
-
 def _config(data_dir: str, **kw) -> ml_collections.ConfigDict:
     c = default_config.get_config()
     c.data_dir = data_dir

@@ -7,6 +7,8 @@ Every random choice is drawn from a stateless key, so an image's augmentation is
   of the JPEG (`tf.io.decode_and_crop_jpeg`); the paper's stored training images.
 - `paper_train_image`: a random 224x224 (or Caffe's 227) patch of the square, a horizontal reflection half the
   time, and PCA lighting: `eigvec @ (alpha * eigval)` added to every pixel, alpha ~ N(0, 0.1) per image.
+  `paper_batch`: the same for a whole batch of prepared 256x256 uint8 squares (`data.squares`);
+  `paper_batch_on_device`: `paper_batch` in JAX, for the jitted train step (`config.augment_on_device`).
 - `random_resized_crop`: Inception's random area/aspect crop, decoded in one step, for modern recipes.
 - `ten_crops` / `centre_crop`: the paper's test patches (4 corners + centre, and their reflections).
 - Normalisation: subtract the training set's per-pixel mean image (the paper) or per-channel mean / std.
@@ -135,6 +137,75 @@ def paper_train_image(
     return image
 
 
+def batch_draws(key: tf.Tensor, rows: tf.Tensor, global_batch: int, size: int, crop: int,
+                pca_std: float) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """`paper_batch`'s random choices for `rows` of a global batch, from the step's `key`: (y, x) offsets (B, 2)
+    uniform over all (size - crop + 1)^2, reflections (B,) with probability 1/2, PCA alphas (B, 3) ~ N(0, pca_std).
+    Row r takes row r of draws made for the whole global batch, so a row's choices depend on (seed, step, row),
+    not on the process count."""
+    k_crop, k_flip, k_pca = tf.unstack(tf.random.experimental.stateless_split(key, 3))
+    yx = tf.random.stateless_uniform([global_batch, 2], seed=k_crop, minval=0, maxval=size - crop + 1, dtype=tf.int32)
+    flips = tf.random.stateless_uniform([global_batch], seed=k_flip) < 0.5
+    alpha = tf.random.stateless_normal([global_batch, 3], seed=k_pca, stddev=max(pca_std, 0.0))
+    return tf.gather(yx, rows), tf.gather(flips, rows), tf.gather(alpha, rows)
+
+
+def paper_batch(
+    images: tf.Tensor, yx: tf.Tensor, flips: tf.Tensor, alpha: tf.Tensor, *, crop: int, flip: bool,
+    pca_std: float, normalization: str, mean: np.ndarray, std: np.ndarray,
+) -> tf.Tensor:
+    """`paper_train_image` for a batch of stored uint8 squares (B, S, S, 3), or of their patches already cut at
+    `yx` (B, crop, crop, 3), with the draws of `batch_draws`: the same distributions as `paper_train_image`.
+    The patch and its part of the mean image are gathered with the same (reflected) indices, so the mean is
+    subtracted as if before the reflection. Meant to run XLA-compiled: one pass over the pixels."""
+    cols = tf.range(crop)[None]
+    if flip:
+        cols = tf.where(flips[:, None], crop - 1 - cols, cols)
+    ys, xs = yx[:, :1] + tf.range(crop)[None], yx[:, 1:] + cols  # (B, crop) each
+    if images.shape[1] == crop:  # patches: only the reflection
+        patch = tf.gather(images, tf.broadcast_to(cols, tf.shape(xs)), axis=2, batch_dims=1)
+    else:
+        patch = tf.gather(tf.gather(images, ys, axis=1, batch_dims=1), xs, axis=2, batch_dims=1)
+    image = tf.cast(patch, tf.float32)
+    if normalization == "pixel":
+        image = image - tf.gather(tf.gather(tf.constant(mean), ys), xs, axis=2, batch_dims=1)
+    if pca_std > 0:
+        shift = 255.0 * tf.linalg.matvec(tf.constant(PCA_EIGVEC)[None], alpha * tf.constant(PCA_EIGVAL))
+        image = image + shift[:, None, None, :]
+    if normalization == "channel":
+        image = normalise(image, normalization, mean, std)
+    return image
+
+
+def paper_batch_on_device(batch: dict, *, crop: int, flip: bool, pca_std: float, normalization: str,
+                          mean: np.ndarray, std: np.ndarray) -> dict:
+    """`paper_batch` in JAX, inside the jitted train step (`config.augment_on_device=True`): `batch` holds the uint8
+    squares (B, S, S, 3) and the host's `batch_draws` for them ("offset" (B, 2), "flip" (B,), "lighting" (B, 3));
+    returns {"image": (B, crop, crop, 3) float32, "label"}, the batch the host's `paper_batch` computes from the same
+    draws (a few float roundings apart). Each row's patch is a `dynamic_slice` of its square and of the mean
+    image, so the mean is subtracted as if before the reflection."""
+    import jax
+    import jax.numpy as jnp
+
+    yx = batch["offset"].astype(jnp.int32)
+
+    def cut(images, y, x):
+        return jax.lax.dynamic_slice(images, (y, x, 0), (crop, crop, images.shape[-1]))
+
+    image = jax.vmap(cut)(batch["image"], yx[:, 0], yx[:, 1]).astype(jnp.float32)
+    if normalization == "pixel":
+        image = image - jax.vmap(cut, in_axes=(None, 0, 0))(jnp.asarray(mean, jnp.float32), yx[:, 0], yx[:, 1])
+    if flip:
+        image = jnp.where(batch["flip"].astype(bool)[:, None, None, None], image[:, :, ::-1], image)
+    if pca_std > 0:  # elementwise, not a matmul: no reduced-precision matmul on an accelerator
+        weighted = batch["lighting"].astype(jnp.float32) * PCA_EIGVAL  # (B, 3)
+        shift = 255.0 * jnp.sum(jnp.asarray(PCA_EIGVEC)[None] * weighted[:, None, :], axis=-1)
+        image = image + shift[:, None, None, :]
+    if normalization == "channel":
+        image = (image - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    return {"image": image, "label": batch["label"]}
+
+
 def random_resized_crop(
     jpeg: tf.Tensor, key: tf.Tensor, *, crop: int, area_range: tuple[float, float],
     aspect_range: tuple[float, float], flip: bool, pca_std: float, normalization: str, mean: np.ndarray,
@@ -177,6 +248,16 @@ def eval_image(
     if crops == 1:
         return centre_crop(square, crop)
     return ten_crops(square, crop)
+
+
+def eval_batch(squares: tf.Tensor, *, crop: int, crops: int, normalization: str, mean: np.ndarray,
+               std: np.ndarray) -> tf.Tensor:
+    """`eval_image` for a batch of stored uint8 squares (B, S, S, 3): (B, crop, crop, 3) or (B, 10, crop, crop, 3)."""
+    images = normalise(tf.cast(squares, tf.float32), normalization, mean, std)
+    five = [images[:, y : y + crop, x : x + crop] for y, x in corner_offsets(squares.shape[1], crop)]
+    if crops == 1:
+        return five[4]
+    return tf.stack(five + [tf.reverse(p, axis=[2]) for p in five], axis=1)
 
 
 def centre_crop(square: tf.Tensor, crop: int) -> tf.Tensor:

@@ -112,6 +112,9 @@ class Data:
     mean: np.ndarray | None = None
     std: np.ndarray | None = None
     normalisation: Normalisation | None = None
+    # Set when `train` yields raw material (e.g. uint8 squares and random draws) that the jitted train step turns
+    # into the batch: a JAX function, global batch -> {"image", "label"} (`config.augment_on_device`).
+    on_device: Callable[[dict], dict] | None = None
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import ml_collections
 import numpy as np
@@ -200,10 +200,12 @@ def _records(instructions, order: tf.Tensor | None = None, cycle_length: int = 1
 
 
 def dataset_stats(builder: tfds.core.DatasetBuilder, resize: int, examples: int, method: str = "area",
-                  threads: int | None = None) -> dict[str, np.ndarray]:
+                  threads: int | None = None, square_of: Callable | None = None) -> dict[str, np.ndarray]:
     """Mean image (resize, resize, 3) and per-channel mean/std over the first `examples` training images
     (0: all; tfds shuffled the records when preparing, so the first ones are a random sample), 0-255 scale.
-    Cached beside the prepared data."""
+    Cached beside the prepared data. `square_of(image feature)`: the float32 square (default: decode a source
+    JPEG's centre square and resize it)."""
+    square_of = square_of or (lambda jpeg: augment.decode_square(jpeg, resize, method))
     n = builder.info.splits["train"].num_examples if examples <= 0 else min(examples, builder.info.splits[
         "train"].num_examples)
     path = os.path.join(os.fspath(builder.data_dir), f"alexnet_jax_stats_{resize}px_{method}_{n}.npz")
@@ -212,7 +214,7 @@ def dataset_stats(builder: tfds.core.DatasetBuilder, resize: int, examples: int,
             return {k: f[k] for k in ("mean_image", "mean", "std")}
     logging.info("computing the training mean image over %d images (cached in %s)", n, path)
     ds = _records(builder.info.splits["train"].file_instructions).take(n)
-    ds = ds.map(lambda r: augment.decode_square(_parser(builder)(r)["image"], resize, method),
+    ds = ds.map(lambda r: square_of(_parser(builder)(r)["image"]),
                 num_parallel_calls=tf.data.AUTOTUNE).batch(64).with_options(data_options(threads))
     total = np.zeros((resize, resize, 3), np.float64)
     sq = np.zeros(3, np.float64)
@@ -272,8 +274,14 @@ def _train_arrays(config: ml_collections.ConfigDict, norm: Normalisation) -> tup
 
 def train_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict,
                   norm: Normalisation, start_step: int, num_steps: int, process_index: int = 0,
-                  process_count: int = 1, threads: int | None = None) -> tf.data.Dataset:
-    """This process's rows of global batches `start_step .. num_steps-1` (images float32, labels int32)."""
+                  process_count: int = 1, threads: int | None = None,
+                  squares: Callable | None = None) -> tf.data.Dataset:
+    """This process's rows of global batches `start_step .. num_steps-1` (images float32, labels int32).
+
+    `squares(records, key, rows)` for stored squares: a whole local batch of serialized records parsed and
+    augmented at once from the step's key (seed, step) and the rows' global indices (a few batch-wide ops instead
+    of a dozen per image). Otherwise each source JPEG is augmented alone from its key (seed, step, row). The
+    stream around it (order, keys, skipping) is the same either way."""
     bs = config.batch_size
     local = bs // process_count
     instructions, counts = _instructions(builder, "train", process_index, process_count)
@@ -317,36 +325,49 @@ def train_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.Conf
                 method=config.resize_method)
         return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
-    ds = ds.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(data_options(threads))
+    def whole_batch(index, records):
+        key = tf.stack([tf.constant(seed, tf.int64) * 1_000_003 + index[0] // local, tf.constant(-1, tf.int64)])
+        return squares(records, key, process_index * local + index % local)
+
+    if squares is None:
+        ds = ds.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(local, drop_remainder=True)
+    else:
+        ds = ds.batch(local, drop_remainder=True).map(whole_batch, num_parallel_calls=tf.data.AUTOTUNE,
+                                                      deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(data_options(threads))
 
 
 def eval_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict,
                  norm: Normalisation, process_index: int = 0, process_count: int = 1,
-                 threads: int | None = None, row_multiple: int = 0) -> tf.data.Dataset:
+                 threads: int | None = None, row_multiple: int = 0,
+                 squares: tuple[Callable, Callable] | None = None) -> tf.data.Dataset:
     """This process's slice of `validation`, in local batches padded with mask-0 rows to the same count on
     every process (`base.padded_rows`). Images are (B, crop, crop, 3), or (B, 10, crop, crop, 3)
-    with `eval_crops=10`."""
+    with `eval_crops=10`. `squares=(decode, crops_batch)` for stored squares: each record's uint8 square, then
+    the crops of a whole batch at once."""
     local = config.eval_batch_size // process_count
     instructions, counts = _instructions(builder, "validation", process_index, process_count)
     fill = padded_rows(max(counts), local, row_multiple) - counts[process_index]
     crop, resize, crops = int(config.image_size), int(config.resize_size), int(config.eval_crops)
     mean, std = norm.arrays(per_pixel=True)  # crops of the resized square: they line up with the mean image
     parse = _parser(builder)
-    shape = (crop, crop, 3) if crops == 1 else (crops, crop, crop, 3)
 
     def one(record):
         ex = parse(record)
+        if squares is not None:
+            return {"image": squares[0](ex["image"]), "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(1.0)}
         image = augment.eval_image(ex["image"], resize=resize, crop=crop, crops=crops,
                                    normalization=norm.kind, mean=mean, std=std,
                                    method=config.resize_method)
         return {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(1.0)}
 
     ds = _records(instructions).map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    pad = {"image": tf.zeros(shape), "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(fill))
-    return ds.batch(local).prefetch(2).with_options(data_options(threads))
+    image = ds.element_spec["image"]
+    pad = {"image": tf.zeros(image.shape, image.dtype), "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(fill)).batch(local)
+    if squares is not None:
+        ds = ds.map(lambda b: {**b, "image": squares[1](b["image"])})
+    return ds.prefetch(2).with_options(data_options(threads))
 
 
 def create_data(config: ml_collections.ConfigDict) -> Data:
