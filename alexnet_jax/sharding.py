@@ -182,8 +182,9 @@ class Placement:
         place = self._layer(name, x, {(): False, (3,): True}, out_ndim=4)
         if place.sharded or self.mesh.size == 1 or x[0] is None:
             return place
-        whole = P(x[0], None, None, None)  # each device its images, every channel, the kernel replicated
-        return dataclasses.replace(place, x=whole, out=whole, sharded=True)
+        # Each device its images, every channel; the kernel whole on every device (a 'model' axis of 1 included).
+        whole = P(x[0], None, None, None)
+        return dataclasses.replace(place, x=whole, kernel=P(), bias=P(), out=whole, sharded=True)
 
     def dense(self, name: str, x: P) -> LayerPlacement:
         """Dense layer `name` reading `x` (flattened inside): kernel (in, out), split by columns or rows."""

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the test suite: creates .venv if missing, installs alexnet_jax with its test extra, runs pytest.
+# Run the test suite: creates .venv if missing, installs alexnet_jax with its test and torch extras (torch's CPU
+# build, pinned in pyproject.toml: the conversion parity and yardstick tests need it and fail without it), runs pytest.
 # Usage: scripts/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,5 +8,10 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+if ! "${PIP[@]}" -e ".[test,torch]"; then  # e.g. offline with no torch wheel at hand: the rest still runs
+  echo "warning: could not install the torch extra (torch==2.13.0, CPU build); the PyTorch-based tests will" \
+       "fail saying so" >&2
+  "${PIP[@]}" -e ".[test]"
+fi
 exec .venv/bin/python -m pytest "$@"

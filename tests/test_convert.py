@@ -6,14 +6,21 @@ import sys
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from alexnet_jax import convert
+from alexnet_jax.errors import UserError
+from alexnet_jax.model import create_model
 
 sys.path.insert(0, os.path.dirname(__file__))
-from torchvision_alexnet import TorchvisionAlexNet  # noqa: E402
+try:
+    import torch
+    from torchvision_alexnet import TorchvisionAlexNet
+except ImportError:  # every test below then fails through the `torch_lib` fixture, saying what to install
+    torch = None
 
-from alexnet_jax import convert  # noqa: E402
-from alexnet_jax.errors import UserError  # noqa: E402
-from alexnet_jax.model import create_model  # noqa: E402
+
+@pytest.fixture(autouse=True)
+def _needs_torch(torch_lib):
+    """Not a skip: without torch each test of this module fails with conftest's TORCH_MISSING message."""
 
 
 def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
