@@ -220,7 +220,6 @@ class Placement:
         x = jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P((DATA, MODEL))))
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(DATA)))
 
-
     def scatter_batch(self, logits: jax.Array) -> jax.Array:
         """The logits back on the images' batch layout (owt: split over 'model' too, as the labels are), inside
         fc8: the gradient's gather over 'model' is then fc8's, not an unattributed op of the loss."""
