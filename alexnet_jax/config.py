@@ -90,6 +90,15 @@ def check_config(config: ml_collections.ConfigDict, process_count: int = 1) -> N
         fail("checkpoint_keep_best", "must be >= 0")
 
 
+def _absent(saved: dict[str, Any], key: str, default: Any) -> Any:
+    """What a key missing from a saved config meant when that checkpoint was written: today's default, except
+    where the code did something else before the key existed (ImageNet's PCA lighting used fb.resnet.torch's
+    published constants before `pca` was added)."""
+    if key == "pca" and saved.get("dataset") == "imagenet2012":
+        return "published"
+    return default
+
+
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The config as plain JSON values (tuples become lists), as stored in the `config` item."""
     return json.loads(config.to_json())
@@ -98,6 +107,9 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def config_from_dict(saved: dict[str, Any]) -> ml_collections.ConfigDict:
     """A full config from a saved one: keys added since the checkpoint was written keep their defaults."""
     config = default_config.get_config()
+    for key in config:
+        if key not in saved:
+            config[key] = _absent(saved, key, config[key])
     for key, value in saved.items():
         if key in config:
             default = config[key]
@@ -117,7 +129,8 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any],
     for key in sorted(set(saved) | set(current)):
         if key in allowed or key not in defaults:  # retired keys (e.g. `model`) never block a resume
             continue
-        a, b = saved.get(key, defaults.get(key, missing)), current.get(key, defaults.get(key, missing))
+        a = saved[key] if key in saved else _absent(saved, key, defaults.get(key, missing))
+        b = current.get(key, defaults.get(key, missing))
         if a != b:
             out.append(f"{key}: checkpoint {'(absent)' if a is missing else repr(a)}, now "
                        f"{'(absent)' if b is missing else repr(b)}")

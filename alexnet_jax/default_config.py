@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.rrc_area_range = (0.08, 1.0)  # random_resized: fraction of the image area
     c.rrc_aspect_range = (0.75, 4.0 / 3.0)  # random_resized: width / height
     c.pca_lighting = 0.1  # std of the per-image PCA colour alpha (paper: 0.1); 0 turns it off
+    # whose RGB PCA the lighting uses: 'data' (the paper, section 4.1): the eigenvalues/vectors of the training
+    # pixels' colour covariance, computed with the mean image; 'published': fb.resnet.torch's ImageNet constants
+    c.pca = "data"
     c.normalization = "pixel"  # 'pixel': subtract the training mean image (paper); 'channel': mean/std per channel
     # Read ImageNet prepared once as the paper's resize_size squares (python -m alexnet_jax.data.prepare; the
     # data/squares.py tfds dataset) instead of decoding the source JPEGs at every step; 'raw' uint8 or 'jpeg'.

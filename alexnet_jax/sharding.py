@@ -173,8 +173,18 @@ class Placement:
         return P(self.strategy.batch, *([None] * (ndim - 1)))
 
     def conv(self, name: str, x: P) -> LayerPlacement:
-        """Conv layer `name` reading an activation placed as `x`: kernel (kh, kw, cin/groups, cout)."""
-        return self._layer(name, x, {(): False, (3,): True}, out_ndim=4)
+        """Conv layer `name` reading an activation placed as `x`: kernel (kh, kw, cin/groups, cout).
+
+        A conv that is not split over 'model' still runs as a `shard_map` over the batch wherever the batch is
+        split: left to the partitioner, conv1's space-to-depth reshape (`ops.strided_conv_as_matmuls`) moves
+        the batch off the leading axis and it all-gathers the whole batch on every device (data_parallel/owt).
+        """
+        place = self._layer(name, x, {(): False, (3,): True}, out_ndim=4)
+        if place.sharded or self.mesh.size == 1 or x[0] is None:
+            return place
+        # Each device its images, every channel; the kernel whole on every device (a 'model' axis of 1 included).
+        whole = P(x[0], None, None, None)
+        return dataclasses.replace(place, x=whole, kernel=P(), bias=P(), out=whole, sharded=True)
 
     def dense(self, name: str, x: P) -> LayerPlacement:
         """Dense layer `name` reading `x` (flattened inside): kernel (in, out), split by columns or rows."""
@@ -209,6 +219,11 @@ class Placement:
         activation (owt: pool5), where the partitioner would otherwise move it onto the larger conv5 maps."""
         x = jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P((DATA, MODEL))))
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(DATA)))
+
+    def scatter_batch(self, logits: jax.Array) -> jax.Array:
+        """The logits back on the images' batch layout (owt: split over 'model' too, as the labels are), inside
+        fc8: the gradient's gather over 'model' is then fc8's, not an unattributed op of the loss."""
+        return jax.lax.with_sharding_constraint(logits, NamedSharding(self.mesh, self.input_spec(logits.ndim)))
 
 
 def placement(mesh: Mesh | None, strategy: str) -> Placement | None:

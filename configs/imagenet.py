@@ -26,6 +26,7 @@ def get_config():
     c.train_crop = "paper"
     c.random_flip = True
     c.pca_lighting = 0.1
+    c.pca = "data"  # the training pixels' own RGB PCA, as the paper; 'published': fb.resnet.torch's constants
     c.normalization = "pixel"
     c.eval_crops = 10
     c.shuffle_buffer = 10_000

@@ -26,6 +26,7 @@ import argparse
 import io
 import os
 import tarfile
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -102,12 +103,15 @@ def corrupt(data: bytes) -> bytes:
 def write_tiny_imagenet(manual_dir: str, classes: int = 8, train_per_class: int = 4, corrupt_train: int = 0,
                         train: bool = True, val: bool = True, seed: int = 0,
                         val_per_class: int = 0, truncate_train: int = 0,
-                        sizes: tuple[tuple[int, int], ...] = SIZES, quality: int = 85) -> dict[str, int]:
+                        sizes: tuple[tuple[int, int], ...] = SIZES, quality: int = 85,
+                        train_image: Callable[[int, int, np.random.Generator], bytes] | None = None
+                        ) -> dict[str, int]:
     """Write the archives; returns the number of images per split. Image k of class c is grayscale if
     (c + k) % 5 == 0. `corrupt_train` damages that many training JPEGs (for the bad-input tests);
     `truncate_train` cuts that many (after the corrupted ones) to their first 90%, as an interrupted copy would.
     `sizes`: the (width, height) sizes images cycle through (`REALISTIC_SIZES`: ILSVRC-2012's ~400x350 average);
     `quality`: their JPEG quality (97 on `REALISTIC_SIZES` gives ~110 KB per image, ILSVRC-2012's average).
+    `train_image(c, k, rng)`, if given, makes training image k of class c instead (JPEG bytes).
     `val_per_class` > 0: that many validation images of every class, labelled correctly by tfds (see above)."""
     os.makedirs(manual_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -123,8 +127,9 @@ def write_tiny_imagenet(manual_dir: str, classes: int = 8, train_per_class: int 
                 inner_buf = io.BytesIO()
                 with tarfile.open(fileobj=inner_buf, mode="w") as inner:
                     for k in range(train_per_class):
-                        data = make_jpeg(c, k, rng, sizes[(c + k) % len(sizes)], gray=(c + k) % 5 == 0,
-                                         classes=classes, quality=quality)
+                        data = train_image(c, k, rng) if train_image else make_jpeg(
+                            c, k, rng, sizes[(c + k) % len(sizes)], gray=(c + k) % 5 == 0, classes=classes,
+                            quality=quality)
                         if counts["train"] < corrupt_train:
                             data = corrupt(data)
                         elif counts["train"] < corrupt_train + truncate_train:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the test suite: creates .venv if missing, installs alexnet_jax with its test extra, runs pytest.
+# Run the test suite: creates .venv if missing, installs alexnet_jax with its test and torch extras (torch's CPU
+# build, pinned in pyproject.toml: the conversion parity and yardstick tests need it and fail without it), runs pytest.
 # Usage: scripts/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,5 +8,12 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+# --no-compile: no .pyc for every installed file (torch's install took 118 s with them, 27 s without, on the
+# 2-core machine); Python compiles the modules the tests import when they are first imported.
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-compile)
+if ! "${PIP[@]}" -e ".[test,torch]"; then  # e.g. offline with no torch wheel at hand: the rest still runs
+  echo "warning: could not install the torch extra (torch==2.13.0, CPU build); the PyTorch-based tests will" \
+       "fail saying so" >&2
+  "${PIP[@]}" -e ".[test]"
+fi
 exec .venv/bin/python -m pytest "$@"

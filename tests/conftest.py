@@ -19,6 +19,21 @@ def pytest_configure(config):
     tf.config.set_visible_devices([], "GPU")
 
 
+TORCH_MISSING = ("torch is not installed, so this PyTorch-based test cannot run: `scripts/test.sh` installs it "
+                 "(`pip install -e '.[test,torch]'`, the CPU build torch==2.13.0); a missing torch is a failure here, "
+                 "never a skip")
+
+
+@pytest.fixture(scope="session")
+def torch_lib():
+    """PyTorch, or a failure that says how to install it (CI must run the torch tests, not skip them)."""
+    try:
+        import torch
+    except ImportError as e:
+        pytest.fail(f"{TORCH_MISSING} ({e})")
+    return torch
+
+
 @pytest.fixture
 def repo() -> str:
     return REPO

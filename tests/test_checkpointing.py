@@ -125,6 +125,21 @@ def test_config_differences_lists_fields_and_allows_resumable_changes():
     assert config_lib.config_differences(saved, now) == ["fc_width: checkpoint 32, now 64"]
 
 
+def test_checkpoints_from_before_config_pca_keep_their_lighting():
+    """An ImageNet run saved before `pca` existed was lit with the published PCA: it loads as such and a resume
+    with today's default ('data') is refused; runs on other datasets (no PCA lighting) are unaffected."""
+    old = config_lib.config_to_dict(tiny_config(dataset="imagenet2012"))
+    del old["pca"]
+    assert config_lib.config_from_dict(old).pca == "published"
+    now = config_lib.config_to_dict(tiny_config(dataset="imagenet2012"))
+    assert config_lib.config_differences(old, now) == ["pca: checkpoint 'published', now 'data'"]
+    assert config_lib.config_differences(old, dict(now, pca="published")) == []
+    small = config_lib.config_to_dict(tiny_config())
+    del small["pca"]
+    assert config_lib.config_from_dict(small).pca == "data"
+    assert config_lib.config_differences(small, config_lib.config_to_dict(tiny_config())) == []
+
+
 # --------------------------------------------------------------------------------------- mesh changes
 def test_4x2_checkpoint_restores_on_1_device_and_2x2_with_same_accuracy(run_4x2):
     workdir, config, summary = run_4x2

@@ -6,30 +6,42 @@ import sys
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from alexnet_jax import convert
+from alexnet_jax.errors import UserError
+from alexnet_jax.model import create_model
 
 sys.path.insert(0, os.path.dirname(__file__))
-from torchvision_alexnet import TorchvisionAlexNet  # noqa: E402
+try:
+    import torch
+    from torchvision_alexnet import TorchvisionAlexNet
+except ImportError:  # every test below then fails through the `torch_lib` fixture, saying what to install
+    torch = None
 
-from alexnet_jax import convert  # noqa: E402
-from alexnet_jax.errors import UserError  # noqa: E402
-from alexnet_jax.model import create_model  # noqa: E402
+
+@pytest.fixture(autouse=True)
+def _needs_torch(torch_lib):
+    """Not a skip: without torch each test of this module fails with conftest's TORCH_MISSING message."""
 
 
 def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-@pytest.fixture(scope="module")
-def torch_model():
+def _torchvision_like(fc_width: int = 4096):
     torch.manual_seed(0)
-    model = TorchvisionAlexNet(num_classes=1000).eval()
+    model = TorchvisionAlexNet(num_classes=1000, fc_width=fc_width).eval()
     with torch.no_grad():  # torchvision-like scales so the logits are not ~0 (default init shrinks them)
         for m in model.modules():
             if isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
                 m.weight.mul_(2.0)
                 m.bias.uniform_(-0.1, 0.1)
     return model
+
+
+@pytest.fixture(scope="module")
+def torch_model():
+    """torchvision's architecture at full size (61,100,840 parameters): the logits parity tests."""
+    return _torchvision_like()
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +52,32 @@ def pth(torch_model, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def converted(pth, tmp_path_factory) -> str:
-    """A workdir holding the converted checkpoint."""
+def narrow_model():
+    """The same module tree with fc6/fc7 of 256 neurons: what a checkpoint is written from, evaluated and
+    predicted with (the full size's 58M FC parameters made the write and restore ~10x slower for nothing)."""
+    return _torchvision_like(fc_width=256)
+
+
+@pytest.fixture(scope="module")
+def narrow_pth(narrow_model, tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tv") / "alexnet_narrow.pth")
+    torch.save(narrow_model.state_dict(), path)
+    return path
+
+
+def test_full_size_state_dict_is_torchvision_alexnet(pth):
+    state = convert.load_state_dict(pth)
+    assert convert.check_architecture(state)[:3] == ((64, 192, 384, 256, 256), 4096, 1000)
+    assert sum(int(np.prod(v.shape)) for v in state.values()) == 61_100_840
+
+
+@pytest.fixture(scope="module")
+def converted(narrow_pth, tmp_path_factory) -> str:
+    """A workdir holding the converted checkpoint (of the narrow model)."""
     workdir = str(tmp_path_factory.mktemp("converted") / "wd")
-    out = convert.convert(pth, workdir)
-    assert out["params"] == 61_100_840
+    out = convert.convert(narrow_pth, workdir)
+    assert out["params"] == 2_469_696 + (9216 * 256 + 256) + (256 * 256 + 256) + (256 * 1000 + 1000)  # convs + FC
+    assert out["fc_width"] == 256
     return workdir
 
 
@@ -66,7 +99,7 @@ def test_converted_logits_equal_pytorch(torch_model, pth, size):
     assert _rel_err(got, expected) < 1e-4
 
 
-def test_convert_writes_a_checkpoint_predict_uses(torch_model, pth, converted, tmp_path):
+def test_convert_writes_a_checkpoint_predict_uses(narrow_model, narrow_pth, converted, tmp_path):
     import tensorflow as tf
 
     from alexnet_jax import checkpointing, inference, predict
@@ -87,12 +120,12 @@ def test_convert_writes_a_checkpoint_predict_uses(torch_model, pth, converted, t
     x = predict.preprocess(path, (224, 224, 3), norm, "imagenet2012", "antialias")
     with torch.no_grad():
         nchw = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None]))
-        probs = torch.softmax(torch_model(nchw), -1).numpy()[0]
+        probs = torch.softmax(narrow_model(nchw), -1).numpy()[0]
     expected = np.argsort(-probs)[:3]
     assert [name for name, _ in top] == [meta["class_names"][i] for i in expected]
     np.testing.assert_allclose([p for _, p in top], probs[expected], rtol=1e-4)
     with pytest.raises(UserError, match="already holds checkpoints"):
-        convert.convert(pth, workdir)
+        convert.convert(narrow_pth, workdir)
     # files that cannot be decoded: a PNG and a JPEG cut short
     for name, data in (("cut.png", tf.io.encode_png(image).numpy()), ("cut.jpg", tf.io.encode_jpeg(image).numpy())):
         bad = tmp_path / name
@@ -139,7 +172,7 @@ def test_cli_prints_one_line_error(tmp_path, python, repo):
     assert "alexnet_jax.convert: error: --torchvision" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_evaluate_uses_torchvision_normalisation_on_imagenet(torch_model, converted, tmp_path):
+def test_evaluate_uses_torchvision_normalisation_on_imagenet(narrow_model, converted, tmp_path):
     """The converted checkpoint through `evaluate` on a tiny archive of the ILSVRC-2012 format (tfds's real
     imagenet2012 builder): the pipeline normalises with torchvision's mean/std (not the training set's) and
     the metrics equal torch's on the same pixels."""
@@ -170,7 +203,7 @@ def test_evaluate_uses_torchvision_normalisation_on_imagenet(torch_model, conver
     images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
     labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
     with torch.no_grad():
-        logits = torch_model(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))
+        logits = narrow_model(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))
     loss = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels).long()))
     top5 = float(np.mean([y in np.argsort(-row)[:5] for row, y in zip(logits.numpy(), labels, strict=True)]))
 

@@ -50,9 +50,9 @@ def notebook_run(tmp_path_factory, fmnist_data_dir):
     """The Colab notebook executed top to bottom with nbclient (12 steps, tiny widths): (notebook, workdir)."""
     if not HAVE_FMNIST:
         pytest.skip(f"FashionMNIST files not in {FASHION_MNIST_DIR}")
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
+    import ipykernel  # noqa: F401  (the test extra: an ImportError here is a failure, not a skip)
+    import nbclient
+    import nbformat
     path = os.path.join(REPO, "notebooks", "alexnet_colab.ipynb")
     nb = nbformat.read(path, as_version=4)
     workdir = str(tmp_path_factory.mktemp("nb") / "run")

@@ -148,10 +148,26 @@ def test_resumed_stream_equals_uninterrupted(prepared):
 
 
 def test_processes_read_disjoint_slices(prepared):
-    data = datalib.create_data(_config(prepared[0]))
-    rows = [next(iter(data.train(0, 1, pid, 2))) for pid in (0, 1)]
-    assert all(r["image"].shape == (4, 224, 224, 3) for r in rows)
-    assert not np.array_equal(rows[0]["image"], rows[1]["image"])
+    """Record identities (the archive's file names): over an epoch the two processes' records are disjoint and
+    together the whole split; each process's batches are made of exactly its own records, row for row."""
+    config = _config(prepared[0])
+    builder = imagenet.open_prepared(config)
+    parse = imagenet._parser(builder)
+    steps = 4  # one epoch: 32 images at batch 8
+    read = []
+    for pid in (0, 1):
+        rows = [parse(record) for _, record in imagenet.train_records(builder, config, 0, steps, pid, 2)]
+        read.append(([r["file_name"].numpy().decode() for r in rows], [int(r["label"]) for r in rows]))
+    names = [set(n) for n, _ in read]
+    assert all(len(n) == len(set(n)) == 16 for n, _ in read)  # each process: 16 distinct records per epoch
+    assert not names[0] & names[1], sorted(names[0] & names[1])
+    split = {ex["file_name"].decode() for ex in builder.as_dataset(split="train").as_numpy_iterator()}
+    assert names[0] | names[1] == split and len(split) == 32
+    data = datalib.create_data(_config(prepared[0], pca_lighting=0.0))
+    for pid, (_, labels) in enumerate(read):
+        batches = list(data.train(0, steps, pid, 2))
+        assert all(b["image"].shape == (4, 224, 224, 3) for b in batches)
+        assert np.concatenate([b["label"] for b in batches]).tolist() == labels
 
 
 @pytest.mark.parametrize("crops", [1, 10])
@@ -214,13 +230,21 @@ def test_patch_of_a_large_image_matches_resize_then_crop():
     assert np.abs(patch - square[32:256, 0:224]).mean() < np.abs(patch - square[0:224, 32:256]).mean()
 
 
+# fb.resnet.torch (facebookarchive/fb.resnet.torch, datasets/imagenet.lua, `pca`): ImageNet's RGB PCA on [0, 1]
+# pixels, copied here from the source so that a change to augment.py's copy fails the tests below.
+FB_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
+FB_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+
+
 def test_pca_lighting_has_the_paper_covariance():
-    shifts = _draw(lambda k: augment.pca_shift(k, 0.1), 20000)
-    v, lam = augment.PCA_EIGVEC, augment.PCA_EIGVAL
-    want = 255.0**2 * v @ np.diag((0.1 * lam) ** 2) @ v.T
-    got = np.cov(shifts.T)
-    np.testing.assert_allclose(got, want, atol=0.05 * want[0, 0])
-    np.testing.assert_allclose(shifts.mean(0), 0, atol=0.05 * np.sqrt(want[0, 0]))
+    np.testing.assert_array_equal(augment.PCA_EIGVAL, FB_EIGVAL.astype(np.float32))  # 'published' is theirs
+    np.testing.assert_array_equal(augment.PCA_EIGVEC, FB_EIGVEC.astype(np.float32))
+    v, lam = np.diag([1.0, -1.0, 1.0]) @ FB_EIGVEC, FB_EIGVAL[::-1] * [3, 2, 1]  # any (eigval, eigvec) is used
+    for pca, (vec, val) in ((augment.PUBLISHED, (FB_EIGVEC, FB_EIGVAL)), ((lam, v), (v, lam))):
+        shifts = _draw(lambda k, pca=pca: augment.pca_shift(k, 0.1, pca), 20000)
+        want = 255.0**2 * vec @ np.diag((0.1 * val) ** 2) @ vec.T
+        np.testing.assert_allclose(np.cov(shifts.T), want, atol=0.05 * np.abs(want).max())
+        np.testing.assert_allclose(shifts.mean(0), 0, atol=0.05 * np.sqrt(np.abs(want).max()))
     # the shift is one colour per image, added to every pixel
     jpeg = tf.constant(_jpeg(300, 260))
     args = dict(resize=256, crop=224, flip=False, normalization="channel", mean=np.zeros(3, np.float32),
@@ -230,6 +254,54 @@ def test_pca_lighting_has_the_paper_covariance():
             - augment.paper_train_image(jpeg, key, pca_std=0.0, **args)).numpy()
     np.testing.assert_allclose(diff, np.broadcast_to(diff[0, 0], diff.shape), atol=1e-3)
     assert np.abs(diff[0, 0]).max() > 0
+
+
+def _block_jpeg(colours: np.ndarray) -> bytes:
+    """A 256 px square of 16x16 flat blocks (aligned with JPEG's 8x8 DCT blocks, no chroma subsampling, quality
+    100), one colour per block: decoding gives back each block's colour to within a level."""
+    image = np.repeat(np.repeat(colours.reshape(16, 16, 3), 16, 0), 16, 1)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "JPEG", quality=100, subsampling=0)
+    return buf.getvalue()
+
+
+def test_data_pca_recovers_a_known_colour_covariance(tmp_path):
+    """`config.pca='data'`: the training pixels' RGB covariance, computed with the mean image in one pass, on a
+    synthetic archive whose colours have a known covariance (eigenvalues 1:0.2:0.05, a rotated basis)."""
+    rng = np.random.default_rng(5)
+    basis = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    colour_cov = basis @ np.diag([45.0, 20.0, 10.0]) ** 2 @ basis.T  # 0-255 scale
+    written = []
+
+    def image(c: int, k: int, _: np.random.Generator) -> bytes:
+        colours = rng.multivariate_normal([128, 120, 110], colour_cov, 256).round().clip(0, 255).astype(np.uint8)
+        written.append(colours)
+        return _block_jpeg(colours)
+
+    manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "data")
+    tiny.write_tiny_imagenet(manual, classes=2, train_per_class=4, train_image=image)
+    builder = imagenet.prepare(data_dir, manual, verify=False)
+    stats = imagenet.dataset_stats(builder, 256, 0)
+    pixels = np.concatenate(written).astype(np.float64) / 255.0  # every block is the same number of pixels
+    known = np.cov(pixels.T, bias=True)
+    val, vec = np.linalg.eigh(known)
+    val, vec = val[::-1], vec[:, ::-1]
+    got_val, got_vec = stats["pca_eigval"], stats["pca_eigvec"]
+    np.testing.assert_allclose(got_val, val, rtol=0.01)
+    np.testing.assert_allclose(np.abs(np.sum(got_vec * vec, 0)), 1.0, atol=1e-3)  # same axes, up to sign
+    np.testing.assert_allclose(got_vec @ np.diag(got_val) @ got_vec.T, known, atol=0.01 * val[0])
+    np.testing.assert_allclose(stats["mean"], pixels.mean(0) * 255, atol=0.5)
+    # the pipeline lights images with the PCA its config names: the same key draws the same alpha, so
+    # the 'data' shift is V_data (alpha * l_data) where the 'published' one is V_pub (alpha * l_pub)
+    shifts = {}
+    for pca in ("data", "published"):
+        lit, dark = (next(iter(datalib.create_data(_config(
+            data_dir, pca=pca, pca_lighting=std, image_size=32, random_flip=False, normalization="channel")
+        ).train(0, 1, 0, 1))) for std in (0.1, 0.0))
+        shifts[pca] = (lit["image"] - dark["image"])[:, 0, 0] * stats["std"]  # undo the channel std
+    alpha = np.linalg.solve(FB_EIGVEC, shifts["published"].T / 255.0).T / FB_EIGVAL
+    assert np.abs(alpha).max() > 0.02  # alpha ~ N(0, 0.1): the lighting is on
+    np.testing.assert_allclose(shifts["data"], 255.0 * (alpha * got_val) @ got_vec.T, rtol=1e-3, atol=1e-3)
 
 
 def test_ten_crops_are_corners_centre_and_reflections():

@@ -73,8 +73,8 @@ def test_forward_macs_are_the_papers():
     ("small", (28, 28, 1), dict(num_classes=10, widths=(8, 16, 16, 16, 8), fc_width=32)),
     ("paper", (224, 224, 3), dict(num_classes=7, widths=(8, 16, 16, 16, 8), fc_width=16)),
 ])
-def test_torch_yardstick_computes_the_same_function(variant, shape, kw):
-    torch = pytest.importorskip("torch")
+def test_torch_yardstick_computes_the_same_function(variant, shape, kw, torch_lib):
+    torch = torch_lib
     from alexnet_jax import torch_alexnet
 
     model = AlexNet(variant=variant, **kw)
@@ -89,8 +89,8 @@ def test_torch_yardstick_computes_the_same_function(variant, shape, kw):
     np.testing.assert_allclose(model.apply({"params": params}, x), theirs, rtol=1e-4, atol=1e-5)
 
 
-def test_benchmark_train_step_reports_json():
-    torch_args = ["--vs-torch"] if _have_torch() else []
+def test_benchmark_train_step_reports_json(torch_lib):
+    torch_args = ["--vs-torch"]  # torch_lib: fails, not skips, where torch is missing
     cmd = [sys.executable, "scripts/benchmark.py", "--mode", "train_step", "--config", "configs/fashion_mnist.py",
            "--batch", "8", "--steps", "2", "--set", "widths=(8,16,16,16,8)", "--set", "fc_width=32", "--json",
            *torch_args]
@@ -106,14 +106,6 @@ def test_benchmark_train_step_reports_json():
     assert out["compile_s"] > 0 and out["process_peak_rss_mib"] > 0
     if torch_args:
         assert out["jax_over_torch"] == pytest.approx(out["ms_per_step"] / out["torch_ms_per_step"])
-
-
-def _have_torch() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @pytest.mark.skipif(not HAVE_FMNIST, reason="needs Debian's dataset-fashion-mnist")

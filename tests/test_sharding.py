@@ -104,23 +104,6 @@ def _at(tree, path):
     return tree
 
 
-def test_paper_split_communicates_like_the_paper():
-    """4x2, the 2012 net's layer shapes: no 'model' traffic in conv1/2/4/5, 'model' traffic at conv3 and fc6-8."""
-    config = tiny_config(variant="paper", widths=(), fc_width=0, num_classes=1000, image_size=67,
-                         batch_size=8, mesh_shape=(4, 2))
-    _, compiled = collectives.compiled_train_step(config, mesh_of((4, 2)), (67, 67, 3))
-    ops = collectives.collectives(compiled.as_text(), mesh_of((4, 2)))
-    over_model = {(c.layer, c.pass_, c.kind) for c in ops if "model" in c.axes}
-    layers = {layer for layer, _, _ in over_model}
-    assert not layers & {"conv1", "conv2", "conv4", "conv5"}, over_model
-    assert {"conv3", "fc6", "fc7", "fc8"} <= layers, over_model
-    assert ("conv3", "forward", "all-gather") in over_model
-    assert ("conv3", "backward", "reduce-scatter") in over_model
-    assert ("fc8", "forward", "all-reduce") in over_model
-    # Gradients of the replicated-over-data kernels are summed over 'data' only.
-    assert {c.axes for c in ops if c.layer == "conv2"} == {("data",)}
-
-
 def test_per_device_parameter_bytes_on_model_2():
     config = default_config.get_config()  # the paper's net on ImageNet, 60,965,224 parameters
     mesh = mesh_of((4, 2))

@@ -7,7 +7,7 @@ from torch import nn
 
 
 class TorchvisionAlexNet(nn.Module):
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.5) -> None:
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.5, fc_width: int = 4096) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2),  # features.0
@@ -27,12 +27,12 @@ class TorchvisionAlexNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
         self.classifier = nn.Sequential(
             nn.Dropout(p=dropout),
-            nn.Linear(256 * 6 * 6, 4096),  # classifier.1
+            nn.Linear(256 * 6 * 6, fc_width),  # classifier.1 (fc_width: 4096 in torchvision; less, to test fast)
             nn.ReLU(inplace=True),
             nn.Dropout(p=dropout),
-            nn.Linear(4096, 4096),  # classifier.4
+            nn.Linear(fc_width, fc_width),  # classifier.4
             nn.ReLU(inplace=True),
-            nn.Linear(4096, num_classes),  # classifier.6
+            nn.Linear(fc_width, num_classes),  # classifier.6
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ Every random choice is drawn from a stateless key, so an image's augmentation is
 - `decode_square`: rescale the shorter side to 256 and take the centre 256x256, decoding only that square
   of the JPEG (`tf.io.decode_and_crop_jpeg`); the paper's stored training images.
 - `paper_train_image`: a random 224x224 (or Caffe's 227) patch of the square, a horizontal reflection half the
-  time, and PCA lighting: `eigvec @ (alpha * eigval)` added to every pixel, alpha ~ N(0, 0.1) per image.
+  time, and PCA lighting: `eigvec @ (alpha * eigval)` added to every pixel, alpha ~ N(0, 0.1) per image, with the
+  training pixels' own RGB PCA (`pixel_pca`) or fb.resnet.torch's published one.
   `paper_batch`: the same for a whole batch of prepared 256x256 uint8 squares (`data.squares`);
   `paper_batch_on_device`: `paper_batch` in JAX, for the jitted train step (`config.augment_on_device`).
 - `random_resized_crop`: Inception's random area/aspect crop, decoded in one step, for modern recipes.
@@ -19,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-# ImageNet RGB PCA on [0, 1] pixels (facebookarchive/fb.resnet.torch); columns are eigenvectors.
+# ImageNet RGB PCA on [0, 1] pixels as published by facebookarchive/fb.resnet.torch (`config.pca='published'`);
+# columns are eigenvectors. `config.pca='data'` computes the training set's own (`pixel_pca`).
 PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045], np.float32)
 PCA_EIGVEC = np.array(
     [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]], np.float32
@@ -101,10 +103,26 @@ def flip_coin(key: tf.Tensor) -> tf.Tensor:
     return tf.random.stateless_uniform([], seed=key) < 0.5
 
 
-def pca_shift(key: tf.Tensor, std: float) -> tf.Tensor:
+Lighting = tuple[np.ndarray, np.ndarray]  # (eigval (3,), eigvec (3, 3) with eigenvectors as columns), [0, 1] scale
+PUBLISHED: Lighting = (PCA_EIGVAL, PCA_EIGVEC)
+
+
+def pixel_pca(second_moment: np.ndarray, mean: np.ndarray) -> Lighting:
+    """Eigenvalues (descending) and eigenvectors of the RGB covariance of pixels on the [0, 1] scale (the
+    published set's scale), from the mean of x x^T and of x over pixels on the 0-255 scale. Each eigenvector's
+    sign is chosen so that its largest component is positive (the shift's distribution does not depend on it)."""
+    cov = (np.asarray(second_moment, np.float64) - np.outer(mean, mean)) / 255.0**2
+    eigval, eigvec = np.linalg.eigh(cov)
+    eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
+    eigvec = eigvec * np.where(eigvec[np.argmax(np.abs(eigvec), 0), range(3)] < 0, -1.0, 1.0)
+    return np.maximum(eigval, 0).astype(np.float32), eigvec.astype(np.float32)
+
+
+def pca_shift(key: tf.Tensor, std: float, pca: Lighting = PUBLISHED) -> tf.Tensor:
     """The paper's per-image RGB shift on the 0-255 scale: 255 * eigvec @ (alpha * eigval), alpha ~ N(0, std)."""
+    eigval, eigvec = pca
     alpha = tf.random.stateless_normal([3], seed=key, stddev=std)
-    return 255.0 * tf.linalg.matvec(tf.constant(PCA_EIGVEC), alpha * tf.constant(PCA_EIGVAL))
+    return 255.0 * tf.linalg.matvec(tf.constant(eigvec, tf.float32), alpha * tf.constant(eigval, tf.float32))
 
 
 def normalise(image: tf.Tensor, normalization: str, mean: np.ndarray, std: np.ndarray) -> tf.Tensor:
@@ -116,7 +134,7 @@ def normalise(image: tf.Tensor, normalization: str, mean: np.ndarray, std: np.nd
 
 def paper_train_image(
     jpeg: tf.Tensor, key: tf.Tensor, *, resize: int, crop: int, flip: bool, pca_std: float,
-    normalization: str, mean: np.ndarray, std: np.ndarray, method: str = "area",
+    normalization: str, mean: np.ndarray, std: np.ndarray, method: str = "area", pca: Lighting = PUBLISHED,
 ) -> tf.Tensor:
     """Section 4.1: a random crop x crop patch of the 256 square, reflected half the time, PCA lighting.
 
@@ -131,7 +149,7 @@ def paper_train_image(
     if flip:
         image = tf.cond(flip_coin(k_flip), lambda: tf.reverse(image, axis=[1]), lambda: image)
     if pca_std > 0:
-        image = image + pca_shift(k_pca, pca_std)
+        image = image + pca_shift(k_pca, pca_std, pca)
     if normalization == "channel":
         image = normalise(image, normalization, mean, std)
     return image
@@ -152,7 +170,7 @@ def batch_draws(key: tf.Tensor, rows: tf.Tensor, global_batch: int, size: int, c
 
 def paper_batch(
     images: tf.Tensor, yx: tf.Tensor, flips: tf.Tensor, alpha: tf.Tensor, *, crop: int, flip: bool,
-    pca_std: float, normalization: str, mean: np.ndarray, std: np.ndarray,
+    pca_std: float, normalization: str, mean: np.ndarray, std: np.ndarray, pca: Lighting = PUBLISHED,
 ) -> tf.Tensor:
     """`paper_train_image` for a batch of stored uint8 squares (B, S, S, 3), or of their patches already cut at
     `yx` (B, crop, crop, 3), with the draws of `batch_draws`: the same distributions as `paper_train_image`.
@@ -170,7 +188,8 @@ def paper_batch(
     if normalization == "pixel":
         image = image - tf.gather(tf.gather(tf.constant(mean), ys), xs, axis=2, batch_dims=1)
     if pca_std > 0:
-        shift = 255.0 * tf.linalg.matvec(tf.constant(PCA_EIGVEC)[None], alpha * tf.constant(PCA_EIGVAL))
+        eigval, eigvec = pca
+        shift = 255.0 * tf.linalg.matvec(tf.constant(eigvec, tf.float32)[None], alpha * tf.constant(eigval, tf.float32))
         image = image + shift[:, None, None, :]
     if normalization == "channel":
         image = normalise(image, normalization, mean, std)
@@ -178,7 +197,7 @@ def paper_batch(
 
 
 def paper_batch_on_device(batch: dict, *, crop: int, flip: bool, pca_std: float, normalization: str,
-                          mean: np.ndarray, std: np.ndarray) -> dict:
+                          mean: np.ndarray, std: np.ndarray, pca: Lighting = PUBLISHED) -> dict:
     """`paper_batch` in JAX, inside the jitted train step (`config.augment_on_device=True`): `batch` holds the uint8
     squares (B, S, S, 3) and the host's `batch_draws` for them ("offset" (B, 2), "flip" (B,), "lighting" (B, 3));
     returns {"image": (B, crop, crop, 3) float32, "label"}, the batch the host's `paper_batch` computes from the same
@@ -198,8 +217,9 @@ def paper_batch_on_device(batch: dict, *, crop: int, flip: bool, pca_std: float,
     if flip:
         image = jnp.where(batch["flip"].astype(bool)[:, None, None, None], image[:, :, ::-1], image)
     if pca_std > 0:  # elementwise, not a matmul: no reduced-precision matmul on an accelerator
-        weighted = batch["lighting"].astype(jnp.float32) * PCA_EIGVAL  # (B, 3)
-        shift = 255.0 * jnp.sum(jnp.asarray(PCA_EIGVEC)[None] * weighted[:, None, :], axis=-1)
+        eigval, eigvec = pca
+        weighted = batch["lighting"].astype(jnp.float32) * jnp.asarray(eigval, jnp.float32)  # (B, 3)
+        shift = 255.0 * jnp.sum(jnp.asarray(eigvec, jnp.float32)[None] * weighted[:, None, :], axis=-1)
         image = image + shift[:, None, None, :]
     if normalization == "channel":
         image = (image - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
@@ -209,7 +229,7 @@ def paper_batch_on_device(batch: dict, *, crop: int, flip: bool, pca_std: float,
 def random_resized_crop(
     jpeg: tf.Tensor, key: tf.Tensor, *, crop: int, area_range: tuple[float, float],
     aspect_range: tuple[float, float], flip: bool, pca_std: float, normalization: str, mean: np.ndarray,
-    std: np.ndarray, method: str = "area",
+    std: np.ndarray, method: str = "area", pca: Lighting = PUBLISHED,
 ) -> tf.Tensor:
     """Inception-style: a random box of 8-100% of the area and 3/4-4/3 aspect, decoded alone, resized.
 
@@ -228,7 +248,7 @@ def random_resized_crop(
     if flip:
         image = tf.cond(flip_coin(k_flip), lambda: tf.reverse(image, axis=[1]), lambda: image)
     if pca_std > 0:
-        image = image + pca_shift(k_pca, pca_std)
+        image = image + pca_shift(k_pca, pca_std, pca)
     return image - mean if normalization == "pixel" else (image - mean) / std
 
 

@@ -19,7 +19,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
+from alexnet_jax.data import augment
 from alexnet_jax.errors import UserError
 
 DATASETS = ("fashion_mnist", "cifar10", "imagenet2012")
@@ -157,3 +159,13 @@ def data_options(threads: int | None = None) -> tf.data.Options:
     if threads == 1:
         opts.threading.max_intra_op_parallelism = 1
     return opts
+
+
+def lighting_for(config: ml_collections.ConfigDict, stats: dict[str, np.ndarray]) -> augment.Lighting:
+    """The PCA the lighting augmentation uses: `config.pca` 'data' (the training pixels', from `dataset_stats`)
+    or 'published' (fb.resnet.torch's constants)."""
+    if config.pca == "published" or config.pca_lighting == 0:  # (off: nothing to compute for it)
+        return augment.PUBLISHED
+    logging.info("PCA lighting from the training pixels: eigenvalues %s, eigenvectors (columns) %s",
+                 np.round(stats["pca_eigval"], 4).tolist(), np.round(stats["pca_eigvec"], 4).tolist())
+    return np.asarray(stats["pca_eigval"], np.float32), np.asarray(stats["pca_eigvec"], np.float32)

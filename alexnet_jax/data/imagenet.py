@@ -36,13 +36,15 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from alexnet_jax.data import augment
+from alexnet_jax.data import augment, base
 from alexnet_jax.data.base import Data, Normalisation, check_data_dir, data_options, normalisation_for, padded_rows
 from alexnet_jax.errors import UserError
 
 NAME = "imagenet2012"
 MANUAL_FILES = {"train": "ILSVRC2012_img_train.tar", "validation": "ILSVRC2012_img_val.tar"}
 DOWNLOAD_PAGE = "https://image-net.org/download-images"
+PCA_SOURCES = ("data", "published")
+STATS = ("mean_image", "mean", "std", "pca_eigval", "pca_eigvec")
 
 
 def _data_dir(config_data_dir: str) -> str | None:
@@ -153,6 +155,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         fail("image_size", f"must be a crop of the {config.resize_size} px square (--config.resize_size)")
     if config.pca_lighting < 0:
         fail("pca_lighting", "is the std of the PCA lighting alpha (paper: 0.1); use 0 to turn it off")
+    if config.pca not in PCA_SOURCES:
+        fail("pca", f"choose one of {PCA_SOURCES}: the training pixels' own RGB PCA (the paper) or "
+                    "fb.resnet.torch's")
     lo, hi = config.rrc_area_range
     if not 0 < lo <= hi <= 1:
         fail("rrc_area_range", "must be (low, high) fractions of the image area with 0 < low <= high <= 1")
@@ -201,35 +206,39 @@ def _records(instructions, order: tf.Tensor | None = None, cycle_length: int = 1
 
 def dataset_stats(builder: tfds.core.DatasetBuilder, resize: int, examples: int, method: str = "area",
                   threads: int | None = None, square_of: Callable | None = None) -> dict[str, np.ndarray]:
-    """Mean image (resize, resize, 3) and per-channel mean/std over the first `examples` training images
-    (0: all; tfds shuffled the records when preparing, so the first ones are a random sample), 0-255 scale.
-    Cached beside the prepared data. `square_of(image feature)`: the float32 square (default: decode a source
-    JPEG's centre square and resize it)."""
+    """Mean image (resize, resize, 3), per-channel mean/std (0-255 scale) and the RGB PCA of the pixels
+    (`augment.pixel_pca`, [0, 1] scale) over the first `examples` training images (0: all; tfds shuffled the
+    records when preparing, so the first ones are a random sample), in one pass. Cached beside the prepared data.
+    `square_of(image feature)`: the float32 square (default: decode a source JPEG's centre square and resize it)."""
     square_of = square_of or (lambda jpeg: augment.decode_square(jpeg, resize, method))
     n = builder.info.splits["train"].num_examples if examples <= 0 else min(examples, builder.info.splits[
         "train"].num_examples)
     path = os.path.join(os.fspath(builder.data_dir), f"alexnet_jax_stats_{resize}px_{method}_{n}.npz")
     if os.path.isfile(path):
         with np.load(path) as f:
-            return {k: f[k] for k in ("mean_image", "mean", "std")}
+            if all(k in f for k in STATS):  # a cache from before the PCA was kept is computed again
+                return {k: f[k] for k in STATS}
     logging.info("computing the training mean image over %d images (cached in %s)", n, path)
     ds = _records(builder.info.splits["train"].file_instructions).take(n)
     ds = ds.map(lambda r: square_of(_parser(builder)(r)["image"]),
                 num_parallel_calls=tf.data.AUTOTUNE).batch(64).with_options(data_options(threads))
     total = np.zeros((resize, resize, 3), np.float64)
-    sq = np.zeros(3, np.float64)
+    second = np.zeros((3, 3), np.float64)  # sum of x x^T over pixels: the colour covariance, with the mean
     try:
         for batch in ds.as_numpy_iterator():
             b = batch.astype(np.float64)
             total += b.sum(0)
-            sq += np.square(b).sum((0, 1, 2))
+            rgb = b.reshape(-1, 3)
+            second += rgb.T @ rgb
     except tf.errors.InvalidArgumentError as e:
         raise _corrupt_error(builder, "train", e) from None
     mean_image = total / n
     mean = mean_image.mean((0, 1))
-    std = np.sqrt(sq / (n * resize * resize) - np.square(mean))
+    second /= n * resize * resize
+    std = np.sqrt(np.diag(second) - np.square(mean))
+    eigval, eigvec = augment.pixel_pca(second, mean)
     stats = {"mean_image": mean_image.astype(np.float32), "mean": mean.astype(np.float32),
-             "std": std.astype(np.float32)}
+             "std": std.astype(np.float32), "pca_eigval": eigval, "pca_eigvec": eigvec}
     try:
         np.savez(path, **stats)
     except OSError as e:
@@ -275,37 +284,17 @@ def _train_arrays(config: ml_collections.ConfigDict, norm: Normalisation) -> tup
 def train_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict,
                   norm: Normalisation, start_step: int, num_steps: int, process_index: int = 0,
                   process_count: int = 1, threads: int | None = None,
-                  squares: Callable | None = None) -> tf.data.Dataset:
-    """This process's rows of global batches `start_step .. num_steps-1` (images float32, labels int32).
-
-    `squares(records, key, rows)` for stored squares: a whole local batch of serialized records parsed and
-    augmented at once from the step's key (seed, step) and the rows' global indices (a few batch-wide ops instead
-    of a dozen per image). Otherwise each source JPEG is augmented alone from its key (seed, step, row). The
-    stream around it (order, keys, skipping) is the same either way."""
-    bs = config.batch_size
-    local = bs // process_count
-    instructions, counts = _instructions(builder, "train", process_index, process_count)
-    per_epoch = sum(counts) // bs
-    if per_epoch == 0 or min(counts) < per_epoch * local:
-        raise UserError(f"--config.batch_size={bs} is larger than the {sum(counts)} training images")
+                  squares: Callable | None = None,
+                  lighting: augment.Lighting = augment.PUBLISHED) -> tf.data.Dataset:
+    """This process's rows of global batches `start_step .. num_steps-1` (images float32, labels int32), with
+    PCA lighting from `lighting` (`base.lighting_for`). `squares(records, key, rows)` for stored squares: a whole local
+    batch of records augmented at once from the step's key (seed, step) and the rows' global indices; otherwise
+    each source JPEG alone from its key (seed, step, row). The stream (order, keys, skipping) is the same."""
+    ds = train_records(builder, config, start_step, num_steps, process_index, process_count)
+    local = config.batch_size // process_count
     seed = int(config.seed)
-    buffer = min(counts[process_index], config.shuffle_buffer or 16 * local)
-    cycle = min(len(instructions), 16)
     crop, resize = int(config.image_size), int(config.resize_size)
     mean, std = _train_arrays(config, norm)
-
-    def epoch(e):
-        key = tf.stack([tf.constant(seed, tf.int64), e])
-        order = tf.random.experimental.stateless_shuffle(tf.range(len(instructions), dtype=tf.int64), seed=key)
-        ds = _records(instructions, order, cycle)
-        ds = ds.shuffle(buffer, seed=tf.constant(seed, tf.int64) * 7919 + e, reshuffle_each_iteration=False)
-        return ds.take(per_epoch * local)
-
-    first_epoch = start_step // per_epoch
-    last_epoch = -(-num_steps // per_epoch)
-    ds = tf.data.Dataset.range(first_epoch, last_epoch).flat_map(epoch)
-    ds = ds.skip((start_step - first_epoch * per_epoch) * local).take((num_steps - start_step) * local)
-    ds = ds.enumerate(start=start_step * local)
     parse = _parser(builder)
 
     def one(index, record):
@@ -316,13 +305,13 @@ def train_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.Conf
             image = augment.paper_train_image(
                 ex["image"], key, resize=resize, crop=crop, flip=bool(config.random_flip),
                 pca_std=float(config.pca_lighting), normalization=norm.kind, mean=mean, std=std,
-                method=config.resize_method)
+                method=config.resize_method, pca=lighting)
         else:
             image = augment.random_resized_crop(
                 ex["image"], key, crop=crop, area_range=tuple(config.rrc_area_range),
                 aspect_range=tuple(config.rrc_aspect_range), flip=bool(config.random_flip),
                 pca_std=float(config.pca_lighting), normalization=norm.kind, mean=mean, std=std,
-                method=config.resize_method)
+                method=config.resize_method, pca=lighting)
         return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
     def whole_batch(index, records):
@@ -335,6 +324,34 @@ def train_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.Conf
         ds = ds.batch(local, drop_remainder=True).map(whole_batch, num_parallel_calls=tf.data.AUTOTUNE,
                                                       deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(data_options(threads))
+
+
+def train_records(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict, start_step: int,
+                  num_steps: int, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+    """(index in this process's stream, serialized example) of every row this process reads for global batches
+    `start_step .. num_steps-1`, before decoding: what the tests compare across processes (record identities)."""
+    bs = config.batch_size
+    local = bs // process_count
+    instructions, counts = _instructions(builder, "train", process_index, process_count)
+    per_epoch = sum(counts) // bs
+    if per_epoch == 0 or min(counts) < per_epoch * local:
+        raise UserError(f"--config.batch_size={bs} is larger than the {sum(counts)} training images")
+    seed = int(config.seed)
+    buffer = min(counts[process_index], config.shuffle_buffer or 16 * local)
+    cycle = min(len(instructions), 16)
+
+    def epoch(e):
+        key = tf.stack([tf.constant(seed, tf.int64), e])
+        order = tf.random.experimental.stateless_shuffle(tf.range(len(instructions), dtype=tf.int64), seed=key)
+        ds = _records(instructions, order, cycle)
+        ds = ds.shuffle(buffer, seed=tf.constant(seed, tf.int64) * 7919 + e, reshuffle_each_iteration=False)
+        return ds.take(per_epoch * local)
+
+    first_epoch = start_step // per_epoch
+    last_epoch = -(-num_steps // per_epoch)
+    ds = tf.data.Dataset.range(first_epoch, last_epoch).flat_map(epoch)
+    ds = ds.skip((start_step - first_epoch * per_epoch) * local).take((num_steps - start_step) * local)
+    return ds.enumerate(start=start_step * local)
 
 
 def eval_dataset(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict,
@@ -375,8 +392,13 @@ def create_data(config: ml_collections.ConfigDict) -> Data:
     check_config(config)
     check_data_dir(config.data_dir)
     builder = open_prepared(config)
-    stats = fixed_stats(config) or dataset_stats(builder, int(config.resize_size), int(config.stats_examples),
-                                                 config.resize_method)
+    def computed() -> dict[str, np.ndarray]:
+        return dataset_stats(builder, int(config.resize_size), int(config.stats_examples), config.resize_method)
+
+    stats = fixed_stats(config) or computed()
+    if config.pca == "data" and config.pca_lighting > 0 and "pca_eigval" not in stats:  # fixed mean/std
+        stats = {**computed(), **stats}
+    lighting = base.lighting_for(config, stats)
     norm = normalisation_for(config, stats)
     mean, std = _train_arrays(config, norm)
     crop = int(config.image_size)
@@ -389,7 +411,7 @@ def create_data(config: ml_collections.ConfigDict) -> Data:
         image_shape=(crop, crop, 3),
         class_names=names,
         train=lambda start, stop, pid, nproc: _guard(tfds.as_numpy(
-            train_dataset(builder, config, norm, start, stop, pid, nproc)), builder, "train"),
+            train_dataset(builder, config, norm, start, stop, pid, nproc, lighting=lighting)), builder, "train"),
         eval=lambda pid, nproc, row_multiple=0: _guard(tfds.as_numpy(eval_dataset(
             builder, config, norm, pid, nproc, row_multiple=row_multiple)), builder, "validation"),
         mean=mean,

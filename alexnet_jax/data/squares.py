@@ -41,7 +41,7 @@ from absl import logging
 from tqdm import tqdm
 
 from alexnet_jax.data import augment, imagenet
-from alexnet_jax.data.base import Data, check_data_dir, normalisation_for
+from alexnet_jax.data.base import Data, check_data_dir, lighting_for, normalisation_for
 from alexnet_jax.errors import UserError
 
 FORMATS = ("raw", "jpeg")
@@ -236,7 +236,8 @@ def decoder(builder: Imagenet2012Squares):
 _SPEC = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
 
 
-def pipelines(config: ml_collections.ConfigDict, norm, builder: Imagenet2012Squares) -> tuple[Callable, tuple]:
+def pipelines(config: ml_collections.ConfigDict, norm, builder: Imagenet2012Squares,
+              lighting: augment.Lighting = augment.PUBLISHED) -> tuple[Callable, tuple]:
     """The `squares=` hooks of `imagenet.train_dataset` (a batch of records to augmented images) and
     `eval_dataset` (each record's uint8 square, then a batch's crops).
 
@@ -252,7 +253,8 @@ def pipelines(config: ml_collections.ConfigDict, norm, builder: Imagenet2012Squa
     @tf.function(jit_compile=True)
     def augment_batch(images: tf.Tensor, yx: tf.Tensor, flips: tf.Tensor, alpha: tf.Tensor) -> tf.Tensor:
         return augment.paper_batch(images, yx, flips, alpha, crop=crop, flip=bool(config.random_flip),
-                                   pca_std=float(config.pca_lighting), normalization=norm.kind, mean=mean, std=std)
+                                   pca_std=float(config.pca_lighting), normalization=norm.kind, mean=mean, std=std,
+                                   pca=lighting)
 
     def patch_of_jpeg(args):  # decodes only the patch's rows and columns (bit-identical to slicing the square)
         image, yx = args
@@ -282,7 +284,8 @@ def pipelines(config: ml_collections.ConfigDict, norm, builder: Imagenet2012Squa
     return train_batch, (decode, eval_batch)
 
 
-def on_device(config: ml_collections.ConfigDict, norm) -> Callable | None:
+def on_device(config: ml_collections.ConfigDict, norm,
+              lighting: augment.Lighting = augment.PUBLISHED) -> Callable | None:
     """With `config.augment_on_device`: the jitted step's half of `pipelines`' training batches (uint8 squares and
     their draws in, the augmented float32 batch out: `augment.paper_batch_on_device`), else None."""
     if not config.get("augment_on_device", False):
@@ -290,7 +293,7 @@ def on_device(config: ml_collections.ConfigDict, norm) -> Callable | None:
     mean, std = norm.arrays(per_pixel=True)
     return functools.partial(augment.paper_batch_on_device, crop=int(config.image_size),
                              flip=bool(config.random_flip), pca_std=float(config.pca_lighting),
-                             normalization=norm.kind, mean=mean, std=std)
+                             normalization=norm.kind, mean=mean, std=std, pca=lighting)
 
 
 def create_data(config: ml_collections.ConfigDict) -> Data:
@@ -299,11 +302,16 @@ def create_data(config: ml_collections.ConfigDict) -> Data:
     check_data_dir(config.data_dir)
     builder = open_prepared(config)
     decode = decoder(builder)
-    stats = imagenet.fixed_stats(config) or imagenet.dataset_stats(
-        builder, builder.builder_config.size, int(config.stats_examples), config.resize_method,
-        square_of=lambda image: tf.cast(decode(image), tf.float32))
+    def computed() -> dict[str, np.ndarray]:
+        return imagenet.dataset_stats(builder, builder.builder_config.size, int(config.stats_examples),
+                                      config.resize_method, square_of=lambda image: tf.cast(decode(image), tf.float32))
+
+    stats = imagenet.fixed_stats(config) or computed()
+    if config.pca == "data" and config.pca_lighting > 0 and "pca_eigval" not in stats:  # fixed mean/std
+        stats = {**computed(), **stats}
+    lighting = lighting_for(config, stats)
     norm = normalisation_for(config, stats)
-    train, evaluation = pipelines(config, norm, builder)
+    train, evaluation = pipelines(config, norm, builder, lighting)
     crop = int(config.image_size)
     names = tuple(builder.info.features["label"].names)
     if config.num_classes != len(names):
@@ -321,5 +329,5 @@ def create_data(config: ml_collections.ConfigDict) -> Data:
         mean=norm.arrays(per_pixel=True)[0],
         std=norm.std,
         normalisation=norm,
-        on_device=on_device(config, norm),
+        on_device=on_device(config, norm, lighting),
     )

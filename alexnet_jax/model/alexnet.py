@@ -217,6 +217,8 @@ class AlexNet(nn.Module):
                     x = nn.relu(x)
                     if not spec.dropout_before_fc:
                         x = dropout(x)
+                elif placement is not None:
+                    x = placement.scatter_batch(x)
         return x.astype(jnp.float32)
 
 
