@@ -175,16 +175,11 @@ class Placement:
     def conv(self, name: str, x: P) -> LayerPlacement:
         """Conv layer `name` reading an activation placed as `x`: kernel (kh, kw, cin/groups, cout).
 
-        A conv that is not split over 'model' still runs as a `shard_map` over the batch wherever the batch is
-        split: left to the partitioner, conv1's space-to-depth reshape (`ops.strided_conv_as_matmuls`) moves
-        the batch off the leading axis and it all-gathers the whole batch on every device (data_parallel/owt).
+        A conv not split over 'model' is left to the SPMD partitioner (batch-parallel; conv1's matmuls keep the
+        batch on the leading axis so it stays split). Running it as a `shard_map` over the batch instead gave
+        the same traffic but broke the bitwise equality of a resumed run with an uninterrupted one.
         """
-        place = self._layer(name, x, {(): False, (3,): True}, out_ndim=4)
-        if place.sharded or self.mesh.size == 1 or x[0] is None:
-            return place
-        # Each device its images, every channel; the kernel whole on every device (a 'model' axis of 1 included).
-        whole = P(x[0], None, None, None)
-        return dataclasses.replace(place, x=whole, kernel=P(), bias=P(), out=whole, sharded=True)
+        return self._layer(name, x, {(): False, (3,): True}, out_ndim=4)
 
     def dense(self, name: str, x: P) -> LayerPlacement:
         """Dense layer `name` reading `x` (flattened inside): kernel (in, out), split by columns or rows."""

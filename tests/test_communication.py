@@ -14,6 +14,11 @@ are the result of each collective on one device. The analytic volume of each (la
 - a gradient sum over the batch axes ('data', or 'data'+'model' where the layer is not split): the layer's
   kernel and bias bytes on one device (1/m of them where split). conv1's kernel is summed as
   `ops.strided_conv_as_matmuls` differentiates it: padded from 11x11 to 12x12, a multiple of its stride 4;
+  a conv computed by Winograd F(2x2, rxr) (`kernels='cpu_tuned'`, conv2-5 here) whose gradient the SPMD
+  partitioner sums (owt, data_parallel: the layer is not in a `shard_map`) is summed in the transform domain,
+  (r+1)^2 / r^2 of the kernel's bytes (16/9 for 3x3, 36/25 for 5x5: XLA reduces where the einsum's partial
+  sums are, before the linear kernel transform); inside the paper split's `shard_map`s `winograd` sums the
+  kernel gradient itself, after the transform (the kernel's own bytes);
 - metrics: the global logits gathered for top-k, B x classes x f, and two scalar means (8 bytes); loss: its
   mean (4 bytes).
 Every row must be within 10% of that (they are exact today), no row may be missing or extra, and every
@@ -31,7 +36,7 @@ import jax
 import pytest
 
 from alexnet_jax import collectives, flops
-from alexnet_jax.model import create_model
+from alexnet_jax.model import create_model, ops, winograd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(REPO, "docs", "sharding.md")
@@ -82,8 +87,10 @@ def analytic(config, strategy: str) -> dict[tuple[str, str, str, str], int]:
             stride = 4
             kernel = (-(-kernel[0] // stride) * stride, -(-kernel[1] // stride) * stride, *kernel[2:])
         k, n = math.prod(kernel) * F, math.prod(bias) * F
-        if not split:
-            return k + n
+        winograd_layer = (layer != "conv1" and layer.startswith("conv") and kernel[0] in winograd.SIZES
+                          and kernel[2] >= ops.WINOGRAD_MIN_CHANNELS)
+        if not split:  # summed by the partitioner: a Winograd layer's in the transform domain
+            return (k * (kernel[0] + 1) ** 2 // kernel[0] ** 2 if winograd_layer else k) + n
         return k // m + (n if layer == "fc8" else n // m)  # fc8's bias is replicated (sharding.py)
 
     want = {}
@@ -172,7 +179,8 @@ def test_docs_tables_are_what_their_commands_print(reports):
 
 def test_default_mesh_moves_only_gradients():
     """The default mesh (-1, 1) under 'paper' on 8 devices is data parallelism: every layer's only traffic is its
-    gradient sum over 'data' (before the convs ran as batch shard_maps, conv1 all-gathered 669 MB per step)."""
+    gradient sum over 'data' (while conv1's matmuls moved the batch off the leading axis, conv1 all-gathered
+    669 MB per step)."""
     config = _imagenet_config()
     rep = collectives.report_for(config, (8, 1))
     got = measured(rep)

@@ -149,9 +149,9 @@ def strided_conv_as_matmuls(
 
     For conv1 (11x11/4 on 3 channels) XLA:CPU's convolution, and above all its kernel gradient, is ~3x slower
     than PyTorch's (docs/performance.md). Space-to-depth turns it into a stride-1 convolution on s*s*C
-    channels with a ceil(k/s)-tap kernel (zero-padded to a multiple of the stride); with the rows outermost,
-    (H, N, W, C), each kernel row is one matmul over a contiguous slice of the column-shifted input, so the
-    patches are only built kw/s-fold, and autodiff of the matmuls gives the kernel gradient as matmuls too.
+    channels with a ceil(k/s)-tap kernel (zero-padded to a multiple of the stride); each kernel row is one
+    matmul over a row slice of the column-shifted input, so the patches are only built kw/s-fold, and autodiff of
+    the matmuls gives the kernel gradient as matmuls too. The batch stays the leading axis throughout.
     """
     n, h, w, c = x.shape
     kh, kw, _, cout = kernel.shape
@@ -161,15 +161,16 @@ def strided_conv_as_matmuls(
     hb, wb = oh - 1 + th, ow - 1 + tw  # input blocks read; rows past the last block meet only zero taps
     zero = jnp.zeros((), x.dtype)
     x = jax.lax.pad(x, zero, [(0, 0, 0), (pt, hb * sh - h - pt, 0), (pl, wb * sw - w - pl, 0), (0, 0, 0)])
-    x = x.reshape(n, hb, sh, wb, sw, c).transpose(1, 0, 3, 2, 4, 5).reshape(hb, n, wb, sh * sw * c)
-    cols = jnp.concatenate([x[:, :, j : j + ow] for j in range(tw)], axis=-1)  # (hb, n, ow, tw*sh*sw*c)
+    # the batch stays the leading axis, so a batch-sharded input stays sharded (no gather by the partitioner)
+    x = x.reshape(n, hb, sh, wb, sw, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, hb, wb, sh * sw * c)
+    cols = jnp.concatenate([x[:, :, j : j + ow] for j in range(tw)], axis=-1)  # (n, hb, ow, tw*sh*sw*c)
     k = jnp.pad(kernel, [(0, th * sh - kh), (0, tw * sw - kw), (0, 0), (0, 0)])
     k = k.reshape(th, sh, tw, sw, c, cout).transpose(0, 2, 1, 3, 4, 5).reshape(th, tw * sh * sw * c, cout)
     y = None
     for i in range(th):
-        part = cols[i : i + oh].reshape(oh * n * ow, -1) @ k[i]
+        part = cols[:, i : i + oh].reshape(n * oh * ow, -1) @ k[i]
         y = part if y is None else y + part
-    return y.reshape(oh, n, ow, cout).transpose(1, 0, 2, 3)
+    return y.reshape(n, oh, ow, cout)
 
 
 POOL_WINDOW, POOL_STRIDE = 3, 2
