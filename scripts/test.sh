@@ -16,4 +16,7 @@ if ! "${PIP[@]}" -e ".[test,torch]"; then  # e.g. offline with no torch wheel at
        "fail saying so" >&2
   "${PIP[@]}" -e ".[test]"
 fi
-exec .venv/bin/python -m pytest "$@"
+# Two pytest workers (pytest-xdist), whole files per worker (module fixtures compile once): much of the suite is
+# single-threaded compilation and Python, so two workers finish it in well under the serial time on 2 cores.
+# PYTEST_WORKERS=0 runs serially.
+exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
