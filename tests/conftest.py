@@ -3,7 +3,11 @@
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# 8 simulated devices; XLA:CPU's in-process collectives abort when a device thread is 40 s late to a rendezvous,
+# which two pytest workers plus a notebook kernel on 2 cores can cause: give them 10 minutes.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+                           " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
