@@ -70,15 +70,15 @@ def check_config(config: ml_collections.ConfigDict, process_count: int = 1) -> N
         fail("kernels", f"choose one of {model.KERNELS} ('auto': cpu_tuned on CPU, native on GPU/TPU)")
     if config.widths and len(config.widths) != 5:
         fail("widths", "give five conv widths, e.g. (96, 256, 384, 384, 256)")
-    if config.num_classes < 2:
-        fail("num_classes", "must be at least 2")
+    if config.num_classes < 2 and config.num_classes != 0:
+        fail("num_classes", "must be at least 2 (or 0: the dataset's class count)")
     if config.image_size < 16:
         fail("image_size", "must be at least 16 pixels")
     if config.log_every_steps <= 0:
         fail("log_every_steps", "must be positive")
     if config.get("eval_crops", 1) not in (1, 2, 10):
         fail("eval_crops", "choose 1 (centre), 2 (whole image and its reflection, small datasets) or 10 (four "
-                           "corners and centre, and their reflections, imagenet2012)")
+                           "corners and centre, and their reflections, photo datasets)")
     if config.get("augment_on_device", False) and not (config.dataset == "imagenet2012" and config.get("prepared")):
         fail("augment_on_device", "needs the prepared 256x256 squares: --config.dataset=imagenet2012 "
                                   "--config.prepared=True (the source JPEGs and small datasets augment on the host)")

@@ -12,11 +12,21 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     # Data.
-    c.dataset = "imagenet2012"  # 'fashion_mnist', 'imagenet2012', 'cifar10'
+    # 'imagenet2012' (manual tars), 'folder' (your images: `folder`), any tfds dataset's name (e.g.
+    # 'oxford_flowers102': streamed like ImageNet), or the in-memory 'fashion_mnist', 'cifar10'
+    c.dataset = "imagenet2012"
     c.data_dir = ""  # where tfds keeps prepared datasets, as for tfds.load; '' = tfds's default
+    c.folder = ""  # dataset='folder': ROOT/<split>/<class>/*.jpg|png|gif|bmp (or ROOT/<class>/*), prepared once
+    # Photo datasets' splits in tfds syntax ('train', 'train[:90%]', 'train[100:]'); '' = 'train' and the
+    # dataset's 'validation' (else 'test', else a folder's other split, else holdout_fraction of 'train')
+    c.train_split = ""
+    c.eval_split = ""
+    c.holdout_fraction = 0.1  # with no evaluation split: the last fraction of the training records, held out
+    c.image_key = ""  # a tfds dataset's image / label features; '' = its supervised keys
+    c.label_key = ""
     c.fashion_mnist_dir = "/usr/share/datasets/fashion-mnist"  # the IDX files (Debian: dataset-fashion-mnist)
     c.image_size = 224  # train/eval crop; the paper says 224 (cuda-convnet pads conv1 to 55x55), Caffe 227
-    c.num_classes = 1000
+    c.num_classes = 1000  # 0: the dataset's class count
     c.crop_padding = 0  # small images: zero-pad by this many pixels, then take a random crop back
     c.random_flip = True  # horizontal reflections
     c.shuffle_buffer = 0  # imagenet2012: records per process in the shuffle buffer (0: 16 x local batch);

@@ -65,9 +65,9 @@ def preprocess(path: str, image_shape: tuple[int, int, int], norm: Any, dataset:
     h, w = int(image.shape[0]), int(image.shape[1])
     side = min(h, w)
     square = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
-    if dataset != "imagenet2012":  # small datasets: the whole (square) image, resized as the eval pipeline does
+    if dataset in datalib.SMALL_DATASETS:  # the whole (square) image, resized as the eval pipeline does
         return np.asarray(datalib.resize_and_normalise(square, norm.mean, norm.std, size), np.float32)
-    # ImageNet, as augment.eval_image with one view: the square at resize_size, normalised, its centre crop
+    # photos (ImageNet, a folder, a tfds dataset), as augment.eval_image with one view: the square at resize_size, normalised, its centre crop
     resize = norm.resize_size or round(size * 256 / 224)
     mean, std = norm.arrays()
     square = (augment.resize(square, resize, resize_method) - mean) / std

@@ -227,6 +227,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise UserError(f"--workdir {workdir!r} cannot be created: {e.strerror}") from None
 
     data = datalib.create_data(config)
+    if config.num_classes == 0:  # the dataset's count (a folder's class folders); saved with the checkpoint
+        config.num_classes = len(data.class_names)
     per_epoch = datalib.steps_per_epoch(data.num_train, config.batch_size)
     if per_epoch == 0:
         raise UserError(f"--config.batch_size={config.batch_size} exceeds the {data.num_train} training images")

@@ -2,7 +2,9 @@
 
 - `base`: the `Data` interface, the `Normalisation` record and the helpers the pipelines share.
 - `small`: FashionMNIST and CIFAR-10, prepared by tfds and held in memory.
-- `imagenet`: ILSVRC-2012, prepared by tfds and streamed; `augment`: the paper's augmentation ops it maps.
+- Photos, streamed. Where they come from (`sources`): ILSVRC-2012 from its manual tars (`imagenet`), any tfds
+  dataset by name, a folder of the user's images (`folder`). What is done to them (`photos`: the paper's
+  augmentations from `augment`, the 10-crop test, the resumable (seed, step) stream, the statistics).
 - `squares`: ILSVRC-2012 prepared once more as the paper's 256x256 squares (`config.prepared=True`);
   `prepare`: its command, `python -m alexnet_jax.data.prepare --config configs/imagenet.py`.
 
@@ -14,12 +16,14 @@ from __future__ import annotations
 
 import ml_collections
 
-from alexnet_jax.data import augment, imagenet, small, squares
+from alexnet_jax.data import augment, folder, imagenet, photos, small, sources, squares
 from alexnet_jax.data.base import (
     DATASETS,
+    SMALL_DATASETS,
     Data,
     Normalisation,
     check_data_dir,
+    is_photos,
     normalisation_for,
     padded_rows,
     steps_per_epoch,
@@ -35,16 +39,24 @@ from alexnet_jax.data.small import (
 from alexnet_jax.errors import UserError
 
 __all__ = [
-    "CIFAR10_CLASSES", "DATASETS", "FASHION_MNIST_CLASSES", "Data", "InMemoryData", "Normalisation", "augment",
-    "channel_stats", "check_data_dir", "create_data", "fashion_mnist_files_present", "imagenet",
-    "normalisation_for", "padded_rows", "resize_and_normalise", "small", "squares", "steps_per_epoch",
+    "CIFAR10_CLASSES", "DATASETS", "FASHION_MNIST_CLASSES", "SMALL_DATASETS", "Data", "InMemoryData",
+    "Normalisation", "augment", "channel_stats", "check_data_dir", "create_data", "fashion_mnist_files_present",
+    "folder", "imagenet", "is_photos", "normalisation_for", "padded_rows", "photos", "resize_and_normalise", "small",
+    "sources", "squares", "steps_per_epoch",
 ]
 
 
 def create_data(config: ml_collections.ConfigDict) -> Data:
-    """Prepare (if needed) and open the configured dataset: the small ones in memory, ImageNet streaming."""
-    if config.dataset == "imagenet2012":
-        return squares.create_data(config) if config.get("prepared", False) else imagenet.create_data(config)
-    if config.dataset not in DATASETS:
-        raise UserError(f"--config.dataset={config.dataset!r} is unknown; choose one of {DATASETS}")
-    return small.create_data(config)
+    """Prepare (if needed) and open the configured dataset: the small ones in memory, photos streaming."""
+    if not config.dataset:
+        raise UserError(f"--config.dataset is empty: choose one of {DATASETS}, 'folder' or a tfds dataset's name")
+    if not is_photos(config):
+        return small.create_data(config)
+    if config.get("prepared", False):
+        if config.dataset != "imagenet2012":
+            raise UserError(f"--config.prepared=True: the stored 256x256 squares are prepared for imagenet2012 "
+                            f"only; train {config.dataset} from its images (--config.prepared=False)")
+        photos.check_config(config)  # before the preparation's message, a bad key's
+        return squares.create_data(config)
+    photos.check_config(config)
+    return photos.create_data(config, sources.open_source(config))

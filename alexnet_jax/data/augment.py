@@ -47,50 +47,67 @@ def resize(image: tf.Tensor, size: int, method: str) -> tf.Tensor:
     return tf.clip_by_value(tf.ensure_shape(out, (size, size, 3)), 0.0, 255.0)
 
 
-def _square(jpeg: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-    """(top, left, side, width) of a JPEG's centre square, read from its header only."""
-    shape = tf.io.extract_jpeg_shape(jpeg)
+def decode_any(encoded: tf.Tensor) -> tf.Tensor:
+    """Any image tfds stores (PNG, JPEG, GIF's first frame, BMP) as uint8 RGB: grayscale repeated, alpha dropped,
+    16-bit scaled to 8. For datasets whose image feature is not JPEG (no partial decoding there)."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def image_shape(encoded: tf.Tensor, is_jpeg: bool = True) -> tf.Tensor:
+    """(height, width, channels): a JPEG's from its header only; other formats decoded (the decode is shared)."""
+    return tf.io.extract_jpeg_shape(encoded) if is_jpeg else tf.shape(decode_any(encoded))
+
+
+def _square(jpeg: tf.Tensor, is_jpeg: bool = True) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(top, left, side, width) of an image's centre square (a JPEG's read from its header only)."""
+    shape = image_shape(jpeg, is_jpeg)
     h, w = shape[0], shape[1]
     side = tf.minimum(h, w)
     return (h - side) // 2, (w - side) // 2, side, w
 
 
-def decode_window(jpeg: tf.Tensor, top: tf.Tensor, left: tf.Tensor, size: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
-    """Pixels [top, top+size) x [left, left+size) of the JPEG, decoding only about those.
+def decode_window(jpeg: tf.Tensor, top: tf.Tensor, left: tf.Tensor, size: tf.Tensor, width: tf.Tensor,
+                  is_jpeg: bool = True) -> tf.Tensor:
+    """Pixels [top, top+size) x [left, left+size) of the JPEG, decoding only about those (other formats: all).
 
     libjpeg upsamples chroma at a crop's left and right edges as if they were the image's edges, so those
     columns can differ from a full decode; one more column on each side is decoded (where there is one) and
     dropped, which makes the window exactly the full decode's pixels.
     """
+    if not is_jpeg:
+        return decode_any(jpeg)[top : top + size, left : left + size]
     start = tf.maximum(left - 1, 0)
     stop = tf.minimum(left + size + 1, width)
     image = tf.io.decode_and_crop_jpeg(jpeg, tf.stack([top, start, size, stop - start]), channels=3)
     return image[:, left - start : left - start + size]
 
 
-def decode_square(jpeg: tf.Tensor, size: int, method: str = "area") -> tf.Tensor:
+def decode_square(jpeg: tf.Tensor, size: int, method: str = "area", is_jpeg: bool = True) -> tf.Tensor:
     """The centre square of a JPEG resized to (size, size, 3) float32 on the 0-255 scale.
 
     Rescaling the shorter side then cropping the centre equals cropping the centre square then rescaling it;
     the second decodes only the square's pixels. Grayscale JPEGs come out as 3 equal channels.
     """
-    top, left, side, width = _square(jpeg)
-    return resize(decode_window(jpeg, top, left, side, width), size, method)
+    top, left, side, width = _square(jpeg, is_jpeg)
+    return resize(decode_window(jpeg, top, left, side, width, is_jpeg), size, method)
 
 
-def decode_patch(jpeg: tf.Tensor, yx: tf.Tensor, resize_to: int, crop: int, method: str = "area") -> tf.Tensor:
+def decode_patch(jpeg: tf.Tensor, yx: tf.Tensor, resize_to: int, crop: int, method: str = "area",
+                 is_jpeg: bool = True) -> tf.Tensor:
     """The crop x crop patch at offset yx of the (resize_to)^2 square, decoding only the patch's pixels.
 
     The patch is mapped back to the JPEG's own pixels (scale side / resize_to), decoded alone and resized
     to crop x crop: the same view as resizing the whole square and slicing it, up to half a source pixel of
     rounding, for about 3/4 of the decoding and resizing work.
     """
-    top, left, side, width = _square(jpeg)
+    top, left, side, width = _square(jpeg, is_jpeg)
     scale = tf.cast(side, tf.float32) / resize_to
     size = tf.maximum(1, tf.cast(tf.round(crop * tf.cast(side, tf.float32) / resize_to), tf.int32))
     size = tf.minimum(size, side)
     off = tf.minimum(tf.cast(tf.round(tf.cast(yx, tf.float32) * scale), tf.int32), side - size)
-    return resize(decode_window(jpeg, top + off[0], left + off[1], size, width), crop, method)
+    return resize(decode_window(jpeg, top + off[0], left + off[1], size, width, is_jpeg), crop, method)
 
 
 def crop_offsets(key: tf.Tensor, size: int, crop: int) -> tf.Tensor:
@@ -135,6 +152,7 @@ def normalise(image: tf.Tensor, normalization: str, mean: np.ndarray, std: np.nd
 def paper_train_image(
     jpeg: tf.Tensor, key: tf.Tensor, *, resize: int, crop: int, flip: bool, pca_std: float,
     normalization: str, mean: np.ndarray, std: np.ndarray, method: str = "area", pca: Lighting = PUBLISHED,
+    is_jpeg: bool = True,
 ) -> tf.Tensor:
     """Section 4.1: a random crop x crop patch of the 256 square, reflected half the time, PCA lighting.
 
@@ -143,7 +161,7 @@ def paper_train_image(
     """
     k_crop, k_flip, k_pca = tf.unstack(tf.random.experimental.stateless_split(key, 3))
     yx = crop_offsets(k_crop, resize, crop)
-    image = decode_patch(jpeg, yx, resize, crop, method)
+    image = decode_patch(jpeg, yx, resize, crop, method, is_jpeg)
     if normalization == "pixel":
         image = image - tf.slice(tf.constant(mean), tf.stack([yx[0], yx[1], 0]), [crop, crop, 3])
     if flip:
@@ -229,21 +247,22 @@ def paper_batch_on_device(batch: dict, *, crop: int, flip: bool, pca_std: float,
 def random_resized_crop(
     jpeg: tf.Tensor, key: tf.Tensor, *, crop: int, area_range: tuple[float, float],
     aspect_range: tuple[float, float], flip: bool, pca_std: float, normalization: str, mean: np.ndarray,
-    std: np.ndarray, method: str = "area", pca: Lighting = PUBLISHED,
+    std: np.ndarray, method: str = "area", pca: Lighting = PUBLISHED, is_jpeg: bool = True,
 ) -> tf.Tensor:
     """Inception-style: a random box of 8-100% of the area and 3/4-4/3 aspect, decoded alone, resized.
 
     Its crops do not line up with a mean image, so 'pixel' normalisation subtracts the mean image's per-channel
     average here (`mean` and `std` are per channel)."""
     k_box, k_flip, k_pca = tf.unstack(tf.random.experimental.stateless_split(key, 3))
-    shape = tf.io.extract_jpeg_shape(jpeg)
+    shape = image_shape(jpeg, is_jpeg)
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=k_box, min_object_covered=0.0,
         aspect_ratio_range=aspect_range, area_range=area_range, max_attempts=10,
         use_image_if_no_bounding_boxes=True,
     )
     window = tf.stack([begin[0], begin[1], size[0], size[1]])
-    image = tf.io.decode_and_crop_jpeg(jpeg, window, channels=3)
+    image = (tf.io.decode_and_crop_jpeg(jpeg, window, channels=3) if is_jpeg
+             else decode_any(jpeg)[begin[0] : begin[0] + size[0], begin[1] : begin[1] + size[1]])
     image = resize(image, crop, method)
     if flip:
         image = tf.cond(flip_coin(k_flip), lambda: tf.reverse(image, axis=[1]), lambda: image)
@@ -260,11 +279,11 @@ def corner_offsets(size: int, crop: int) -> list[tuple[int, int]]:
 
 def eval_image(
     jpeg: tf.Tensor, *, resize: int, crop: int, crops: int, normalization: str, mean: np.ndarray, std: np.ndarray,
-    method: str = "area",
+    method: str = "area", is_jpeg: bool = True,
 ) -> tf.Tensor:
     """The centre crop (crops=1, shape (crop, crop, 3)) or the paper's 10 patches (crops=10, (10, crop, crop, 3)):
     4 corners + centre of the 256 square, then the same 5 reflected."""
-    square = normalise(decode_square(jpeg, resize, method), normalization, mean, std)
+    square = normalise(decode_square(jpeg, resize, method, is_jpeg), normalization, mean, std)
     if crops == 1:
         return centre_crop(square, crop)
     return ten_crops(square, crop)

@@ -24,7 +24,8 @@ from absl import logging
 from alexnet_jax.data import augment
 from alexnet_jax.errors import UserError
 
-DATASETS = ("fashion_mnist", "cifar10", "imagenet2012")
+DATASETS = ("fashion_mnist", "cifar10", "imagenet2012")  # by name; besides them: 'folder' and any tfds dataset
+SMALL_DATASETS = ("fashion_mnist", "cifar10")  # held in memory at their own size; all others are photos
 NORMALISATION_KINDS = ("pixel", "channel")
 
 
@@ -79,12 +80,18 @@ class Normalisation:
         )
 
 
+def is_photos(config: ml_collections.ConfigDict) -> bool:
+    """Photos (ImageNet, a folder, a tfds dataset): resized squares, crops, the paper's augmentations; the small
+    datasets are used at their own size."""
+    return config.dataset not in SMALL_DATASETS
+
+
 def normalisation_for(config: ml_collections.ConfigDict, stats: Mapping[str, np.ndarray | None]) -> Normalisation:
     """The one place the normalisation is chosen. `stats`: the training set's per-channel `mean` and `std`
     (0-255 scale) and, for ImageNet, its `mean_image` (or the config's fixed `channel_mean` / `channel_std`).
 
-    Small datasets: per channel, at the crop size. ImageNet: `config.normalization` at `config.resize_size`."""
-    if config.dataset == "imagenet2012":
+    Small datasets: per channel, at the crop size. Photos: `config.normalization` at `config.resize_size`."""
+    if is_photos(config):
         kind, resize = config.normalization, int(config.resize_size)
     else:
         kind, resize = "channel", int(config.image_size)

@@ -1,0 +1,130 @@
+"""Where photos come from: one `photos.Source` per kind, whatever is done to them afterwards.
+
+- `imagenet2012`: tfds's builder over the two manual ILSVRC-2012 tars (`imagenet`), train / validation;
+- `folder` (`--config.folder=ROOT`): the user's images, `ROOT/<split>/<class>/*` or `ROOT/<class>/*` (`folder`);
+- any other name: that tfds dataset (`tfds.builder(name)`, downloaded and prepared where tfds can, or already
+  prepared in `data_dir`), e.g. `oxford_flowers102`, `imagenette`, `caltech101`.
+
+Splits are tfds split strings (`--config.train_split='train[:90%]'`); unset, the training split is 'train' and
+the evaluation split the dataset's 'validation' (else 'test', else a folder's other split). A dataset with only a
+training split holds out its last `holdout_fraction` of records (tfds stores them shuffled by key, so the held-out
+images are a fixed random sample) for evaluation and trains on the rest.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+import tensorflow_datasets as tfds
+
+from alexnet_jax.data import folder, imagenet
+from alexnet_jax.data.base import check_data_dir
+from alexnet_jax.data.photos import Source
+from alexnet_jax.errors import UserError
+
+EVAL_SPLITS = ("validation", "test")
+
+
+def holdout(builder: tfds.core.DatasetBuilder, train: str, fraction: float) -> tuple[str, str]:
+    """(training split, evaluation split): the last `fraction` of `train`'s records held out."""
+    if not 0 < fraction < 1:
+        raise UserError(f"--config.holdout_fraction={fraction}: {builder.name} has no evaluation split, so a "
+                        "fraction of its training images (0 < fraction < 1, e.g. 0.1) is held out for it; or "
+                        "name one with --config.eval_split")
+    if "[" in train:
+        raise UserError(f"--config.train_split={train!r}: {builder.name} has no evaluation split; give one with "
+                        "--config.eval_split (tfds split syntax, e.g. 'train[90%:]')")
+    n = builder.info.splits[train].num_examples
+    held = max(1, round(n * fraction))
+    if held >= n:
+        raise UserError(f"{builder.name} has {n} training image(s): too few to hold {fraction:.0%} out for "
+                        "evaluation; add images or give --config.eval_split")
+    return f"{train}[:{n - held}]", f"{train}[{n - held}:]"
+
+
+def _splits(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
+            default_eval: str | None) -> tuple[str, str]:
+    train = config.train_split or "train"
+    if config.eval_split:
+        return train, config.eval_split
+    if default_eval is None:
+        return holdout(builder, train, float(config.holdout_fraction))
+    return train, default_eval
+
+
+def _check_splits(builder: tfds.core.DatasetBuilder, splits: tuple[str, ...]) -> None:
+    for split in splits:
+        try:
+            n = builder.info.splits[split].num_examples
+        except (KeyError, ValueError, AssertionError) as e:
+            raise UserError(f"split {split!r} of {builder.name}: {str(e).splitlines()[0][:160]}; it has splits "
+                            f"{sorted(builder.info.splits)} (tfds syntax: 'train', 'train[:90%]', "
+                            "'train[100:]')") from None
+        if n == 0:
+            raise UserError(f"split {split!r} of {builder.name} holds no images: choose another "
+                            "(--config.train_split / --config.eval_split)")
+
+
+def _keys(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
+    features = builder.info.features
+    supervised = tuple(builder.info.supervised_keys or ())
+    image = config.image_key or (supervised[0] if len(supervised) == 2 else "image")
+    label = config.label_key or (supervised[1] if len(supervised) == 2 else "label")
+    for key, what in ((image, "image"), (label, "label")):
+        if key not in features:
+            raise UserError(f"{builder.name} has no feature {key!r}: its features are {sorted(features)}; name "
+                            f"the {what} with --config.{what}_key")
+    if not isinstance(features[image], tfds.features.Image):
+        raise UserError(f"{builder.name}'s feature {image!r} is not an image ({type(features[image]).__name__})")
+    if not isinstance(features[label], tfds.features.ClassLabel):
+        raise UserError(f"{builder.name}'s feature {label!r} is not a class label: name it with --config.label_key")
+    return image, label
+
+
+def _tfds_builder(config: ml_collections.ConfigDict, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    name = config.dataset
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise UserError(f"--config.dataset={name!r} is not a tfds dataset (nor one prepared in "
+                        f"{data_dir or '~/tensorflow_datasets'}): give a tfds name (e.g. oxford_flowers102), "
+                        "'folder' with --config.folder=ROOT, 'imagenet2012', 'fashion_mnist' or 'cifar10'") from None
+    if not builder.is_prepared():
+        try:
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                manual_dir=os.path.expanduser(config.manual_dir) if config.manual_dir else None))
+        except Exception as e:  # noqa: BLE001 - any download or preparation failure means the same to the user
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(f"tfds could not download and prepare {name} into {os.fspath(builder.data_dir_root)} "
+                            f"({first}): run where there is internet once (the prepared copy is then reused), "
+                            "or copy a prepared one into --config.data_dir") from None
+    return builder
+
+
+def open_source(config: ml_collections.ConfigDict) -> Source:
+    """The configured dataset of photos, prepared; its splits and features checked."""
+    data_dir = check_data_dir(config.data_dir)
+    if config.dataset == "imagenet2012":
+        src = imagenet.open_source(config)
+        if config.train_split or config.eval_split:
+            src = Source(src.builder, config.train_split or "train", config.eval_split or "validation",
+                         repair=src.repair)
+        _check_splits(src.builder, (src.train_split, src.eval_split))
+        return src
+    if config.dataset == "folder":
+        if not config.folder:
+            raise UserError("--config.dataset=folder needs --config.folder=ROOT (ROOT/<split>/<class>/*.jpg or "
+                            "ROOT/<class>/*.jpg)")
+        builder, folder_eval = folder.prepare(config.folder, data_dir)
+        train, evaluation = _splits(config, builder, folder_eval)
+        repair = f"delete {builder.data_dir} and run again (the folder is prepared anew)"
+    else:
+        builder = _tfds_builder(config, data_dir)
+        known = builder.info.splits
+        train, evaluation = _splits(config, builder, next((s for s in EVAL_SPLITS if s in known), None))
+        repair = f"delete {builder.data_dir} and run again (tfds prepares it anew)"
+    _check_splits(builder, (train, evaluation))
+    image, label = _keys(config, builder)
+    is_jpeg = getattr(builder.info.features[image], "encoding_format", None) == "jpeg"
+    return Source(builder, train, evaluation, image, label, is_jpeg, repair)
