@@ -67,7 +67,8 @@ def preprocess(path: str, image_shape: tuple[int, int, int], norm: Any, dataset:
     square = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
     if dataset in datalib.SMALL_DATASETS:  # the whole (square) image, resized as the eval pipeline does
         return np.asarray(datalib.resize_and_normalise(square, norm.mean, norm.std, size), np.float32)
-    # photos (ImageNet, a folder, a tfds dataset), as augment.eval_image with one view: the square at resize_size, normalised, its centre crop
+    # photos (ImageNet, a folder, a tfds dataset), as augment.eval_image with one view: the square at
+    # resize_size, normalised, its centre crop
     resize = norm.resize_size or round(size * 256 / 224)
     mean, std = norm.arrays()
     square = (augment.resize(square, resize, resize_method) - mean) / std

@@ -10,9 +10,9 @@ prepares a new copy.
 
 Photos as people have them: every file is opened with PIL before anything is written. CMYK, grayscale, RGBA,
 16-bit, palette (GIF) images become 8-bit RGB (alpha dropped, as torchvision's `ImageFolder` loader does;
-16-bit scaled to 8) and are stored as JPEG (quality 95); RGB and grayscale JPEGs are stored as they are. Files
-that do not open or decode (truncated, not an image) are all listed in one error, with their paths, before
-anything is prepared or trained. Files with other extensions are ignored (and counted in the log).
+16-bit scaled to 8) and are stored as JPEG (quality 95, no chroma subsampling); RGB and grayscale JPEGs are
+stored as they are. Files that do not open or decode (truncated, not an image) are all listed in one error, with
+their paths, before anything is prepared or trained. Files with other extensions are ignored.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def encoded(path: str) -> bytes:
                 with open(path, "rb") as f:
                     return f.read()
             buf = io.BytesIO()
-            to_rgb(image).save(buf, "JPEG", quality=JPEG_QUALITY)
+            to_rgb(image).save(buf, "JPEG", quality=JPEG_QUALITY, subsampling=0)  # 4:4:4: full colour detail
             return buf.getvalue()
 
 

@@ -19,7 +19,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 
 from alexnet_jax.data import folder, imagenet
-from alexnet_jax.data.base import check_data_dir
+from alexnet_jax.data.base import DATASETS, check_data_dir
 from alexnet_jax.data.photos import Source
 from alexnet_jax.errors import UserError
 
@@ -87,9 +87,9 @@ def _tfds_builder(config: ml_collections.ConfigDict, data_dir: str | None) -> tf
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise UserError(f"--config.dataset={name!r} is not a tfds dataset (nor one prepared in "
-                        f"{data_dir or '~/tensorflow_datasets'}): give a tfds name (e.g. oxford_flowers102), "
-                        "'folder' with --config.folder=ROOT, 'imagenet2012', 'fashion_mnist' or 'cifar10'") from None
+        raise UserError(f"--config.dataset={name!r} is unknown; choose one of {DATASETS}, 'folder' (with "
+                        "--config.folder=ROOT) or a tfds dataset's name (e.g. oxford_flowers102; none is prepared "
+                        f"under that name in {data_dir or '~/tensorflow_datasets'} either)") from None
     if not builder.is_prepared():
         try:
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(

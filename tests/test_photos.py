@@ -1,0 +1,229 @@
+"""Photos from any source (issue #20): a folder of the user's images, a tfds dataset by name, ImageNet, through one
+pipeline; photos as people have them; unreadable files named before training; ImageNet's stream unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from conftest import REPO, load_script
+from PIL import Image
+
+from alexnet_jax import data as datalib
+from alexnet_jax import default_config
+from alexnet_jax.data import folder, sources
+from alexnet_jax.errors import UserError
+
+photo_folder = load_script("make_photo_folder")
+
+
+def _folder_config(root: str, data_dir: str, **kw):
+    """configs/folder.py at a size that trains in seconds on 2 cores (what a user sets for a tiny set)."""
+    spec = __import__("importlib.util").util.spec_from_file_location("folder_cfg", os.path.join(REPO, "configs",
+                                                                                                "folder.py"))
+    module = __import__("importlib.util").util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.folder, c.data_dir = root, data_dir
+    small = dict(variant="small", resize_size=36, image_size=32, widths=(8, 16, 16, 16, 8), fc_width=32,
+                 batch_size=16, eval_batch_size=24, num_epochs=8.0, warmup_epochs=1.0, learning_rate=0.02,
+                 lr_reference_batch=0, dropout_rate=0.0, log_every_steps=8, eval_every_steps=10_000,
+                 holdout_fraction=0.2)
+    for k, v in {**small, **kw}.items():
+        c[k] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> tuple[str, str]:
+    """(root, data_dir): 3 classes x 30 generated photos of every format and mode, in ROOT/<class>/."""
+    root = str(tmp_path_factory.mktemp("photos") / "my_photos")
+    photo_folder.write_photo_folder(root, classes=3, per_class=30)
+    return root, str(tmp_path_factory.mktemp("tfds"))
+
+
+def test_every_format_and_mode_becomes_rgb(tmp_path):
+    """Each kind of file is stored as an RGB JPEG of the same picture: pixel for pixel as PIL reads the file
+    (within JPEG-95 rounding), and with the source's colours (a CMYK JPEG's are not inverted, a 16-bit PNG is
+    scaled to 8 bits, a palette's colours are looked up)."""
+    rng = np.random.default_rng(1)
+    for kind in photo_folder.KINDS:
+        array = photo_folder.pixels(1, 3, (90, 60), rng)
+        path = photo_folder.save(array, str(tmp_path / kind), kind)
+        stored = tf.io.decode_jpeg(folder.encoded(path), channels=3).numpy().astype(np.float64)
+        assert stored.shape == (60, 90, 3), kind
+        with Image.open(path) as image:
+            as_read = np.asarray(folder.to_rgb(image), np.float64)
+        assert np.abs(stored - as_read).mean() < 5.0, kind  # JPEG-95 of noisy pixels; a wrong picture: ~50
+        want = array.astype(np.float64)
+        if "gray" in kind:
+            want = np.repeat(np.asarray(Image.fromarray(array).convert("L"), np.float64)[..., None], 3, -1)
+        np.testing.assert_allclose(stored.mean((0, 1)), want.mean((0, 1)), atol=3.0, err_msg=kind)
+
+
+def test_folder_trains_to_90_percent_and_counts_held_out_once(photos, tmp_path):
+    from alexnet_jax import train
+
+    root, data_dir = photos
+    config = _folder_config(root, data_dir)
+    summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert config.num_classes == 3  # from the class folders
+    assert summary["num_eval_examples"] == 18  # 20% of 90 held out, each counted once (10 crops each)
+    assert summary["top1_accuracy"] >= 0.9, summary
+    meta = json.load(open(tmp_path / "run" / "summary.json"))
+    assert meta["dataset"] == "folder"
+
+
+@pytest.mark.parametrize("nproc,batch", [(1, 8), (3, 6)])
+def test_folder_ten_crop_eval_counts_every_held_out_image_once(photos, nproc, batch):
+    root, data_dir = photos
+    config = _folder_config(root, data_dir, eval_crops=10, eval_batch_size=batch)
+    data = datalib.create_data(config)
+    src = sources.open_source(config)
+    assert (src.train_split, src.eval_split) == ("train[:72]", "train[72:]")
+    assert data.class_names == ("class_a", "class_b", "class_c") and data.num_eval == 18
+    labels, lengths = [], []
+    for pid in range(nproc):
+        batches = list(data.eval(pid, nproc))
+        lengths.append(len(batches))
+        for b in batches:
+            assert b["image"].shape[1:] == (10, 32, 32, 3)
+            labels += list(b["label"][b["mask"] > 0])
+    assert len(set(lengths)) == 1
+    held = [int(ex["label"]) for ex in src.builder.as_dataset(split="train[72:]").as_numpy_iterator()]
+    train = {ex["file_name"] for ex in src.builder.as_dataset(split="train[:72]").as_numpy_iterator()}
+    held_names = {ex["file_name"] for ex in src.builder.as_dataset(split="train[72:]").as_numpy_iterator()}
+    assert sorted(labels) == sorted(held) and len(labels) == 18
+    assert not train & held_names and len(train | held_names) == 90  # disjoint, and every photo in one of them
+
+
+def test_split_folders_and_a_changed_folder(tmp_path):
+    """ROOT/train + ROOT/val: the val folder is the evaluation split; adding a photo prepares a new copy."""
+    root = str(tmp_path / "split")
+    photo_folder.write_photo_folder(root, classes=2, per_class=8, split_dirs=True, val_per_class=3)
+    config = _folder_config(root, str(tmp_path / "tfds"), batch_size=8)
+    data = datalib.create_data(config)
+    assert (data.num_train, data.num_eval) == (16, 6)
+    photo_folder.save(photo_folder.pixels(0, 2, (50, 40), np.random.default_rng(0)),
+                      os.path.join(root, "train", "class_a", "extra"), "rgb_jpeg")
+    assert datalib.create_data(config).num_train == 17
+
+
+def test_unreadable_files_stop_before_training_in_one_line(tmp_path, python):
+    root = str(tmp_path / "bad_photos")
+    written = photo_folder.write_photo_folder(root, classes=3, per_class=4, bad=True)
+    truncated, text = written["bad"]
+    workdir = tmp_path / "run"
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([python, "-m", "alexnet_jax.main", "--config", os.path.join(REPO, "configs/folder.py"),
+                           f"--config.folder={root}", f"--config.data_dir={tmp_path / 'tfds'}", "--workdir",
+                           str(workdir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert truncated in last and text in last and "(truncated)" in last and "(not an image)" in last, last
+    assert not (workdir / "checkpoints").exists()  # nothing trained
+    assert not os.path.exists(tmp_path / "tfds" / "image_folder_photos")  # nothing prepared
+
+
+def test_folder_errors_say_what_to_do(tmp_path):
+    with pytest.raises(UserError, match="needs --config.folder"):
+        sources.open_source(_folder_config("", str(tmp_path)))
+    with pytest.raises(UserError, match="is not a directory"):
+        sources.open_source(_folder_config(str(tmp_path / "nowhere"), str(tmp_path)))
+    one = tmp_path / "one_class" / "cats"
+    one.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(one / "a.png")
+    with pytest.raises(UserError, match="at least 2"):
+        sources.open_source(_folder_config(str(tmp_path / "one_class"), str(tmp_path)))
+
+
+class LocalTestPhotos(tfds.core.GeneratorBasedBuilder):
+    """A tfds dataset prepared from a local source (no download): PNG images (not JPEG), only a train split."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "picture": tfds.features.Image(shape=(None, None, 3)),  # PNG: the non-JPEG decoding path
+            "kind": tfds.features.ClassLabel(names=["stripes_a", "stripes_b"]),
+        }), supervised_keys=("picture", "kind"))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        rng = np.random.default_rng(0)
+        for i in range(24):
+            size = photo_folder.SIZES[i % len(photo_folder.SIZES)]
+            yield i, {"picture": photo_folder.pixels(i % 2, 2, size, rng), "kind": i % 2}
+
+
+def test_a_tfds_dataset_by_name_with_split_keys(tmp_path, python):
+    data_dir = str(tmp_path / "tfds")
+    LocalTestPhotos(data_dir=data_dir).download_and_prepare()
+    config = default_config.get_config()
+    for k, v in dict(dataset="local_test_photos", data_dir=data_dir, train_split="train[:16]",
+                     eval_split="train[16:]", num_classes=0, image_size=32, resize_size=36, batch_size=8,
+                     eval_batch_size=8, eval_crops=10).items():
+        config[k] = v
+    src = sources.open_source(config)
+    assert (src.image_key, src.label_key, src.is_jpeg) == ("picture", "kind", False)
+    data = datalib.create_data(config)
+    assert (data.num_train, data.num_eval, data.class_names) == (16, 8, ("stripes_a", "stripes_b"))
+    batch = next(data.train(0, 1, 0, 1))
+    assert batch["image"].shape == (8, 32, 32, 3) and np.isfinite(batch["image"]).all()
+    # the command line, in a process where the builder class is unknown: tfds reads the prepared copy by name
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([python, "-m", "alexnet_jax.main", "--config", os.path.join(REPO, "configs/folder.py"),
+                           "--config.dataset=local_test_photos", f"--config.data_dir={data_dir}",
+                           "--config.train_split=train[:16]", "--config.eval_split=train[16:]",
+                           "--config.variant=small", "--config.image_size=32", "--config.resize_size=36",
+                           "--config.widths=(8,8,8,8,8)", "--config.fc_width=16", "--config.batch_size=8",
+                           "--config.eval_batch_size=8", "--config.num_train_steps=2", "--workdir",
+                           str(tmp_path / "run")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert summary["dataset"] == "local_test_photos" and summary["num_eval_examples"] == 8 and summary["step"] == 2
+    with pytest.raises(UserError, match="split 'nope' of local_test_photos"):
+        sources.open_source(_with(config, eval_split="nope"))
+
+
+def _with(config, **kw):
+    c = config.copy_and_resolve_references()
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+def test_imagenet_stream_is_unchanged(prepared):
+    """The tiny archive's batches (training, 10-crop evaluation, prepared squares raw/JPEG) equal those the
+    ImageNet-only pipeline produced before the photos pipeline replaced it (tests/data/imagenet_stream_golden.npz)."""
+    golden_module = load_script_from_tests("imagenet_stream_golden")
+    now = golden_module.fingerprints(prepared[0])
+    with np.load(os.path.join(REPO, "tests", "data", "imagenet_stream_golden.npz")) as before:
+        assert sorted(before) == sorted(now)
+        for key in before:
+            if key.endswith("labels"):
+                np.testing.assert_array_equal(now[key], before[key], err_msg=key)
+            else:
+                np.testing.assert_allclose(now[key], before[key], atol=1e-3, err_msg=key)
+
+
+def load_script_from_tests(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tests", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_unreadable_scan_names_each_file(tmp_path):
+    written = photo_folder.write_photo_folder(str(tmp_path / "p"), classes=2, per_class=2, bad=True)
+    bad = folder.unreadable(str(tmp_path / "p"), folder.scan(str(tmp_path / "p")))
+    assert sorted(bad) == sorted([f"{written['bad'][0]} (truncated)", f"{written['bad'][1]} (not an image)"])
