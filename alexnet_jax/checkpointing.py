@@ -325,6 +325,46 @@ def restore_arrays(workdir: str, step: int, targets: dict[str, Any]) -> dict[str
     return {name: out[name] for name in targets}
 
 
+def has_checkpoint(workdir: str) -> bool:
+    directory = checkpoint_dir(workdir)
+    return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
+
+
+def latest_normalisation(workdir: str) -> dict[str, Any] | None:
+    """The normalisation record of the newest readable checkpoint in `workdir` (None if it has none)."""
+    try:
+        _, _, meta = read_saved(workdir)
+    except UserError:
+        return None
+    return meta.get("normalisation")
+
+
+def restore_as_saved(workdir: str, step: int, names: tuple[str, ...] = ("params",)) -> dict[str, Any]:
+    """Array items of checkpoint `step` as NumPy trees in the shapes they were saved with, whatever model or mesh
+    wrote them (what fine-tuning reads from another run); items the checkpoint lacks or holds empty are left out."""
+    directory = checkpoint_dir(workdir)
+    quiet_orbax_logs()
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                                    item_handlers={name: ocp.StandardCheckpointHandler() for name in names})
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    try:
+        metadata = manager.item_metadata(step)
+        targets = {}
+        for name in names:
+            tree = metadata.get(name) if hasattr(metadata, "get") else None
+            if tree:
+                targets[name] = jax.tree_util.tree_map(
+                    lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
+        out = manager.restore(step, args=ocp.args.Composite(
+            **{name: ocp.args.StandardRestore(tree) for name, tree in targets.items()}))
+    except Exception as e:  # noqa: BLE001 - a truncated or half-written item fails in many ways
+        raise UserError(f"the checkpoint at step {step} in {directory} cannot be read ({type(e).__name__}: {e})"
+                        ) from None
+    finally:
+        manager.close()
+    return {name: jax.tree_util.tree_map(np.asarray, jax.device_get(out[name])) for name in targets}
+
+
 def read_saved(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any], dict[str, Any]]:
     """(step, config, meta) of `step` or of the newest checkpoint whose JSON items read back, without
     knowing the model: what `evaluate` and `predict` start from."""

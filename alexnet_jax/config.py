@@ -7,6 +7,7 @@ package must not import."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import ml_collections
@@ -21,6 +22,7 @@ RESUMABLE_CHANGES = frozenset({
     "mesh_shape", "sharding", "data_dir", "fashion_mnist_dir", "checkpoint_every_steps", "checkpoint_keep",
     "checkpoint_keep_best", "checkpoint_async", "kernels",
     "augment_on_device",  # the same batches, augmented in the step instead of on the host
+    "init_from",  # read at step 0 only: a resumed run continues from its own checkpoint
 })
 
 
@@ -82,6 +84,13 @@ def check_config(config: ml_collections.ConfigDict, process_count: int = 1) -> N
     if config.get("augment_on_device", False) and not (config.dataset == "imagenet2012" and config.get("prepared")):
         fail("augment_on_device", "needs the prepared 256x256 squares: --config.dataset=imagenet2012 "
                                   "--config.prepared=True (the source JPEGs and small datasets augment on the host)")
+    if config.get("frozen", ""):
+        try:
+            re.compile(config.frozen)
+        except re.error as e:
+            fail("frozen", f"is not a regular expression ({e}); e.g. 'conv.*' or 'conv.*|fc6'")
+    if config.get("init_normalisation", "pretrained") not in ("pretrained", "data"):
+        fail("init_normalisation", "choose 'pretrained' (the weights' own) or 'data' (computed from your images)")
     if config.get("checkpoint_every_steps", 0) < 0:
         fail("checkpoint_every_steps", "must be >= 0 (0: save only at the end and on SIGTERM/preemption)")
     if config.get("checkpoint_keep", 1) < 1:

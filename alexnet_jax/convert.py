@@ -23,21 +23,21 @@ from absl import app, flags, logging
 from alexnet_jax.config import RESUMABLE_CHANGES
 from alexnet_jax.data import Normalisation
 from alexnet_jax.errors import UserError
+from alexnet_jax.pretrained import (  # noqa: F401 - the conversion's pieces, also used by init_from
+    CONV_KEYS,
+    FC_KEYS,
+    MEAN_255,
+    PUBLISHED_TOP1,
+    PUBLISHED_TOP5,
+    STD_255,
+    TORCHVISION_MEAN,
+    TORCHVISION_STD,
+    check_architecture,
+    load_state_dict,
+    to_flax_params,
+)
 
 FLAGS = flags.FLAGS
-
-CONV_KEYS = ("features.0", "features.3", "features.6", "features.8", "features.10")
-FC_KEYS = ("classifier.1", "classifier.4", "classifier.6")
-CONV_KERNELS = (11, 5, 3, 3, 3)
-POOL_SIZE = 6  # torchvision's AdaptiveAvgPool2d((6, 6))
-# torchvision's transforms.Normalize for its ImageNet weights (0-1 scale) ...
-TORCHVISION_MEAN = (0.485, 0.456, 0.406)
-TORCHVISION_STD = (0.229, 0.224, 0.225)
-# ... and this project's 0-255 scale (the data pipelines and predict normalise uint8 pixel values).
-MEAN_255 = tuple(255.0 * m for m in TORCHVISION_MEAN)
-STD_255 = tuple(255.0 * s for s in TORCHVISION_STD)
-# Published accuracy of IMAGENET1K_V1 (torchvision's model card), centre 224 crop of the 256 resize.
-PUBLISHED_TOP1, PUBLISHED_TOP5 = 0.56522, 0.79066
 
 
 def define_flags() -> None:
@@ -46,96 +46,6 @@ def define_flags() -> None:
     from alexnet_jax import cli
 
     cli.define_config_overrides()  # e.g. --config.image_size=227, --config.data_dir for the saved config
-
-
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
-    """The file's tensors as float32 NumPy arrays, read with `torch.load(weights_only=True)`."""
-    try:
-        import torch
-    except ImportError:
-        raise UserError("reading a .pth file needs PyTorch: pip install 'alexnet_jax[torch]' "
-                        "(a CPU build is enough)") from None
-    if not os.path.isfile(path):
-        raise UserError(f"--torchvision {path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a file that is not a state dict
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"--torchvision {path}: not a PyTorch state dict that loads with weights_only=True "
-                        f"({first}). Save the weights with torch.save(model.state_dict(), path).") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # training-script checkpoints
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"--torchvision {path}: holds a {type(obj).__name__}, not a state dict of tensors. "
-                        "Save the weights with torch.save(model.state_dict(), path).")
-    out = {}
-    for key, value in obj.items():
-        key = key.removeprefix("module.")  # nn.DataParallel / DistributedDataParallel prefixes
-        out[key] = value.detach().to(torch.float32).cpu().numpy()
-    return out
-
-
-def check_architecture(state: dict[str, np.ndarray], source: str = "the state dict"
-                       ) -> tuple[tuple[int, ...], int, int, int]:
-    """(conv widths, fc width, num_classes, input channels) of a torchvision AlexNet; UserError otherwise."""
-    expected = [f"{k}.{p}" for k in CONV_KEYS + FC_KEYS for p in ("weight", "bias")]
-    missing = [k for k in expected if k not in state]
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        seen = ", ".join(sorted(state)[:6]) + (", ..." if len(state) > 6 else "")
-        raise UserError(
-            f"{source} is not a torchvision AlexNet: "
-            + (f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; " if missing else "")
-            + (f"unexpected {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}; " if extra else "")
-            + f"it holds {len(state)} tensors ({seen}). Give the state dict of torchvision.models.alexnet.")
-    problems = []
-    widths = []
-    cin = state["features.0.weight"].shape[1] if state["features.0.weight"].ndim == 4 else 0
-    channels = cin
-    for key, k in zip(CONV_KEYS, CONV_KERNELS, strict=True):
-        w = state[f"{key}.weight"]
-        if w.ndim != 4 or w.shape[2:] != (k, k) or w.shape[1] != channels:
-            problems.append(f"{key}.weight has shape {tuple(w.shape)}, expected (out, {channels}, {k}, {k})")
-            break
-        widths.append(int(w.shape[0]))
-        channels = int(w.shape[0])
-        if state[f"{key}.bias"].shape != (w.shape[0],):
-            problems.append(f"{key}.bias has shape {tuple(state[f'{key}.bias'].shape)}")
-    fc_in = channels * POOL_SIZE * POOL_SIZE
-    fc_width = num_classes = 0
-    if not problems:
-        for key in FC_KEYS:
-            w = state[f"{key}.weight"]
-            if w.ndim != 2 or w.shape[1] != fc_in:
-                problems.append(f"{key}.weight has shape {tuple(w.shape)}, expected (out, {fc_in})")
-                break
-            if state[f"{key}.bias"].shape != (w.shape[0],):
-                problems.append(f"{key}.bias has shape {tuple(state[f'{key}.bias'].shape)}")
-            fc_in = int(w.shape[0])
-        fc_width = int(state["classifier.1.weight"].shape[0])
-        num_classes = int(state["classifier.6.weight"].shape[0])
-        if state["classifier.4.weight"].shape[0] != fc_width:
-            problems.append("classifier.1 and classifier.4 have different widths")
-    if problems:
-        raise UserError(f"{source} has torchvision AlexNet's key names but not its shapes: {'; '.join(problems)}")
-    return tuple(widths), fc_width, num_classes, int(cin)
-
-
-def to_flax_params(state: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    """torchvision tensors -> the 'owt' AlexNet's Flax parameter tree (conv1..conv5, fc6..fc8)."""
-    check_architecture(state)
-    params: dict[str, dict[str, np.ndarray]] = {}
-    for i, key in enumerate(CONV_KEYS, 1):  # OIHW -> HWIO
-        params[f"conv{i}"] = {"kernel": np.ascontiguousarray(state[f"{key}.weight"].transpose(2, 3, 1, 0)),
-                              "bias": state[f"{key}.bias"]}
-    for i, key in enumerate(FC_KEYS, 6):  # (out, in) -> (in, out)
-        params[f"fc{i}"] = {"kernel": np.ascontiguousarray(state[f"{key}.weight"].T), "bias": state[f"{key}.bias"]}
-    # fc6: torch's input index is c*36 + h*6 + w (NCHW flatten), Flax's is (h*6 + w)*C + c (NHWC flatten).
-    k = params["fc6"]["kernel"]
-    c = k.shape[0] // (POOL_SIZE * POOL_SIZE)
-    params["fc6"]["kernel"] = np.ascontiguousarray(
-        k.reshape(c, POOL_SIZE, POOL_SIZE, -1).transpose(1, 2, 0, 3).reshape(k.shape))
-    return params
 
 
 def torchvision_config(widths: tuple[int, ...], fc_width: int, num_classes: int, image_size: int = 224) -> Any:

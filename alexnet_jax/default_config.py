@@ -73,6 +73,15 @@ def get_config() -> ml_collections.ConfigDict:
     # 'auto' (cpu_tuned on the CPU backend, native on GPU/TPU).
     c.kernels = "auto"
 
+    # Transfer (alexnet_jax/pretrained.py, docs/pretrained.md). init_from: a torchvision AlexNet state dict (.pth),
+    # an alexnet_jax workdir (its latest checkpoint) or a WORKDIR/checkpoints/<step> directory; at step 0 every
+    # parameter whose name and shape match is loaded, the rest (e.g. fc8 for another class count) initialised.
+    c.init_from = ""
+    # the input normalisation with init_from: 'pretrained' (the weights' own: torchvision's mean/std, or the
+    # checkpoint's record) or 'data' (computed from the new training images)
+    c.init_normalisation = "pretrained"
+    c.frozen = ""  # regex over layer names or 'layer/param' paths that get no update, e.g. 'conv.*' or 'conv.*|fc6'
+
     # Optimisation (the paper's section 5).
     c.batch_size = 128  # global, across all devices and processes
     c.num_epochs = 90.0

@@ -12,6 +12,7 @@ training loss every step); its scale is written into the injected `lr_scale`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -75,17 +76,52 @@ def create_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, tot
     raise ValueError(f"unknown lr_schedule {name!r}; choose one of {SCHEDULES}")
 
 
+def frozen_labels(pattern: str) -> Callable[[Any], Any]:
+    """params -> 'frozen' / 'trained' per leaf: frozen where `pattern` fully matches the layer name ('conv1') or
+    the leaf's path ('conv1/kernel'), e.g. 'conv.*' or 'conv.*|fc6'."""
+    regex = re.compile(pattern)
+
+    def label(path: Any, _: Any) -> str:
+        names = [str(getattr(p, "key", p)) for p in path]
+        hit = regex.fullmatch(names[0]) or regex.fullmatch("/".join(names))
+        return "frozen" if hit else "trained"
+
+    return lambda params: jax.tree_util.tree_map_with_path(label, params)
+
+
 def create_optimizer(
     config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
 ) -> optax.GradientTransformation:
-    """The paper's momentum SGD with the configured schedule, all hyperparameters injected."""
-    return optax.inject_hyperparams(paper_sgd, static_args=("nesterov", "mask"))(
+    """The paper's momentum SGD with the configured schedule, all hyperparameters injected. With
+    `config.frozen`, the matching parameters go through `optax.set_to_zero` instead (optax.multi_transform):
+    no update, no weight decay, and no momentum buffer for them in the optimizer state."""
+    tx = optax.inject_hyperparams(paper_sgd, static_args=("nesterov", "mask"))(
         learning_rate=create_schedule(config, steps_per_epoch, total_steps),
         momentum=config.momentum,
         weight_decay=config.weight_decay,
         lr_scale=1.0,
         nesterov=bool(config.get("nesterov", False)),
     )
+    if not config.get("frozen", ""):
+        return tx
+    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()},
+                                 frozen_labels(config.frozen))
+
+
+def hyperparams_state(opt_state: Any) -> Any:
+    """The injected-hyperparameters state inside `opt_state` (nested under multi_transform when layers are
+    frozen)."""
+    if hasattr(opt_state, "hyperparams"):
+        return opt_state
+    return opt_state.inner_states["trained"].inner_state
+
+
+def _with_hyperparams(opt_state: Any, hyper: dict[str, Any]) -> Any:
+    if hasattr(opt_state, "hyperparams"):
+        return opt_state._replace(hyperparams=hyper)
+    trained = opt_state.inner_states["trained"]
+    inner = trained._replace(inner_state=trained.inner_state._replace(hyperparams=hyper))
+    return opt_state._replace(inner_states={**opt_state.inner_states, "trained": inner})
 
 
 def create_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
@@ -106,13 +142,14 @@ def plateau_step(
 ) -> tuple[Any, Any]:
     """Feed one validation error to the plateau logic and write its scale into the optimiser."""
     _, plateau_state = plateau.update({}, plateau_state, value=jnp.asarray(val_error, jnp.float32))
-    hyper = dict(opt_state.hyperparams)
+    hyper = dict(hyperparams_state(opt_state).hyperparams)
     # A copy: sharing one buffer between `plateau.scale` and `lr_scale` makes the donating train step fail
     # ("donate the same buffer twice") on the first step after an evaluation.
     hyper["lr_scale"] = jnp.array(plateau_state.scale, hyper["lr_scale"].dtype, copy=True)
-    return plateau_state, opt_state._replace(hyperparams=hyper)
+    return plateau_state, _with_hyperparams(opt_state, hyper)
 
 
 def current_lr(opt_state: Any) -> jax.Array:
     """The learning rate the last update used (base schedule value times the plateau factor)."""
-    return opt_state.hyperparams["learning_rate"] * opt_state.hyperparams["lr_scale"]
+    hyper = hyperparams_state(opt_state).hyperparams
+    return hyper["learning_rate"] * hyper["lr_scale"]

@@ -46,17 +46,18 @@ __all__ = [
 ]
 
 
-def create_data(config: ml_collections.ConfigDict) -> Data:
-    """Prepare (if needed) and open the configured dataset: the small ones in memory, photos streaming."""
+def create_data(config: ml_collections.ConfigDict, normalisation: Normalisation | None = None) -> Data:
+    """Prepare (if needed) and open the configured dataset: the small ones in memory, photos streaming.
+    `normalisation`: use this one (e.g. pretrained weights') instead of the training set's statistics."""
     if not config.dataset:
         raise UserError(f"--config.dataset is empty: choose one of {DATASETS}, 'folder' or a tfds dataset's name")
     if not is_photos(config):
-        return small.create_data(config)
+        return small.create_data(config, normalisation)
     if config.get("prepared", False):
         if config.dataset != "imagenet2012":
             raise UserError(f"--config.prepared=True: the stored 256x256 squares are prepared for imagenet2012 "
                             f"only; train {config.dataset} from its images (--config.prepared=False)")
         photos.check_config(config)  # before the preparation's message, a bad key's
-        return squares.create_data(config)
+        return squares.create_data(config, normalisation)
     photos.check_config(config)
-    return photos.create_data(config, sources.open_source(config))
+    return photos.create_data(config, sources.open_source(config), normalisation)

@@ -357,13 +357,32 @@ def check_classes(config: ml_collections.ConfigDict, source: Source) -> None:
                         "(0 takes the dataset's count)")
 
 
-def create_data(config: ml_collections.ConfigDict, source: Source) -> Data:
-    """The `Data` the trainer consumes, streaming from a prepared source's images."""
+def given(config: ml_collections.ConfigDict, norm: Normalisation) -> Normalisation:
+    """A normalisation handed in (pretrained weights'), checked against the crops this config makes."""
+    if norm.kind == "pixel" and norm.mean_image is not None and norm.mean_image.shape[0] != config.resize_size:
+        raise UserError(f"the pretrained weights' mean image is {norm.mean_image.shape[0]} px, the config resizes "
+                        f"to --config.resize_size={config.resize_size}: use the same size, or "
+                        "--config.init_normalisation=data to compute the normalisation from these images")
+    return norm
+
+
+def create_data(config: ml_collections.ConfigDict, source: Source, normalisation: Normalisation | None = None
+                ) -> Data:
+    """The `Data` the trainer consumes, streaming from a prepared source's images (normalised by `normalisation`
+    when given, else by the training images' statistics)."""
     check_config(config)
     check_classes(config, source)
-    stats, lighting = stats_for(config, lambda: dataset_stats(
-        source, int(config.resize_size), int(config.stats_examples), config.resize_method))
-    norm = normalisation_for(config, stats)
+
+    def computed() -> dict:
+        return dataset_stats(source, int(config.resize_size), int(config.stats_examples), config.resize_method)
+
+    if normalisation is not None:
+        norm = given(config, normalisation)
+        lighting = (lighting_for(config, computed()) if config.pca == "data" and config.pca_lighting > 0
+                    else augment.PUBLISHED)
+    else:
+        stats, lighting = stats_for(config, computed)
+        norm = normalisation_for(config, stats)
     mean, std = _train_arrays(config, norm)
     crop = int(config.image_size)
     return Data(

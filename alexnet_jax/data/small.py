@@ -24,11 +24,13 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
 from alexnet_jax.data.base import (
     DATASETS,
     Data,
+    Normalisation,
     check_data_dir,
     data_options,
     normalisation_for,
@@ -324,16 +326,24 @@ def eval_batches(
     return iter(tfds.as_numpy(ds.prefetch(2)))
 
 
-def create_data(config: ml_collections.ConfigDict) -> Data:
-    """Prepare (if needed) and load FashionMNIST or CIFAR-10; normalised per channel by the training set."""
+def create_data(config: ml_collections.ConfigDict, normalisation: Normalisation | None = None) -> Data:
+    """Prepare (if needed) and load FashionMNIST or CIFAR-10; normalised per channel by the training set (or by
+    `normalisation`, e.g. pretrained weights')."""
     if config.get("eval_crops", 1) not in (1, 2):
         raise UserError(f"--config.eval_crops={config.eval_crops}: {config.dataset} images are evaluated whole "
                         "(they are no larger than the crop): use 1, or 2 to add the reflection; 10-crop "
                         "evaluation is for imagenet2012")
     train_data = load_in_memory(config, "train")
     test_data = load_in_memory(config, "test")
-    mean, std = channel_stats(train_data.images)
-    norm = normalisation_for(config, {"mean": mean, "std": std})
+    if normalisation is not None and normalisation.kind == "channel" and normalisation.mean.shape == (
+            train_data.images.shape[-1],):
+        norm = normalisation
+    else:
+        if normalisation is not None:
+            logging.warning("the pretrained normalisation does not fit %s's %d channel(s): computed from the data",
+                            config.dataset, train_data.images.shape[-1])
+        mean, std = channel_stats(train_data.images)
+        norm = normalisation_for(config, {"mean": mean, "std": std})
     mean, std = norm.arrays()
     return Data(
         num_train=len(train_data),

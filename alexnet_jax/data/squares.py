@@ -40,8 +40,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 from tqdm import tqdm
 
-from alexnet_jax.data import augment, imagenet
-from alexnet_jax.data.base import Data, check_data_dir, lighting_for, normalisation_for
+from alexnet_jax.data import augment, imagenet, photos
+from alexnet_jax.data.base import Data, Normalisation, check_data_dir, lighting_for, normalisation_for
 from alexnet_jax.errors import UserError
 
 FORMATS = ("raw", "jpeg")
@@ -296,7 +296,7 @@ def on_device(config: ml_collections.ConfigDict, norm,
                              normalization=norm.kind, mean=mean, std=std, pca=lighting)
 
 
-def create_data(config: ml_collections.ConfigDict) -> Data:
+def create_data(config: ml_collections.ConfigDict, normalisation: Normalisation | None = None) -> Data:
     """The `Data` the trainer consumes, streaming from the prepared squares (`config.prepared=True`)."""
     check_config(config)
     check_data_dir(config.data_dir)
@@ -306,11 +306,13 @@ def create_data(config: ml_collections.ConfigDict) -> Data:
         return imagenet.dataset_stats(builder, builder.builder_config.size, int(config.stats_examples),
                                       config.resize_method, square_of=lambda image: tf.cast(decode(image), tf.float32))
 
-    stats = imagenet.fixed_stats(config) or computed()
-    if config.pca == "data" and config.pca_lighting > 0 and "pca_eigval" not in stats:  # fixed mean/std
-        stats = {**computed(), **stats}
-    lighting = lighting_for(config, stats)
-    norm = normalisation_for(config, stats)
+    if normalisation is not None:
+        norm = photos.given(config, normalisation)
+        lighting = (lighting_for(config, computed()) if config.pca == "data" and config.pca_lighting > 0
+                    else augment.PUBLISHED)
+    else:
+        stats, lighting = photos.stats_for(config, computed)
+        norm = normalisation_for(config, stats)
     train, evaluation = pipelines(config, norm, builder, lighting)
     crop = int(config.image_size)
     names = tuple(builder.info.features["label"].names)

@@ -1,0 +1,151 @@
+"""Transfer learning (issue #21): `init_from` a checkpoint or a torchvision state dict, `frozen` layers, resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, load_script
+
+from alexnet_jax import checkpointing, optim, train
+from alexnet_jax.errors import UserError
+
+photo_folder = load_script("make_photo_folder")
+TINY = dict(variant="small", resize_size=36, image_size=32, widths=(16, 32, 32, 32, 32), fc_width=32,
+            norm="", groups=0)
+
+
+def _config_file(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _set(c, **kw):
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def folder3(tmp_path_factory) -> tuple[str, str]:
+    root = str(tmp_path_factory.mktemp("new_classes") / "photos")
+    photo_folder.write_photo_folder(root, classes=3, per_class=30, seed=5)
+    return root, str(tmp_path_factory.mktemp("tfds"))
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        name = f"{prefix}/{k}" if prefix else k
+        out.update(_flat(v, name) if isinstance(v, dict) else {name: np.asarray(v)})
+    return out
+
+
+def test_finetune_from_an_imagenet_run_with_frozen_convs(prepared, folder3, tmp_path, caplog):
+    """Pretrain on the tiny ILSVRC-format archive, fine-tune on 3 new classes with conv1-5 frozen: >= 90% held
+    out; conv parameters bitwise the pretrained ones; no optimizer state for them; fc8 re-initialised (logged)."""
+    pre_dir, fine_dir = str(tmp_path / "pretrain"), str(tmp_path / "finetune")
+    pre = _set(_config_file("imagenet"), data_dir=prepared[0], batch_size=8, eval_batch_size=8,
+               num_train_steps=24, normalization="channel", init_scheme="he", learning_rate=0.02,
+               lr_reference_batch=0, lr_schedule="constant", log_every_steps=24, eval_crops=1, num_classes=1000, **TINY)
+    train.train_and_evaluate(pre, pre_dir)
+    root, data_dir = folder3
+    fine = _set(_config_file("finetune"), init_from=pre_dir, folder=root, data_dir=data_dir, batch_size=16,
+                eval_batch_size=24, num_epochs=30.0, learning_rate=0.05, dropout_rate=0.0, holdout_fraction=0.2,
+                log_every_steps=10, eval_every_steps=10_000, train_crop="paper", **TINY)
+    with caplog.at_level("INFO"):
+        summary = train.train_and_evaluate(fine, fine_dir)
+    assert summary["top1_accuracy"] >= 0.9, summary
+    log = caplog.text
+    assert "init_from step 24 of" in log and "fc8/kernel (32, 3), pretrained (32, 1000)" in log, log[-3000:]
+    assert "fc8/bias (3,), pretrained (1000,)" in log
+    before = _flat(checkpointing.restore_as_saved(pre_dir, 24)["params"])
+    after = _flat(checkpointing.restore_as_saved(fine_dir, summary["step"])["params"])
+    convs = [k for k in before if k.startswith("conv")]
+    assert len(convs) == 10
+    for k in convs:
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)  # frozen: bitwise, no weight decay
+    for k in ("fc6/kernel", "fc7/kernel"):
+        assert not np.array_equal(after[k], before[k]), k  # trained from the pretrained values
+    # the optimizer state holds momentum only for the trained layers
+    trainer = train.Trainer(fine, train.sharding.make_mesh((1, 1), jax.devices()[:1]), (32, 32, 3), 4, 40)
+    paths = ["/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+             for path, _ in jax.tree_util.tree_leaves_with_path(trainer.abstract_state.opt_state)]
+    assert not [p for p in paths if "conv" in p], paths
+    assert sum("fc6" in p for p in paths) == 2 and sum("fc8" in p for p in paths) == 2
+
+
+def test_frozen_labels_and_bad_patterns():
+    params = {"conv1": {"kernel": 0, "bias": 0}, "fc6": {"kernel": 0, "bias": 0}, "fc8": {"kernel": 0, "bias": 0}}
+    assert optim.frozen_labels("conv.*|fc6")(params) == {
+        "conv1": {"kernel": "frozen", "bias": "frozen"}, "fc6": {"kernel": "frozen", "bias": "frozen"},
+        "fc8": {"kernel": "trained", "bias": "trained"}}
+    assert optim.frozen_labels("fc8/bias")(params)["fc8"] == {"kernel": "trained", "bias": "frozen"}
+    from alexnet_jax.config import check_config
+
+    c = _config_file("finetune")
+    c.frozen = "conv[("
+    with pytest.raises(UserError, match="frozen.*not a regular expression"):
+        check_config(c)
+
+
+def _torchvision_state_dict(torch, path: str, widths=(8, 16, 16, 16, 8), fc=32, classes=10) -> None:
+    """A torchvision-layout AlexNet state dict (narrow widths), saved with torch.save."""
+    g = torch.Generator().manual_seed(0)
+    state, cin = {}, 3
+    for key, k, w in zip(("features.0", "features.3", "features.6", "features.8", "features.10"),
+                         (11, 5, 3, 3, 3), widths, strict=True):
+        state[f"{key}.weight"] = torch.randn(w, cin, k, k, generator=g) * 0.05
+        state[f"{key}.bias"] = torch.randn(w, generator=g) * 0.01
+        cin = w
+    fan = cin * 36
+    for key, out in (("classifier.1", fc), ("classifier.4", fc), ("classifier.6", classes)):
+        state[f"{key}.weight"] = torch.randn(out, fan, generator=g) * 0.05
+        state[f"{key}.bias"] = torch.zeros(out)
+        fan = out
+    torch.save(state, path)
+
+
+def test_torchvision_state_dict_then_resume_after_a_kill(folder3, tmp_path, torch_lib, python):
+    """init_from a .pth; killed after step 3 (checkpoint at 2), the pretrained file deleted, the same command
+    resumes at 2 and ends where an uninterrupted run ends: the resumed run never re-loads the pretrained weights."""
+    pth = str(tmp_path / "alexnet-narrow.pth")
+    _torchvision_state_dict(torch_lib, pth)
+    root, data_dir = folder3
+    flags = [f"--config.init_from={pth}", f"--config.folder={root}", f"--config.data_dir={data_dir}",
+             "--config.widths=(8,16,16,16,8)", "--config.fc_width=32", "--config.image_size=64",
+             "--config.resize_size=72", "--config.batch_size=8", "--config.eval_batch_size=24",
+             "--config.num_train_steps=5", "--config.checkpoint_every_steps=2", "--config.log_every_steps=1",
+             "--config.mesh_shape=(1,1)"]
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+    def run(script: list[str], workdir: str) -> subprocess.CompletedProcess:
+        return subprocess.run([python, *script, "--config", os.path.join(REPO, "configs/finetune.py"), *flags,
+                               "--workdir", workdir], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    whole = run(["-m", "alexnet_jax.main"], str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert "init_from torchvision state dict" in whole.stderr and "loaded 14 arrays" in whole.stderr
+    converted = _flat(train.pretrained.to_flax_params(train.pretrained.load_state_dict(pth)))
+    killed = run(["tests/signal_after_step.py", "3", "SIGKILL"], str(tmp_path / "killed"))
+    assert killed.returncode != 0
+    os.remove(pth)
+    resumed = run(["-m", "alexnet_jax.main"], str(tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "init_from" not in resumed.stderr.split("resumed from")[1]
+    a = _flat(checkpointing.restore_as_saved(str(tmp_path / "whole"), 5)["params"])
+    b = _flat(checkpointing.restore_as_saved(str(tmp_path / "killed"), 5)["params"])
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for k in converted:  # conv1-5 frozen at torchvision's values; fc6, fc7 trained from them; fc8 new (3 classes)
+        if k.startswith("conv"):
+            np.testing.assert_array_equal(a[k], converted[k], err_msg=k)
+    assert a["fc8/kernel"].shape == (32, 3) and converted["fc8/kernel"].shape == (32, 10)
+    with pytest.raises(UserError, match="init_from=.*no such file"):
+        train.pretrained.read(pth)
