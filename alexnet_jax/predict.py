@@ -1,15 +1,22 @@
-"""Classify images with a checkpoint: `python -m alexnet_jax.predict --workdir DIR IMAGE [IMAGE ...]`.
+"""Classify images with a checkpoint: `python -m alexnet_jax.predict --workdir DIR IMAGE|FOLDER [...]`.
 
-Prints the top-5 classes with their probabilities for each image. Images (PNG, JPEG, GIF, BMP, of any size) are
-preprocessed as the evaluation pipeline does, with the normalisation record the checkpoint saved (no training
-set needed): converted to the model's channels (grayscale for FashionMNIST), the centre square taken; ImageNet:
-resized to `resize_size` (256), normalised (the paper's per-pixel mean image, or per-channel mean/std) and the
-centre crop taken, exactly the single-view evaluation; small datasets: resized to the input size and
-normalised per channel. Takes the same `--config.key=value` overrides as `evaluate`.
+Prints the top-k classes with their probabilities for every readable image (a folder's images are all
+classified, sorted by path) and one line `PATH: error: ...` for every file that is not a readable image; the exit
+status is 1 when any failed. Images go through the network in batches of `eval_batch_size`. ImageNet classes
+print as `n01440764 tench`: the WordNet id with its first WordNet lemma (alexnet_jax/resources/imagenet_names.txt).
+
+Preprocessing is the evaluation's single view, from the normalisation record the checkpoint saved (no training
+set needed). Every file is read as the pipelines read it (`pixels`: CMYK, grayscale, RGBA, 16-bit and palette
+images become RGB, as `data.folder` stores them), then: photos (ImageNet, a folder, a tfds dataset): centre
+square resized to `resize_size`, normalised, centre crop; small datasets: resized to the input size, normalised per channel.
+A checkpoint converted from torchvision (`alexnet_jax.convert`) preprocesses exactly as torchvision's transforms:
+the whole image's shorter side to 256 with PIL's antialiased bilinear, rounded to uint8, the centre 224 crop,
+mean/std. Takes the same `--config.key=value` overrides as `evaluate`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -18,6 +25,7 @@ import numpy as np
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
+NAMES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources", "imagenet_names.txt")
 
 
 def define_flags() -> None:
@@ -42,15 +50,77 @@ def class_names(dataset: str, meta: dict[str, Any], num_classes: int) -> list[st
     if dataset == "cifar10":
         return list(datalib.CIFAR10_CLASSES)
     if dataset == "imagenet2012":
-        import tensorflow_datasets as tfds
-
-        return list(tfds.builder("imagenet2012").info.features["label"].names)
+        with open(NAMES_FILE) as f:
+            return [line.split("\t")[0] for line in f.read().splitlines()]
     return [str(i) for i in range(num_classes)]
 
 
+def readable_names(names: list[str]) -> list[str]:
+    """WordNet ids with their first lemma beside them ('n01440764 tench'); other names as they are."""
+    with open(NAMES_FILE) as f:
+        lemma = {w: rest.split(", ")[0] for w, rest in (line.split("\t") for line in f.read().splitlines())}
+    return [f"{n} {lemma[n]}" if n in lemma else n for n in names]
+
+
+def image_files(args: list[str]) -> list[str]:
+    """The paths given, with every folder replaced by the image files under it (sorted)."""
+    from alexnet_jax.data.folder import EXTENSIONS
+
+    out = []
+    for arg in args:
+        if os.path.isdir(arg):
+            for root, dirs, files in os.walk(arg):
+                dirs.sort()
+                out += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(EXTENSIONS)]
+        else:
+            out.append(arg)
+    return out
+
+
+def torchvision_view(path: str, size: int, resize: int, norm: Any) -> np.ndarray:
+    """torchvision's `Resize(resize)`, `CenterCrop(size)`, `ToTensor`, `Normalize` on PIL, in NHWC: the shorter
+    side to `resize` (the longer to int(resize * long / short)) with PIL's bilinear (antialiased when shrinking),
+    uint8; the crop's offsets rounded as torchvision rounds them; then (x/255 - mean)/std (on 0-255: the same)."""
+    from PIL import Image
+
+    from alexnet_jax.data.folder import to_rgb
+
+    with Image.open(path) as image:
+        image = to_rgb(image)
+        w, h = image.size
+        if w <= h:
+            new = (resize, int(resize * h / w))
+        else:
+            new = (int(resize * w / h), resize)
+        image = image.resize(new, Image.Resampling.BILINEAR)
+        w, h = image.size
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+        pixels = np.asarray(image.crop((left, top, left + size, top + size)), np.float32)
+    return ((pixels / 255.0 - norm.mean / 255.0) / (norm.std / 255.0)).astype(np.float32)
+
+
+def pixels(path: str, channels: int = 3) -> np.ndarray:
+    """An image file's uint8 (H, W, channels) pixels as the pipelines see them: an RGB or grayscale JPEG decoded
+    by TensorFlow (bit for bit the training pipeline's decode), any other file through PIL (`folder.to_rgb`:
+    CMYK, RGBA, 16-bit, palette -> RGB; lossless), then grayscale for a 1-channel model."""
+    import tensorflow as tf
+    from PIL import Image
+
+    from alexnet_jax.data.folder import to_rgb
+
+    with Image.open(path) as image:
+        image.load()  # a truncated file fails here
+        if image.format == "JPEG" and image.mode in ("RGB", "L"):
+            with open(path, "rb") as f:
+                return tf.io.decode_jpeg(f.read(), channels=channels).numpy()
+        rgb = to_rgb(image)
+        return np.asarray(rgb.convert("L"))[..., None] if channels == 1 else np.asarray(rgb)
+
+
 def preprocess(path: str, image_shape: tuple[int, int, int], norm: Any, dataset: str,
-               resize_method: str = "area") -> np.ndarray:
-    """One image file as the model's normalised (H, W, C) float32 input (`norm`: a data.Normalisation)."""
+               resize_method: str = "area", torchvision: bool = False) -> np.ndarray:
+    """One image file as the model's normalised (H, W, C) float32 input (`norm`: a data.Normalisation); a
+    UserError naming the file if it is not a readable image."""
     import tensorflow as tf
 
     from alexnet_jax import data as datalib
@@ -59,9 +129,12 @@ def preprocess(path: str, image_shape: tuple[int, int, int], norm: Any, dataset:
 
     size, _, channels = image_shape
     try:
-        image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
-    except (tf.errors.OpError, ValueError) as e:
-        raise UserError(f"{path}: not a readable image ({type(e).__name__}); give PNG, JPEG, GIF or BMP") from None
+        if torchvision:
+            return torchvision_view(path, size, norm.resize_size or 256, norm)
+        image = tf.constant(pixels(path, channels))
+    except (OSError, ValueError, SyntaxError, tf.errors.OpError) as e:
+        reason = "truncated" if "truncated" in str(e) else type(e).__name__
+        raise UserError(f"{path}: not a readable image ({reason}); give PNG, JPEG, GIF or BMP") from None
     h, w = int(image.shape[0]), int(image.shape[1])
     side = min(h, w)
     square = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
@@ -75,35 +148,66 @@ def preprocess(path: str, image_shape: tuple[int, int, int], norm: Any, dataset:
     return np.asarray(augment.centre_crop(square, size), np.float32)
 
 
-def predict(workdir: str, paths: list[str], *, step: int | None = None, top_k: int = 5,
-            overrides: dict[str, Any] | None = None) -> list[tuple[str, list[tuple[str, float]]]]:
-    """Top-k (class name, probability) for every image in `paths`, with checkpoint `step` (default latest)."""
+@dataclasses.dataclass
+class Result:
+    path: str
+    top: list[tuple[str, float]] | None  # (class name, probability), best first; None if unreadable
+    error: str | None = None
+
+
+def classify(workdir: str, paths: list[str], *, step: int | None = None, top_k: int = 5,
+             overrides: dict[str, Any] | None = None) -> list[Result]:
+    """Top-k (class name, probability) for every readable image of `paths`, an error for each other one; the
+    images go through the network `eval_batch_size` at a time."""
     import jax
     import jax.numpy as jnp
 
     from alexnet_jax import inference
+    from alexnet_jax.errors import UserError
 
     loaded = inference.load(workdir, step, inference.mesh_of_one_device(), overrides)
     config = loaded.config
     names = class_names(config.dataset, loaded.meta, config.num_classes)
     norm = loaded.normalisation
-    images = np.stack([preprocess(p, loaded.image_shape, norm, config.dataset, config.resize_method)
-                       for p in paths])
-    probs = jax.jit(lambda v, x: jax.nn.softmax(loaded.model.apply(v, x, train=False)))(loaded.variables,
-                                                                                        jnp.asarray(images))
-    probs = np.asarray(jax.device_get(probs))
-    k = min(top_k, probs.shape[-1])
-    out = []
-    for path, p in zip(paths, probs, strict=True):
-        top = np.argsort(-p, kind="stable")[:k]
-        out.append((path, [(names[i], float(p[i])) for i in top]))
-    return out
+    torchvision = bool(loaded.meta.get("converted_from", "").startswith("torchvision"))
+    forward = jax.jit(lambda v, x: jax.nn.softmax(loaded.model.apply(v, x, train=False)))
+    k = min(top_k, len(names))
+    batch = max(1, int(config.eval_batch_size))
+    results: list[Result] = []
+    for start in range(0, len(paths), batch):
+        chunk, images = [], []
+        for path in paths[start : start + batch]:
+            try:
+                images.append(preprocess(path, loaded.image_shape, norm, config.dataset, config.resize_method,
+                                         torchvision))
+                chunk.append(Result(path, None))
+            except UserError as e:
+                results.append(Result(path, None, str(e)))
+        if not images:
+            continue
+        probs = np.asarray(jax.device_get(forward(loaded.variables, jnp.asarray(np.stack(images)))))
+        for result, p in zip(chunk, probs, strict=True):
+            result.top = [(names[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]]
+        results += chunk
+    order = {p: i for i, p in enumerate(paths)}
+    return sorted(results, key=lambda r: order[r.path])
+
+
+def predict(workdir: str, paths: list[str], *, step: int | None = None, top_k: int = 5,
+            overrides: dict[str, Any] | None = None) -> list[tuple[str, list[tuple[str, float]]]]:
+    """(path, top-k) for every image in `paths`; a UserError for the first one that is not a readable image."""
+    from alexnet_jax.errors import UserError
+
+    results = classify(workdir, paths, step=step, top_k=top_k, overrides=overrides)
+    bad = next((r for r in results if r.error), None)
+    if bad is not None:
+        raise UserError(bad.error)
+    return [(r.path, r.top) for r in results]
 
 
 def main(argv: list[str]) -> None:
-    paths = argv[1:]
-    if not paths:
-        raise app.UsageError("give one or more image files: python -m alexnet_jax.predict --workdir DIR IMAGE ...")
+    if len(argv) < 2:
+        raise app.UsageError("give image files or folders: python -m alexnet_jax.predict --workdir DIR IMAGE ...")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
@@ -112,17 +216,29 @@ def main(argv: list[str]) -> None:
     from alexnet_jax.errors import UserError
 
     logging.get_absl_handler().use_absl_log_file = False
-    missing = [p for p in paths if not os.path.isfile(p)]
+    missing = [p for p in argv[1:] if not os.path.exists(p)]
     if missing:
         sys.exit(f"alexnet_jax.predict: error: no such file: {', '.join(missing)}")
+    paths = image_files(argv[1:])
+    if not paths:
+        sys.exit(f"alexnet_jax.predict: error: no image files (.jpg, .png, .gif, .bmp) in {', '.join(argv[1:])}")
     try:
-        results = predict(FLAGS.workdir, paths, step=FLAGS.step, top_k=FLAGS.top_k, overrides=cli.config_overrides())
+        results = classify(FLAGS.workdir, paths, step=FLAGS.step, top_k=FLAGS.top_k,
+                           overrides=cli.config_overrides())
     except UserError as e:
         sys.exit(f"alexnet_jax.predict: error: {e}")
-    for path, top in results:
-        print(path)
-        for rank, (name, prob) in enumerate(top, 1):
-            print(f"  {rank}. {name:<24s} {100 * prob:6.2f}%")
+    for r in results:
+        if r.error:
+            print(f"alexnet_jax.predict: error: {r.error}", file=sys.stderr)
+            continue
+        print(r.path)
+        shown = readable_names([name for name, _ in r.top])
+        for rank, (name, (_, prob)) in enumerate(zip(shown, r.top, strict=True), 1):
+            print(f"  {rank}. {name:<32s} {100 * prob:6.2f}%")
+    failed = sum(1 for r in results if r.error)
+    if failed:
+        print(f"alexnet_jax.predict: {failed} of {len(results)} file(s) could not be read", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

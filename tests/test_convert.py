@@ -116,8 +116,8 @@ def test_convert_writes_a_checkpoint_predict_uses(narrow_model, narrow_pth, conv
     path = str(tmp_path / "x.png")
     tf.io.write_file(path, tf.io.encode_png(image))
     (_, top), = predict.predict(workdir, [path], top_k=3)
-    # torch on the same preprocessed pixels (resize 256, centre 224 crop, torchvision's mean/std)
-    x = predict.preprocess(path, (224, 224, 3), norm, "imagenet2012", "antialias")
+    # torch on the same preprocessed pixels (torchvision's transforms: resize 256, centre 224 crop, mean/std)
+    x = predict.preprocess(path, (224, 224, 3), norm, "imagenet2012", "antialias", torchvision=True)
     with torch.no_grad():
         nchw = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None]))
         probs = torch.softmax(narrow_model(nchw), -1).numpy()[0]
