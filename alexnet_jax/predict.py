@@ -8,7 +8,8 @@ print as `n01440764 tench`: the WordNet id with its first WordNet lemma (alexnet
 Preprocessing is the evaluation's single view, from the normalisation record the checkpoint saved (no training
 set needed). Every file is read as the pipelines read it (`pixels`: CMYK, grayscale, RGBA, 16-bit and palette
 images become RGB, as `data.folder` stores them), then: photos (ImageNet, a folder, a tfds dataset): centre
-square resized to `resize_size`, normalised, centre crop; small datasets: resized to the input size, normalised per channel.
+square resized to `resize_size`, normalised, centre crop; small datasets: resized to the input size, normalised
+per channel.
 A checkpoint converted from torchvision (`alexnet_jax.convert`) preprocesses exactly as torchvision's transforms:
 the whole image's shorter side to 256 with PIL's antialiased bilinear, rounded to uint8, the centre 224 crop,
 mean/std. Takes the same `--config.key=value` overrides as `evaluate`.
