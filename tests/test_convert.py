@@ -211,3 +211,108 @@ def test_evaluate_uses_torchvision_normalisation_on_imagenet(narrow_model, conve
     assert result["count"] == len(labels) == 8
     assert result["top5"] == pytest.approx(top5)
     assert result["loss"] == pytest.approx(loss, rel=1e-4)
+
+
+def _torchvision_transforms(path: str) -> np.ndarray:
+    """The reference: torchvision's ImageNet evaluation transforms as torchvision computes them on PIL
+    (`Resize(256)`: shorter side 256, longer int(256 * long / short), `Image.BILINEAR`; `CenterCrop(224)`: offsets
+    int(round((size - 224) / 2)); `ToTensor`; `Normalize`), NCHW float32."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        w, h = image.size
+        size = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
+        image = image.resize(size, Image.BILINEAR)
+        top, left = int(round((image.height - 224) / 2.0)), int(round((image.width - 224) / 2.0))
+        x = np.asarray(image.crop((left, top, left + 224, top + 224)), np.float32) / 255.0
+    x = (x - np.asarray(convert.TORCHVISION_MEAN, np.float32)) / np.asarray(convert.TORCHVISION_STD, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def test_predict_gives_torchvisions_probabilities(tmp_path):
+    """Photos of several sizes through `predict` on a converted checkpoint (a narrow torchvision AlexNet with a
+    sharpened classifier): the probabilities of torch's forward of the same weights on torchvision's transforms,
+    within 0.1 points (not just the same top-5); the square-first float pipeline is further off."""
+    from PIL import Image
+
+    from alexnet_jax import predict
+
+    narrow_model = _torchvision_like(fc_width=256)
+    with torch.no_grad():
+        narrow_model.classifier[6].weight.mul_(40.0)
+    pth = str(tmp_path / "sharp.pth")
+    torch.save(narrow_model.state_dict(), pth)
+    converted = str(tmp_path / "wd")
+    convert.convert(pth, converted)
+
+    rng = np.random.default_rng(3)
+    paths = []
+    for w, h in ((500, 375), (375, 500), (333, 333), (640, 427), (260, 300)):
+        yy, xx = np.mgrid[0:h, 0:w]
+        smooth = np.stack([np.sin(xx / 17.0), np.cos(yy / 23.0), np.sin((xx + yy) / 31.0)], -1)
+        image = np.clip(128 + 90 * smooth + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+        paths.append(str(tmp_path / f"photo_{w}x{h}.jpg"))
+        Image.fromarray(image).save(paths[-1], quality=92)
+    results = predict.classify(converted, paths, top_k=1000)
+    names = predict.class_names("imagenet2012", {}, 1000)
+    with torch.no_grad():
+        want = torch.softmax(narrow_model(torch.from_numpy(np.stack([_torchvision_transforms(p) for p in paths]))),
+                             -1).numpy()
+    assert want.max() > 0.3  # a peaked distribution, so points mean something
+
+    def probabilities(results) -> np.ndarray:
+        out = np.zeros((len(results), 1000))
+        for row, r in zip(out, results, strict=True):
+            for name, prob in r.top:
+                row[names.index(name)] = prob
+        return out
+
+    assert np.abs(probabilities(results) - want).max() * 100 < 0.1
+    # the pipeline of the training run (centre square resized in float) is what the torchvision path replaced
+    from alexnet_jax import inference
+
+    loaded = inference.load(converted, None, inference.mesh_of_one_device())
+    x = np.stack([predict.preprocess(p, (224, 224, 3), loaded.normalisation, "imagenet2012", "antialias")
+                  for p in paths])
+    with torch.no_grad():
+        square_first = torch.softmax(narrow_model(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))),
+                                     -1).numpy()
+    assert np.abs(square_first - want).max() * 100 > 0.1
+
+
+def test_predict_cli_ranks_good_files_and_names_bad_ones(converted, tmp_path, python, repo):
+    """Eight files of every kind in one call, and a folder: every readable one ranked (ImageNet names beside
+    the ids), each unreadable one a one-line error, exit status 1, no traceback."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, os.path.join(repo, "tests"))
+    from conftest import load_script
+
+    kit = load_script("make_photo_folder")
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    good = [kit.save(kit.pixels(0, 3, (300, 200), rng), str(folder / k), k)
+            for k in ("cmyk_jpeg", "gray_jpeg", "rgba_png", "palette_gif", "gray16_png")]
+    from PIL import Image
+
+    Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(folder / "one_pixel.png")
+    good.append(str(folder / "one_pixel.png"))
+    data = (folder / "cmyk_jpeg.jpeg").read_bytes()
+    (folder / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "notes.jpg").write_text("not an image\n")
+    files = sorted(good + [str(folder / "cut.jpg"), str(folder / "notes.jpg")])
+    for args in (files, [str(folder)]):
+        r = subprocess.run([python, "-m", "alexnet_jax.predict", "--workdir", converted, "--top_k=2", *args],
+                           cwd=repo, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        ranked = [line for line in r.stdout.splitlines() if not line.startswith(" ")]
+        assert sorted(ranked) == sorted(good)
+        lines = r.stdout.splitlines()
+        first = lines[lines.index(ranked[0]) + 1]
+        assert first.strip().startswith("1. n0") and len(first.split()) >= 4  # "1. n01440764 tench 12.3%"
+        errors = [line for line in r.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 2 and "cut.jpg: not a readable image (truncated)" in errors[0] + errors[1]
+        assert any("notes.jpg: not a readable image" in e for e in errors)
