@@ -149,3 +149,43 @@ def test_torchvision_state_dict_then_resume_after_a_kill(folder3, tmp_path, torc
     assert a["fc8/kernel"].shape == (32, 3) and converted["fc8/kernel"].shape == (32, 10)
     with pytest.raises(UserError, match="init_from=.*no such file"):
         train.pretrained.read(pth)
+
+
+def test_features_of_a_split_and_the_figure_4_neighbours(folder3, tmp_path, python):
+    """fc7 features of the training split: one row per image, equal to the network's fc7 activations (flax's
+    own capture of the Dense output, after the ReLU); a training image's nearest neighbour is itself; the CLI
+    writes the npz and the Figure 4 PNG."""
+    from alexnet_jax import features
+
+    root, data_dir = folder3
+    workdir = str(tmp_path / "run")
+    config = _set(_config_file("folder"), folder=root, data_dir=data_dir, batch_size=16, eval_batch_size=16,
+                  num_train_steps=4, holdout_fraction=0.2, log_every_steps=4, **TINY)
+    train.train_and_evaluate(config, workdir)
+    extractor = features.Extractor(workdir)
+    got = features.of_split(extractor, "train", "fc7")
+    assert got["features"].shape == (72, 32) and got["labels"].shape == (72,)
+    assert len(set(got["file_names"])) == 72 and all(n.startswith("class_") for n in got["file_names"])
+    loaded = extractor.loaded
+    _, state = loaded.model.apply(loaded.variables, got["images"][:16], train=False, capture_intermediates=True,
+                                  mutable=["intermediates"])
+    fc7 = np.maximum(np.asarray(state["intermediates"]["fc7"]["__call__"][0]), 0)
+    np.testing.assert_allclose(got["features"][:16], fc7, rtol=1e-5, atol=1e-6)
+    assert (got["features"] > 0).any()
+    index = features.nearest(got["features"][:5], got["features"], 3)
+    assert index[:, 0].tolist() == [0, 1, 2, 3, 4]
+    pool5 = features.of_split(extractor, "eval", "pool5")["features"]
+    assert pool5.shape[0] == 18
+    out, png = str(tmp_path / "f.npz"), str(tmp_path / "n.png")
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    r = subprocess.run([python, "-m", "alexnet_jax.features", "--workdir", workdir, "--out", out, "--neighbours",
+                        "3", "--queries", "2", "--figure", png], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with np.load(out) as f:
+        assert f["features"].shape == (18, 32) and str(f["layer"]) == "fc7"
+        assert list(f["class_names"]) == ["class_a", "class_b", "class_c"]
+    from PIL import Image
+
+    with Image.open(png) as image:
+        assert image.size[0] > 300 and image.size[1] > 150

@@ -124,6 +124,9 @@ class Data:
     # Set when `train` yields raw material (e.g. uint8 squares and random draws) that the jitted train step turns
     # into the batch: a JAX function, global batch -> {"image", "label"} (`config.augment_on_device`).
     on_device: Callable[[dict], dict] | None = None
+    # `views(split, process_index, process_count)`: split 'train' or 'eval' as evaluation sees images (no
+    # augmentation; padded, masked batches; "file_name" where the source has them): what features are taken of
+    views: Callable[[str, int, int], Iterator[dict[str, np.ndarray]]] | None = None
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:

@@ -318,12 +318,13 @@ def train_records(source: Source | tfds.core.DatasetBuilder, config: ml_collecti
 def eval_dataset(source: Source | tfds.core.DatasetBuilder, config: ml_collections.ConfigDict,
                  norm: Normalisation, process_index: int = 0, process_count: int = 1,
                  threads: int | None = None, row_multiple: int = 0,
-                 squares: tuple[Callable, Callable] | None = None) -> tf.data.Dataset:
+                 squares: tuple[Callable, Callable] | None = None, file_names: bool = False) -> tf.data.Dataset:
     """This process's slice of the evaluation split, in local batches padded with mask-0 rows to the same count
     on every process (`base.padded_rows`). Images are (B, crop, crop, 3), or (B, 10, crop, crop, 3) with
     `eval_crops=10`. `squares=(decode, crops_batch)` for stored squares: each record's uint8 square, then the
-    crops of a whole batch at once."""
+    crops of a whole batch at once. `file_names`: each row's "file_name" too ('' where the source has none)."""
     source = as_source(source)
+    named = file_names and "file_name" in source.builder.info.features
     local = config.eval_batch_size // process_count
     instructions, counts = _instructions(source.builder, source.eval_split, process_index, process_count)
     fill = padded_rows(max(counts), local, row_multiple) - counts[process_index]
@@ -339,11 +340,16 @@ def eval_dataset(source: Source | tfds.core.DatasetBuilder, config: ml_collectio
         image = augment.eval_image(ex[source.image_key], resize=resize, crop=crop, crops=crops,
                                    normalization=norm.kind, mean=mean, std=std, method=config.resize_method,
                                    is_jpeg=source.is_jpeg)
-        return {"image": image, "label": label, "mask": tf.constant(1.0)}
+        out = {"image": image, "label": label, "mask": tf.constant(1.0)}
+        if file_names:
+            out["file_name"] = ex["file_name"] if named else tf.constant("")
+        return out
 
     ds = _records(instructions).map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     image = ds.element_spec["image"]
     pad = {"image": tf.zeros(image.shape, image.dtype), "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
+    if file_names:
+        pad["file_name"] = tf.constant("")
     ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(fill)).batch(local)
     if squares is not None:
         ds = ds.map(lambda b: {**b, "image": squares[1](b["image"])})
@@ -398,4 +404,7 @@ def create_data(config: ml_collections.ConfigDict, source: Source, normalisation
         mean=mean,
         std=std,
         normalisation=norm,
+        views=lambda split, pid, nproc: _guard(tfds.as_numpy(eval_dataset(
+            dataclasses.replace(source, eval_split=source.train_split if split == "train" else source.eval_split),
+            config, norm, pid, nproc, file_names=True)), source, split),
     )

@@ -356,4 +356,6 @@ def create_data(config: ml_collections.ConfigDict, normalisation: Normalisation 
         mean=mean,
         std=std,
         normalisation=norm,
+        views=lambda split, pid, nproc: eval_batches(train_data if split == "train" else test_data, config, mean,
+                                                     std, pid, nproc),
     )

@@ -214,12 +214,12 @@ class AlexNet(nn.Module):
                 x = Dense(features, bias_init=one if hidden else zero, name=name, placement=place,
                           **dict(common, **extra))(x)
                 if hidden:
-                    x = nn.relu(x)
+                    x = stage(f"{name}_out", nn.relu(x))  # the paper's Figure 4 compares images by fc7's
                     if not spec.dropout_before_fc:
                         x = dropout(x)
                 elif placement is not None:
                     x = placement.scatter_batch(x)
-        return x.astype(jnp.float32)
+        return stage("fc8_out", x.astype(jnp.float32))
 
 
 def create_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> AlexNet:
