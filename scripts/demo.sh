@@ -25,3 +25,6 @@ fi
 # Figures (PNG, no TensorBoard needed): training curves and the conv1 kernels (the paper's Figure 3).
 .venv/bin/python scripts/plot_curves.py --workdir "$WORKDIR"
 .venv/bin/python scripts/plot_filters.py --workdir "$WORKDIR"
+# The paper's Figure 4 (right): test images beside the training images nearest to them in fc7's activations.
+.venv/bin/python -m alexnet_jax.features --workdir "$WORKDIR" --neighbours 6 --queries 6 \
+  --figure "$WORKDIR/neighbours.png"
