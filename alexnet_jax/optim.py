@@ -89,6 +89,18 @@ def frozen_labels(pattern: str) -> Callable[[Any], Any]:
     return lambda params: jax.tree_util.tree_map_with_path(label, params)
 
 
+def frozen_paths(pattern: str, params: Any) -> list[str]:
+    """'layer/param' of every parameter `pattern` freezes; a UserError if it freezes none (a typo)."""
+    from alexnet_jax.errors import UserError
+
+    labels = jax.tree_util.tree_leaves_with_path(frozen_labels(pattern)(params))
+    frozen = sorted({"/".join(str(getattr(k, "key", k)) for k in path) for path, label in labels if label == "frozen"})
+    if not frozen:
+        raise UserError(f"--config.frozen={pattern!r} matches no parameter: the layers are {sorted(params)} "
+                        "(e.g. 'conv.*' freezes conv1-conv5)")
+    return frozen
+
+
 def create_optimizer(
     config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
 ) -> optax.GradientTransformation:

@@ -19,7 +19,9 @@ import dataclasses
 import os
 from typing import Any
 
+import ml_collections
 import numpy as np
+from absl import logging
 
 from alexnet_jax import checkpointing
 from alexnet_jax.data.base import Normalisation
@@ -220,3 +222,41 @@ def merge(init: dict[str, Any], pretrained: dict[str, Any]) -> tuple[dict[str, A
                 pick(f"{prefix}/{k}" if prefix else str(k), v) for k, v in tree.items()}
 
     return walk(init), loaded, initialised
+
+
+def for_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[Pretrained | None, Normalisation | None]:
+    """(`config.init_from`'s weights or None, the normalisation to use instead of the data's or None). A run
+    resumed from its own checkpoint reads no pretrained file (it may have moved since) and keeps the
+    normalisation it saved."""
+    if not config.init_from:
+        return None, None
+    if checkpointing.has_checkpoint(workdir):
+        own = checkpointing.latest_normalisation(workdir)
+        use = own and config.init_normalisation == "pretrained"
+        return None, Normalisation.from_json(own) if use else None
+    pre = read(config.init_from, int(config.get("resize_size", 256)))
+    arch = {k: config[k] for k in ARCHITECTURE_KEYS}
+    if arch != pre.architecture:
+        differ = ", ".join(f"{k}={pre.architecture[k]!r}" for k in arch if arch[k] != pre.architecture[k])
+        logging.warning("the pretrained network (%s) differs from the config's: %s; only parameters whose name and "
+                        "shape match are loaded (set those --config keys to load them all)", pre.source, differ)
+    return pre, pre.normalisation if config.init_normalisation == "pretrained" else None
+
+
+def load_into(state: Any, pre: Pretrained, shardings: Any) -> Any:
+    """The train state with the pretrained parameters (and BatchNorm statistics) wherever name and shape match,
+    placed with `shardings` (the state's); a report in the log."""
+    import jax
+
+    params, loaded, initialised = merge(jax.device_get(state.params), pre.params)
+    if not loaded:
+        raise UserError(f"--config.init_from: no parameter of {pre.source} matches this network by name and shape "
+                        f"(its architecture: {pre.architecture}); set those config keys to fine-tune from it")
+    layers = sorted({p.split("/")[0] for p in loaded})
+    logging.info("init_from %s: loaded %d arrays (%s); initialised %d: %s", pre.source, len(loaded),
+                 ", ".join(layers), len(initialised), "; ".join(initialised) or "none")
+    state = state.replace(params=jax.device_put(params, shardings.params))
+    if pre.batch_stats and state.batch_stats:
+        stats, _, _ = merge(jax.device_get(state.batch_stats), pre.batch_stats)
+        state = state.replace(batch_stats=jax.device_put(stats, shardings.batch_stats))
+    return state

@@ -16,7 +16,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 
 from alexnet_jax import checkpointing, optim, pretrained, sharding
 from alexnet_jax import data as datalib
@@ -195,6 +194,38 @@ class Trainer:
         return self.evaluator(variables_of(state), batches)
 
 
+class JsonlWriter:
+    """Scalars as JSON lines in WORKDIR/metrics.jsonl: where TensorBoard's writer cannot load (no TensorFlow,
+    e.g. an accelerator image), the curves are still kept."""
+
+    def __init__(self, path: str | None):
+        self._file = open(path, "a") if path else None  # noqa: SIM115 - closed in close()
+
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        if self._file:
+            self._file.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+    def flush(self) -> None:
+        if self._file:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+
+
+def scalar_writer(workdir: str) -> Any:
+    """TensorBoard scalars through clu on process 0 (the others write nothing); JSON lines without TensorFlow."""
+    if jax.process_index() != 0:
+        return JsonlWriter(None)
+    try:
+        from clu import metric_writers
+    except ImportError as e:  # clu's SummaryWriter needs TensorFlow
+        logging.warning("TensorBoard scalars off (%s): writing them to %s/metrics.jsonl", e, workdir)
+        return JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+    return metric_writers.SummaryWriter(workdir)
+
+
 def _fmt_seconds(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -215,55 +246,6 @@ def run_metadata(config: ml_collections.ConfigDict, data: datalib.Data) -> dict[
     }
 
 
-def _pretrained(config: ml_collections.ConfigDict, workdir: str
-                ) -> tuple[pretrained.Pretrained | None, datalib.Normalisation | None]:
-    """(`config.init_from`'s weights or None, the normalisation to use instead of the data's or None). A run
-    resumed from its own checkpoint reads no pretrained file (it may have moved since) and keeps the
-    normalisation it saved."""
-    if not config.init_from:
-        return None, None
-    if checkpointing.has_checkpoint(workdir):
-        own = checkpointing.latest_normalisation(workdir)
-        use = own and config.init_normalisation == "pretrained"
-        return None, datalib.Normalisation.from_json(own) if use else None
-    pre = pretrained.read(config.init_from, int(config.get("resize_size", 256)))
-    arch = {k: config[k] for k in pretrained.ARCHITECTURE_KEYS}
-    if arch != pre.architecture:
-        differ = ", ".join(f"{k}={pre.architecture[k]!r}" for k in arch if arch[k] != pre.architecture[k])
-        logging.warning("the pretrained network (%s) differs from the config's: %s; only parameters whose name and "
-                        "shape match are loaded (set those --config keys to load them all)", pre.source, differ)
-    return pre, pre.normalisation if config.init_normalisation == "pretrained" else None
-
-
-def _load_pretrained(state: TrainState, pre: pretrained.Pretrained, trainer: Trainer) -> TrainState:
-    """The pretrained parameters (and BatchNorm statistics) wherever name and shape match; a report in the log."""
-    params, loaded, initialised = pretrained.merge(jax.device_get(state.params), pre.params)
-    if not loaded:
-        raise UserError(f"--config.init_from: no parameter of {pre.source} matches this network by name and shape "
-                        f"(its architecture: {pre.architecture}); set those config keys to fine-tune from it")
-    layers = sorted({p.split("/")[0] for p in loaded})
-    logging.info("init_from %s: loaded %d arrays (%s); initialised %d: %s", pre.source, len(loaded),
-                 ", ".join(layers), len(initialised), "; ".join(initialised) or "none")
-    state = state.replace(params=jax.device_put(params, trainer.state_sharding.params))
-    if pre.batch_stats and state.batch_stats:
-        stats, _, _ = pretrained.merge(jax.device_get(state.batch_stats), pre.batch_stats)
-        state = state.replace(batch_stats=jax.device_put(stats, trainer.state_sharding.batch_stats))
-    return state
-
-
-def _check_frozen(config: ml_collections.ConfigDict, state: TrainState) -> None:
-    if not config.frozen:
-        return
-    labels = jax.tree_util.tree_leaves_with_path(optim.frozen_labels(config.frozen)(state.params))
-    frozen = sorted({"/".join(str(getattr(k, "key", k)) for k in path) for path, label in labels
-                     if label == "frozen"})
-    if not frozen:
-        names = sorted(state.params)
-        raise UserError(f"--config.frozen={config.frozen!r} matches no parameter: the layers are {names} "
-                        "(e.g. 'conv.*' freezes conv1-conv5)")
-    logging.info("frozen (no update, no weight decay, no optimizer state): %s", ", ".join(frozen))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train, evaluate every `eval_every_steps` (default: each epoch) and write `workdir/summary.json`."""
     t_start = time.time()
@@ -275,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     except OSError as e:
         raise UserError(f"--workdir {workdir!r} cannot be created: {e.strerror}") from None
 
-    pre, normalisation = _pretrained(config, workdir)
+    pre, normalisation = pretrained.for_run(config, workdir)
     data = datalib.create_data(config, normalisation)
     if config.num_classes == 0:  # the dataset's count (a folder's class folders); saved with the checkpoint
         config.num_classes = len(data.class_names)
@@ -294,15 +276,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # --- end checkpointing
     start = int(state.step)
     if pre is not None and start == 0:  # fine-tuning starts from the pretrained weights; a resumed run does not
-        state = _load_pretrained(state, pre, trainer)
-    _check_frozen(config, state)
+        state = pretrained.load_into(state, pre, trainer.state_sharding)
+    if config.frozen:
+        logging.info("frozen (no update, no weight decay, no optimizer state): %s",
+                     ", ".join(optim.frozen_paths(config.frozen, state.params)))
     logging.info("%s on %s: %d train / %d test images, %d steps (%.2f epochs of %d), batch %d, learning rate "
                  "%.4g, mesh %s", config.variant, config.dataset, data.num_train, data.num_eval, total,
                  total / per_epoch, per_epoch, config.batch_size, optim.base_learning_rate(config),
                  dict(mesh.shape))
 
     # TensorBoard scalars through clu (process 0 writes; the others write nothing)
-    writer = metric_writers.SummaryWriter(workdir) if jax.process_index() == 0 else metric_writers.MultiWriter([])
+    writer = scalar_writer(workdir)
     pid, nproc = jax.process_index(), jax.process_count()
     batches = data.train(start, total, pid, nproc)
     pending: list[dict[str, jax.Array]] = []

@@ -9,14 +9,18 @@
   `prepare`: its command, `python -m alexnet_jax.data.prepare --config configs/imagenet.py`.
 
 Callers import from here (`from alexnet_jax import data`), not from the modules, except for dataset-specific
-tools (e.g. `scripts/prepare_imagenet.py` uses `data.imagenet`).
+tools (e.g. `scripts/prepare_imagenet.py` uses `data.imagenet`). Importing the package costs no TensorFlow: the
+pipelines (and TensorFlow) load when `create_data` or one of their names is first used, so the trainer, the
+model and inference import on an accelerator image that has no TensorFlow.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 import ml_collections
 
-from alexnet_jax.data import augment, folder, imagenet, photos, small, sources, squares
 from alexnet_jax.data.base import (
     DATASETS,
     SMALL_DATASETS,
@@ -28,15 +32,15 @@ from alexnet_jax.data.base import (
     padded_rows,
     steps_per_epoch,
 )
-from alexnet_jax.data.small import (
-    CIFAR10_CLASSES,
-    FASHION_MNIST_CLASSES,
-    InMemoryData,
-    channel_stats,
-    fashion_mnist_files_present,
-    resize_and_normalise,
-)
 from alexnet_jax.errors import UserError
+
+# Names served from the modules that import TensorFlow, loaded on first use (PEP 562).
+_LAZY = {
+    "augment": None, "folder": None, "imagenet": None, "photos": None, "small": None, "sources": None,
+    "squares": None,
+    "CIFAR10_CLASSES": "small", "FASHION_MNIST_CLASSES": "small", "InMemoryData": "small", "channel_stats": "small",
+    "fashion_mnist_files_present": "small", "resize_and_normalise": "small",
+}
 
 __all__ = [
     "CIFAR10_CLASSES", "DATASETS", "FASHION_MNIST_CLASSES", "SMALL_DATASETS", "Data", "InMemoryData",
@@ -46,9 +50,18 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'alexnet_jax.data' has no attribute {name!r}")
+    module = importlib.import_module(f"alexnet_jax.data.{_LAZY[name] or name}")
+    return module if _LAZY[name] is None else getattr(module, name)
+
+
 def create_data(config: ml_collections.ConfigDict, normalisation: Normalisation | None = None) -> Data:
     """Prepare (if needed) and open the configured dataset: the small ones in memory, photos streaming.
     `normalisation`: use this one (e.g. pretrained weights') instead of the training set's statistics."""
+    from alexnet_jax.data import photos, small, sources, squares
+
     if not config.dataset:
         raise UserError(f"--config.dataset is empty: choose one of {DATASETS}, 'folder' or a tfds dataset's name")
     if not is_photos(config):

@@ -6,7 +6,9 @@
 - `padded_rows`, `steps_per_epoch`, `check_data_dir`, `data_options`: batch arithmetic, the tfds data folder
   check and the deterministic tf.data options, the same for the in-memory and the streaming pipelines.
 
-Nothing here imports the model, the trainer, checkpointing or sharding: data sits below them.
+Nothing here imports the model, the trainer, checkpointing or sharding: data sits below them. Nor TensorFlow at
+import time: the trainer, the accelerator check and inference read `Data` and `Normalisation` on machines without
+it (the TF helpers import it when called).
 """
 
 from __future__ import annotations
@@ -18,10 +20,8 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
-from alexnet_jax.data import augment
 from alexnet_jax.errors import UserError
 
 DATASETS = ("fashion_mnist", "cifar10", "imagenet2012")  # by name; besides them: 'folder' and any tfds dataset
@@ -161,8 +161,10 @@ def check_data_dir(data_dir: str) -> str | None:
     return data_dir
 
 
-def data_options(threads: int | None = None) -> tf.data.Options:
+def data_options(threads: int | None = None) -> Any:
     """Deterministic tf.data on a private pool of `threads` (default: all cores; 1 also stops intra-op threads)."""
+    import tensorflow as tf
+
     opts = tf.data.Options()
     opts.deterministic = True
     opts.threading.private_threadpool_size = threads or max(1, os.cpu_count() or 1)
@@ -171,9 +173,11 @@ def data_options(threads: int | None = None) -> tf.data.Options:
     return opts
 
 
-def lighting_for(config: ml_collections.ConfigDict, stats: dict[str, np.ndarray]) -> augment.Lighting:
+def lighting_for(config: ml_collections.ConfigDict, stats: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """The PCA the lighting augmentation uses: `config.pca` 'data' (the training pixels', from `dataset_stats`)
     or 'published' (fb.resnet.torch's constants)."""
+    from alexnet_jax.data import augment
+
     if config.pca == "published" or config.pca_lighting == 0:  # (off: nothing to compute for it)
         return augment.PUBLISHED
     logging.info("PCA lighting from the training pixels: eigenvalues %s, eigenvectors (columns) %s",
