@@ -59,7 +59,7 @@ def _abstract_run(model: AlexNet, image_shape: tuple[int, int, int]) -> tuple[An
 
 def stage_outputs(model: AlexNet, image_shape: tuple[int, int, int]) -> dict[str, jax.ShapeDtypeStruct]:
     """The sown conv (`convN_out`) and pool (`poolN`) outputs for one image, as shapes (`jax.eval_shape`)."""
-    return _abstract_run(model, image_shape)[1]
+    return {k: v for k, v in _abstract_run(model, image_shape)[1].items() if not k.startswith("fc")}  # convs, pools
 
 
 def feature_shapes(model: AlexNet, image_shape: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -194,6 +195,18 @@ class Trainer:
         return self.evaluator(variables_of(state), batches)
 
 
+def prefetch(batches: Any, put: Any, depth: int = 2) -> Any:
+    """`put(batch)` (the host-to-device transfer, asynchronous) run `depth` batches ahead of the one yielded, so
+    the next batch is on the device before the current step ends (flax's examples prefetch 2 on GPUs)."""
+    queue: collections.deque = collections.deque()
+    for batch in batches:
+        queue.append(put(batch))
+        if len(queue) > depth:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
 class JsonlWriter:
     """Scalars as JSON lines in WORKDIR/metrics.jsonl: where TensorBoard's writer cannot load (no TensorFlow,
     e.g. an accelerator image), the curves are still kept."""
@@ -246,8 +259,10 @@ def run_metadata(config: ml_collections.ConfigDict, data: datalib.Data) -> dict[
     }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train, evaluate every `eval_every_steps` (default: each epoch) and write `workdir/summary.json`."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: datalib.Data | None = None
+                       ) -> dict[str, Any]:
+    """Train, evaluate every `eval_every_steps` (default: each epoch) and write `workdir/summary.json`.
+    `data`: the dataset to use instead of the configured one (e.g. the accelerator check's synthetic batches)."""
     t_start = time.time()
     check_config(config, jax.process_count())
     mesh = sharding.make_mesh(config.mesh_shape)
@@ -258,7 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise UserError(f"--workdir {workdir!r} cannot be created: {e.strerror}") from None
 
     pre, normalisation = pretrained.for_run(config, workdir)
-    data = datalib.create_data(config, normalisation)
+    data = data or datalib.create_data(config, normalisation)
     if config.num_classes == 0:  # the dataset's count (a folder's class folders); saved with the checkpoint
         config.num_classes = len(data.class_names)
     per_epoch = datalib.steps_per_epoch(data.num_train, config.batch_size)
@@ -288,14 +303,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # TensorBoard scalars through clu (process 0 writes; the others write nothing)
     writer = scalar_writer(workdir)
     pid, nproc = jax.process_index(), jax.process_count()
-    batches = data.train(start, total, pid, nproc)
+    batches = prefetch(data.train(start, total, pid, nproc), trainer.global_batch)
     pending: list[dict[str, jax.Array]] = []
     train_seconds, timed_images, last_eval = 0.0, 0, restored_eval
     best_eval: dict[str, Any] = {}  # the highest validation top-1 of this run's evaluations, and its step
     t_interval, interval_steps = time.time(), 0
     with SavePolicy(ckpt, config) as policy:  # saves when due; SIGTERM: save, stop (alexnet_jax.preemption)
         for step in range(start, total):
-            state, metrics = trainer.train_step(state, trainer.global_batch(next(batches)))
+            state, metrics = trainer.train_step(state, next(batches))
             pending.append(metrics)
             interval_steps += 1
             done = step + 1

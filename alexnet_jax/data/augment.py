@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from alexnet_jax.data.augment_jax import paper_batch_on_device  # noqa: F401 - the JAX half, TF-free
+
 # ImageNet RGB PCA on [0, 1] pixels as published by facebookarchive/fb.resnet.torch (`config.pca='published'`);
 # columns are eigenvectors. `config.pca='data'` computes the training set's own (`pixel_pca`).
 PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045], np.float32)
@@ -212,36 +214,6 @@ def paper_batch(
     if normalization == "channel":
         image = normalise(image, normalization, mean, std)
     return image
-
-
-def paper_batch_on_device(batch: dict, *, crop: int, flip: bool, pca_std: float, normalization: str,
-                          mean: np.ndarray, std: np.ndarray, pca: Lighting = PUBLISHED) -> dict:
-    """`paper_batch` in JAX, inside the jitted train step (`config.augment_on_device=True`): `batch` holds the uint8
-    squares (B, S, S, 3) and the host's `batch_draws` for them ("offset" (B, 2), "flip" (B,), "lighting" (B, 3));
-    returns {"image": (B, crop, crop, 3) float32, "label"}, the batch the host's `paper_batch` computes from the same
-    draws (a few float roundings apart). Each row's patch is a `dynamic_slice` of its square and of the mean
-    image, so the mean is subtracted as if before the reflection."""
-    import jax
-    import jax.numpy as jnp
-
-    yx = batch["offset"].astype(jnp.int32)
-
-    def cut(images, y, x):
-        return jax.lax.dynamic_slice(images, (y, x, 0), (crop, crop, images.shape[-1]))
-
-    image = jax.vmap(cut)(batch["image"], yx[:, 0], yx[:, 1]).astype(jnp.float32)
-    if normalization == "pixel":
-        image = image - jax.vmap(cut, in_axes=(None, 0, 0))(jnp.asarray(mean, jnp.float32), yx[:, 0], yx[:, 1])
-    if flip:
-        image = jnp.where(batch["flip"].astype(bool)[:, None, None, None], image[:, :, ::-1], image)
-    if pca_std > 0:  # elementwise, not a matmul: no reduced-precision matmul on an accelerator
-        eigval, eigvec = pca
-        weighted = batch["lighting"].astype(jnp.float32) * jnp.asarray(eigval, jnp.float32)  # (B, 3)
-        shift = 255.0 * jnp.sum(jnp.asarray(eigvec, jnp.float32)[None] * weighted[:, None, :], axis=-1)
-        image = image + shift[:, None, None, :]
-    if normalization == "channel":
-        image = (image - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-    return {"image": image, "label": batch["label"]}
 
 
 def random_resized_crop(
