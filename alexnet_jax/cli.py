@@ -29,8 +29,36 @@ def config_overrides() -> dict[str, Any]:
     return dict(config_flags.get_override_values(FLAGS["config"]))
 
 
+# XLA:CPU aborts the process when a device thread reaches a collective's rendezvous 40 s after the others, which a
+# loaded machine running several simulated or real CPU devices can cause (docs/sharding.md's 2x2 quick start died
+# so beside other CPU-heavy work): the tests' timeouts, for every entry point on the CPU backend.
+CPU_COLLECTIVE_FLAGS = {"--xla_cpu_collective_call_terminate_timeout_seconds": "600",
+                        "--xla_cpu_collective_call_warn_stuck_timeout_seconds": "120"}
+ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")
+
+
+def cpu_collective_timeouts() -> None:
+    """Add `CPU_COLLECTIVE_FLAGS` to XLA_FLAGS (those not set already) before JAX starts its backends, where the
+    backend will be the CPU: JAX_PLATFORMS says cpu, or no accelerator plugin is installed (another XLA build
+    may not know these flags)."""
+    import importlib.util
+    import os
+
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms and platforms != "cpu":
+        return
+    if not platforms and any(importlib.util.find_spec(p) for p in ACCELERATOR_PLUGINS):
+        return
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    extra = [f"{k}={v}" for k, v in CPU_COLLECTIVE_FLAGS.items() if k not in flags_now]
+    if extra:
+        os.environ["XLA_FLAGS"] = " ".join([flags_now, *extra]).strip()
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a one-line message instead of a trace for a bad --config override."""
+    """absl's flag parsing, with a one-line message instead of a trace for a bad --config override; sets the
+    CPU collective timeouts first (every entry point parses its flags before touching JAX)."""
+    cpu_collective_timeouts()
     try:
         return FLAGS(argv)
     except flags.Error as e:

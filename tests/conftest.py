@@ -10,6 +10,12 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
                            " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# JAX's persistent compilation cache, shared by the pytest workers of one run and the subprocesses they start
+# (they inherit the environment): the same network compiled by several files, or by a test and its `main`
+# subprocess, compiles once (issue #23's lever for the suite's time).
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join("/tmp", f"alexnet_jax_test_jit_cache_{_RUN}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 

@@ -49,3 +49,21 @@ def test_accelerator_check_smoke_runs_without_tensorflow(tmp_path, python):
     assert loop["loop_images_per_s"] > 0 and "host_overhead_ms_per_step" in loop
     assert report["augmentation"]["augment_on_device_ms_per_batch"] > 0
     assert "| paper | float32 | cpu_tuned | 8 |" in r.stdout and "metrics.jsonl" in r.stderr
+
+
+def test_entry_points_set_the_cpu_collective_timeouts(monkeypatch):
+    """The tests' XLA:CPU rendezvous timeouts for every command line on the CPU backend (a loaded machine's
+    simulated devices no longer abort at XLA's 40 s), kept where the user set them, not added for a GPU."""
+    from alexnet_jax import cli
+
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4 "
+                                    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=30")
+    cli.cpu_collective_timeouts()
+    flags = os.environ["XLA_FLAGS"].split()
+    assert "--xla_cpu_collective_call_terminate_timeout_seconds=600" in flags
+    assert "--xla_cpu_collective_call_warn_stuck_timeout_seconds=30" in flags and len(flags) == 3
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    cli.cpu_collective_timeouts()
+    assert os.environ["XLA_FLAGS"] == ""
