@@ -21,63 +21,32 @@ thread only after the new one is finalised, so the last complete checkpoint alwa
 from __future__ import annotations
 
 import dataclasses
-import logging as logging_std
 import os
 import shutil
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from alexnet_jax.checkpoint_files import (  # noqa: F401 - one door for the loop, inference and tests
+    CHECKPOINT_SUBDIR,
+    checkpoint_dir,
+    has_checkpoint,
+    latest_normalisation,
+    quiet_orbax_logs,
+    read_saved,
+    restore_arrays,
+    restore_as_saved,
+    tree_differences,
+)
 from alexnet_jax.config import config_differences, config_to_dict
 from alexnet_jax.errors import UserError
 
-CHECKPOINT_SUBDIR = "checkpoints"
 REJECTED_SUBDIR = "checkpoints.unreadable"  # where unreadable checkpoints are moved (never deleted)
 ITEMS = ("params", "batch_stats", "train_state", "data", "meta", "config")
 ARRAY_ITEMS = ("params", "batch_stats", "train_state")
-
-class _QuietOrbax(logging_std.Filter):
-    """Orbax logs every save's internals at INFO through absl; keep its warnings and errors only."""
-
-    def filter(self, record: logging_std.LogRecord) -> bool:
-        return record.levelno >= logging_std.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
-def quiet_orbax_logs() -> None:
-    handler = logging.get_absl_handler().python_handler  # ABSLHandler forwards records to it unfiltered
-    if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
-        handler.addFilter(_QuietOrbax())
-
-
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINT_SUBDIR)
-
-
-def _leaf_paths(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-    """`'conv1/kernel' -> (shape, dtype)` for every array leaf; orbax restores namedtuples as lists and
-    dicts, so only the names and shapes are compared, not the container types."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-
-    def name(path: Any) -> str:
-        return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-    return {name(p): (tuple(leaf.shape), str(np.dtype(leaf.dtype))) for p, leaf in leaves
-            if hasattr(leaf, "shape")}
-
-
-def tree_differences(saved: Any, expected: Any, limit: int = 6) -> list[str]:
-    """Leaves that are missing, extra, or of another shape/dtype in `saved` compared with `expected`."""
-    a, b = _leaf_paths(saved), _leaf_paths(expected)
-    out = [f"{k}: checkpoint {a[k][0]} {a[k][1]}, model {b[k][0]} {b[k][1]}" for k in sorted(a.keys() & b.keys())
-           if a[k] != b[k]]
-    out += [f"{k}: only in the checkpoint" for k in sorted(a.keys() - b.keys())]
-    out += [f"{k}: not in the checkpoint" for k in sorted(b.keys() - a.keys())]
-    return out[:limit] + ([f"... and {len(out) - limit} more"] if len(out) > limit else [])
-
 
 def _abstract(tree: Any, shardings: Any) -> Any:
     """Restore targets: shape, dtype and the sharding the current mesh wants (so any topology works)."""
@@ -100,6 +69,28 @@ class Restored:
 
 class CheckpointUnreadable(Exception):
     """A checkpoint directory that exists but cannot be read back (truncated, half-written, corrupted)."""
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (full disk, read-only or vanished directory, quota): the message names
+    the directory, the step, the cause and what to do; the half-written step is removed."""
+
+
+_CAUSES = (("no space left", "the disk is full"), ("resource_exhausted", "the disk is full"),
+           ("enospc", "the disk is full"), ("quota", "the disk quota is exceeded"),
+           ("read-only file system", "the file system is read-only"), ("permission denied", "permission is denied"),
+           ("no such file or directory", "the directory vanished"), ("not_found", "the directory vanished"))
+
+
+def write_failure_cause(e: BaseException) -> str:
+    """What a failed write says, in words, from the exception and its causes."""
+    texts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        texts.append(f"{type(e).__name__} {e} {getattr(e, 'strerror', '') or ''}".lower())
+        e = e.__cause__ or e.__context__
+    text = " ".join(texts)
+    return next((cause for key, cause in _CAUSES if key in text), texts[0].split("\n")[0][:160])
 
 
 class Checkpointer:
@@ -169,19 +160,82 @@ class Checkpointer:
         if self.has_batch_stats:
             items["batch_stats"] = ocp.args.StandardSave(state.batch_stats)
         metrics = {k: float(eval_metrics[k]) for k in ("top1", "top5", "loss")} if eval_metrics else {}
-        saved = self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        try:  # orbax would wait for the previous save here anyway; done first, its size and the free space are known
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - the previous asynchronous save failed
+            raise self._write_failed(step, e) from None
+        need, free = self._space(state)
+        if free is not None and free < need:  # refused before orbax's writers start (and fail noisily)
+            raise self._write_failed(step, OSError(
+                28, f"No space left on device: about {need / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free"))
+        try:  # also where the previous asynchronous save's failure surfaces
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for a failed write
+            raise self._write_failed(step, e) from None
         if saved:
             self._saved_steps.add(step)
         return saved
+
+    def _space(self, state: Any) -> tuple[int, int | None]:
+        """(bytes a checkpoint takes: the largest one on disk, else the state's arrays plus a margin, free bytes
+        where the checkpoints go, or None if unknown)."""
+        sizes = [sum(os.stat(os.path.join(r, f)).st_blocks * 512 for r, _, fs in os.walk(self.step_dir(s))
+                     for f in fs) for s in self._finished_steps()]  # blocks: a small file takes a whole one
+        arrays = sum(getattr(x, "nbytes", 0) for x in jax.tree_util.tree_leaves((state.params, _train_part(state))))
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:
+            free = None
+        return (max(sizes) if sizes else int(1.1 * arrays)) + (1 << 16), free
+
+    def _write_failed(self, step: int, e: BaseException) -> CheckpointWriteError:
+        """Finish or cancel orbax's writers, remove half-written steps, and say what happened in one line."""
+        failed = [s for s in sorted(self._saved_steps | {step}) if s not in self._finished_steps()] or [step]
+        for stop in (self.manager.wait_until_finished, self.manager.close):
+            try:
+                stop()
+            except Exception:  # noqa: BLE001, S110 - the write already failed; only the cleanup is left
+                pass
+        removed = self._remove_partial()
+        intact = self._finished_steps()
+        cause = write_failure_cause(e)
+        todo = ("free space or move --workdir" if "full" in cause or "quota" in cause else
+                "make the directory writable or move --workdir")
+        where = (f"checkpoints {', '.join(map(str, intact))} are intact and the same command resumes from "
+                 f"{intact[-1]}" if intact else "no earlier checkpoint exists; the same command starts again")
+        return CheckpointWriteError(
+            f"saving the checkpoint of step {failed[0]} in {self.directory} failed: {cause}. {todo.capitalize()}; "
+            f"{where}" + (f" (the half-written {', '.join(removed)} was removed)" if removed else "") + ".")
+
+    def _finished_steps(self) -> list[int]:
+        """Steps whose directory is complete on disk (orbax renames a step's tmp directory when it is done)."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
+
+    def _remove_partial(self) -> list[str]:
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        partial = [n for n in names if ".orbax-checkpoint-tmp" in n]
+        for n in partial:
+            shutil.rmtree(os.path.join(self.directory, n), ignore_errors=True)
+        return partial
 
     def reached_preemption(self, step: int) -> bool:
         """Whether JAX's preemption service (multi-process jobs) asks for a checkpoint at `step`."""
         return self.manager.reached_preemption(step)
 
     def close(self) -> None:
-        """Wait for the last save to be finalised; raise if a save failed."""
-        self.manager.wait_until_finished()
-        self.manager.check_for_errors()
+        """Wait for the last save to be finalised; a CheckpointWriteError if a save failed."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001 - see save
+            raise self._write_failed(max(self._saved_steps, default=0), e) from None
         self.manager.close()
         if self._saved_steps:
             logging.info("checkpoints in %s: steps %s", self.directory, self.manager.all_steps())
@@ -295,97 +349,3 @@ class Checkpointer:
         logging.info("resumed from %s: step %d (epoch %s), data position %d", self.step_dir(found.step),
                      found.step, found.data.get("epoch"), found.data.get("next_step"))
         return found.state, dict(found.meta.get("last_eval") or {})
-
-
-def restore_arrays(workdir: str, step: int, targets: dict[str, Any]) -> dict[str, Any]:
-    """Array items of checkpoint `step` (e.g. 'params', 'batch_stats') restored onto `targets`, trees of
-    `jax.ShapeDtypeStruct` with the shardings wanted: what inference needs, without the optimizer state.
-    A saved parameter tree of another shape is a UserError naming the differences."""
-    directory = checkpoint_dir(workdir)
-    quiet_orbax_logs()
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-                                    item_handlers={name: ocp.StandardCheckpointHandler() for name in targets})
-    try:
-        saved = manager.item_metadata(step)["params"]
-    except Exception as e:  # noqa: BLE001 - unreadable metadata means an unusable checkpoint
-        raise UserError(f"the checkpoint at step {step} in {directory} cannot be read ({type(e).__name__}: {e})"
-                        ) from None
-    diffs = tree_differences(saved, targets["params"])
-    if diffs:
-        raise UserError(f"the checkpoint at step {step} in {directory} holds parameters of a different model: "
-                        + "; ".join(diffs))
-    try:
-        out = manager.restore(step, args=ocp.args.Composite(
-            **{name: ocp.args.StandardRestore(tree) for name, tree in targets.items()}))
-    except Exception as e:  # noqa: BLE001 - a truncated or half-written item fails in many ways
-        raise UserError(f"the checkpoint at step {step} in {directory} cannot be read ({type(e).__name__}: {e})"
-                        ) from None
-    finally:
-        manager.close()
-    return {name: out[name] for name in targets}
-
-
-def has_checkpoint(workdir: str) -> bool:
-    directory = checkpoint_dir(workdir)
-    return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
-
-
-def latest_normalisation(workdir: str) -> dict[str, Any] | None:
-    """The normalisation record of the newest readable checkpoint in `workdir` (None if it has none)."""
-    try:
-        _, _, meta = read_saved(workdir)
-    except UserError:
-        return None
-    return meta.get("normalisation")
-
-
-def restore_as_saved(workdir: str, step: int, names: tuple[str, ...] = ("params",)) -> dict[str, Any]:
-    """Array items of checkpoint `step` as NumPy trees in the shapes they were saved with, whatever model or mesh
-    wrote them (what fine-tuning reads from another run); items the checkpoint lacks or holds empty are left out."""
-    directory = checkpoint_dir(workdir)
-    quiet_orbax_logs()
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-                                    item_handlers={name: ocp.StandardCheckpointHandler() for name in names})
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    try:
-        metadata = manager.item_metadata(step)
-        targets = {}
-        for name in names:
-            tree = metadata.get(name) if hasattr(metadata, "get") else None
-            if tree:
-                targets[name] = jax.tree_util.tree_map(
-                    lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
-        out = manager.restore(step, args=ocp.args.Composite(
-            **{name: ocp.args.StandardRestore(tree) for name, tree in targets.items()}))
-    except Exception as e:  # noqa: BLE001 - a truncated or half-written item fails in many ways
-        raise UserError(f"the checkpoint at step {step} in {directory} cannot be read ({type(e).__name__}: {e})"
-                        ) from None
-    finally:
-        manager.close()
-    return {name: jax.tree_util.tree_map(np.asarray, jax.device_get(out[name])) for name in targets}
-
-
-def read_saved(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any], dict[str, Any]]:
-    """(step, config, meta) of `step` or of the newest checkpoint whose JSON items read back, without
-    knowing the model: what `evaluate` and `predict` start from."""
-    directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
-        raise UserError(f"no checkpoints in {directory}: train with --workdir {os.path.dirname(directory)} first")
-    quiet_orbax_logs()
-    manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_handlers={name: ocp.JsonCheckpointHandler() for name in ("config", "meta")})
-    steps = sorted(manager.all_steps())
-    if not steps:
-        raise UserError(f"no checkpoints in {directory}: train with --workdir {os.path.dirname(directory)} first")
-    if step is not None and step not in steps:
-        raise UserError(f"no checkpoint for step {step} in {directory}; available: {steps}")
-    for s in [step] if step is not None else reversed(steps):
-        try:
-            out = manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
-                                                             meta=ocp.args.JsonRestore()))
-            return s, dict(out["config"]), dict(out["meta"])
-        except Exception as e:  # noqa: BLE001 - unreadable: fall back to the one before
-            logging.warning("the checkpoint at step %d is unreadable (%s: %s): trying the one before",
-                            s, type(e).__name__, e)
-    raise UserError(f"none of the checkpoints in {directory} (steps {steps}) can be read back")

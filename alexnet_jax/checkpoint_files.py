@@ -1,0 +1,151 @@
+"""Reading checkpoint files without the training loop: what inference and fine-tuning need (`read_saved`: config
+and meta; `restore_arrays`: parameters onto a mesh; `restore_as_saved`: arrays as saved, whatever wrote them),
+and the helpers `checkpointing` shares (`checkpoint_dir`, quiet orbax logs, tree comparisons)."""
+
+from __future__ import annotations
+
+import logging as logging_std
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from alexnet_jax.errors import UserError
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+class _QuietOrbax(logging_std.Filter):
+    """Orbax logs every save's internals at INFO through absl; keep its warnings and errors only."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        return record.levelno >= logging_std.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+    handler = logging.get_absl_handler().python_handler  # ABSLHandler forwards records to it unfiltered
+    if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
+        handler.addFilter(_QuietOrbax())
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINT_SUBDIR)
+
+
+def _leaf_paths(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """`'conv1/kernel' -> (shape, dtype)` for every array leaf; orbax restores namedtuples as lists and
+    dicts, so only the names and shapes are compared, not the container types."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+
+    def name(path: Any) -> str:
+        return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+    return {name(p): (tuple(leaf.shape), str(np.dtype(leaf.dtype))) for p, leaf in leaves
+            if hasattr(leaf, "shape")}
+
+
+def tree_differences(saved: Any, expected: Any, limit: int = 6) -> list[str]:
+    """Leaves that are missing, extra, or of another shape/dtype in `saved` compared with `expected`."""
+    a, b = _leaf_paths(saved), _leaf_paths(expected)
+    out = [f"{k}: checkpoint {a[k][0]} {a[k][1]}, model {b[k][0]} {b[k][1]}" for k in sorted(a.keys() & b.keys())
+           if a[k] != b[k]]
+    out += [f"{k}: only in the checkpoint" for k in sorted(a.keys() - b.keys())]
+    out += [f"{k}: not in the checkpoint" for k in sorted(b.keys() - a.keys())]
+    return out[:limit] + ([f"... and {len(out) - limit} more"] if len(out) > limit else [])
+
+
+def has_checkpoint(workdir: str) -> bool:
+    directory = checkpoint_dir(workdir)
+    return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
+
+
+def latest_normalisation(workdir: str) -> dict[str, Any] | None:
+    """The normalisation record of the newest readable checkpoint in `workdir` (None if it has none)."""
+    try:
+        _, _, meta = read_saved(workdir)
+    except UserError:
+        return None
+    return meta.get("normalisation")
+
+
+def restore_as_saved(workdir: str, step: int, names: tuple[str, ...] = ("params",)) -> dict[str, Any]:
+    """Array items of checkpoint `step` as NumPy trees in the shapes they were saved with, whatever model or mesh
+    wrote them (what fine-tuning reads from another run); items the checkpoint lacks or holds empty are left out."""
+    directory = checkpoint_dir(workdir)
+    quiet_orbax_logs()
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                                    item_handlers={name: ocp.StandardCheckpointHandler() for name in names})
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    try:
+        metadata = manager.item_metadata(step)
+        targets = {}
+        for name in names:
+            tree = metadata.get(name) if hasattr(metadata, "get") else None
+            if tree:
+                targets[name] = jax.tree_util.tree_map(
+                    lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
+        out = manager.restore(step, args=ocp.args.Composite(
+            **{name: ocp.args.StandardRestore(tree) for name, tree in targets.items()}))
+    except Exception as e:  # noqa: BLE001 - a truncated or half-written item fails in many ways
+        raise UserError(f"the checkpoint at step {step} in {directory} cannot be read ({type(e).__name__}: {e})"
+                        ) from None
+    finally:
+        manager.close()
+    return {name: jax.tree_util.tree_map(np.asarray, jax.device_get(out[name])) for name in targets}
+
+
+def read_saved(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """(step, config, meta) of `step` or of the newest checkpoint whose JSON items read back, without
+    knowing the model: what `evaluate` and `predict` start from."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise UserError(f"no checkpoints in {directory}: train with --workdir {os.path.dirname(directory)} first")
+    quiet_orbax_logs()
+    manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_handlers={name: ocp.JsonCheckpointHandler() for name in ("config", "meta")})
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise UserError(f"no checkpoints in {directory}: train with --workdir {os.path.dirname(directory)} first")
+    if step is not None and step not in steps:
+        raise UserError(f"no checkpoint for step {step} in {directory}; available: {steps}")
+    for s in [step] if step is not None else reversed(steps):
+        try:
+            out = manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                             meta=ocp.args.JsonRestore()))
+            return s, dict(out["config"]), dict(out["meta"])
+        except Exception as e:  # noqa: BLE001 - unreadable: fall back to the one before
+            logging.warning("the checkpoint at step %d is unreadable (%s: %s): trying the one before",
+                            s, type(e).__name__, e)
+    raise UserError(f"none of the checkpoints in {directory} (steps {steps}) can be read back")
+
+
+def restore_arrays(workdir: str, step: int, targets: dict[str, Any]) -> dict[str, Any]:
+    """Array items of checkpoint `step` (e.g. 'params', 'batch_stats') restored onto `targets`, trees of
+    `jax.ShapeDtypeStruct` with the shardings wanted: what inference needs, without the optimizer state.
+    A saved parameter tree of another shape is a UserError naming the differences."""
+    directory = checkpoint_dir(workdir)
+    quiet_orbax_logs()
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                                    item_handlers={name: ocp.StandardCheckpointHandler() for name in targets})
+    try:
+        saved = manager.item_metadata(step)["params"]
+    except Exception as e:  # noqa: BLE001 - unreadable metadata means an unusable checkpoint
+        raise UserError(f"the checkpoint at step {step} in {directory} cannot be read ({type(e).__name__}: {e})"
+                        ) from None
+    diffs = tree_differences(saved, targets["params"])
+    if diffs:
+        raise UserError(f"the checkpoint at step {step} in {directory} holds parameters of a different model: "
+                        + "; ".join(diffs))
+    try:
+        out = manager.restore(step, args=ocp.args.Composite(
+            **{name: ocp.args.StandardRestore(tree) for name, tree in targets.items()}))
+    except Exception as e:  # noqa: BLE001 - a truncated or half-written item fails in many ways
+        raise UserError(f"the checkpoint at step {step} in {directory} cannot be read ({type(e).__name__}: {e})"
+                        ) from None
+    finally:
+        manager.close()
+    return {name: out[name] for name in targets}
