@@ -273,7 +273,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: da
         raise UserError(f"--workdir {workdir!r} cannot be created: {e.strerror}") from None
 
     pre, normalisation = pretrained.for_run(config, workdir)
-    data = data or datalib.create_data(config, normalisation)
+    if data is None:  # (the one-argument call when nothing is handed in: what tests substitute)
+        data = datalib.create_data(config) if normalisation is None else datalib.create_data(config, normalisation)
     if config.num_classes == 0:  # the dataset's count (a folder's class folders); saved with the checkpoint
         config.num_classes = len(data.class_names)
     per_epoch = datalib.steps_per_epoch(data.num_train, config.batch_size)
@@ -387,7 +388,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: da
         "mesh": dict(mesh.shape),
     }
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        path = os.path.join(workdir, "summary.json")
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump(summary, f, indent=2)
+            os.replace(path + ".tmp", path)
+        except OSError as e:
+            raise UserError(f"cannot write {path} ({e.strerror}): free space or make {workdir} writable; training "
+                            f"finished and its checkpoint (step {summary['step']}) is saved: rerunning the same "
+                            "command writes the summary") from None
     logging.info("done: %s", json.dumps(summary))
     return summary
