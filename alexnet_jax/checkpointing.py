@@ -189,23 +189,36 @@ class Checkpointer:
         return (max(sizes) if sizes else int(1.1 * arrays)) + (1 << 16), free
 
     def _write_failed(self, step: int, e: BaseException) -> CheckpointWriteError:
-        """Finish or cancel orbax's writers, remove half-written steps, and say what happened in one line."""
         failed = [s for s in sorted(self._saved_steps | {step}) if s not in self._finished_steps()] or [step]
-        for stop in (self.manager.wait_until_finished, self.manager.close):
-            try:
-                stop()
-            except Exception:  # noqa: BLE001, S110 - the write already failed; only the cleanup is left
-                pass
+        return self.stop_after(f"saving the checkpoint of step {failed[0]} in {self.directory}", e)
+
+    def stop_after(self, what: str, e: BaseException) -> CheckpointWriteError:
+        """`what` failed with `e` (this checkpointer's write, or another write of the run: its curves, its
+        summary): finish or cancel orbax's writers, remove half-written steps, and say in one line what happened,
+        what to do and which checkpoints the same command resumes from."""
+        self.abandon()
         removed = self._remove_partial()
         intact = self._finished_steps()
         cause = write_failure_cause(e)
         todo = ("free space or move --workdir" if "full" in cause or "quota" in cause else
                 "make the directory writable or move --workdir")
-        where = (f"checkpoints {', '.join(map(str, intact))} are intact and the same command resumes from "
-                 f"{intact[-1]}" if intact else "no earlier checkpoint exists; the same command starts again")
+        held = (f"checkpoints {', '.join(map(str, intact))} are" if len(intact) > 1 else f"checkpoint {intact[-1]} is"
+                ) if intact else ""
+        where = (f"{held} intact and the same command resumes from {intact[-1]}" if intact
+                 else "no earlier checkpoint exists; the same command starts again")
         return CheckpointWriteError(
-            f"saving the checkpoint of step {failed[0]} in {self.directory} failed: {cause}. {todo.capitalize()}; "
-            f"{where}" + (f" (the half-written {', '.join(removed)} was removed)" if removed else "") + ".")
+            f"{what} failed: {cause}. {todo.capitalize()}; {where}"
+            + (f" (the half-written {', '.join(removed)} was removed)" if removed else "") + ".")
+
+    def abandon(self) -> None:
+        """Let an asynchronous save finish (or fail) and close the manager, raising nothing: the run is stopping
+        for another reason, and no orbax thread may outlive it (a save still writing at interpreter exit printed
+        dozens of tracebacks)."""
+        for stop in (self.manager.wait_until_finished, self.manager.close):
+            try:
+                stop()
+            except Exception:  # noqa: BLE001, S110 - the run already failed; only the cleanup is left
+                pass
 
     def _finished_steps(self) -> list[int]:
         """Steps whose directory is complete on disk (orbax renames a step's tmp directory when it is done)."""

@@ -37,7 +37,9 @@ class SavePolicy:
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:  # the run stops on an error: its last save finishes first, no orbax thread
+            self.ckpt.abandon()   # may outlive the interpreter (they printed dozens of tracebacks at exit)
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None

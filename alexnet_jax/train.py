@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from alexnet_jax import checkpointing, optim, pretrained, sharding
+from alexnet_jax import checkpointing, optim, pretrained, scalars, sharding
 from alexnet_jax import data as datalib
 from alexnet_jax.config import check_config
 from alexnet_jax.errors import UserError
@@ -207,38 +207,6 @@ def prefetch(batches: Any, put: Any, depth: int = 2) -> Any:
         yield queue.popleft()
 
 
-class JsonlWriter:
-    """Scalars as JSON lines in WORKDIR/metrics.jsonl: where TensorBoard's writer cannot load (no TensorFlow,
-    e.g. an accelerator image), the curves are still kept."""
-
-    def __init__(self, path: str | None):
-        self._file = open(path, "a") if path else None  # noqa: SIM115 - closed in close()
-
-    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
-        if self._file:
-            self._file.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
-
-    def flush(self) -> None:
-        if self._file:
-            self._file.flush()
-
-    def close(self) -> None:
-        if self._file:
-            self._file.close()
-
-
-def scalar_writer(workdir: str) -> Any:
-    """TensorBoard scalars through clu on process 0 (the others write nothing); JSON lines without TensorFlow."""
-    if jax.process_index() != 0:
-        return JsonlWriter(None)
-    try:
-        from clu import metric_writers
-    except ImportError as e:  # clu's SummaryWriter needs TensorFlow
-        logging.warning("TensorBoard scalars off (%s): writing them to %s/metrics.jsonl", e, workdir)
-        return JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
-    return metric_writers.SummaryWriter(workdir)
-
-
 def _fmt_seconds(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -301,8 +269,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: da
                  total / per_epoch, per_epoch, config.batch_size, optim.base_learning_rate(config),
                  dict(mesh.shape))
 
-    # TensorBoard scalars through clu (process 0 writes; the others write nothing)
-    writer = scalar_writer(workdir)
+    # TensorBoard scalars (process 0), or WORKDIR/metrics.jsonl without TensorFlow; a failed write stops the run
+    writer = scalars.Scalars(workdir, on_error=ckpt.stop_after)
     pid, nproc = jax.process_index(), jax.process_count()
     batches = prefetch(data.train(start, total, pid, nproc), trainer.global_batch)
     pending: list[dict[str, jax.Array]] = []
@@ -336,9 +304,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: da
                 logging.info("step %d/%d (epoch %.2f) | loss %.4f | top1 %.2f%% | top5 %.2f%% | lr %.4g | "
                              "%.0f img/s | ETA %s", done, total, done / per_epoch, means["loss"],
                              100 * means["top1"], 100 * means["top5"], lr, rate, _fmt_seconds(eta))
-                writer.write_scalars(done, {"train/loss": means["loss"], "train/top1": means["top1"],
-                                      "train/top5": means["top5"], "train/lr": lr, "train/images_per_second": rate})
-                writer.flush()
+                writer.write(done, {"train/loss": means["loss"], "train/top1": means["top1"],
+                                    "train/top5": means["top5"], "train/lr": lr, "train/images_per_second": rate})
                 pending.clear()
                 interval_steps, t_interval = 0, time.time()
             if done % eval_every == 0 or done == total:
@@ -354,9 +321,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: da
                 logging.info("eval at step %d: top1 %.2f%% | top5 %.2f%% | loss %.4f | %d images | %.1fs",
                              done, 100 * last_eval["top1"], 100 * last_eval["top5"], last_eval["loss"],
                              last_eval["count"], time.time() - t_eval)
-                writer.write_scalars(done, {"eval/top1": last_eval["top1"], "eval/top5": last_eval["top5"],
-                                      "eval/loss": last_eval["loss"]})
-                writer.flush()
+                writer.write(done, {"eval/top1": last_eval["top1"], "eval/top5": last_eval["top5"],
+                                    "eval/loss": last_eval["loss"]})
                 t_interval += time.time() - t_eval  # evaluation time is not training time
             # --- checkpointing: save per policy; on SIGTERM/preemption save and stop
             if policy.after_step(done, state, final=done == total, eval_metrics=step_eval, last_eval=last_eval):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -28,7 +29,7 @@ def small_disk(tmp_path):
         subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mount)], check=True, capture_output=True)
 
     yield mount, resize
-    subprocess.run(["umount", str(mount)], capture_output=True)
+    subprocess.run(["umount", "--lazy", str(mount)], capture_output=True)
 
 
 def test_a_full_disk_stops_in_one_line_and_the_run_resumes(tmp_path, small_disk, python):
@@ -65,3 +66,53 @@ def test_a_full_disk_stops_in_one_line_and_the_run_resumes(tmp_path, small_disk,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and f"{os.sep}4: step 4" in resumed.stderr
     assert json.load(open(os.path.join(workdir, "summary.json")))["step"] == 8
+
+
+def test_training_curves_on_a_full_disk_stop_in_one_line_and_the_run_resumes(small_disk, monkeypatch):
+    """TensorBoard's writer hits a real ENOSPC: right after checkpoint 2 is written the disk is filled and no
+    checkpoint is saved any more, so the scalars logged every step are the only writes (the events file's last
+    page still takes a few steps' scalars). The run stops with one line naming the step, the directory and the
+    cause; checkpoint 2 stays intact, and with room again the run resumes from it and finishes."""
+    from test_checkpointing import synthetic_data, tiny_config
+
+    from alexnet_jax import data as datalib
+    from alexnet_jax import train
+    from alexnet_jax.errors import UserError
+    from alexnet_jax.preemption import SavePolicy
+
+    mount, resize = small_disk
+    resize(64 * 1024 * 1024)
+    monkeypatch.setattr(datalib, "create_data", synthetic_data)
+    config = tiny_config(num_train_steps=40, log_every_steps=1, eval_every_steps=100, checkpoint_every_steps=2,
+                         checkpoint_keep_best=0, lr_schedule="constant")
+    original = SavePolicy.after_step
+    filler = str(mount / "filler")
+
+    def fill_after_step_2(self, step, state, **kwargs):
+        if step > 2:
+            return False
+        stop = original(self, step, state, **kwargs)
+        if step < 2:
+            return stop
+        self.ckpt.manager.wait_until_finished()  # checkpoint 2 is on disk: take every block left
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        return stop
+
+    monkeypatch.setattr(SavePolicy, "after_step", fill_after_step_2)
+    workdir = str(mount / "run")
+    with pytest.raises(UserError) as failed:
+        train.train_and_evaluate(config, workdir)
+    message = re.fullmatch(
+        rf"writing the training curves of step (\d+) in {re.escape(workdir)} failed: the disk is full\. Free "
+        r"space or move --workdir; checkpoint 2 is intact and the same command resumes from 2\.", str(failed.value))
+    assert message and 3 <= int(message[1]) < 40, str(failed.value)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+    os.remove(filler)
+    monkeypatch.setattr(SavePolicy, "after_step", original)
+    summary = train.train_and_evaluate(config, workdir)
+    assert summary["step"] == 40

@@ -1,0 +1,74 @@
+"""Where the training curves go: TensorBoard scalars through clu on process 0, JSON lines without TensorFlow, and
+a write that fails (full disk, vanished workdir) as one `UserError` naming the step, the directory and the cause."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from absl import logging
+
+from alexnet_jax.errors import UserError
+
+
+class JsonlWriter:
+    """Scalars as JSON lines in WORKDIR/metrics.jsonl: where TensorBoard's writer cannot load (no TensorFlow,
+    e.g. an accelerator image), the curves are still kept."""
+
+    def __init__(self, path: str | None):
+        self._file = open(path, "a") if path else None  # noqa: SIM115 - closed in close()
+
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        if self._file:
+            self._file.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+    def flush(self) -> None:
+        if self._file:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+
+
+class Scalars:
+    """One run's scalar writer: `write` writes and flushes (so a full disk shows at the step that hit it, not
+    at exit). A failure raises `on_error(what, exception)` (the training loop passes its checkpointer's
+    `stop_after`, which finishes the saves and says which checkpoints are intact) instead of TensorFlow's or
+    Python's many exception types."""
+
+    def __init__(self, workdir: str, on_error: Callable[[str, BaseException], Exception] | None = None):
+        self.workdir = workdir
+        self._on_error = on_error or (lambda what, e: UserError(f"{what}: {str(e).splitlines()[0][:200]}"))
+        self._writer: Any = JsonlWriter(None)
+        if jax.process_index() != 0:  # process 0 writes; the others write nothing
+            return
+        try:
+            from clu import metric_writers
+        except ImportError as e:  # clu's SummaryWriter needs TensorFlow
+            logging.warning("TensorBoard scalars off (%s): writing them to %s/metrics.jsonl", e, workdir)
+            self._writer = self._guard(0, lambda: JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
+            return
+        self._writer = self._guard(0, lambda: metric_writers.SummaryWriter(workdir))
+
+    def _guard(self, step: int, fn: Any) -> Any:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - tf.errors.*, OSError, ...: a write that cannot succeed
+            raise self._on_error(f"writing the training curves of step {step} in {self.workdir}", e) from None
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        def write_and_flush() -> None:
+            self._writer.write_scalars(step, scalars)
+            self._writer.flush()
+
+        self._guard(step, write_and_flush)
+
+    def close(self) -> None:
+        try:
+            self._writer.close()
+        except Exception as e:  # noqa: BLE001 - the last events could not be flushed
+            logging.warning("closing the scalar writer in %s: %s", self.workdir, str(e).splitlines()[0][:200])
