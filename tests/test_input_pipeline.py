@@ -54,6 +54,36 @@ def test_builder_prepares_idx_files_into_data_dir(fake_fmnist, tmp_path):
     assert os.path.isdir(tmp_path / "tfds" / "fashion_mnist_files" / "1.1.0")
 
 
+def test_decoded_splits_are_kept_and_rebuilt_when_unreadable(fake_fmnist, tmp_path, monkeypatch):
+    """The second load reads the arrays kept beside the records (no tfds decoding), equal to the first; a
+    truncated array file is decoded again and rewritten."""
+    c = small_config(fake_fmnist, tmp_path)
+    first = small.load_in_memory(c, "train")
+    folder = tmp_path / "tfds" / "fashion_mnist_files" / "1.1.0"
+    assert sorted(p.name for p in folder.glob("*.npy")) == ["train.images.npy", "train.labels.npy"]
+    decoded = []
+    original = small.tfds.as_numpy
+    monkeypatch.setattr(small.tfds, "as_numpy", lambda *a, **k: decoded.append(1) or original(*a, **k))
+    again = small.load_in_memory(c, "train")
+    assert decoded == []
+    np.testing.assert_array_equal(again.images, first.images)
+    np.testing.assert_array_equal(again.labels, first.labels)
+    assert again.images.dtype == np.uint8 and again.labels.dtype == np.int32
+    (folder / "train.images.npy").write_bytes((folder / "train.images.npy").read_bytes()[:1000])
+    rebuilt = small.load_in_memory(c, "train")
+    assert decoded == [1]
+    np.testing.assert_array_equal(rebuilt.images, first.images)
+    np.testing.assert_array_equal(np.load(folder / "train.images.npy"), first.images)
+
+
+def test_channel_stats_equal_the_float64_formula():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (500, 9, 9, 3), dtype=np.uint8)
+    mean, std = small.channel_stats(images)
+    x = images.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_array_equal(mean, x.mean(0).astype(np.float32))
+    np.testing.assert_allclose(std, x.std(0).astype(np.float32), rtol=1e-7)
+
 def collect(it, n):
     return [next(it) for _ in range(n)]
 

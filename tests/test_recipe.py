@@ -18,7 +18,11 @@ spec = importlib.util.spec_from_file_location("check_recipe", os.path.join(REPO,
 check = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(check)
 
-STEPS, BATCH = 120, 8  # 6 epochs of the 160 training images, ~2 minutes each on 2 cores
+# 3 epochs of the 160 training images (an evaluation after each), ~1 minute each on 2 cores. docs/recipe.md's
+# per-epoch top-1 for the shipped check (120 steps): paper .25 .66 .97 .88 .88 1.00, owt .28 .91 1.00 1.00 .75 .66:
+# both pass by step 60; before the batch-size scaling of the learning rate (lr_reference_batch=0) the paper net
+# stays at chance (0.25) and this test fails (tried).
+STEPS, BATCH = 60, 8
 
 
 @pytest.fixture(scope="module")
