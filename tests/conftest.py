@@ -81,3 +81,20 @@ def prepared(tmp_path_factory) -> tuple[str, str]:
     load_script("make_tiny_imagenet").write_tiny_imagenet(manual, classes=8, train_per_class=4)
     imagenet.prepare(data, manual)
     return data, manual
+
+
+# The files' cost on 2 cores (seconds, `--durations`, 2026-11-27), heaviest first: scripts/test.sh hands whole files
+# to two workers (`--dist loadfile`) in collection order, so sending the long ones first leaves only short files
+# for the end and the two workers finish together (alphabetical order left the heaviest for last).
+COST_ORDER = ("test_performance", "test_checkpointing", "test_sharding", "test_transfer", "test_train",
+              "test_figures", "test_convert", "test_photos", "test_communication", "test_failures", "test_squares",
+              "test_recipe", "test_imagenet", "test_recipe_owt", "test_kernels", "test_accelerator", "test_models",
+              "test_cifar10")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item) -> int:
+        name = os.path.splitext(os.path.basename(str(item.fspath)))[0]
+        return COST_ORDER.index(name) if name in COST_ORDER else len(COST_ORDER)
+
+    items[:] = [item for _, _, item in sorted((rank(item), i, item) for i, item in enumerate(items))]
