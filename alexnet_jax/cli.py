@@ -37,17 +37,23 @@ CPU_COLLECTIVE_FLAGS = {"--xla_cpu_collective_call_terminate_timeout_seconds": "
 ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")
 
 
-def cpu_collective_timeouts() -> None:
-    """Add `CPU_COLLECTIVE_FLAGS` to XLA_FLAGS (those not set already) before JAX starts its backends, where the
-    backend will be the CPU: JAX_PLATFORMS says cpu, or no accelerator plugin is installed (another XLA build
-    may not know these flags)."""
+def _cpu_backend() -> bool:
+    """The backend will be the CPU: JAX_PLATFORMS says cpu, or no accelerator plugin is installed."""
     import importlib.util
     import os
 
     platforms = os.environ.get("JAX_PLATFORMS", "")
-    if platforms and platforms != "cpu":
-        return
-    if not platforms and any(importlib.util.find_spec(p) for p in ACCELERATOR_PLUGINS):
+    if platforms:
+        return platforms == "cpu"
+    return not any(importlib.util.find_spec(p) for p in ACCELERATOR_PLUGINS)
+
+
+def cpu_collective_timeouts() -> None:
+    """Add `CPU_COLLECTIVE_FLAGS` to XLA_FLAGS (those not set already) before JAX starts its backends, where the
+    backend will be the CPU (another XLA build may not know these flags)."""
+    import os
+
+    if not _cpu_backend():
         return
     flags_now = os.environ.get("XLA_FLAGS", "")
     extra = [f"{k}={v}" for k, v in CPU_COLLECTIVE_FLAGS.items() if k not in flags_now]
@@ -55,12 +61,63 @@ def cpu_collective_timeouts() -> None:
         os.environ["XLA_FLAGS"] = " ".join([flags_now, *extra]).strip()
 
 
+# XLA:CPU ends a collective that one device thread never reached with LOG(FATAL): its line, a native stack dump and
+# SIGABRT, which no Python code in the process can intercept. A small process between the run's stderr and the
+# terminal forwards everything and replaces that line and the dump with one line of ours.
+STUCK_MARK = "Termination timeout for `"
+STUCK_MESSAGE = ("alexnet_jax: error: a collective across the CPU devices timed out: one device thread did not reach "
+                 "it within XLA's limit (12 minutes with the timeouts alexnet_jax sets; a heavily loaded machine?) "
+                 "and XLA stopped the process. Rerun the same command when the machine is less "
+                 "busy (or with fewer simulated devices): it resumes from the last checkpoint in --workdir.")
+_STDERR_FILTER = r"""
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run reports Ctrl-C and SIGTERM; the filter forwards until EOF
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+mark, message = sys.argv[1].encode(), sys.argv[2].encode()
+tail, last, stopped = b"", b"\n", False
+while chunk := os.read(0, 1 << 16):
+    if stopped:
+        continue  # XLA's native stack dump
+    text = tail + chunk
+    at = text.find(mark)
+    if at < 0:
+        os.write(2, chunk)
+        tail, last = text[-len(mark):], chunk[-1:]
+        continue
+    start = text.rfind(b"\n", 0, at) + 1 - len(tail)  # the fatal line's start, in this chunk
+    if start > 0:
+        os.write(2, chunk[:start])
+        last = chunk[start - 1:start]
+    os.write(2, (b"" if last == b"\n" else b"\n") + message + b"\n")
+    stopped = True
+"""
+
+
+def report_stuck_collectives() -> None:
+    """Where this process will run several CPU devices, put `_STDERR_FILTER` between its stderr (fd 2, so XLA's
+    native writes too) and the real one; before JAX starts any thread."""
+    import os
+    import re
+    import subprocess
+
+    count = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    if not _cpu_backend() or not count or int(count[1]) < 2:
+        return
+    read, write = os.pipe()
+    subprocess.Popen([sys.executable, "-c", _STDERR_FILTER, STUCK_MARK, STUCK_MESSAGE], stdin=read,
+                     close_fds=True, start_new_session=False)
+    os.close(read)
+    sys.stderr.flush()
+    os.dup2(write, 2)
+    os.close(write)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a one-line message instead of a trace for a bad --config override; sets the
     CPU collective timeouts first (every entry point parses its flags before touching JAX)."""
     cpu_collective_timeouts()
     try:
-        return FLAGS(argv)
+        rest = FLAGS(argv)
     except flags.Error as e:
         sys.exit(f"alexnet_jax: error: {e}\nSee --helpfull for the flags.")
     except (AttributeError, KeyError) as e:  # ml_collections: --config.<key> names no field
@@ -70,3 +127,5 @@ def parse_flags(argv: list[str]) -> list[str]:
                  "in alexnet_jax/default_config.py.")
     except (ValueError, TypeError) as e:
         sys.exit(f"alexnet_jax: error: cannot apply the command line's config overrides: {e}")
+    report_stuck_collectives()
+    return rest

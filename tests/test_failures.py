@@ -116,3 +116,17 @@ def test_training_curves_on_a_full_disk_stop_in_one_line_and_the_run_resumes(sma
     monkeypatch.setattr(SavePolicy, "after_step", original)
     summary = train.train_and_evaluate(config, workdir)
     assert summary["step"] == 40
+
+
+def test_a_collective_that_times_out_ends_in_one_line(python):
+    """XLA's LOG(FATAL) line and native stack dump (tried without the filter: 20 lines ending in `Aborted`) become
+    our one line; what the run printed before still reaches stderr."""
+    from alexnet_jax import cli
+
+    r = subprocess.run([python, os.path.join(REPO, "tests", "stuck_collective.py")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1] == cli.STUCK_MESSAGE, r.stderr[-3000:]
+    assert "before the collective" in lines
+    assert "Check failure stack trace" not in r.stderr and "Termination timeout" not in r.stderr, r.stderr[-3000:]
