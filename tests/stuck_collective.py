@@ -1,6 +1,6 @@
-"""A collective that one device thread reaches seconds after the other (tests/test_failures.py): device 0 works
-first; XLA warns after 1 s and ends the process 2 s later. Through `cli.report_stuck_collectives`, as every entry
-point runs."""
+"""A collective that one device thread reaches long after the other (tests/test_failures.py): device 0 works
+first (~80 s of matmuls on a quiet 2-core machine, so the delay does not depend on the machine's load); XLA warns
+after 1 s and ends the process 2 s later. Through `cli.report_stuck_collectives`, as every entry point runs."""
 
 import os
 import sys
@@ -26,7 +26,7 @@ mesh = jax.make_mesh((2,), ("d",))
 
 def late_sum(x):
     def slow(x):
-        return jax.lax.fori_loop(0, 3000, lambda _, y: jnp.tanh(y @ y.T @ y / 100.0), x)
+        return jax.lax.fori_loop(0, 200_000, lambda _, y: jnp.tanh(y @ y.T @ y / 100.0), x)
 
     return jax.lax.psum(jax.lax.cond(jax.lax.axis_index("d") == 0, slow, lambda x: x, x), "d")
 
