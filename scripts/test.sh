@@ -16,6 +16,11 @@ if ! "${PIP[@]}" -e ".[test,torch]"; then  # e.g. offline with no torch wheel at
        "fail saying so" >&2
   "${PIP[@]}" -e ".[test]"
 fi
+# This machine's environment sets PYTHONDONTWRITEBYTECODE=1, so every Python process compiled TensorFlow's, JAX's and
+# our sources from scratch: `import tensorflow` took 12.5 s of CPU each time instead of 3-5 s, in each of the ~40
+# command-line runs the suite starts. Cache the bytecode of what is actually imported (into the gitignored
+# __pycache__ folders); the first import pays once.
+unset PYTHONDONTWRITEBYTECODE
 # Two pytest workers (pytest-xdist), whole files per worker (module fixtures compile once): much of the suite is
 # single-threaded compilation and Python, so two workers finish it in well under the serial time on 2 cores.
 # PYTEST_WORKERS=0 runs serially.
