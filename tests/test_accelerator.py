@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 
-from conftest import REPO
+from conftest import FAST_COMPILE, REPO
 
 CORE = ("alexnet_jax.train", "alexnet_jax.model", "alexnet_jax.sharding", "alexnet_jax.optim",
         "alexnet_jax.checkpointing", "alexnet_jax.inference", "alexnet_jax.pretrained", "alexnet_jax.data")
@@ -19,7 +19,8 @@ def _without_tensorflow(tmp_path) -> dict[str, str]:
     for name in ("tensorflow", "tensorflow_datasets", "clu"):
         (blocker / name).mkdir(parents=True)
         (blocker / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
-    return {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{REPO}", "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    return {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{REPO}", "XLA_FLAGS": FAST_COMPILE,
+            "JAX_PLATFORMS": "cpu"}
 
 
 def test_core_modules_import_without_tensorflow(tmp_path, python):

@@ -9,6 +9,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 from tensorflow_datasets.core.download import checksums
 from tensorflow_datasets.image_classification import cifar
 
@@ -84,7 +85,7 @@ def test_real_builder_prepares_archive_from_manual_dir(prepared):
 
 def test_main_trains_and_evaluates_on_cifar10(prepared, tmp_path):
     data_dir, _, _ = prepared
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
     cmd = [sys.executable, "-m", "alexnet_jax.main", "--config", os.path.join(REPO, "configs/cifar10.py"),
            "--workdir", str(tmp_path), f"--config.data_dir={data_dir}", "--config.batch_size=8",
            "--config.eval_batch_size=4", "--config.num_train_steps=3", "--config.log_every_steps=1",

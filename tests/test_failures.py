@@ -9,7 +9,7 @@ import re
 import subprocess
 
 import pytest
-from conftest import REPO, load_script
+from conftest import FAST_COMPILE, REPO, load_script
 
 photo_folder = load_script("make_photo_folder")
 
@@ -35,7 +35,7 @@ def small_disk(tmp_path):
 def test_a_full_disk_stops_in_one_line_and_the_run_resumes(tmp_path, small_disk, python):
     root = str(tmp_path / "photos")
     photo_folder.write_photo_folder(root, classes=3, per_class=6)
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
     def run(workdir: str, steps: int) -> subprocess.CompletedProcess:
         return subprocess.run(

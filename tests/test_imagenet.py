@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import FAST_COMPILE
 from PIL import Image
 
 from alexnet_jax import data as datalib
@@ -69,7 +70,7 @@ def test_real_builder_prepares_tiny_archive(prepared):
 
 def test_main_trains_and_evaluates_on_tiny_imagenet(prepared, tmp_path):
     data_dir, _ = prepared
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
     cmd = [sys.executable, "-m", "alexnet_jax.main", "--config", os.path.join(REPO, "configs/imagenet.py"),
            "--workdir", str(tmp_path), f"--config.data_dir={data_dir}", "--config.batch_size=4",
            "--config.eval_batch_size=4", "--config.num_train_steps=2", "--config.log_every_steps=1",

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 from alexnet_jax.data import fashion_mnist_files_present
 from alexnet_jax.flops import count_params, forward_macs
@@ -94,7 +95,7 @@ def test_benchmark_train_step_reports_json(torch_lib):
     cmd = [sys.executable, "scripts/benchmark.py", "--mode", "train_step", "--config", "configs/fashion_mnist.py",
            "--batch", "8", "--steps", "2", "--set", "widths=(8,16,16,16,8)", "--set", "fc_width=32", "--json",
            *torch_args]
-    env = dict(os.environ, XLA_FLAGS="")
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE)
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)["train_step"]
@@ -113,7 +114,7 @@ def test_benchmark_checkpoint_overhead_reports_json(fmnist_data_dir):
     cmd = [sys.executable, "scripts/benchmark.py", "--mode", "checkpoint", "--pairs", "1", "--run-steps", "4",
            "--every", "2", "--set", f"data_dir={fmnist_data_dir}", "--set", "widths=(8,16,16,16,8)",
            "--set", "fc_width=32", "--set", "batch_size=8", "--set", "log_every_steps=1", "--json"]
-    env = dict(os.environ, XLA_FLAGS="")
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE)
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)["checkpoint"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from conftest import REPO, load_script
+from conftest import FAST_COMPILE, REPO, load_script
 from PIL import Image
 
 from alexnet_jax import data as datalib
@@ -119,7 +119,7 @@ def test_unreadable_files_stop_before_training_in_one_line(tmp_path, python):
     written = photo_folder.write_photo_folder(root, classes=3, per_class=4, bad=True)
     truncated, text = written["bad"]
     workdir = tmp_path / "run"
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.run([python, "-m", "alexnet_jax.main", "--config", os.path.join(REPO, "configs/folder.py"),
                            f"--config.folder={root}", f"--config.data_dir={tmp_path / 'tfds'}", "--workdir",
                            str(workdir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -178,7 +178,7 @@ def test_a_tfds_dataset_by_name_with_split_keys(tmp_path, python):
     batch = next(data.train(0, 1, 0, 1))
     assert batch["image"].shape == (8, 32, 32, 3) and np.isfinite(batch["image"]).all()
     # the command line, in a process where the builder class is unknown: tfds reads the prepared copy by name
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.run([python, "-m", "alexnet_jax.main", "--config", os.path.join(REPO, "configs/folder.py"),
                            "--config.dataset=local_test_photos", f"--config.data_dir={data_dir}",
                            "--config.train_split=train[:16]", "--config.eval_split=train[16:]",

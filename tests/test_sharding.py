@@ -11,6 +11,7 @@ from functools import partial
 import jax
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 from alexnet_jax import collectives, default_config, distributed, optim, sharding, train
 from alexnet_jax.errors import UserError
@@ -182,7 +183,7 @@ def test_batch_must_divide_data_axis():
 
 
 def test_main_rejects_a_bad_mesh_before_compiling(repo, tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run(
         [sys.executable, "-m", "alexnet_jax.main", "--config", "configs/fashion_mnist.py",
          f"--workdir={tmp_path}", "--config.mesh_shape=(3,2)"],
@@ -193,7 +194,7 @@ def test_main_rejects_a_bad_mesh_before_compiling(repo, tmp_path):
 
 
 def test_report_cli(repo):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run(
         [sys.executable, "-m", "alexnet_jax.collectives", "--config", "configs/fashion_mnist.py", "--mesh", "4,2",
          "--config.batch_size=16", "--config.widths=(32,64,96,96,64)"],  # pinned: the lines below name them

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from conftest import REPO, load_script
+from conftest import FAST_COMPILE, REPO, load_script
 
 from alexnet_jax import data as datalib
 from alexnet_jax import default_config
@@ -244,7 +244,7 @@ def test_prepare_command_then_main_trains_and_evaluates(prepared, tmp_path):
     """The one command (progress with images/s), then `main --config configs/imagenet.py --config.prepared=True`
     trains and 10-crop-evaluates every validation image."""
     data_dir, _ = prepared
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
     flags = [f"--config.data_dir={data_dir}", "--config.prepared_format=jpeg", "--config.prepared_quality=90"]
     proc = subprocess.run([sys.executable, "-m", "alexnet_jax.data.prepare", "--config",
                            os.path.join(REPO, "configs/imagenet.py"), *flags],
@@ -268,8 +268,9 @@ def test_prepare_command_then_main_trains_and_evaluates(prepared, tmp_path):
     # same batches, so the checkpoint's config allows the switch
     cmd = [*(c for c in cmd if "num_train_steps" not in c), "--config.num_train_steps=3",
            "--config.augment_on_device=True", "--config.eval_crops=1"]
-    proc = subprocess.run(cmd, cwd=REPO, env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-                          capture_output=True, text=True, timeout=300)
+    two_devices = f"{FAST_COMPILE} --xla_force_host_platform_device_count=2"
+    proc = subprocess.run(cmd, cwd=REPO, env={**env, "XLA_FLAGS": two_devices}, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.load(open(tmp_path / "run" / "summary.json"))
     assert summary["step"] == 3 and summary["num_eval_examples"] == 8 and summary["mesh"] == {"data": 2, "model": 1}

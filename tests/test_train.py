@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 from alexnet_jax import default_config, train
 from alexnet_jax.data import fashion_mnist_files_present
@@ -28,7 +29,7 @@ def load_config(path):
 
 
 def run_main(workdir, *overrides, config="configs/fashion_mnist.py", timeout=300):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count=8")
     cmd = [sys.executable, "-m", "alexnet_jax.main", f"--config={config}", f"--workdir={workdir}", *overrides]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -9,7 +9,7 @@ import subprocess
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, load_script
+from conftest import FAST_COMPILE, REPO, load_script
 
 from alexnet_jax import checkpointing, optim, train
 from alexnet_jax.errors import UserError
@@ -123,7 +123,7 @@ def test_torchvision_state_dict_then_resume_after_a_kill(folder3, tmp_path, torc
              "--config.resize_size=72", "--config.batch_size=8", "--config.eval_batch_size=24",
              "--config.num_train_steps=5", "--config.checkpoint_every_steps=2", "--config.log_every_steps=1",
              "--config.mesh_shape=(1,1)"]
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
     def run(script: list[str], workdir: str) -> subprocess.CompletedProcess:
         return subprocess.run([python, *script, "--config", os.path.join(REPO, "configs/finetune.py"), *flags,
@@ -177,7 +177,7 @@ def test_features_of_a_split_and_the_figure_4_neighbours(folder3, tmp_path, pyth
     pool5 = features.of_split(extractor, "eval", "pool5")["features"]
     assert pool5.shape[0] == 18
     out, png = str(tmp_path / "f.npz"), str(tmp_path / "n.png")
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
     r = subprocess.run([python, "-m", "alexnet_jax.features", "--workdir", workdir, "--out", out, "--neighbours",
                         "3", "--queries", "2", "--figure", png], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=300)
