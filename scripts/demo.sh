@@ -21,6 +21,9 @@ if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
     echo "No $FMNIST and no usable apt: tfds will download fashion_mnist instead (needs internet)."
   fi
 fi
+# Where the environment sets PYTHONDONTWRITEBYTECODE (this project's machines do), each of the four commands below
+# would compile TensorFlow's Python sources again (~12 s of CPU each): keep the bytecode of what they import.
+unset PYTHONDONTWRITEBYTECODE
 .venv/bin/python -m alexnet_jax.main --config configs/fashion_mnist.py --workdir "$WORKDIR" "$@"
 # Figures (PNG, no TensorBoard needed): training curves and the conv1 kernels (the paper's Figure 3).
 .venv/bin/python scripts/plot_curves.py --workdir "$WORKDIR"

@@ -16,14 +16,17 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {FAST_COMPILE} -
                            " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# JAX's persistent compilation cache, shared by the pytest workers of one run and the subprocesses they start
-# (they inherit the environment): the same network compiled by several files, or by a test and its `main`
-# subprocess, compiles once (issue #23's lever for the suite's time).
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join("/tmp", f"alexnet_jax_test_jit_cache_{_RUN}"))
-# Every program, however small: a `main` run of a tiny net compiles ~86 of them (orbax's per-device slices of each
-# saved array, the metrics, the steps), 0.2 s each on 2 cores and mostly under 0.5 s; cached, the same 12-step
-# FashionMNIST run took 17 s instead of 40 s.
+# One folder per run of the suite, made by its first pytest process (xdist's controller, or the only one) before the
+# workers start, inherited by them and the subprocesses they start, removed when that process ends. It holds JAX's
+# persistent compilation cache (the same network compiled by several files, or by a test and its `main`
+# subprocess, compiles once: issue #23's lever for the suite's time) and the prepared FashionMNIST.
+_OWNS_RUN_DIR = "ALEXNET_TEST_RUN_DIR" not in os.environ
+if _OWNS_RUN_DIR:
+    import tempfile
+
+    os.environ["ALEXNET_TEST_RUN_DIR"] = tempfile.mkdtemp(prefix="alexnet_jax_tests_")
+RUN_DIR = os.environ["ALEXNET_TEST_RUN_DIR"]
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(RUN_DIR, "jit_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -37,6 +40,13 @@ def pytest_configure(config):
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
+
+
+def pytest_unconfigure(config):
+    if _OWNS_RUN_DIR:
+        import shutil
+
+        shutil.rmtree(RUN_DIR, ignore_errors=True)
 
 
 TORCH_MISSING = ("torch is not installed, so this PyTorch-based test cannot run: `scripts/test.sh` installs it "
@@ -65,9 +75,24 @@ def python() -> str:
 
 
 @pytest.fixture(scope="session")
-def fmnist_data_dir(tmp_path_factory) -> str:
-    """One tfds data_dir per test session, so the real FashionMNIST files are prepared once."""
-    return str(tmp_path_factory.mktemp("tfds"))
+def fmnist_data_dir() -> str:
+    """The tfds data_dir of the real FashionMNIST files, prepared and decoded once per run of the suite: the first
+    worker to ask prepares it (~20 s) while the other waits for the lock, instead of preparing its own copy."""
+    import fcntl
+
+    path = os.path.join(RUN_DIR, "tfds")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(RUN_DIR, "tfds.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        from alexnet_jax import default_config
+        from alexnet_jax.data import small
+
+        if small.fashion_mnist_files_present(FASHION_MNIST_DIR):
+            config = default_config.get_config()
+            config.dataset, config.data_dir, config.fashion_mnist_dir = "fashion_mnist", path, FASHION_MNIST_DIR
+            for split in ("train", "test"):
+                small.load_in_memory(config, split)
+    return path
 
 
 def load_script(name: str):
@@ -95,10 +120,11 @@ def prepared(tmp_path_factory) -> tuple[str, str]:
 
 # The files' cost on 2 cores (seconds, `--durations`, 2026-11-27), heaviest first: scripts/test.sh hands whole files
 # to two workers (`--dist loadfile`) in collection order, so sending the long ones first leaves only short files
-# for the end and the two workers finish together (alphabetical order left the heaviest for last).
-COST_ORDER = ("test_performance", "test_checkpointing", "test_sharding", "test_transfer", "test_train",
-              "test_figures", "test_convert", "test_photos", "test_communication", "test_failures", "test_squares",
-              "test_recipe", "test_imagenet", "test_recipe_owt", "test_kernels", "test_accelerator", "test_models",
+# for the end and the two workers finish together (alphabetical order left the heaviest for last; the recipe
+# checks, one 2-minute test each, are first so that neither is the last thing running).
+COST_ORDER = ("test_recipe", "test_recipe_owt", "test_train", "test_sharding", "test_checkpointing",
+              "test_performance", "test_transfer", "test_imagenet", "test_squares", "test_figures", "test_convert",
+              "test_failures", "test_photos", "test_kernels", "test_models", "test_communication", "test_accelerator",
               "test_cifar10")
 
 

@@ -167,8 +167,9 @@ def test_features_of_a_split_and_the_figure_4_neighbours(folder3, tmp_path, pyth
     assert got["features"].shape == (72, 32) and got["labels"].shape == (72,)
     assert len(set(got["file_names"])) == 72 and all(n.startswith("class_") for n in got["file_names"])
     loaded = extractor.loaded
-    _, state = loaded.model.apply(loaded.variables, got["images"][:16], train=False, capture_intermediates=True,
-                                  mutable=["intermediates"])
+    _, state = jax.jit(lambda v, x: loaded.model.apply(v, x, train=False, capture_intermediates=True,
+                                                       mutable=["intermediates"]))(loaded.variables,
+                                                                                   got["images"][:16])
     fc7 = np.maximum(np.asarray(state["intermediates"]["fc7"]["__call__"][0]), 0)
     np.testing.assert_allclose(got["features"][:16], fc7, rtol=1e-5, atol=1e-6)
     assert (got["features"] > 0).any()
