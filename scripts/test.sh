@@ -24,4 +24,6 @@ unset PYTHONDONTWRITEBYTECODE
 # Two pytest workers (pytest-xdist), whole files per worker (module fixtures compile once): much of the suite is
 # single-threaded compilation and Python, so two workers finish it in well under the serial time on 2 cores.
 # PYTEST_WORKERS=0 runs serially.
-exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
+# --no-loadscope-reorder: keep tests/conftest.py's heaviest-first file order (xdist otherwise orders files by their
+# number of tests, which left the two single-test 2-minute recipe checks running alone at the end).
+exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
