@@ -17,8 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.dataset = "imagenet2012"
     c.data_dir = ""  # where tfds keeps prepared datasets, as for tfds.load; '' = tfds's default
     c.folder = ""  # dataset='folder': ROOT/<split>/<class>/*.jpg|png|gif|bmp (or ROOT/<class>/*), prepared once
-    # Photo datasets' splits in tfds syntax ('train', 'train[:90%]', 'train[100:]'); '' = 'train' and the
-    # dataset's 'validation' (else 'test', else a folder's other split, else holdout_fraction of 'train')
+    # Splits in tfds syntax ('train', 'train[:90%]', 'test[:1000]'); '' = 'train' and, for photos, the dataset's
+    # 'validation' (else 'test', else a folder's other split, else holdout_fraction of 'train'); fashion_mnist and
+    # cifar10: 'train' and 'test'
     c.train_split = ""
     c.eval_split = ""
     c.holdout_fraction = 0.1  # with no evaluation split: the last fraction of the training records, held out

@@ -62,9 +62,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
+    # TensorFlow is imported, and kept off the accelerator, where images are first read
+    # (`data.tensorflow_on_cpu`): a bad flag or checkpoint is reported before that 4-second import.
     from alexnet_jax import cli
     from alexnet_jax.errors import UserError
 

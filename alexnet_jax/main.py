@@ -21,10 +21,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # tf.data only feeds the accelerator: keep TensorFlow off the GPU/TPU memory JAX uses.
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
+    # TensorFlow (tf.data) is imported, and kept off the accelerator, when the data is opened
+    # (`data.tensorflow_on_cpu`): a bad flag or mesh stops the run before that 4-second import.
     from alexnet_jax import distributed, train
     from alexnet_jax.errors import UserError
 

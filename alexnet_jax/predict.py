@@ -107,7 +107,10 @@ def pixels(path: str, channels: int = 3) -> np.ndarray:
     import tensorflow as tf
     from PIL import Image
 
+    from alexnet_jax import data as datalib
     from alexnet_jax.data.folder import to_rgb
+
+    datalib.tensorflow_on_cpu()
 
     with Image.open(path) as image:
         image.load()  # a truncated file fails here
@@ -127,6 +130,8 @@ def preprocess(path: str, image_shape: tuple[int, int, int], norm: Any, dataset:
     from alexnet_jax import data as datalib
     from alexnet_jax.data import augment
     from alexnet_jax.errors import UserError
+
+    datalib.tensorflow_on_cpu()
 
     size, _, channels = image_shape
     try:
@@ -210,9 +215,8 @@ def main(argv: list[str]) -> None:
     if len(argv) < 2:
         raise app.UsageError("give image files or folders: python -m alexnet_jax.predict --workdir DIR IMAGE ...")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
+    # TensorFlow is imported, and kept off the accelerator, where images are first read
+    # (`data.tensorflow_on_cpu`): a bad flag or checkpoint is reported before that 4-second import.
     from alexnet_jax import cli
     from alexnet_jax.errors import UserError
 

@@ -9,7 +9,7 @@ import sys
 # programs, which this makes 2-4x faster (the small net's jitted init: 3.4 s -> 0.8 s; tests/test_sharding.py's
 # 11 train-step equivalence tests: 122 s -> 83 s), while the convolutions and matmuls still run XLA's own
 # pre-built kernels. The numerical claims are about the math, not the optimiser's level, and hold at both; the recipe
-# checks (tests/test_recipe.py) and the multi-host workers keep XLA's default level, as users run it.
+# checks (tests/test_recipe.py) keep XLA's default level, as users run it.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {FAST_COMPILE} --xla_force_host_platform_device_count=8"
                            " --xla_cpu_collective_call_terminate_timeout_seconds=600"
@@ -74,25 +74,36 @@ def python() -> str:
     return sys.executable
 
 
-@pytest.fixture(scope="session")
-def fmnist_data_dir() -> str:
-    """The tfds data_dir of the real FashionMNIST files, prepared and decoded once per run of the suite: the first
-    worker to ask prepares it (~20 s) while the other waits for the lock, instead of preparing its own copy."""
+def run_once(name: str, make) -> str:
+    """RUN_DIR/name, made by `make(path)` once per run of the suite: the first worker to ask makes it while the
+    other waits for the lock (instead of making its own copy); a `make` that failed is retried by the next."""
     import fcntl
 
-    path = os.path.join(RUN_DIR, "tfds")
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(RUN_DIR, "tfds.lock"), "w") as lock:
+    path = os.path.join(RUN_DIR, name)
+    with open(f"{path}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        from alexnet_jax import default_config
-        from alexnet_jax.data import small
-
-        if small.fashion_mnist_files_present(FASHION_MNIST_DIR):
-            config = default_config.get_config()
-            config.dataset, config.data_dir, config.fashion_mnist_dir = "fashion_mnist", path, FASHION_MNIST_DIR
-            for split in ("train", "test"):
-                small.load_in_memory(config, split)
+        if not os.path.exists(f"{path}.done"):
+            os.makedirs(path, exist_ok=True)
+            make(path)
+            open(f"{path}.done", "w").close()
     return path
+
+
+def _prepare_fashion_mnist(path: str) -> None:
+    from alexnet_jax import default_config
+    from alexnet_jax.data import small
+
+    if small.fashion_mnist_files_present(FASHION_MNIST_DIR):
+        config = default_config.get_config()
+        config.dataset, config.data_dir, config.fashion_mnist_dir = "fashion_mnist", path, FASHION_MNIST_DIR
+        for split in ("train", "test"):
+            small.load_in_memory(config, split)
+
+
+@pytest.fixture(scope="session")
+def fmnist_data_dir() -> str:
+    """The tfds data_dir of the real FashionMNIST files, prepared and decoded once per run of the suite (~20 s)."""
+    return run_once("tfds", _prepare_fashion_mnist)
 
 
 def load_script(name: str):
@@ -105,17 +116,21 @@ def load_script(name: str):
     return module
 
 
-@pytest.fixture(scope="session")
-def prepared(tmp_path_factory) -> tuple[str, str]:
-    """(data_dir, manual_dir) with the tiny ILSVRC-format archive prepared by tfds's imagenet2012 builder, once
-    per session (tests/test_imagenet.py and tests/test_squares.py share it)."""
+def _prepare_tiny_imagenet(root: str) -> None:
     from alexnet_jax.data import imagenet
 
-    root = tmp_path_factory.mktemp("imagenet")
-    manual, data = str(root / "manual"), str(root / "data")
+    manual, data = os.path.join(root, "manual"), os.path.join(root, "data")
     load_script("make_tiny_imagenet").write_tiny_imagenet(manual, classes=8, train_per_class=4)
     imagenet.prepare(data, manual)
-    return data, manual
+
+
+@pytest.fixture(scope="session")
+def prepared() -> tuple[str, str]:
+    """(data_dir, manual_dir) with the tiny ILSVRC-format archive prepared by tfds's imagenet2012 builder, once
+    per run of the suite (tests/test_imagenet.py, test_squares.py, test_transfer.py share it). Tests that write
+    into it (test_squares.py's prepared squares, mean-image caches) must not depend on finding it clean."""
+    root = run_once("tiny_imagenet", _prepare_tiny_imagenet)
+    return os.path.join(root, "data"), os.path.join(root, "manual")
 
 
 # The files' cost on 2 cores (seconds, `--durations`, 2026-11-27), heaviest first: scripts/test.sh hands whole files

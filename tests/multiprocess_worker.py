@@ -66,7 +66,8 @@ def run(config, pid: int, nproc: int, steps: int) -> tuple[dict[str, np.ndarray]
 def main() -> None:
     pid, nproc, port, out_dir, steps = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
                                         int(sys.argv[5]))
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // nproc}"
+    # the caller's XLA flags (the tests': -O0), this process's share of the 8 devices
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={8 // nproc}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from alexnet_jax import distributed

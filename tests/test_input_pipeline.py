@@ -54,6 +54,23 @@ def test_builder_prepares_idx_files_into_data_dir(fake_fmnist, tmp_path):
     assert os.path.isdir(tmp_path / "tfds" / "fashion_mnist_files" / "1.1.0")
 
 
+def test_train_and_eval_splits_take_tfds_syntax(fake_fmnist, tmp_path):
+    """--config.train_split / eval_split select rows as tfds would (e.g. a quick evaluation on test[:10])."""
+    c = small_config(fake_fmnist, tmp_path, train_split="train[:50%]+test[-7:]", eval_split="test[:10]",
+                     eval_batch_size=4)
+    raw = {s: small.read_idx(str(fake_fmnist / f"{s}-images-idx3-ubyte.gz")) for s in ("train", "t10k")}
+    train = small.load_in_memory(c, c.train_split)
+    np.testing.assert_array_equal(train.images[..., 0], np.concatenate([raw["train"][:48], raw["t10k"][30:]]))
+    np.testing.assert_array_equal(train.labels, np.concatenate([np.arange(48) % 10, np.arange(30, 37) % 10]))
+    data = datalib.create_data(c)
+    assert (data.num_train, data.num_eval) == (55, 10)
+    seen = np.concatenate([b["image"][b["mask"] > 0] for b in data.eval(0, 1)])
+    assert seen.shape[0] == 10
+    for bad, message in (("test[:0]", "holds no images"), ("validation", "it has splits")):
+        with pytest.raises(UserError, match=message):
+            small.load_in_memory(c, bad)
+
+
 def test_decoded_splits_are_kept_and_rebuilt_when_unreadable(fake_fmnist, tmp_path, monkeypatch):
     """The second load reads the arrays kept beside the records (no tfds decoding), equal to the first; a
     truncated array file is decoded again and rewritten."""

@@ -113,7 +113,8 @@ def test_benchmark_train_step_reports_json(torch_lib):
 def test_benchmark_checkpoint_overhead_reports_json(fmnist_data_dir):
     cmd = [sys.executable, "scripts/benchmark.py", "--mode", "checkpoint", "--pairs", "1", "--run-steps", "4",
            "--every", "2", "--set", f"data_dir={fmnist_data_dir}", "--set", "widths=(8,16,16,16,8)",
-           "--set", "fc_width=32", "--set", "batch_size=8", "--set", "log_every_steps=1", "--json"]
+           "--set", "fc_width=32", "--set", "batch_size=8", "--set", "log_every_steps=1",
+           "--set", "eval_split=test[:64]", "--set", "eval_batch_size=64", "--json"]  # the end's evaluation: 64 images
     env = dict(os.environ, XLA_FLAGS=FAST_COMPILE)
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -238,7 +238,7 @@ def test_two_processes_over_gloo_match_one_process(repo, tmp_path):
     """2 processes x 4 CPU devices (gloo, localhost), each reading only its rows, end where 1 x 8 ends."""
     worker = os.path.join(repo, "tests", "multiprocess_worker.py")
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["PYTHONPATH"] = repo
+    env["PYTHONPATH"], env["XLA_FLAGS"] = repo, FAST_COMPILE  # each worker adds its share of the 8 devices
     steps, port = 3, _free_port()
     procs = [subprocess.Popen([sys.executable, worker, str(i), "2", str(port), str(tmp_path), str(steps)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

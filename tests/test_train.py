@@ -40,13 +40,13 @@ def test_trains_on_real_fashion_mnist_and_counts_every_test_image(tmp_path, fmni
     # (max-pool and LRN loops are XLA-generated code), which the tests' -O0 (conftest.FAST_COMPILE) makes slower.
     workdir = tmp_path / "run"
     result = run_main(workdir, "--config.num_train_steps=50", "--config.batch_size=128", "--config.log_every_steps=10",
-                      "--config.eval_batch_size=48", f"--config.data_dir={fmnist_data_dir}",
+                      "--config.eval_batch_size=1008", f"--config.data_dir={fmnist_data_dir}",
                       "--config.lr_schedule=constant", "--config.learning_rate=0.05", xla_flags="")  # 8 devices
     assert result.returncode == 0, result.stderr[-3000:]
     done = [line for line in result.stderr.splitlines() if "] done: {" in line]
     assert len(done) == 1, result.stderr[-3000:]
     summary = json.loads(done[0].split("] done: ", 1)[1])  # what the run reports
-    assert summary["num_eval_examples"] == 10000  # 10000 = 208 * 48 + 16: the padded last batch counts once
+    assert summary["num_eval_examples"] == 10000  # 10000 = 9 * 1008 + 928: the padded last batch counts once
     assert summary["step"] == 50 and summary["mesh"] == {"data": 8, "model": 1}
     assert summary["top1_accuracy"] > 0.35  # 50 steps (49% here) already learn far above chance (10%)
     assert summary["top5_accuracy"] >= summary["top1_accuracy"]

@@ -46,7 +46,7 @@ __all__ = [
     "CIFAR10_CLASSES", "DATASETS", "FASHION_MNIST_CLASSES", "SMALL_DATASETS", "Data", "InMemoryData",
     "Normalisation", "augment", "channel_stats", "check_data_dir", "create_data", "fashion_mnist_files_present",
     "folder", "imagenet", "is_photos", "normalisation_for", "padded_rows", "photos", "resize_and_normalise", "small",
-    "sources", "squares", "steps_per_epoch",
+    "sources", "squares", "steps_per_epoch", "tensorflow_on_cpu",
 ]
 
 
@@ -57,9 +57,27 @@ def __getattr__(name: str) -> Any:
     return module if _LAZY[name] is None else getattr(module, name)
 
 
+_TENSORFLOW_ON_CPU = False
+
+
+def tensorflow_on_cpu() -> None:
+    """tf.data only feeds the accelerator: keep TensorFlow off the GPU memory JAX uses. Called before TensorFlow's
+    first use (it cannot change its devices afterwards), so a run that stops at a bad flag never imports it."""
+    global _TENSORFLOW_ON_CPU
+    if not _TENSORFLOW_ON_CPU:
+        import tensorflow as tf
+
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:  # TensorFlow already started (e.g. by the caller): too late, nothing to do
+            pass
+        _TENSORFLOW_ON_CPU = True
+
+
 def create_data(config: ml_collections.ConfigDict, normalisation: Normalisation | None = None) -> Data:
     """Prepare (if needed) and open the configured dataset: the small ones in memory, photos streaming.
     `normalisation`: use this one (e.g. pretrained weights') instead of the training set's statistics."""
+    tensorflow_on_cpu()
     from alexnet_jax.data import photos, small, sources, squares
 
     if not config.dataset:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import zipfile
 from collections.abc import Callable, Iterator
 
 import ml_collections
@@ -165,10 +166,12 @@ def dataset_stats(source: Source | tfds.core.DatasetBuilder, resize: int, exampl
     total_n = source.num_examples(source.train_split)
     n = total_n if examples <= 0 else min(examples, total_n)
     path = _stats_path(source, resize, method, n)
-    if os.path.isfile(path):
+    try:
         with np.load(path) as f:
             if all(k in f for k in STATS):  # a cache from before the PCA was kept is computed again
                 return {k: f[k] for k in STATS}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # none yet, or unreadable: computed again
+        pass
     logging.info("computing the training mean image over %d images (cached in %s)", n, path)
     parse = _parser(source)
     ds = _records(source.builder.info.splits[source.train_split].file_instructions).take(n)
@@ -191,8 +194,10 @@ def dataset_stats(source: Source | tfds.core.DatasetBuilder, resize: int, exampl
     eigval, eigvec = augment.pixel_pca(second, mean)
     stats = {"mean_image": mean_image.astype(np.float32), "mean": mean.astype(np.float32),
              "std": std.astype(np.float32), "pca_eigval": eigval, "pca_eigvec": eigvec}
-    try:
-        np.savez(path, **stats)
+    try:  # written whole, then renamed: other processes (hosts, workers) sharing data_dir never read half a file
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, **stats)
+        os.replace(tmp, path)
     except OSError as e:
         logging.warning("could not cache the mean image in %s (%s); it will be computed again", path, e.strerror)
     return stats

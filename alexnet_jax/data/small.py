@@ -205,7 +205,8 @@ def _cifar10_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuil
 
 
 def load_in_memory(config: ml_collections.ConfigDict, split: str) -> InMemoryData:
-    """Prepare (once) and load a whole split of a small dataset."""
+    """Prepare (once) and load a split of a small dataset, in tfds's split syntax ('test', 'test[:1000]',
+    'train[:90%]', 'train[-5000:]+test'), in that order."""
     if config.dataset == "fashion_mnist":
         builder = _fashion_mnist_builder(config)
     elif config.dataset == "cifar10":
@@ -215,7 +216,18 @@ def load_in_memory(config: ml_collections.ConfigDict, split: str) -> InMemoryDat
     else:
         raise UserError(f"unknown dataset {config.dataset!r}; choose one of {DATASETS}")
     names = tuple(builder.info.features["label"].names)
-    return InMemoryData(*_decoded(builder, split), names)
+    try:
+        parts = tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise UserError(f"split {split!r} of {config.dataset}: {str(e).splitlines()[0][:160]}; it has splits "
+                        f"{sorted(builder.info.splits)} (tfds syntax: 'test', 'test[:1000]', 'train[:90%]')") from None
+    arrays = [(images[part.from_:part.to], labels[part.from_:part.to])
+              for part in parts for images, labels in [_decoded(builder, part.splitname)]]
+    images, labels = (arrays[0][k] if len(arrays) == 1 else np.concatenate([a[k] for a in arrays]) for k in (0, 1))
+    if not len(labels):
+        raise UserError(f"split {split!r} of {config.dataset} holds no images: choose another "
+                        "(--config.train_split / --config.eval_split)")
+    return InMemoryData(images, labels, names)
 
 
 def _decoded(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -362,8 +374,8 @@ def create_data(config: ml_collections.ConfigDict, normalisation: Normalisation 
         raise UserError(f"--config.eval_crops={config.eval_crops}: {config.dataset} images are evaluated whole "
                         "(they are no larger than the crop): use 1, or 2 to add the reflection; 10-crop "
                         "evaluation is for imagenet2012")
-    train_data = load_in_memory(config, "train")
-    test_data = load_in_memory(config, "test")
+    train_data = load_in_memory(config, config.get("train_split") or "train")
+    test_data = load_in_memory(config, config.get("eval_split") or "test")
     if normalisation is not None and normalisation.kind == "channel" and normalisation.mean.shape == (
             train_data.images.shape[-1],):
         norm = normalisation
