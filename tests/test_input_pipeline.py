@@ -168,6 +168,16 @@ def test_eval_counts_every_example_exactly_once(fake_fmnist, tmp_path, batch, pr
     assert sorted(seen) == sorted((np.arange(37) % 10).tolist())
 
 
+def test_eval_batches_have_one_shape(fake_fmnist, tmp_path):
+    """One compiled evaluation step: every batch has the same rows (37 images in batches of 16: 3 x 16, the last
+    padded); a set that fits in one batch is padded only to the row multiple (37 -> 40 for 8 devices, not 64)."""
+    shapes = [b["image"].shape[0] for b in datalib.create_data(small_config(fake_fmnist, tmp_path)).eval(0, 1, 8)]
+    assert shapes == [16, 16, 16]
+    one = list(datalib.create_data(small_config(fake_fmnist, tmp_path, eval_batch_size=64)).eval(0, 1, 8))
+    assert [b["image"].shape[0] for b in one] == [40] and one[0]["mask"].sum() == 37
+    assert (datalib.padded_rows(37, 16, 8), datalib.padded_rows(37, 64, 8), datalib.padded_rows(37, 64)) == (48, 40, 64)
+
+
 def test_truncated_idx_file_is_a_clear_error(tmp_path):
     path = tmp_path / "train-images-idx3-ubyte.gz"
     write_idx(path, np.zeros((4, 28, 28)))
