@@ -119,6 +119,27 @@ def test_crop_averaging_is_mean_softmax_over_crops():
     np.testing.assert_array_equal(train.crop_averaged_logits(apply_fn, flat), apply_fn(flat))  # 1 crop: logits
 
 
+def test_saving_replicated_state_on_8_devices_compiles_no_slices(tmp_path, caplog):
+    """orbax would have each of the 8 replicas write a slice of every replicated array, compiling a slicing program
+    per array (~100, seconds, in the first save of every run): small arrays are written whole by one replica."""
+    config = tiny_config(widths=(8, 16, 16, 16, 24), fc_width=40)  # shapes no other test saves (no cached program)
+    trainer = train.Trainer(config, train.sharding.make_mesh((8, 1)), (28, 28, 1), 4, 4)
+    state = trainer.init(jax.random.PRNGKey(0))
+    ckpt = _reader(str(tmp_path), config, trainer, read_only=False)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level("WARNING"):
+            assert ckpt.save(0, state)
+            ckpt.close()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    compiled = [r.getMessage()[:60] for r in caplog.records if "Compiling" in r.getMessage()]
+    assert not [c for c in compiled if "slice" in c], compiled
+    restored, _ = _reader(str(tmp_path), config, trainer).restore_or(state)
+    _assert_bitwise(jax.tree_util.tree_flatten_with_path(restored.params)[0],
+                    jax.tree_util.tree_flatten_with_path(state.params)[0], "saved whole")
+
+
 def test_config_differences_lists_fields_and_allows_resumable_changes():
     saved = config_lib.config_to_dict(tiny_config())
     now = config_lib.config_to_dict(tiny_config(fc_width=64, num_train_steps=99, mesh_shape=(2, 2)))

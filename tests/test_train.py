@@ -40,7 +40,7 @@ def test_trains_on_real_fashion_mnist_and_counts_every_test_image(tmp_path, fmni
     # (max-pool and LRN loops are XLA-generated code), which the tests' -O0 (conftest.FAST_COMPILE) makes slower.
     workdir = tmp_path / "run"
     result = run_main(workdir, "--config.num_train_steps=50", "--config.batch_size=128", "--config.log_every_steps=10",
-                      "--config.eval_batch_size=1008", f"--config.data_dir={fmnist_data_dir}",
+                      "--config.eval_batch_size=1008", "--config.eval_crops=1", f"--config.data_dir={fmnist_data_dir}",
                       "--config.lr_schedule=constant", "--config.learning_rate=0.05", xla_flags="")  # 8 devices
     assert result.returncode == 0, result.stderr[-3000:]
     done = [line for line in result.stderr.splitlines() if "] done: {" in line]
