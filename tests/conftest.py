@@ -37,9 +37,36 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 def pytest_configure(config):
+    if getattr(config, "workerinput", None) is None and config.getoption("numprocesses", None):
+        return  # xdist's controller runs no test: not TensorFlow's ~8 s start-up before the workers start
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With ALEXNET_TEST_CPU_REPORT=FILE: one line per test (set-up and teardown included) appended to FILE: CPU
+    seconds of the worker, of the processes it started and waited for, wall seconds, the test. On 2 cores the wall
+    times of `--durations` depend on what the other worker runs meanwhile; CPU seconds add up (docs/testing.md)."""
+    path = os.environ.get("ALEXNET_TEST_CPU_REPORT")
+    if not path:
+        yield
+        return
+    import time
+
+    own, children, start = *_cpu_seconds(), time.time()
+    yield
+    own_end, children_end = _cpu_seconds()
+    with open(path, "a") as f:
+        f.write(f"{own_end - own:.1f}\t{children_end - children:.1f}\t{time.time() - start:.1f}\t{item.nodeid}\n")
 
 
 def pytest_unconfigure(config):
