@@ -47,15 +47,18 @@ def pytest_configure(config):
 def _cpu_seconds() -> tuple[float, float]:
     import resource
 
+    import forkserver
+
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime + forkserver.forked_cpu_seconds
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """With ALEXNET_TEST_CPU_REPORT=FILE: one line per test (set-up and teardown included) appended to FILE: CPU
-    seconds of the worker, of the processes it started and waited for, wall seconds, the test. On 2 cores the wall
-    times of `--durations` depend on what the other worker runs meanwhile; CPU seconds add up (docs/testing.md)."""
+    seconds of the worker, of the processes it started and waited for (tests/forkserver.py's children included),
+    wall seconds, the test. On 2 cores the wall times of `--durations` depend on what the other worker runs
+    meanwhile; CPU seconds add up (docs/testing.md)."""
     path = os.environ.get("ALEXNET_TEST_CPU_REPORT")
     if not path:
         yield

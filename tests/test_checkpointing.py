@@ -8,8 +8,8 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 
+import forkserver
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -216,7 +216,7 @@ print(json.dumps({"step": step, "same": same, "types": sorted({type(v).__name__ 
 
 def test_plain_orbax_restores_the_parameter_tree(run_4x2, python):
     workdir, config, _ = run_4x2
-    out = subprocess.run([python, "-c", PLAIN_ORBAX, checkpointing.checkpoint_dir(workdir)], capture_output=True,
+    out = forkserver.run([python, "-c", PLAIN_ORBAX, checkpointing.checkpoint_dir(workdir)], capture_output=True,
                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
@@ -300,7 +300,7 @@ def test_predict_cli_prints_top5(run_4x2, tmp_path, python, repo):
     _, test = synthetic_splits()
     image = str(tmp_path / "shoe.png")
     tf.io.write_file(image, tf.io.encode_png(test.images[0]))
-    out = subprocess.run([python, "-m", "alexnet_jax.predict", "--workdir", run_4x2[0], image],
+    out = forkserver.run([python, "-m", "alexnet_jax.predict", "--workdir", run_4x2[0], image],
                          capture_output=True, text=True, timeout=180, cwd=repo)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
@@ -375,7 +375,7 @@ def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(tmp_path, python,
     def run(signal_at=None):
         cmd = ([python, "tests/signal_after_step.py", *signal_at] if signal_at else
                [python, "-m", "alexnet_jax.main"])
-        return subprocess.run(cmd + _fmnist_args(workdir, fmnist_data_dir), capture_output=True, text=True,
+        return forkserver.run(cmd + _fmnist_args(workdir, fmnist_data_dir), capture_output=True, text=True,
                               timeout=300, cwd=repo)
 
     workdir = str(tmp_path / "w")

@@ -3,10 +3,10 @@
 import io
 import json
 import os
-import subprocess
 import sys
 import tarfile
 
+import forkserver
 import numpy as np
 import pytest
 from conftest import FAST_COMPILE
@@ -90,7 +90,7 @@ def test_main_trains_and_evaluates_on_cifar10(prepared, tmp_path):
            "--workdir", str(tmp_path), f"--config.data_dir={data_dir}", "--config.batch_size=8",
            "--config.eval_batch_size=4", "--config.num_train_steps=3", "--config.log_every_steps=1",
            "--config.widths=(8,16,16,16,8)", "--config.fc_width=32"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = forkserver.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["dataset"] == "cifar10" and summary["step"] == 3

@@ -3,6 +3,7 @@
 import os
 import sys
 
+import forkserver
 import numpy as np
 import pytest
 
@@ -162,11 +163,10 @@ def test_unreadable_and_pickled_model_files_are_refused(tmp_path):
 
 
 def test_cli_prints_one_line_error(tmp_path, python, repo):
-    import subprocess
 
     path = str(tmp_path / "resnet.pth")
     torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7)}, path)
-    r = subprocess.run([python, "-m", "alexnet_jax.convert", "--torchvision", path, "--workdir", str(tmp_path / "w")],
+    r = forkserver.run([python, "-m", "alexnet_jax.convert", "--torchvision", path, "--workdir", str(tmp_path / "w")],
                        cwd=repo, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "alexnet_jax.convert: error: --torchvision" in r.stderr and "Traceback" not in r.stderr
@@ -284,7 +284,6 @@ def test_predict_gives_torchvisions_probabilities(tmp_path):
 def test_predict_cli_ranks_good_files_and_names_bad_ones(converted, tmp_path, python, repo):
     """Eight files of every kind in one call, and a folder: every readable one ranked (ImageNet names beside
     the ids), each unreadable one a one-line error, exit status 1, no traceback."""
-    import subprocess
     import sys
 
     sys.path.insert(0, os.path.join(repo, "tests"))
@@ -305,7 +304,7 @@ def test_predict_cli_ranks_good_files_and_names_bad_ones(converted, tmp_path, py
     (folder / "notes.jpg").write_text("not an image\n")
     files = sorted(good + [str(folder / "cut.jpg"), str(folder / "notes.jpg")])
     for args in (files, [str(folder)]):
-        r = subprocess.run([python, "-m", "alexnet_jax.predict", "--workdir", converted, "--top_k=2", *args],
+        r = forkserver.run([python, "-m", "alexnet_jax.predict", "--workdir", converted, "--top_k=2", *args],
                            cwd=repo, capture_output=True, text=True, timeout=300)
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
         ranked = [line for line in r.stdout.splitlines() if not line.startswith(" ")]

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 
+import forkserver
 import pytest
 from conftest import FAST_COMPILE, REPO, load_script
 
@@ -38,7 +39,7 @@ def test_a_full_disk_stops_in_one_line_and_the_run_resumes(tmp_path, small_disk,
     env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
     def run(workdir: str, steps: int) -> subprocess.CompletedProcess:
-        return subprocess.run(
+        return forkserver.run(
             [python, "-m", "alexnet_jax.main", "--config", os.path.join(REPO, "configs/folder.py"),
              f"--config.folder={root}", f"--config.data_dir={tmp_path / 'tfds'}", "--config.variant=small",
              "--config.image_size=32", "--config.resize_size=36", "--config.widths=(8,16,16,16,8)",
@@ -123,7 +124,7 @@ def test_a_collective_that_times_out_ends_in_one_line(python):
     our one line; what the run printed before still reaches stderr."""
     from alexnet_jax import cli
 
-    r = subprocess.run([python, os.path.join(REPO, "tests", "stuck_collective.py")], capture_output=True,
+    r = forkserver.run([python, os.path.join(REPO, "tests", "stuck_collective.py")], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()

@@ -1,8 +1,8 @@
 """Figures from a tiny FashionMNIST run, the Figure 3 grid layout, and the Colab notebook executed end to end."""
 
 import os
-import subprocess
 
+import forkserver
 import numpy as np
 import pytest
 
@@ -100,7 +100,7 @@ def test_scripts_draw_curves_filters_predictions(notebook_run, python, repo):
         os.remove(os.path.join(workdir, name))
     for script, extra in (("plot_curves.py", []), ("plot_filters.py", []),
                           ("plot_predictions.py", ["--max_images", "64"])):
-        r = subprocess.run([python, f"scripts/{script}", "--workdir", workdir, *extra], cwd=repo,
+        r = forkserver.run([python, f"scripts/{script}", "--workdir", workdir, *extra], cwd=repo,
                            capture_output=True, text=True, timeout=180)
         assert r.returncode == 0, r.stderr[-2000:]
     w, h = _png_size(os.path.join(workdir, "curves.png"))
@@ -111,9 +111,9 @@ def test_scripts_draw_curves_filters_predictions(notebook_run, python, repo):
 
 
 def test_scripts_explain_a_workdir_without_a_run(tmp_path, python, repo):
-    r = subprocess.run([python, "scripts/plot_curves.py", "--workdir", str(tmp_path)], cwd=repo,
+    r = forkserver.run([python, "scripts/plot_curves.py", "--workdir", str(tmp_path)], cwd=repo,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "plot_curves: error: no TensorBoard event files" in r.stderr
-    r = subprocess.run([python, "scripts/plot_filters.py", "--workdir", str(tmp_path)], cwd=repo,
+    r = forkserver.run([python, "scripts/plot_filters.py", "--workdir", str(tmp_path)], cwd=repo,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "plot_filters: error: no checkpoints in" in r.stderr

@@ -1,6 +1,7 @@
 """Analytic parameter and multiply-add counts per layer (REFERENCE.md section 1 and 2)."""
 
-import subprocess
+
+import forkserver
 
 from alexnet_jax import flops
 from alexnet_jax.model import AlexNet
@@ -35,7 +36,7 @@ def test_without_groups_and_torchvision_variant():
 
 def test_cli_prints_table_and_draws_chart(tmp_path, python, repo):
     png = tmp_path / "flops.png"
-    r = subprocess.run([python, "-m", "alexnet_jax.flops", "--config", "configs/imagenet.py", "--plot", str(png)],
+    r = forkserver.run([python, "-m", "alexnet_jax.flops", "--config", "configs/imagenet.py", "--plot", str(png)],
                        cwd=repo, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "60,965,224" in r.stdout and "724,406,816" in r.stdout

@@ -7,9 +7,9 @@ import importlib.util
 import io
 import json
 import os
-import subprocess
 import sys
 
+import forkserver
 import ml_collections
 import numpy as np
 import pytest
@@ -75,7 +75,7 @@ def test_main_trains_and_evaluates_on_tiny_imagenet(prepared, tmp_path):
            "--workdir", str(tmp_path), f"--config.data_dir={data_dir}", "--config.batch_size=4",
            "--config.eval_batch_size=4", "--config.num_train_steps=2", "--config.log_every_steps=1",
            "--config.widths=(8,16,16,16,8)", "--config.fc_width=32"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = forkserver.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["step"] == 2 and summary["dataset"] == "imagenet2012"
@@ -87,14 +87,14 @@ def test_main_trains_and_evaluates_on_tiny_imagenet(prepared, tmp_path):
     jpeg, png = tmp_path / "photo.jpg", tmp_path / "small.png"
     jpeg.write_bytes(_jpeg(500, 375, seed=5))
     Image.fromarray(np.random.default_rng(6).integers(0, 256, (131, 97, 3), dtype=np.uint8)).save(png)
-    proc = subprocess.run([sys.executable, "-m", "alexnet_jax.predict", "--workdir", str(tmp_path), str(jpeg),
+    proc = forkserver.run([sys.executable, "-m", "alexnet_jax.predict", "--workdir", str(tmp_path), str(jpeg),
                            str(png)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0] == str(jpeg) and lines[6] == str(png) and len(lines) == 12  # top-5 for each
     assert all(line.strip().startswith(f"{k}. n") for k, line in zip([1, 2, 3, 4, 5] * 2, lines[1:6] + lines[7:],
                                                                       strict=True))
-    proc = subprocess.run([sys.executable, "-m", "alexnet_jax.evaluate", "--workdir", str(tmp_path),
+    proc = forkserver.run([sys.executable, "-m", "alexnet_jax.evaluate", "--workdir", str(tmp_path),
                            f"--config.data_dir={data_dir}", "--config.eval_crops=10", "--config.eval_batch_size=3"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -102,7 +102,7 @@ def test_main_trains_and_evaluates_on_tiny_imagenet(prepared, tmp_path):
     assert result["count"] == 8 and result["crops"] == 10 and result["step"] == 2
     assert result["top1"] == pytest.approx(summary["top1_accuracy"])
     assert result["loss"] == pytest.approx(summary["eval_loss"], rel=1e-4)
-    proc = subprocess.run([sys.executable, "-m", "alexnet_jax.evaluate", "--workdir", str(tmp_path),
+    proc = forkserver.run([sys.executable, "-m", "alexnet_jax.evaluate", "--workdir", str(tmp_path),
                            "--config.fc_width=64"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     last = proc.stderr.strip().splitlines()[-1]  # one readable message, not a trace
     assert proc.returncode != 0 and "Traceback" not in proc.stderr

@@ -2,9 +2,9 @@
 
 import json
 import os
-import subprocess
 import sys
 
+import forkserver
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,7 +96,7 @@ def test_benchmark_train_step_reports_json(torch_lib):
            "--batch", "8", "--steps", "2", "--set", "widths=(8,16,16,16,8)", "--set", "fc_width=32", "--json",
            *torch_args]
     env = dict(os.environ, XLA_FLAGS=FAST_COMPILE)
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    res = forkserver.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)["train_step"]
     assert out["batch"] == 8 and len(out["jax_ms_each"]) == 2 and out["ms_per_step"] > 0
@@ -116,7 +116,7 @@ def test_benchmark_checkpoint_overhead_reports_json(fmnist_data_dir):
            "--set", "fc_width=32", "--set", "batch_size=8", "--set", "log_every_steps=1",
            "--set", "eval_split=test[:64]", "--set", "eval_batch_size=64", "--json"]  # the end's evaluation: 64 images
     env = dict(os.environ, XLA_FLAGS=FAST_COMPILE)
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    res = forkserver.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)["checkpoint"]
     assert out["config"] == "configs/fashion_mnist.py" and out["saves_per_run"] == 2

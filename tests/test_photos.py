@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
+import forkserver
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -120,7 +120,7 @@ def test_unreadable_files_stop_before_training_in_one_line(tmp_path, python):
     truncated, text = written["bad"]
     workdir = tmp_path / "run"
     env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run([python, "-m", "alexnet_jax.main", "--config", os.path.join(REPO, "configs/folder.py"),
+    proc = forkserver.run([python, "-m", "alexnet_jax.main", "--config", os.path.join(REPO, "configs/folder.py"),
                            f"--config.folder={root}", f"--config.data_dir={tmp_path / 'tfds'}", "--workdir",
                            str(workdir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -179,7 +179,7 @@ def test_a_tfds_dataset_by_name_with_split_keys(tmp_path, python):
     assert batch["image"].shape == (8, 32, 32, 3) and np.isfinite(batch["image"]).all()
     # the command line, in a process where the builder class is unknown: tfds reads the prepared copy by name
     env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run([python, "-m", "alexnet_jax.main", "--config", os.path.join(REPO, "configs/folder.py"),
+    proc = forkserver.run([python, "-m", "alexnet_jax.main", "--config", os.path.join(REPO, "configs/folder.py"),
                            "--config.dataset=local_test_photos", f"--config.data_dir={data_dir}",
                            "--config.train_split=train[:16]", "--config.eval_split=train[16:]",
                            "--config.variant=small", "--config.image_size=32", "--config.resize_size=36",

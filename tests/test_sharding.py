@@ -8,6 +8,7 @@ import subprocess
 import sys
 from functools import partial
 
+import forkserver
 import jax
 import numpy as np
 import pytest
@@ -184,7 +185,7 @@ def test_batch_must_divide_data_axis():
 
 def test_main_rejects_a_bad_mesh_before_compiling(repo, tmp_path):
     env = dict(os.environ, XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    out = subprocess.run(
+    out = forkserver.run(
         [sys.executable, "-m", "alexnet_jax.main", "--config", "configs/fashion_mnist.py",
          f"--workdir={tmp_path}", "--config.mesh_shape=(3,2)"],
         cwd=repo, env=env, capture_output=True, text=True, timeout=120,
@@ -195,7 +196,7 @@ def test_main_rejects_a_bad_mesh_before_compiling(repo, tmp_path):
 
 def test_report_cli(repo):
     env = dict(os.environ, XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    out = subprocess.run(
+    out = forkserver.run(
         [sys.executable, "-m", "alexnet_jax.collectives", "--config", "configs/fashion_mnist.py", "--mesh", "4,2",
          "--config.batch_size=16", "--config.widths=(32,64,96,96,64)"],  # pinned: the lines below name them
         cwd=repo, env=env, capture_output=True, text=True, timeout=180,

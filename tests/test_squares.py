@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
+import forkserver
 import ml_collections
 import numpy as np
 import pytest
@@ -246,7 +246,7 @@ def test_prepare_command_then_main_trains_and_evaluates(prepared, tmp_path):
     data_dir, _ = prepared
     env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
     flags = [f"--config.data_dir={data_dir}", "--config.prepared_format=jpeg", "--config.prepared_quality=90"]
-    proc = subprocess.run([sys.executable, "-m", "alexnet_jax.data.prepare", "--config",
+    proc = forkserver.run([sys.executable, "-m", "alexnet_jax.data.prepare", "--config",
                            os.path.join(REPO, "configs/imagenet.py"), *flags],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -256,7 +256,7 @@ def test_prepare_command_then_main_trains_and_evaluates(prepared, tmp_path):
            "--workdir", str(tmp_path / "run"), "--config.prepared=True", *flags, "--config.batch_size=4",
            "--config.eval_batch_size=4", "--config.num_train_steps=2", "--config.log_every_steps=1",
            "--config.widths=(8,16,16,16,8)", "--config.fc_width=32"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = forkserver.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.load(open(tmp_path / "run" / "summary.json"))
     assert summary["step"] == 2 and summary["num_eval_examples"] == 8  # configs/imagenet.py: 10 crops
@@ -269,7 +269,7 @@ def test_prepare_command_then_main_trains_and_evaluates(prepared, tmp_path):
     cmd = [*(c for c in cmd if "num_train_steps" not in c), "--config.num_train_steps=3",
            "--config.augment_on_device=True", "--config.eval_crops=1"]
     two_devices = f"{FAST_COMPILE} --xla_force_host_platform_device_count=2"
-    proc = subprocess.run(cmd, cwd=REPO, env={**env, "XLA_FLAGS": two_devices}, capture_output=True, text=True,
+    proc = forkserver.run(cmd, cwd=REPO, env={**env, "XLA_FLAGS": two_devices}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.load(open(tmp_path / "run" / "summary.json"))

@@ -3,9 +3,9 @@
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
+import forkserver
 import jax
 import numpy as np
 import pytest
@@ -31,7 +31,7 @@ def load_config(path):
 def run_main(workdir, *overrides, config="configs/fashion_mnist.py", timeout=300, xla_flags=FAST_COMPILE):
     env = dict(os.environ, XLA_FLAGS=f"{xla_flags} --xla_force_host_platform_device_count=8")
     cmd = [sys.executable, "-m", "alexnet_jax.main", f"--config={config}", f"--workdir={workdir}", *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return forkserver.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @needs_fmnist

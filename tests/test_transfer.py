@@ -6,6 +6,7 @@ import importlib.util
 import os
 import subprocess
 
+import forkserver
 import jax
 import numpy as np
 import pytest
@@ -126,7 +127,7 @@ def test_torchvision_state_dict_then_resume_after_a_kill(folder3, tmp_path, torc
     env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
     def run(script: list[str], workdir: str) -> subprocess.CompletedProcess:
-        return subprocess.run([python, *script, "--config", os.path.join(REPO, "configs/finetune.py"), *flags,
+        return forkserver.run([python, *script, "--config", os.path.join(REPO, "configs/finetune.py"), *flags,
                                "--workdir", workdir], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
     whole = run(["-m", "alexnet_jax.main"], str(tmp_path / "whole"))
@@ -179,7 +180,7 @@ def test_features_of_a_split_and_the_figure_4_neighbours(folder3, tmp_path, pyth
     assert pool5.shape[0] == 18
     out, png = str(tmp_path / "f.npz"), str(tmp_path / "n.png")
     env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    r = subprocess.run([python, "-m", "alexnet_jax.features", "--workdir", workdir, "--out", out, "--neighbours",
+    r = forkserver.run([python, "-m", "alexnet_jax.features", "--workdir", workdir, "--out", out, "--neighbours",
                         "3", "--queries", "2", "--figure", png], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
