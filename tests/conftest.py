@@ -167,13 +167,15 @@ def prepared() -> tuple[str, str]:
     return os.path.join(root, "data"), os.path.join(root, "manual")
 
 
-# The files' cost on 2 cores (seconds, `--durations`, 2026-11-27), heaviest first: scripts/test.sh hands whole files
-# to two workers (`--dist loadfile`) in collection order, so sending the long ones first leaves only short files
-# for the end and the two workers finish together (alphabetical order left the heaviest for last; the recipe
-# checks, one 2-minute test each, are first so that neither is the last thing running).
-COST_ORDER = ("test_recipe", "test_recipe_owt", "test_train", "test_sharding", "test_checkpointing",
-              "test_performance", "test_transfer", "test_imagenet", "test_squares", "test_figures", "test_convert",
-              "test_failures", "test_photos", "test_kernels", "test_models", "test_communication", "test_accelerator",
+# The files' cost on 2 cores (CPU seconds, `ALEXNET_TEST_CPU_REPORT`, 2026-11-27), heaviest first: scripts/test.sh
+# hands whole files to two workers (`--dist loadfile`) in this order, two queued per worker (the first worker gets
+# the 1st and 3rd, the second the 2nd and 4th), so the long ones start first and only short files are left for the
+# end, where the two workers finish together. The two recipe checks (~2.5 minutes each) go to the same worker, one
+# after the other: the second finds their shared archive and mean image made, while the other worker prepares
+# FashionMNIST for test_train.py instead of waiting for the archive's lock.
+COST_ORDER = ("test_recipe", "test_train", "test_recipe_owt", "test_transfer", "test_sharding", "test_performance",
+              "test_checkpointing", "test_squares", "test_convert", "test_imagenet", "test_models", "test_kernels",
+              "test_failures", "test_communication", "test_photos", "test_figures", "test_accelerator",
               "test_cifar10")
 
 

@@ -54,7 +54,8 @@ def test_finetune_from_an_imagenet_run_with_frozen_convs(prepared, folder3, tmp_
     pre_dir, fine_dir = str(tmp_path / "pretrain"), str(tmp_path / "finetune")
     pre = _set(_config_file("imagenet"), data_dir=prepared[0], batch_size=8, eval_batch_size=8,
                num_train_steps=24, normalization="channel", init_scheme="he", learning_rate=0.02,
-               lr_reference_batch=0, lr_schedule="constant", log_every_steps=24, eval_crops=1, num_classes=1000, **TINY)
+               lr_reference_batch=0, lr_schedule="constant", log_every_steps=24, eval_crops=1, num_classes=1000,
+               eval_every_steps=24, **TINY)  # one evaluation (and its checkpoint), not one per 4-step epoch
     train.train_and_evaluate(pre, pre_dir)
     root, data_dir = folder3
     fine = _set(_config_file("finetune"), init_from=pre_dir, folder=root, data_dir=data_dir, batch_size=16,
