@@ -46,6 +46,9 @@ def check_config(config: ml_collections.ConfigDict, process_count: int = 1) -> N
         fail("num_epochs", "must be positive (or set num_train_steps)")
     if config.learning_rate <= 0:
         fail("learning_rate", "must be positive")
+    if config.get("prepare_wait_s", 1.0) <= 0:
+        fail("prepare_wait_s", "must be a positive number of seconds (how long a process waits for process 0 "
+                               "to prepare the data)")
     if config.get("lr_reference_batch", 0) < 0:
         fail("lr_reference_batch", "must be >= 0 (0: use learning_rate as given at any batch size)")
     if not 0 <= config.momentum < 1:

@@ -16,12 +16,14 @@ def get_config() -> ml_collections.ConfigDict:
     # 'oxford_flowers102': streamed like ImageNet), or the in-memory 'fashion_mnist', 'cifar10'
     c.dataset = "imagenet2012"
     c.data_dir = ""  # where tfds keeps prepared datasets, as for tfds.load; '' = tfds's default
-    c.folder = ""  # dataset='folder': ROOT/<split>/<class>/*.jpg|png|gif|bmp (or ROOT/<class>/*), prepared once
+    c.folder = ""  # dataset='folder': ROOT/<split>/<class>/** (or ROOT/<class>/**) images, prepared once
     # Splits in tfds syntax ('train', 'train[:90%]', 'test[:1000]'); '' = 'train' and, for photos, the dataset's
     # 'validation' (else 'test', else a folder's other split, else holdout_fraction of 'train'); fashion_mnist and
     # cifar10: 'train' and 'test'
     c.train_split = ""
     c.eval_split = ""
+    # A multi-process run: process 0 prepares a missing dataset (or statistics cache), the others wait this long
+    c.prepare_wait_s = 7200.0
     c.holdout_fraction = 0.1  # with no evaluation split: the last fraction of the training records, held out
     c.image_key = ""  # a tfds dataset's image / label features; '' = its supervised keys
     c.label_key = ""

@@ -41,7 +41,7 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, mesh: Any = No
 
     loaded = inference.load(workdir, step, mesh, overrides)
     config = loaded.config
-    data = data if data is not None else datalib.create_data(config)
+    data = data if data is not None else datalib.create_data(config, None, jax.process_index(), jax.process_count())
     evaluator = train.Evaluator(loaded.model, loaded.mesh, sharding.strategy_of(config),
                                 jax.tree_util.tree_map(lambda a: a.sharding, loaded.variables))
 

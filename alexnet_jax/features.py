@@ -3,6 +3,7 @@
     python -m alexnet_jax.features --workdir W --layer fc7 --out feats.npz [--split eval|train] [IMAGE ...]
     python -m alexnet_jax.features --workdir W --neighbours 6 --figure neighbours.png [--queries 5]
 
+IMAGE: files or folders (a folder's images found as `predict` finds them).
 `--out`: an .npz with `features` (N, D) float32 (the layer's activations flattened: conv layers after their
 ReLU, `pool1`/`pool2`/`pool5` after pooling, fc6/fc7 after their ReLU, fc8 the logits), `labels` (N,) (-1 for
 files), `file_names` (N,) (the dataset's file names where it has them, else ''), `class_names`, `layer`, `split`.
@@ -162,7 +163,7 @@ def main(argv: list[str]) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # TensorFlow is imported, and kept off the accelerator, where images are first read
     # (`data.tensorflow_on_cpu`): a bad flag or checkpoint is reported before that 4-second import.
-    from alexnet_jax import cli
+    from alexnet_jax import cli, predict
     from alexnet_jax.errors import UserError
 
     logging.get_absl_handler().use_absl_log_file = False
@@ -170,7 +171,9 @@ def main(argv: list[str]) -> None:
         if not FLAGS.out and not FLAGS.neighbours:
             raise UserError("give --out FILE.npz (the features) and/or --neighbours N (the Figure 4 PNG)")
         extractor = Extractor(FLAGS.workdir, FLAGS.step, cli.config_overrides())
-        files = argv[1:]
+        files = predict.image_files(argv[1:])  # a folder: its images, by the folder preparation's rules
+        if argv[1:] and not files:
+            raise UserError(f"no image files in {', '.join(argv[1:])}")
         got = of_files(extractor, files, FLAGS.layer) if files else of_split(extractor, FLAGS.split, FLAGS.layer)
         names = list(extractor.loaded.meta.get("class_names") or [])
         if FLAGS.out:

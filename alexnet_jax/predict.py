@@ -7,9 +7,9 @@ print as `n01440764 tench`: the WordNet id with its first WordNet lemma (alexnet
 
 Preprocessing is the evaluation's single view, from the normalisation record the checkpoint saved (no training
 set needed). Every file is read as the pipelines read it (`pixels`: CMYK, grayscale, RGBA, 16-bit and palette
-images become RGB, as `data.folder` stores them), then: photos (ImageNet, a folder, a tfds dataset): centre
-square resized to `resize_size`, normalised, centre crop; small datasets: resized to the input size, normalised
-per channel.
+images become RGB, as `data.folder` stores them; EXIF-rotated photos upright), then: photos (ImageNet, a
+folder, a tfds dataset): centre square resized to `resize_size`, normalised, centre crop; small datasets:
+resized to the input size, normalised per channel.
 A checkpoint converted from torchvision (`alexnet_jax.convert`) preprocesses exactly as torchvision's transforms:
 the whole image's shorter side to 256 with PIL's antialiased bilinear, rounded to uint8, the centre 224 crop,
 mean/std. Takes the same `--config.key=value` overrides as `evaluate`.
@@ -64,17 +64,15 @@ def readable_names(names: list[str]) -> list[str]:
 
 
 def image_files(args: list[str]) -> list[str]:
-    """The paths given, with every folder replaced by the image files under it (sorted)."""
-    from alexnet_jax.data.folder import EXTENSIONS
+    """The paths given, with every folder replaced by the image files under it: the rules a folder's training
+    preparation uses (`data.images.walk`: recursive, hidden and operating-system files passed over), sorted;
+    what was passed over is logged in one line."""
+    from alexnet_jax.data import images
 
-    out = []
-    for arg in args:
-        if os.path.isdir(arg):
-            for root, dirs, files in os.walk(arg):
-                dirs.sort()
-                out += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(EXTENSIONS)]
-        else:
-            out.append(arg)
+    skipped = images.Skipped()
+    out = images.files_under(args, skipped)
+    if skipped.count:
+        logging.info("%s", skipped.summary())
     return out
 
 
@@ -84,41 +82,40 @@ def torchvision_view(path: str, size: int, resize: int, norm: Any) -> np.ndarray
     uint8; the crop's offsets rounded as torchvision rounds them; then (x/255 - mean)/std (on 0-255: the same)."""
     from PIL import Image
 
-    from alexnet_jax.data.folder import to_rgb
+    from alexnet_jax.data import images
 
-    with Image.open(path) as image:
-        image = to_rgb(image)
-        w, h = image.size
-        if w <= h:
-            new = (resize, int(resize * h / w))
-        else:
-            new = (int(resize * w / h), resize)
-        image = image.resize(new, Image.Resampling.BILINEAR)
-        w, h = image.size
-        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-        pixels = np.asarray(image.crop((left, top, left + size, top + size)), np.float32)
+    with open(path, "rb") as f:
+        image = images.upright_rgb(images.opened(f.read()))  # (EXIF-rotated photos upright: torchvision does not)
+    w, h = image.size
+    if w <= h:
+        new = (resize, int(resize * h / w))
+    else:
+        new = (int(resize * w / h), resize)
+    image = image.resize(new, Image.Resampling.BILINEAR)
+    w, h = image.size
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    pixels = np.asarray(image.crop((left, top, left + size, top + size)), np.float32)
     return ((pixels / 255.0 - norm.mean / 255.0) / (norm.std / 255.0)).astype(np.float32)
 
 
 def pixels(path: str, channels: int = 3) -> np.ndarray:
-    """An image file's uint8 (H, W, channels) pixels as the pipelines see them: an RGB or grayscale JPEG decoded
-    by TensorFlow (bit for bit the training pipeline's decode), any other file through PIL (`folder.to_rgb`:
-    CMYK, RGBA, 16-bit, palette -> RGB; lossless), then grayscale for a 1-channel model."""
+    """An image file's uint8 (H, W, channels) pixels as the pipelines see them, upright by its EXIF orientation:
+    an RGB or grayscale JPEG decoded by TensorFlow (bit for bit the training pipeline's decode), any other file
+    through PIL (`images.upright_rgb`: CMYK, RGBA, 16-bit, palette -> RGB; lossless), then grayscale for a
+    1-channel model. The file is read once."""
     import tensorflow as tf
-    from PIL import Image
 
     from alexnet_jax import data as datalib
-    from alexnet_jax.data.folder import to_rgb
+    from alexnet_jax.data import images
 
     datalib.tensorflow_on_cpu()
-
-    with Image.open(path) as image:
-        image.load()  # a truncated file fails here
-        if image.format == "JPEG" and image.mode in ("RGB", "L"):
-            with open(path, "rb") as f:
-                return tf.io.decode_jpeg(f.read(), channels=channels).numpy()
-        rgb = to_rgb(image)
-        return np.asarray(rgb.convert("L"))[..., None] if channels == 1 else np.asarray(rgb)
+    with open(path, "rb") as f:
+        data = f.read()
+    image = images.opened(data)  # decodes everything: a truncated file fails here
+    if image.format == "JPEG" and image.mode in ("RGB", "L"):
+        return images.orient_array(tf.io.decode_jpeg(data, channels=channels).numpy(), images.orientation(image))
+    rgb = images.upright_rgb(image)
+    return np.asarray(rgb.convert("L"))[..., None] if channels == 1 else np.asarray(rgb)
 
 
 def preprocess(path: str, image_shape: tuple[int, int, int], norm: Any, dataset: str,
@@ -128,7 +125,7 @@ def preprocess(path: str, image_shape: tuple[int, int, int], norm: Any, dataset:
     import tensorflow as tf
 
     from alexnet_jax import data as datalib
-    from alexnet_jax.data import augment
+    from alexnet_jax.data import augment, images
     from alexnet_jax.errors import UserError
 
     datalib.tensorflow_on_cpu()
@@ -138,9 +135,9 @@ def preprocess(path: str, image_shape: tuple[int, int, int], norm: Any, dataset:
         if torchvision:
             return torchvision_view(path, size, norm.resize_size or 256, norm)
         image = tf.constant(pixels(path, channels))
-    except (OSError, ValueError, SyntaxError, tf.errors.OpError) as e:
-        reason = "truncated" if "truncated" in str(e) else type(e).__name__
-        raise UserError(f"{path}: not a readable image ({reason}); give PNG, JPEG, GIF or BMP") from None
+    except (*images.READ_ERRORS, tf.errors.OpError) as e:
+        raise UserError(f"{path}: not a readable image ({images.reason(e)}); give JPEG, PNG, WebP, TIFF, GIF, "
+                        "BMP, PPM or PGM") from None
     h, w = int(image.shape[0]), int(image.shape[1])
     side = min(h, w)
     square = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
@@ -218,6 +215,7 @@ def main(argv: list[str]) -> None:
     # TensorFlow is imported, and kept off the accelerator, where images are first read
     # (`data.tensorflow_on_cpu`): a bad flag or checkpoint is reported before that 4-second import.
     from alexnet_jax import cli
+    from alexnet_jax.data import images
     from alexnet_jax.errors import UserError
 
     logging.get_absl_handler().use_absl_log_file = False
@@ -226,7 +224,8 @@ def main(argv: list[str]) -> None:
         sys.exit(f"alexnet_jax.predict: error: no such file: {', '.join(missing)}")
     paths = image_files(argv[1:])
     if not paths:
-        sys.exit(f"alexnet_jax.predict: error: no image files (.jpg, .png, .gif, .bmp) in {', '.join(argv[1:])}")
+        sys.exit(f"alexnet_jax.predict: error: no image files ({' '.join(images.EXTENSIONS)}) in "
+                 f"{', '.join(argv[1:])}")
     try:
         results = classify(FLAGS.workdir, paths, step=FLAGS.step, top_k=FLAGS.top_k,
                            overrides=cli.config_overrides())

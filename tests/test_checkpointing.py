@@ -67,7 +67,7 @@ def synthetic_splits(n_train=64, n_eval=40, seed=0):
     return split(n_train), split(n_eval)
 
 
-def synthetic_data(config) -> datalib.Data:
+def synthetic_data(config, normalisation=None, process_index=0, process_count=1) -> datalib.Data:
     """Random uint8 'FashionMNIST' through the real in-memory train/eval pipelines (no files needed)."""
     tr, te = synthetic_splits()
     mean, std = datalib.channel_stats(tr.images)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from alexnet_jax import data as datalib
 from alexnet_jax import default_config
-from alexnet_jax.data import folder, sources
+from alexnet_jax.data import images, sources
 from alexnet_jax.errors import UserError
 
 photo_folder = load_script("make_photo_folder")
@@ -55,10 +55,10 @@ def test_every_format_and_mode_becomes_rgb(tmp_path):
     for kind in photo_folder.KINDS:
         array = photo_folder.pixels(1, 3, (90, 60), rng)
         path = photo_folder.save(array, str(tmp_path / kind), kind)
-        stored = tf.io.decode_jpeg(folder.encoded(path), channels=3).numpy().astype(np.float64)
+        stored = tf.io.decode_jpeg(images.stored_bytes(path), channels=3).numpy().astype(np.float64)
         assert stored.shape == (60, 90, 3), kind
         with Image.open(path) as image:
-            as_read = np.asarray(folder.to_rgb(image), np.float64)
+            as_read = np.asarray(images.to_rgb(image), np.float64)
         assert np.abs(stored - as_read).mean() < 5.0, kind  # JPEG-95 of noisy pixels; a wrong picture: ~50
         want = array.astype(np.float64)
         if "gray" in kind:
@@ -221,9 +221,3 @@ def load_script_from_tests(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def test_the_unreadable_scan_names_each_file(tmp_path):
-    written = photo_folder.write_photo_folder(str(tmp_path / "p"), classes=2, per_class=2, bad=True)
-    bad = folder.unreadable(str(tmp_path / "p"), folder.scan(str(tmp_path / "p")))
-    assert sorted(bad) == sorted([f"{written['bad'][0]} (truncated)", f"{written['bad'][1]} (not an image)"])

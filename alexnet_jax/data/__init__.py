@@ -74,11 +74,13 @@ def tensorflow_on_cpu() -> None:
         _TENSORFLOW_ON_CPU = True
 
 
-def create_data(config: ml_collections.ConfigDict, normalisation: Normalisation | None = None) -> Data:
+def create_data(config: ml_collections.ConfigDict, normalisation: Normalisation | None = None,
+                process_index: int = 0, process_count: int = 1) -> Data:
     """Prepare (if needed) and open the configured dataset: the small ones in memory, photos streaming.
-    `normalisation`: use this one (e.g. pretrained weights') instead of the training set's statistics."""
+    `normalisation`: use this one (e.g. pretrained weights') instead of the training set's statistics. In a run
+    of `process_count` processes, process 0 prepares what is missing and the others wait for it (`once`)."""
     tensorflow_on_cpu()
-    from alexnet_jax.data import photos, small, sources, squares
+    from alexnet_jax.data import once, photos, small, sources, squares
 
     if not config.dataset:
         raise UserError(f"--config.dataset is empty: choose one of {DATASETS}, 'folder' or a tfds dataset's name")
@@ -91,4 +93,5 @@ def create_data(config: ml_collections.ConfigDict, normalisation: Normalisation 
         photos.check_config(config)  # before the preparation's message, a bad key's
         return squares.create_data(config, normalisation)
     photos.check_config(config)
-    return photos.create_data(config, sources.open_source(config), normalisation)
+    processes = once.Processes(process_index, process_count, float(config.get("prepare_wait_s", 7200.0)))
+    return photos.create_data(config, sources.open_source(config, processes), normalisation, processes)

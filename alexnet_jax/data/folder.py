@@ -1,71 +1,89 @@
-"""A folder of the user's images as a tfds dataset: `root/<split>/<class>/*.{jpg,jpeg,png,gif,bmp}` (or
-`root/<class>/*` for one training split), class names from the folder names.
+"""A folder of the user's images as a tfds dataset: `root/<split>/<class>/**` (or `root/<class>/**` for one
+training split), class names from the folder names.
+
+Which files are images is `images.walk`'s rules (torchvision `ImageFolder`'s: each class folder walked
+recursively, links followed, `.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp .gif` in any letter case), and what
+an operating system leaves beside photos (hidden files such as macOS's `._*` and `.DS_Store`, `Thumbs.db`,
+`desktop.ini`, `__MACOSX/`) and other files are passed over, counted in one log line. `root/train/` holding
+class folders (no images of its own) makes the split layout; otherwise root's subfolders are the classes.
 
 Why a builder of ours and not tfds's `ImageFolder`: `ImageFolder` reads the files at `as_dataset` time, so it has
-no prepared records (its `file_instructions` name TFRecord files that do not exist). The photo pipeline streams
-prepared records deterministically (per-process file slices, shard permutations, resume by skipping records), so
-the folder is prepared once, as any tfds dataset is, into `<data_dir>/image_folder_photos/<name>-<fingerprint>/`.
-The fingerprint covers every file's path, size and modification time: adding, removing or editing a photo
-prepares a new copy.
+no prepared records. The folder is prepared once, as any tfds dataset is, into
+`<data_dir>/image_folder_photos/<name>-<fingerprint>/`; the fingerprint covers every file's path, size and
+modification time: adding, removing or editing a photo prepares a new copy. In a multi-process run process 0
+prepares it and the others wait (`once`).
 
-Photos as people have them: every file is opened with PIL before anything is written. CMYK, grayscale, RGBA,
-16-bit, palette (GIF) images become 8-bit RGB (alpha dropped, as torchvision's `ImageFolder` loader does;
-16-bit scaled to 8) and are stored as JPEG (quality 95, no chroma subsampling); RGB and grayscale JPEGs are
-stored as they are. Files that do not open or decode (truncated, not an image) are all listed in one error, with
-their paths, before anything is prepared or trained. Files with other extensions are ignored.
+Each file is opened and decoded once (`images.stored_bytes`): upright RGB and grayscale JPEGs are stored as they
+are, byte for byte; anything else (a photo with an EXIF rotation, CMYK, RGBA, 16-bit, palette, WebP, TIFF...) as
+JPEG-95 (4:4:4) of its upright 8-bit RGB. Files that do not decode are all listed in one error, with their paths,
+once every file has been read and before the dataset is written (tfds discards what it had written).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
-import warnings
 from collections.abc import Iterator
 
-import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
-from PIL import Image
+from tqdm import tqdm
 
+from alexnet_jax.data import images, once
 from alexnet_jax.errors import UserError
 
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 EVAL_SPLIT_NAMES = ("validation", "val", "valid", "test", "eval")
-JPEG_QUALITY = 95
 
 
-def _images_in(folder: str) -> list[str]:
-    return sorted(f for f in os.listdir(folder)
-                  if f.lower().endswith(EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
+@dataclasses.dataclass(frozen=True)
+class FolderScan:
+    """What a folder holds: {split: {class: [image paths relative to root]}}, and what was passed over."""
+
+    root: str
+    splits: dict[str, dict[str, list[str]]]
+    skipped: images.Skipped
+
+    @property
+    def count(self) -> int:
+        return sum(len(f) for classes in self.splits.values() for f in classes.values())
 
 
-def _subdirs(folder: str) -> list[str]:
-    return sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
+def _has_images(folder: str) -> bool:
+    return any(images.is_image_name(n) and os.path.isfile(os.path.join(folder, n)) for n in os.listdir(folder))
 
 
-def scan(root: str) -> dict[str, dict[str, list[str]]]:
-    """{split: {class: [file paths relative to root]}}. `root/<class>/*` (images directly in root's
-    subfolders) is one 'train' split; otherwise root's subfolders are splits holding class folders."""
+def scan(root: str) -> FolderScan:
+    """The folder's images by split and class (`images.walk` under each class folder). `root/train/` with class
+    folders in it (no images of its own) makes `root`'s subfolders splits; otherwise they are the classes of one
+    'train' split. A class folder without images stops here, named."""
     if not os.path.isdir(root):
         raise UserError(f"--config.folder={root!r} is not a directory: give the folder that holds "
                         "<split>/<class>/ or <class>/ subfolders of images")
-    subdirs = _subdirs(root)
-    flat = any(_images_in(os.path.join(root, d)) for d in subdirs)
-    layout = {"train": subdirs} if flat else {s: _subdirs(os.path.join(root, s)) for s in subdirs}
+    skipped = images.Skipped()
+    top = images.visible_folders(root, skipped)
+    images.loose_files(root, skipped)
+    split_layout = "train" in top and not _has_images(os.path.join(root, "train"))
+    bases = {s: os.path.join(root, s) for s in top} if split_layout else {"train": root}
     out: dict[str, dict[str, list[str]]] = {}
-    for split, classes in layout.items():
-        base = root if flat else os.path.join(root, split)
-        files = {c: [os.path.relpath(os.path.join(base, c, f), root) for f in _images_in(os.path.join(base, c))]
-                 for c in classes}
-        files = {c: f for c, f in files.items() if f}
+    empty = []
+    for split, base in bases.items():
+        classes = images.visible_folders(base, skipped) if split_layout else top
+        if split_layout:
+            images.loose_files(base, skipped)
+        files = {c: [os.path.relpath(p, root) for p in images.walk(os.path.join(base, c), skipped)] for c in classes}
+        empty += [os.path.join(base, c) for c, f in files.items() if not f]
         if files:
             out[split] = files
+    if empty:
+        shown = ", ".join(f"{p}/" for p in empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        raise UserError(f"{len(empty)} class folder(s) hold no images: {shown} (images are "
+                        f"{' '.join(images.EXTENSIONS)} files, in any letter case): add images or remove the "
+                        "folder(s); nothing was prepared.")
     if "train" not in out:
         raise UserError(f"no training images found in {root}: put them in {root}/train/<class>/*.jpg (or "
                         f"{root}/<class>/*.jpg); found splits {sorted(out) or 'none'} (extensions: "
-                        f"{', '.join(EXTENSIONS)})")
+                        f"{', '.join(images.EXTENSIONS)})")
     if len(out["train"]) < 2:
         raise UserError(f"{root}: the training images are in {len(out['train'])} class folder(s); a classifier "
                         "needs at least 2 (one subfolder per class)")
@@ -73,7 +91,7 @@ def scan(root: str) -> dict[str, dict[str, list[str]]]:
     if strays:
         raise UserError(f"{root}: class folder(s) {strays} hold evaluation images but no training images: add "
                         "training images for them or remove them")
-    return out
+    return FolderScan(root, out, skipped)
 
 
 def eval_split_of(splits: dict[str, dict[str, list[str]]]) -> str | None:
@@ -95,47 +113,6 @@ def fingerprint(root: str, splits: dict[str, dict[str, list[str]]]) -> str:
     return h.hexdigest()[:12]
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB of any PIL mode: 16-bit ('I;16', 'I') scaled to 8 bits, alpha dropped, palettes expanded."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(image).astype(np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(np.round(a * 255.0 / top), 0, 255).astype(np.uint8), "L")
-    elif image.mode == "F":
-        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def encoded(path: str) -> bytes:
-    """The bytes stored for one image: the file itself if it is an RGB or grayscale JPEG, else JPEG-95 of its
-    8-bit RGB. Raises OSError/ValueError (PIL's) for anything unreadable, truncated images included."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning, palette-transparency notes
-        with Image.open(path) as image:
-            image.load()  # decodes everything: a truncated file fails here
-            if image.format == "JPEG" and image.mode in ("RGB", "L"):
-                with open(path, "rb") as f:
-                    return f.read()
-            buf = io.BytesIO()
-            to_rgb(image).save(buf, "JPEG", quality=JPEG_QUALITY, subsampling=0)  # 4:4:4: full colour detail
-            return buf.getvalue()
-
-
-def unreadable(root: str, splits: dict[str, dict[str, list[str]]]) -> list[str]:
-    """'path (reason)' for every file that does not decode."""
-    bad = []
-    for files in splits.values():
-        for rel_files in files.values():
-            for rel in rel_files:
-                try:
-                    encoded(os.path.join(root, rel))
-                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                    reason = "truncated" if "truncated" in str(e) else (
-                        "not an image" if "cannot identify" in str(e) else str(e).splitlines()[0][:80])
-                    bad.append(f"{os.path.join(root, rel)} ({reason})")
-    return bad
-
-
 @dataclasses.dataclass(eq=True)
 class FolderConfig(tfds.core.BuilderConfig):
     root: str = ""
@@ -149,8 +126,10 @@ class ImageFolderPhotos(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Images as RGB JPEG, class names from folder names, relative file names."}
 
-    def __init__(self, *, files: dict[str, dict[str, list[str]]] | None = None, **kwargs):
-        self._files = files
+    def __init__(self, *, files: FolderScan | None = None, **kwargs):
+        self._scan = files  # only needed to prepare; reading needs none
+        self._read = 0
+        self._bad: list[str] = []
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -171,31 +150,67 @@ class ImageFolderPhotos(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(split) for split in self.builder_config.splits}
 
     def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
+        """Each file read and decoded once; none yielded after a failure; once every file of every split has
+        been read, one error listing all that failed (tfds then discards the unfinished dataset)."""
         c: FolderConfig = self.builder_config
-        for cls, rels in self._files[split].items():
-            for rel in rels:
-                yield rel, {"image": encoded(os.path.join(c.root, rel)), "label": c.class_names.index(cls),
-                            "file_name": rel}
-
-
-def prepare(root: str, data_dir: str | None) -> tuple[ImageFolderPhotos, str | None]:
-    """The folder prepared (once per content) and its evaluation split name (None: only training images)."""
-    root = os.path.abspath(os.path.expanduser(root))
-    splits = scan(root)
-    names = tuple(sorted(splits["train"]))
-    base = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in os.path.basename(root.rstrip("/")))[:40]
-    config = FolderConfig(name=f"{base or 'root'}-{fingerprint(root, splits)}", root=root, class_names=names,
-                          splits=tuple(sorted(splits)),
-                          description=f"{root}: {len(names)} classes")
-    builder = ImageFolderPhotos(config=config, data_dir=data_dir, files=splits)
-    if not builder.is_prepared():
-        bad = unreadable(root, splits)
-        if bad:
+        files = self._scan.splits[split]
+        with tqdm(total=sum(len(v) for v in files.values()), unit=" images", desc=f"preparing {split}",
+                  mininterval=1.0, smoothing=0.1) as bar:
+            for cls, rels in files.items():
+                for rel in rels:
+                    path = os.path.join(c.root, rel)
+                    try:
+                        data = images.stored_bytes(path)
+                    except images.READ_ERRORS as e:
+                        self._bad.append(f"{path} ({images.reason(e)})")
+                    else:
+                        if not self._bad:
+                            yield rel, {"image": data, "label": c.class_names.index(cls), "file_name": rel}
+                    self._read += 1
+                    bar.update(1)
+        if self._bad and self._read == self._scan.count:
+            bad = self._bad
             shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-            raise UserError(f"{len(bad)} file(s) in {root} cannot be read as images: {shown}. Replace or remove "
+            raise UserError(f"{len(bad)} file(s) in {c.root} cannot be read as images: {shown}. Replace or remove "
                             "them and run again (nothing was prepared or trained).")
-        counts = {s: sum(len(v) for v in splits[s].values()) for s in splits}
-        logging.info("preparing the images of %s (%s; %d classes) into %s", root, counts, len(names),
-                     builder.data_dir)
-        builder.download_and_prepare()
-    return builder, eval_split_of(splits)
+
+
+def _remove_empty(path: str, stop: str) -> None:
+    """Remove `path` and its parents up to `stop` while they are empty (what a failed preparation left)."""
+    path, stop = os.path.abspath(path), os.path.abspath(stop)
+    while path.startswith(stop + os.sep) and os.path.isdir(path) and not os.listdir(path):
+        os.rmdir(path)
+        path = os.path.dirname(path)
+
+
+def prepare(root: str, data_dir: str | None, processes: once.Processes = once.ONE
+            ) -> tuple[ImageFolderPhotos, str | None]:
+    """The folder prepared (once per content, by process 0 of a multi-process run) and its evaluation split name
+    (None: only training images)."""
+    root = os.path.abspath(os.path.expanduser(root))
+    found = scan(root)
+    if found.skipped.count:
+        logging.info("%s: %s", root, found.skipped.summary())
+    names = tuple(sorted(found.splits["train"]))
+    base = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in os.path.basename(root.rstrip("/")))[:40]
+    config = FolderConfig(name=f"{base or 'root'}-{fingerprint(root, found.splits)}", root=root,
+                          class_names=names, splits=tuple(sorted(found.splits)),
+                          description=f"{root}: {len(names)} classes")
+
+    def builder() -> ImageFolderPhotos:
+        return ImageFolderPhotos(config=config, data_dir=data_dir, files=found)
+
+    def build() -> None:
+        b = builder()
+        counts = {s: sum(len(v) for v in found.splits[s].values()) for s in found.splits}
+        logging.info("preparing the images of %s (%s; %d classes) into %s", root, counts, len(names), b.data_dir)
+        try:
+            b.download_and_prepare()
+        except UserError:
+            _remove_empty(os.path.dirname(os.fspath(b.data_dir)), os.fspath(b.data_dir_root))
+            raise
+
+    top = os.fspath(builder().data_dir_root)
+    once.prepare_once(f"the images of {root}", lambda: builder().is_prepared(), build,
+                      os.path.join(top, ".alexnet_jax_prepare", f"image_folder_photos-{config.name}.json"), processes)
+    return builder(), eval_split_of(found.splits)

@@ -37,7 +37,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from alexnet_jax.data import augment
+from alexnet_jax.data import augment, once
 from alexnet_jax.data.base import (
     Data,
     Normalisation,
@@ -155,23 +155,41 @@ def _stats_path(source: Source, resize: int, method: str, n: int) -> str:
     return os.path.join(os.fspath(source.builder.data_dir), f"alexnet_jax_stats{split}_{resize}px_{method}_{n}.npz")
 
 
-def dataset_stats(source: Source | tfds.core.DatasetBuilder, resize: int, examples: int, method: str = "area",
-                  threads: int | None = None, square_of: Callable | None = None) -> dict[str, np.ndarray]:
-    """Mean image (resize, resize, 3), per-channel mean/std (0-255 scale) and the RGB PCA of the pixels
-    (`augment.pixel_pca`, [0, 1] scale) over the first `examples` training images (0: all; tfds shuffled the
-    records when preparing, so the first ones are a random sample), in one pass. Cached beside the prepared data.
-    `square_of(image feature)`: the float32 square (default: decode an image's centre square and resize it)."""
-    source = as_source(source)
-    square_of = square_of or (lambda image: augment.decode_square(image, resize, method, source.is_jpeg))
-    total_n = source.num_examples(source.train_split)
-    n = total_n if examples <= 0 else min(examples, total_n)
-    path = _stats_path(source, resize, method, n)
+def _cached_stats(path: str) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path) as f:
             if all(k in f for k in STATS):  # a cache from before the PCA was kept is computed again
                 return {k: f[k] for k in STATS}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # none yet, or unreadable: computed again
         pass
+    return None
+
+
+def dataset_stats(source: Source | tfds.core.DatasetBuilder, resize: int, examples: int, method: str = "area",
+                  threads: int | None = None, square_of: Callable | None = None,
+                  processes: once.Processes = once.ONE) -> dict[str, np.ndarray]:
+    """Mean image (resize, resize, 3), per-channel mean/std (0-255 scale) and the RGB PCA of the pixels
+    (`augment.pixel_pca`, [0, 1] scale) over the first `examples` training images (0: all; tfds shuffled the
+    records when preparing, so the first ones are a random sample), in one pass. Cached beside the prepared data
+    (computed by process 0 of a multi-process run, the others wait for the cache: `once`).
+    `square_of(image feature)`: the float32 square (default: decode an image's centre square and resize it)."""
+    source = as_source(source)
+    square_of = square_of or (lambda image: augment.decode_square(image, resize, method, source.is_jpeg))
+    total_n = source.num_examples(source.train_split)
+    n = total_n if examples <= 0 else min(examples, total_n)
+    path = _stats_path(source, resize, method, n)
+    computed: dict[str, np.ndarray] = {}
+
+    def compute() -> None:
+        computed.update(_compute_stats(source, square_of, resize, n, path, threads))
+
+    once.prepare_once(f"the training statistics {path}", lambda: _cached_stats(path) is not None, compute,
+                      path + ".prepare.json", processes)
+    return computed or _cached_stats(path)
+
+
+def _compute_stats(source: Source, square_of: Callable, resize: int, n: int, path: str,
+                   threads: int | None) -> dict[str, np.ndarray]:
     logging.info("computing the training mean image over %d images (cached in %s)", n, path)
     parse = _parser(source)
     ds = _records(source.builder.info.splits[source.train_split].file_instructions).take(n)
@@ -377,15 +395,16 @@ def given(config: ml_collections.ConfigDict, norm: Normalisation) -> Normalisati
     return norm
 
 
-def create_data(config: ml_collections.ConfigDict, source: Source, normalisation: Normalisation | None = None
-                ) -> Data:
+def create_data(config: ml_collections.ConfigDict, source: Source, normalisation: Normalisation | None = None,
+                processes: once.Processes = once.ONE) -> Data:
     """The `Data` the trainer consumes, streaming from a prepared source's images (normalised by `normalisation`
     when given, else by the training images' statistics)."""
     check_config(config)
     check_classes(config, source)
 
     def computed() -> dict:
-        return dataset_stats(source, int(config.resize_size), int(config.stats_examples), config.resize_method)
+        return dataset_stats(source, int(config.resize_size), int(config.stats_examples), config.resize_method,
+                             processes=processes)
 
     if normalisation is not None:
         norm = given(config, normalisation)

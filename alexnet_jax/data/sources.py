@@ -18,7 +18,7 @@ import os
 import ml_collections
 import tensorflow_datasets as tfds
 
-from alexnet_jax.data import folder, imagenet
+from alexnet_jax.data import folder, imagenet, once
 from alexnet_jax.data.base import DATASETS, check_data_dir
 from alexnet_jax.data.photos import Source
 from alexnet_jax.errors import UserError
@@ -82,7 +82,8 @@ def _keys(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) 
     return image, label
 
 
-def _tfds_builder(config: ml_collections.ConfigDict, data_dir: str | None) -> tfds.core.DatasetBuilder:
+def _tfds_builder(config: ml_collections.ConfigDict, data_dir: str | None,
+                  processes: once.Processes = once.ONE) -> tfds.core.DatasetBuilder:
     name = config.dataset
     try:
         builder = tfds.builder(name, data_dir=data_dir)
@@ -90,7 +91,8 @@ def _tfds_builder(config: ml_collections.ConfigDict, data_dir: str | None) -> tf
         raise UserError(f"--config.dataset={name!r} is unknown; choose one of {DATASETS}, 'folder' (with "
                         "--config.folder=ROOT) or a tfds dataset's name (e.g. oxford_flowers102; none is prepared "
                         f"under that name in {data_dir or '~/tensorflow_datasets'} either)") from None
-    if not builder.is_prepared():
+
+    def build() -> None:
         try:
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
                 manual_dir=os.path.expanduser(config.manual_dir) if config.manual_dir else None))
@@ -99,11 +101,16 @@ def _tfds_builder(config: ml_collections.ConfigDict, data_dir: str | None) -> tf
             raise UserError(f"tfds could not download and prepare {name} into {os.fspath(builder.data_dir_root)} "
                             f"({first}): run where there is internet once (the prepared copy is then reused), "
                             "or copy a prepared one into --config.data_dir") from None
-    return builder
+
+    state = os.path.join(os.fspath(builder.data_dir_root), ".alexnet_jax_prepare",
+                         f"{builder.name}-{builder.builder_config.name if builder.builder_config else ''}.json")
+    once.prepare_once(name, lambda: tfds.builder(name, data_dir=data_dir).is_prepared(), build, state, processes)
+    return tfds.builder(name, data_dir=data_dir)  # (afresh: a waiting process's first one saw no prepared copy)
 
 
-def open_source(config: ml_collections.ConfigDict) -> Source:
-    """The configured dataset of photos, prepared; its splits and features checked."""
+def open_source(config: ml_collections.ConfigDict, processes: once.Processes = once.ONE) -> Source:
+    """The configured dataset of photos, prepared (by process 0 of a multi-process run: `once`); its splits and
+    features checked."""
     data_dir = check_data_dir(config.data_dir)
     if config.dataset == "imagenet2012":
         src = imagenet.open_source(config)
@@ -116,11 +123,11 @@ def open_source(config: ml_collections.ConfigDict) -> Source:
         if not config.folder:
             raise UserError("--config.dataset=folder needs --config.folder=ROOT (ROOT/<split>/<class>/*.jpg or "
                             "ROOT/<class>/*.jpg)")
-        builder, folder_eval = folder.prepare(config.folder, data_dir)
+        builder, folder_eval = folder.prepare(config.folder, data_dir, processes)
         train, evaluation = _splits(config, builder, folder_eval)
         repair = f"delete {builder.data_dir} and run again (the folder is prepared anew)"
     else:
-        builder = _tfds_builder(config, data_dir)
+        builder = _tfds_builder(config, data_dir, processes)
         known = builder.info.splits
         train, evaluation = _splits(config, builder, next((s for s in EVAL_SPLITS if s in known), None))
         repair = f"delete {builder.data_dir} and run again (tfds prepares it anew)"

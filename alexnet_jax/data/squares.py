@@ -40,7 +40,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from tqdm import tqdm
 
-from alexnet_jax.data import augment, imagenet, photos
+from alexnet_jax.data import augment, images, imagenet, photos
 from alexnet_jax.data.base import Data, Normalisation, check_data_dir, lighting_for, normalisation_for
 from alexnet_jax.errors import UserError
 
@@ -160,10 +160,25 @@ class Imagenet2012Squares(tfds.core.GeneratorBasedBuilder):
         os.replace(tmp, path)
 
 
+def upright(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+    """(H, W, C) pixels as stored -> upright for EXIF `orientation` 1-8 (`images.orient_array`, in-graph)."""
+    def t(a: tf.Tensor) -> tf.Tensor:
+        return tf.transpose(a, (1, 0, 2))
+
+    branches = [lambda: image, lambda: image, lambda: image[:, ::-1], lambda: image[::-1, ::-1],
+                lambda: image[::-1], lambda: t(image), lambda: tf.image.rot90(image, 3),
+                lambda: t(image[::-1, ::-1]), lambda: tf.image.rot90(image, 1)]
+    index = tf.where((orientation >= 1) & (orientation <= 8), orientation, 1)
+    return tf.switch_case(tf.cast(index, tf.int32), branches)
+
+
 def square_of_jpeg(jpeg: tf.Tensor, size: int, method: str) -> tf.Tensor:
-    """The prepared square (uint8) of a source JPEG: decoded whole (so a damaged image anywhere fails), centre
-    square, resized like the source path's `augment.decode_square`, rounded."""
-    image = tf.io.decode_jpeg(jpeg, channels=3)
+    """The prepared square (uint8) of a source JPEG: decoded whole (so a damaged image anywhere fails), upright by
+    its EXIF orientation (`images.orientation_of_bytes`: TensorFlow's decoder ignores the tag), centre square,
+    resized like the source path's `augment.decode_square`, rounded."""
+    orientation = tf.numpy_function(lambda b: np.int64(images.orientation_of_bytes(bytes(b))), [jpeg], tf.int64,
+                                    stateful=False)
+    image = upright(tf.io.decode_jpeg(jpeg, channels=3), orientation)
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     side = tf.minimum(h, w)
     square = image[(h - side) // 2 : (h - side) // 2 + side, (w - side) // 2 : (w - side) // 2 + side]
