@@ -201,7 +201,7 @@ def prepare(root: str, data_dir: str | None, processes: once.Processes = once.ON
         return ImageFolderPhotos(config=config, data_dir=data_dir, files=found)
 
     def build() -> None:
-        b = builder()
+        b = first
         counts = {s: sum(len(v) for v in found.splits[s].values()) for s in found.splits}
         logging.info("preparing the images of %s (%s; %d classes) into %s", root, counts, len(names), b.data_dir)
         try:
@@ -210,7 +210,8 @@ def prepare(root: str, data_dir: str | None, processes: once.Processes = once.ON
             _remove_empty(os.path.dirname(os.fspath(b.data_dir)), os.fspath(b.data_dir_root))
             raise
 
-    top = os.fspath(builder().data_dir_root)
-    once.prepare_once(f"the images of {root}", lambda: builder().is_prepared(), build,
+    first = builder()
+    top, info = os.fspath(first.data_dir_root), os.path.join(os.fspath(first.data_dir), "dataset_info.json")
+    once.prepare_once(f"the images of {root}", lambda: os.path.exists(info), build,  # (tfds renames it in whole)
                       os.path.join(top, ".alexnet_jax_prepare", f"image_folder_photos-{config.name}.json"), processes)
-    return builder(), eval_split_of(found.splits)
+    return (first if first.info.splits else builder()), eval_split_of(found.splits)  # (afresh: a waiting one)

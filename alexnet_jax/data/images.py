@@ -56,7 +56,7 @@ class Skipped:
         """e.g. 'skipped 3 hidden files (._*, .DS_Store), 3 Thumbs.db, 1 notes.txt'; '' when nothing was."""
         parts = []
         if self.hidden:
-            kinds = sorted({"._*" if n.startswith("._") else n for n in self.hidden})
+            kinds = sorted({"._*" if n.startswith("._") else n for n in self.hidden}, key=lambda k: (k != "._*", k))
             shown = ", ".join(kinds[:4]) + (", ..." if len(kinds) > 4 else "")
             parts.append(f"{_n(len(self.hidden), 'hidden file')} ({shown})")
         if self.hidden_folders:

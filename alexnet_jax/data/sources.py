@@ -104,7 +104,8 @@ def _tfds_builder(config: ml_collections.ConfigDict, data_dir: str | None,
 
     state = os.path.join(os.fspath(builder.data_dir_root), ".alexnet_jax_prepare",
                          f"{builder.name}-{builder.builder_config.name if builder.builder_config else ''}.json")
-    once.prepare_once(name, lambda: tfds.builder(name, data_dir=data_dir).is_prepared(), build, state, processes)
+    info = os.path.join(os.fspath(builder.data_dir), "dataset_info.json")  # (tfds renames the prepared copy whole)
+    once.prepare_once(name, lambda: os.path.exists(info), build, state, processes)
     return tfds.builder(name, data_dir=data_dir)  # (afresh: a waiting process's first one saw no prepared copy)
 
 

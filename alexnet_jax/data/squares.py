@@ -40,7 +40,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from tqdm import tqdm
 
-from alexnet_jax.data import augment, images, imagenet, photos
+from alexnet_jax.data import augment, imagenet, images, photos
 from alexnet_jax.data.base import Data, Normalisation, check_data_dir, lighting_for, normalisation_for
 from alexnet_jax.errors import UserError
 
@@ -176,7 +176,7 @@ def square_of_jpeg(jpeg: tf.Tensor, size: int, method: str) -> tf.Tensor:
     """The prepared square (uint8) of a source JPEG: decoded whole (so a damaged image anywhere fails), upright by
     its EXIF orientation (`images.orientation_of_bytes`: TensorFlow's decoder ignores the tag), centre square,
     resized like the source path's `augment.decode_square`, rounded."""
-    orientation = tf.numpy_function(lambda b: np.int64(images.orientation_of_bytes(bytes(b))), [jpeg], tf.int64,
+    orientation = tf.numpy_function(lambda b: np.int64(images.orientation_of_bytes(b.item())), [jpeg], tf.int64,
                                     stateful=False)
     image = upright(tf.io.decode_jpeg(jpeg, channels=3), orientation)
     h, w = tf.shape(image)[0], tf.shape(image)[1]
