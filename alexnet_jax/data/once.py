@@ -98,11 +98,11 @@ def _prepare_as_zero(prepare: Callable[[], object], state_path: str) -> None:
         stop.set()
         thread.join()
         message = str(e).strip().splitlines()[0][:600] if str(e).strip() else type(e).__name__
-        _write(state_path, {**state, "state": "failed", "error": message, "time": time.time()})
+        _write(state_path, {**state, "state": "failed", "error": message, "time": time.time(), "beat": time.time()})
         raise
     stop.set()
     thread.join()
-    _write(state_path, {**state, "state": "done", "time": time.time()})
+    _write(state_path, {**state, "state": "done", "time": time.time(), "beat": time.time()})
 
 
 def _wait(what: str, ready: Callable[[], bool], state_path: str, processes: Processes) -> None:
