@@ -172,11 +172,16 @@ def upright(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
     return tf.switch_case(tf.cast(index, tf.int32), branches)
 
 
+def _orientation(data: bytes | np.ndarray) -> np.int64:
+    """(tf.numpy_function hands a string over as bytes in a graph, as a 0-d array eagerly.)"""
+    return np.int64(images.orientation_of_bytes(data if isinstance(data, bytes) else data.item()))
+
+
 def square_of_jpeg(jpeg: tf.Tensor, size: int, method: str) -> tf.Tensor:
     """The prepared square (uint8) of a source JPEG: decoded whole (so a damaged image anywhere fails), upright by
     its EXIF orientation (`images.orientation_of_bytes`: TensorFlow's decoder ignores the tag), centre square,
     resized like the source path's `augment.decode_square`, rounded."""
-    orientation = tf.numpy_function(lambda b: np.int64(images.orientation_of_bytes(b.item())), [jpeg], tf.int64,
+    orientation = tf.numpy_function(_orientation, [jpeg], tf.int64,
                                     stateful=False)
     image = upright(tf.io.decode_jpeg(jpeg, channels=3), orientation)
     h, w = tf.shape(image)[0], tf.shape(image)[1]
