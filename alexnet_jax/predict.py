@@ -2,8 +2,9 @@
 
 Prints the top-k classes with their probabilities for every readable image (a folder's images are all
 classified, sorted by path) and one line `PATH: error: ...` for every file that is not a readable image; the exit
-status is 1 when any failed. Images go through the network in batches of `eval_batch_size`. ImageNet classes
-print as `n01440764 tench`: the WordNet id with its first WordNet lemma (alexnet_jax/resources/imagenet_names.txt).
+status is 1 when any failed. `--output FILE.csv|.json` writes the same as one row per file instead. Images go
+through the network in batches of `eval_batch_size`. ImageNet classes print as `n01440764 tench`: the WordNet
+id with its first WordNet lemma (alexnet_jax/resources/imagenet_names.txt).
 
 Preprocessing is the evaluation's single view, from the normalisation record the checkpoint saved (no training
 set needed). Every file is read as the pipelines read it (`pixels`: CMYK, grayscale, RGBA, 16-bit and palette
@@ -36,6 +37,8 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "The training run's --workdir (holds checkpoints/).")
     flags.DEFINE_integer("step", None, "Checkpoint step to use; default: the latest readable one.")
     flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
+    flags.DEFINE_string("output", None, "Write the results to this .csv or .json file (one row per file: the top-k "
+                        "classes and probabilities, or the reason it could not be read) instead of printing them.")
     cli.define_config_overrides()
 
 
@@ -208,6 +211,28 @@ def predict(workdir: str, paths: list[str], *, step: int | None = None, top_k: i
     return [(r.path, r.top) for r in results]
 
 
+def write_results(path: str, results: list[Result], top_k: int) -> None:
+    """`results` as CSV (`file, error, class_1, probability_1, ...`) or JSON (a list of {"file", "top": [{"class",
+    "probability"}], "error"}), by `path`'s extension; written whole, then renamed."""
+    import csv
+    import json
+
+    rows = [{"file": r.path, "top": [{"class": c, "probability": p} for c, p in (r.top or [])], "error": r.error}
+            for r in results]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        if path.lower().endswith(".json"):
+            json.dump(rows, f, indent=1, ensure_ascii=False)
+        else:
+            writer = csv.writer(f)
+            writer.writerow(["file", "error"] + [x for k in range(1, top_k + 1) for x in (f"class_{k}",
+                                                                                      f"probability_{k}")])
+            for row in rows:
+                top = [x for t in row["top"] for x in (t["class"], f"{t['probability']:.6f}")]
+                writer.writerow([row["file"], row["error"] or ""] + top + [""] * (2 * top_k - len(top)))
+    os.replace(tmp, path)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2:
         raise app.UsageError("give image files or folders: python -m alexnet_jax.predict --workdir DIR IMAGE ...")
@@ -219,6 +244,10 @@ def main(argv: list[str]) -> None:
     from alexnet_jax.errors import UserError
 
     logging.get_absl_handler().use_absl_log_file = False
+    if FLAGS.output and not FLAGS.output.lower().endswith((".csv", ".json")):
+        sys.exit(f"alexnet_jax.predict: error: --output={FLAGS.output}: give a .csv or .json file name")
+    if FLAGS.output and not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.output))):
+        sys.exit(f"alexnet_jax.predict: error: --output={FLAGS.output}: its folder does not exist")
     missing = [p for p in argv[1:] if not os.path.exists(p)]
     if missing:
         sys.exit(f"alexnet_jax.predict: error: no such file: {', '.join(missing)}")
@@ -231,15 +260,23 @@ def main(argv: list[str]) -> None:
                            overrides=cli.config_overrides())
     except UserError as e:
         sys.exit(f"alexnet_jax.predict: error: {e}")
+    failed = sum(1 for r in results if r.error)
+    if FLAGS.output:
+        try:
+            write_results(FLAGS.output, results, max(len(r.top or []) for r in results) or FLAGS.top_k)
+        except OSError as e:
+            sys.exit(f"alexnet_jax.predict: error: --output={FLAGS.output} could not be written ({e.strerror})")
+        print(f"wrote {FLAGS.output}: {len(results) - failed} image(s) classified, {failed} unreadable")
     for r in results:
         if r.error:
             print(f"alexnet_jax.predict: error: {r.error}", file=sys.stderr)
+            continue
+        if FLAGS.output:
             continue
         print(r.path)
         shown = readable_names([name for name, _ in r.top])
         for rank, (name, (_, prob)) in enumerate(zip(shown, r.top, strict=True), 1):
             print(f"  {rank}. {name:<32s} {100 * prob:6.2f}%")
-    failed = sum(1 for r in results if r.error)
     if failed:
         print(f"alexnet_jax.predict: {failed} of {len(results)} file(s) could not be read", file=sys.stderr)
         sys.exit(1)

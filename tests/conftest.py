@@ -175,7 +175,7 @@ def prepared() -> tuple[str, str]:
 # FashionMNIST for test_train.py instead of waiting for the archive's lock.
 COST_ORDER = ("test_recipe", "test_train", "test_recipe_owt", "test_transfer", "test_sharding", "test_performance",
               "test_checkpointing", "test_squares", "test_convert", "test_imagenet", "test_models", "test_kernels",
-              "test_failures", "test_communication", "test_folder_as_found", "test_photos", "test_figures",
+              "test_failures", "test_communication", "test_folder_as_found", "test_docs", "test_photos", "test_figures",
               "test_accelerator", "test_cifar10")
 
 

@@ -131,7 +131,7 @@ def test_convert_writes_a_checkpoint_predict_uses(narrow_model, narrow_pth, conv
     for name, data in (("cut.png", tf.io.encode_png(image).numpy()), ("cut.jpg", tf.io.encode_jpeg(image).numpy())):
         bad = tmp_path / name
         bad.write_bytes(data[: len(data) // 3])
-        with pytest.raises(UserError, match=rf"{name}: not a readable image .*give PNG, JPEG, GIF or BMP"):
+        with pytest.raises(UserError, match=rf"{name}: not a readable image .*give JPEG, PNG, WebP, TIFF, GIF, BMP"):
             predict.predict(workdir, [path, str(bad)])
 
 

@@ -302,11 +302,38 @@ def test_when_process_0_fails_the_other_stops_in_one_line_within_its_bound(tmp_p
     message = results[1]["error"]
     assert message.startswith("process 0 could not prepare the images of") and written["bad"][0] in message
     assert results[1]["s"] < 60 and "Traceback" not in errs[1], errs[1][-2000:]
-    # process 0 killed while preparing (no heartbeat) or never starting: the bound stops the waiting one
-    spec = _folder_spec(str(tmp_path / "p2"), str(tmp_path / "tfds"), prepare_wait_s=3.0)
-    photo_folder.write_photo_folder(spec["folder"], classes=2, per_class=4)
-    alone = _start(1, spec)
-    out, err = alone.communicate(timeout=120)
-    got = json.loads(out.strip().splitlines()[-1])
-    assert alone.returncode == 1 and "waited 3 s for process 0 to prepare" in got["error"], err[-2000:]
-    assert "it never started" in got["error"]
+
+
+def test_a_waiting_process_stops_when_process_0_is_gone_or_never_starts(tmp_path):
+    """The bounds of `once`, in this process (process 1 of 2): a state file whose heartbeat stopped (process 0
+    killed), none at all within wait_s, 'done' with nothing visible (data_dir not shared), an earlier run's."""
+    from alexnet_jax.data import once
+
+    state = str(tmp_path / "state.json")
+    wait = once.Processes(1, 2, wait_s=1.0)
+
+    def never():
+        raise AssertionError("process 1 must not prepare")
+
+    start = time.time()
+    with pytest.raises(UserError, match=r"waited 1 s for process 0 to prepare X and gave up: it never started"):
+        once.prepare_once("X", lambda: False, never, state, wait)
+    assert time.time() - start < 3
+    now = time.time()
+    json.dump({"state": "preparing", "pid": 7, "host": "h", "started": now, "beat": now - 61}, open(state, "w"))
+    with pytest.raises(UserError, match=r"process 0 \(pid 7 on h\) stopped preparing X: no sign of it for 6\d s"):
+        once.prepare_once("X", lambda: False, never, state, once.Processes(1, 2, wait_s=30.0))
+    old_failure = {"state": "failed", "error": "an old failure", "started": now - 3600, "time": now - 3600}
+    json.dump(old_failure, open(state, "w"))
+    with pytest.raises(UserError, match="gave up: it never started"):  # an earlier run's state is not this run's
+        once.prepare_once("X", lambda: False, never, state, wait)
+    json.dump({"state": "done", "started": now, "beat": now, "time": now}, open(state, "w"))
+    old, once.DONE_BUT_MISSING_S = once.DONE_BUT_MISSING_S, 0.3
+    try:
+        with pytest.raises(UserError, match="this process does not see it in .*same --config.data_dir"):
+            once.prepare_once("X", lambda: False, never, state, once.Processes(1, 2, wait_s=30.0))
+    finally:
+        once.DONE_BUT_MISSING_S = old
+    made = []
+    once.prepare_once("X", lambda: bool(made), lambda: made.append(1), state, once.Processes(0, 2))
+    assert made == [1] and json.load(open(state))["state"] == "done"

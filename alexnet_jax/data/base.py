@@ -185,3 +185,32 @@ def lighting_for(config: ml_collections.ConfigDict, stats: dict[str, np.ndarray]
     logging.info("PCA lighting from the training pixels: eigenvalues %s, eigenvectors (columns) %s",
                  np.round(stats["pca_eigval"], 4).tolist(), np.round(stats["pca_eigvec"], 4).tolist())
     return np.asarray(stats["pca_eigval"], np.float32), np.asarray(stats["pca_eigvec"], np.float32)
+
+
+def fixed_stats(config: ml_collections.ConfigDict) -> dict[str, np.ndarray] | None:
+    """`channel_mean`/`channel_std` when the config fixes them (e.g. converted torchvision weights), else None."""
+    mean, std = tuple(config.get("channel_mean", ())), tuple(config.get("channel_std", ()))
+    if not mean and not std:
+        return None
+    if config.normalization != "channel" or len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise UserError(f"--config.channel_mean={mean} / channel_std={std}: give three values each (0-255 scale, "
+                        "std > 0) with --config.normalization=channel, or () to use the training set's")
+    return {"mean": np.asarray(mean, np.float32), "std": np.asarray(std, np.float32), "mean_image": None}
+
+
+def stats_for(config: ml_collections.ConfigDict, computed: Callable[[], dict]) -> tuple[dict, Any]:
+    """The statistics the normalisation uses (fixed ones, or the training set's) and the lighting's PCA
+    (`lighting_for`)."""
+    stats = fixed_stats(config) or computed()
+    if config.pca == "data" and config.pca_lighting > 0 and "pca_eigval" not in stats:  # fixed mean/std
+        stats = {**computed(), **stats}
+    return stats, lighting_for(config, stats)
+
+
+def given_normalisation(config: ml_collections.ConfigDict, norm: Normalisation) -> Normalisation:
+    """A normalisation handed in (pretrained weights'), checked against the crops this config makes."""
+    if norm.kind == "pixel" and norm.mean_image is not None and norm.mean_image.shape[0] != config.resize_size:
+        raise UserError(f"the pretrained weights' mean image is {norm.mean_image.shape[0]} px, the config resizes "
+                        f"to --config.resize_size={config.resize_size}: use the same size, or "
+                        "--config.init_normalisation=data to compute the normalisation from these images")
+    return norm

@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from alexnet_jax.data import photos
-from alexnet_jax.data.base import check_data_dir
+from alexnet_jax.data.base import check_data_dir, fixed_stats  # noqa: F401 - (re-exported, as the others)
 from alexnet_jax.data.photos import (  # noqa: F401 - ImageNet's tools and tests call them by these names
     PCA_SOURCES,
     STATS,
@@ -31,7 +31,6 @@ from alexnet_jax.data.photos import (  # noqa: F401 - ImageNet's tools and tests
     check_config,
     dataset_stats,
     eval_dataset,
-    fixed_stats,
     train_dataset,
     train_records,
 )

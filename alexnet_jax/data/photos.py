@@ -42,9 +42,11 @@ from alexnet_jax.data.base import (
     Data,
     Normalisation,
     data_options,
+    given_normalisation,
     lighting_for,
     normalisation_for,
     padded_rows,
+    stats_for,
 )
 from alexnet_jax.errors import UserError
 
@@ -221,25 +223,6 @@ def _compute_stats(source: Source, square_of: Callable, resize: int, n: int, pat
     return stats
 
 
-def fixed_stats(config: ml_collections.ConfigDict) -> dict[str, np.ndarray] | None:
-    """`channel_mean`/`channel_std` when the config fixes them (e.g. converted torchvision weights), else None."""
-    mean, std = tuple(config.get("channel_mean", ())), tuple(config.get("channel_std", ()))
-    if not mean and not std:
-        return None
-    if config.normalization != "channel" or len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise UserError(f"--config.channel_mean={mean} / channel_std={std}: give three values each (0-255 scale, "
-                        "std > 0) with --config.normalization=channel, or () to use the training set's")
-    return {"mean": np.asarray(mean, np.float32), "std": np.asarray(std, np.float32), "mean_image": None}
-
-
-def stats_for(config: ml_collections.ConfigDict, computed: Callable[[], dict]) -> tuple[dict, augment.Lighting]:
-    """The statistics the normalisation uses (fixed ones, or the training set's) and the lighting's PCA."""
-    stats = fixed_stats(config) or computed()
-    if config.pca == "data" and config.pca_lighting > 0 and "pca_eigval" not in stats:  # fixed mean/std
-        stats = {**computed(), **stats}
-    return stats, lighting_for(config, stats)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Pipelines.
 
@@ -386,15 +369,6 @@ def check_classes(config: ml_collections.ConfigDict, source: Source) -> None:
                         "(0 takes the dataset's count)")
 
 
-def given(config: ml_collections.ConfigDict, norm: Normalisation) -> Normalisation:
-    """A normalisation handed in (pretrained weights'), checked against the crops this config makes."""
-    if norm.kind == "pixel" and norm.mean_image is not None and norm.mean_image.shape[0] != config.resize_size:
-        raise UserError(f"the pretrained weights' mean image is {norm.mean_image.shape[0]} px, the config resizes "
-                        f"to --config.resize_size={config.resize_size}: use the same size, or "
-                        "--config.init_normalisation=data to compute the normalisation from these images")
-    return norm
-
-
 def create_data(config: ml_collections.ConfigDict, source: Source, normalisation: Normalisation | None = None,
                 processes: once.Processes = once.ONE) -> Data:
     """The `Data` the trainer consumes, streaming from a prepared source's images (normalised by `normalisation`
@@ -407,7 +381,7 @@ def create_data(config: ml_collections.ConfigDict, source: Source, normalisation
                              processes=processes)
 
     if normalisation is not None:
-        norm = given(config, normalisation)
+        norm = given_normalisation(config, normalisation)
         lighting = (lighting_for(config, computed()) if config.pca == "data" and config.pca_lighting > 0
                     else augment.PUBLISHED)
     else:

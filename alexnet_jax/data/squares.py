@@ -40,8 +40,16 @@ import tensorflow_datasets as tfds
 from absl import logging
 from tqdm import tqdm
 
-from alexnet_jax.data import augment, imagenet, images, photos
-from alexnet_jax.data.base import Data, Normalisation, check_data_dir, lighting_for, normalisation_for
+from alexnet_jax.data import augment, imagenet, images
+from alexnet_jax.data.base import (
+    Data,
+    Normalisation,
+    check_data_dir,
+    given_normalisation,
+    lighting_for,
+    normalisation_for,
+    stats_for,
+)
 from alexnet_jax.errors import UserError
 
 FORMATS = ("raw", "jpeg")
@@ -327,11 +335,11 @@ def create_data(config: ml_collections.ConfigDict, normalisation: Normalisation 
                                       config.resize_method, square_of=lambda image: tf.cast(decode(image), tf.float32))
 
     if normalisation is not None:
-        norm = photos.given(config, normalisation)
+        norm = given_normalisation(config, normalisation)
         lighting = (lighting_for(config, computed()) if config.pca == "data" and config.pca_lighting > 0
                     else augment.PUBLISHED)
     else:
-        stats, lighting = photos.stats_for(config, computed)
+        stats, lighting = stats_for(config, computed)
         norm = normalisation_for(config, stats)
     train, evaluation = pipelines(config, norm, builder, lighting)
     crop = int(config.image_size)

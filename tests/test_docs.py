@@ -1,0 +1,214 @@
+"""The commands the README and docs/ show work as written: each `python -m alexnet_jax.*` line parses (absl's
+`--only_check_args`: its flags, its `--config` file and every `--config.key` override, without running), each
+`python scripts/*.py` line names a script and only options its `--help` lists; `scripts/demo.sh` takes overrides
+with or without a WORKDIR and says when Python is too old; `predict --output` writes one row per file."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import re
+import shlex
+import subprocess
+
+import forkserver
+import numpy as np
+import pytest
+from conftest import FAST_COMPILE, REPO
+from PIL import Image
+
+DOCS = ["README.md", *sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))]
+PROGRAM = re.compile(r"(?:^|\s)(?:\S*/)?python3?\s+(-m\s+alexnet_jax[\w.]*|scripts/\w+\.py)(\s|$)")
+
+
+def shell_lines(text: str) -> list[str]:
+    """The lines of the fenced bash/sh/untyped code blocks and of 4-space indented blocks, continuations
+    joined, comments dropped."""
+    lines, in_fence, fence_ok = [], False, False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_fence, fence_ok = (not in_fence), line.strip("`").strip() in ("", "bash", "sh", "shell", "console")
+            continue
+        if (in_fence and fence_ok) or (not in_fence and line.startswith("    ")):
+            lines.append(line)
+    joined, out = "", []
+    for line in lines:
+        if line.rstrip().endswith("\\"):
+            joined += line.rstrip()[:-1] + " "
+            continue
+        out.append((joined + line).strip())
+        joined = ""
+    return out
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """(where, argv from `python` on) of every documented alexnet_jax / scripts command."""
+    found = []
+    for path in DOCS:
+        full = os.path.join(REPO, path)
+        for line in shell_lines(open(full).read()):
+            m = PROGRAM.search(line)
+            if not m:
+                continue
+            command = line[m.start(1):]
+            command = re.sub(r"\s#.*$", "", command)  # a trailing comment
+            command = re.sub(r"\[([^\]]*)\]", r"\1", command)  # optional parts, shown as [--flag=...]
+            command = command.split(" | ")[0].split(" && ")[0].split(" ; ")[0]
+            command = re.sub(r"=([^\s|]+)(\|[^\s|]+)+", r"=\1", command)  # alternatives: raw|jpeg, 1|2|10
+            if command.count('"') % 2:  # the end of a quoted --command="... python ..." (gcloud ssh)
+                command = command[::-1].replace('"', "", 1)[::-1]
+            command = re.sub(r"\$\{?\w+\}?", "1", command)  # shell variables ($i in a loop): a value
+            command = re.sub(r"(--[\w.]+[= ])([A-Z])(?=\s|$)", r"\g<1>1", command)  # --step N, process_id=I
+            try:
+                argv = shlex.split(command)
+            except ValueError:
+                argv = command.split()
+            found.append((f"{os.path.relpath(full, REPO)}: {line[:90]}", argv))
+    return found
+
+
+def _env() -> dict:
+    return {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def check_absl(python: str, argv: list[str]) -> str:
+    """'' if the entry point parses argv (flags, config file, overrides), else why not."""
+    module = argv[1]
+    if not os.path.exists(os.path.join(REPO, *module.split("."))) and \
+            not os.path.exists(os.path.join(REPO, *module.split(".")) + ".py"):
+        return f"no module {module}"
+    proc = forkserver.run([python, *argv, "--only_check_args"], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    if proc.returncode != 0:
+        return " | ".join(proc.stderr.strip().splitlines()[-2:])[:400] or "(no message)"
+    return ""
+
+
+_SCRIPT_OPTIONS: dict[str, set[str]] = {}
+
+
+def check_script(python: str, argv: list[str]) -> str:
+    script = argv[0]
+    if not os.path.isfile(os.path.join(REPO, script)):
+        return f"no script {script}"
+    if script not in _SCRIPT_OPTIONS:
+        proc = forkserver.run([python, script, "--help"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                              timeout=120)
+        _SCRIPT_OPTIONS[script] = set(re.findall(r"(--[\w-]+)", proc.stdout))
+        if proc.returncode != 0 or not _SCRIPT_OPTIONS[script]:
+            return f"{script} --help failed: {proc.stderr[-300:]}"
+    unknown = [a.split("=")[0] for a in argv[1:] if a.startswith("--") and a.split("=")[0] not in
+               _SCRIPT_OPTIONS[script]]
+    return f"{script} has no option(s) {unknown}" if unknown else ""
+
+
+def check(python: str, argv: list[str]) -> str:
+    return check_absl(python, argv) if argv[0] == "-m" else check_script(python, argv)
+
+
+def test_every_documented_command_parses(python):
+    commands = documented_commands()
+    assert len(commands) > 40 and {a[1] for _, a in commands if a[0] == "-m"} >= {
+        "alexnet_jax.main", "alexnet_jax.evaluate", "alexnet_jax.predict", "alexnet_jax.data.prepare"}
+    unique: dict[tuple[str, ...], str] = {}
+    for where, argv in commands:  # each distinct command line once
+        unique.setdefault(tuple(argv), where)
+    failures = [f"{where}\n    -> {why}" for argv, where in unique.items() if (why := check(python, list(argv)))]
+    assert not failures, "\n".join(failures)
+
+
+def test_the_check_fails_on_a_made_up_flag(python):
+    good = ["-m", "alexnet_jax.main", "--config", "configs/folder.py", "--config.folder=/photos", "--workdir", "w"]
+    assert check(python, good) == ""
+    assert "no_such_key" in check(python, [*good, "--config.no_such_key=1"])
+    assert check(python, [*good[:-2], "--workdirr", "w"])
+    assert check(python, ["-m", "alexnet_jax.nope", "--workdir", "w"]) == "no module alexnet_jax.nope"
+    assert "--made-up" in check(python, ["scripts/make_photo_folder.py", "/tmp/p", "--made-up", "3"])
+    assert check(python, ["scripts/make_photo_folder.py", "/tmp/p", "--per-class", "3"]) == ""
+    lines = shell_lines("```bash\npython -m alexnet_jax.main --config c.py \\\n  --workdir w  # note\n```\n")
+    assert [ln.split() for ln in lines] == [["python", "-m", "alexnet_jax.main", "--config", "c.py", "--workdir",
+                                             "w", "#", "note"]]
+
+
+def _demo_copy(tmp_path) -> str:
+    """scripts/demo.sh in an empty checkout-like folder (no .venv there)."""
+    os.makedirs(tmp_path / "repo" / "scripts")
+    dst = str(tmp_path / "repo" / "scripts" / "demo.sh")
+    with open(os.path.join(REPO, "scripts", "demo.sh")) as f, open(dst, "w") as g:
+        g.write(f.read())
+    os.chmod(dst, 0o755)
+    return dst
+
+
+def test_demo_takes_overrides_with_or_without_a_workdir(tmp_path):
+    demo = _demo_copy(tmp_path)
+    env = {**os.environ, "ALEXNET_DEMO_TRAIN_ONLY": "1"}
+    out = subprocess.run([demo, "--config.num_epochs=1"], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["python", "-m", "alexnet_jax.main", "--config", "configs/fashion_mnist.py",
+                                  "--workdir", "runs/fashion_mnist", "--config.num_epochs=1"]
+    out = subprocess.run([demo, "/tmp/w", "--config.num_epochs=1"], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split()[-3:] == ["--workdir", "/tmp/w", "--config.num_epochs=1"]
+    old = tmp_path / "python3.9"
+    old.write_text("#!/bin/sh\n[ \"$1\" = -V ] && echo 'Python 3.9.2' && exit 0\nexit 1\n")  # too old for -c
+    old.chmod(0o755)
+    proc = subprocess.run([demo], env={**os.environ, "PYTHON": str(old)}, capture_output=True, text=True)
+    assert proc.returncode == 1 and not (tmp_path / "repo" / ".venv").exists()
+    assert proc.stderr.strip() == (f"scripts/demo.sh: error: alexnet_jax needs Python >= 3.11; {old} is Python "
+                                   "3.9.2. Install a newer Python and run PYTHON=python3.11 scripts/demo.sh")
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> str:
+    """A workdir with a 1-step checkpoint of the small net on a generated folder of 2 classes."""
+    from test_photos import _folder_config
+
+    from alexnet_jax import train
+
+    root = tmp_path_factory.mktemp("pred")
+    for cls in ("ant", "bee"):
+        os.makedirs(root / "photos" / cls)
+        for k in range(8):
+            Image.fromarray(np.full((40, 48, 3), 15 * k + (120 if cls == "bee" else 0), np.uint8)).save(
+                root / "photos" / cls / f"{k}.png")
+    config = _folder_config(str(root / "photos"), str(root / "tfds"), num_train_steps=1, batch_size=8,
+                            eval_batch_size=8, eval_crops=1)
+    train.train_and_evaluate(config, str(root / "run"))
+    return str(root)
+
+
+@pytest.mark.parametrize("ext", ["csv", "json"])
+def test_predict_output_has_one_row_per_file_and_bad_files_with_their_reason(small_run, python, ext):
+    root = small_run
+    new = os.path.join(root, f"new_{ext}")
+    os.makedirs(new)
+    for k in range(3):
+        Image.fromarray(np.full((30, 30, 3), 60 * k, np.uint8)).save(os.path.join(new, f"p{k}.jpg"))
+    open(os.path.join(new, "broken.jpg"), "w").write("not a photo")
+    out = os.path.join(root, f"preds.{ext}")
+    proc = forkserver.run([python, "-m", "alexnet_jax.predict", "--workdir", os.path.join(root, "run"),
+                           "--top_k", "2", "--output", out, new], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]  # a file could not be read
+    assert f"wrote {out}: 3 image(s) classified, 1 unreadable" in proc.stdout
+    files = sorted(os.path.join(new, f) for f in ("broken.jpg", "p0.jpg", "p1.jpg", "p2.jpg"))
+    if ext == "json":
+        rows = json.load(open(out))
+        assert [r["file"] for r in rows] == files
+        for r in rows:
+            if r["file"].endswith("broken.jpg"):
+                assert r["top"] == [] and "not a readable image (not an image)" in r["error"]
+            else:
+                assert r["error"] is None and [t["class"] for t in r["top"]] in (["ant", "bee"], ["bee", "ant"])
+                assert abs(sum(t["probability"] for t in r["top"]) - 1) < 1e-5  # 2 classes, top-2: all of it
+    else:
+        rows = list(csv.DictReader(open(out)))
+        assert [r["file"] for r in rows] == files
+        assert list(rows[0]) == ["file", "error", "class_1", "probability_1", "class_2", "probability_2"]
+        bad = next(r for r in rows if r["file"].endswith("broken.jpg"))
+        assert "not a readable image" in bad["error"] and bad["class_1"] == ""
+        good = [r for r in rows if r is not bad]
+        assert all(r["error"] == "" and {r["class_1"], r["class_2"]} == {"ant", "bee"} for r in good)
+        assert all(abs(float(r["probability_1"]) + float(r["probability_2"]) - 1) < 1e-5 for r in good)
