@@ -6,6 +6,7 @@ import sys
 import forkserver
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from alexnet_jax import convert
 from alexnet_jax.errors import UserError
@@ -211,6 +212,29 @@ def test_evaluate_uses_torchvision_normalisation_on_imagenet(narrow_model, conve
     assert result["count"] == len(labels) == 8
     assert result["top5"] == pytest.approx(top5)
     assert result["loss"] == pytest.approx(loss, rel=1e-4)
+    # against an independent reference: torchvision's transforms on PIL (`_torchvision_transforms`) of the same
+    # JPEGs, matched by file name: the normalised pixels (so torchvision's mean *and* std), then torch's top-1
+    np.testing.assert_allclose(data.std, [58.395, 57.12, 57.375], rtol=1e-6)
+    views = list(data.views("validation", 0, 1))
+    mine = {n.decode(): im for b in views for n, im, m in zip(b["file_name"], b["image"], b["mask"], strict=True)
+            if m > 0}
+    source = imagenet.open_prepared(config).as_dataset(split="validation",
+                                                       decoders={"image": tfds.decode.SkipDecoding()})
+    reference = {}
+    for ex in source.as_numpy_iterator():
+        path = tmp_path / ex["file_name"].decode()
+        path.write_bytes(ex["image"])
+        reference[path.name] = _torchvision_transforms(str(path)).transpose(1, 2, 0)
+    assert sorted(mine) == sorted(reference) and len(mine) == 8
+    names = sorted(mine)
+    ours, theirs = np.stack([mine[n] for n in names]), np.stack([reference[n] for n in names])
+    assert np.abs(ours - theirs).mean() < 0.06  # in std units (~3.5 levels): TF vs PIL resampling of noisy JPEGs
+    assert np.abs(ours.mean((0, 1, 2)) - theirs.mean((0, 1, 2))).max() < 0.02
+    assert np.abs(ours.std((0, 1, 2)) / theirs.std((0, 1, 2)) - 1).max() < 0.02
+    with torch.no_grad():
+        top1 = [narrow_model(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).argmax(1).numpy()
+                for x in (ours, theirs)]
+    np.testing.assert_array_equal(top1[0], top1[1])
 
 
 def _torchvision_transforms(path: str) -> np.ndarray:

@@ -47,13 +47,21 @@ def _by_name(builder, split: str) -> dict[str, dict]:
 
 @pytest.mark.parametrize("split", ["train", "validation"])
 def test_squares_are_the_rescaled_centre_crops_of_their_sources(prepared, squares_of, split):
-    """Every stored square equals the source JPEG's centre square resized to 256 and rounded, computed by the
-    source pipeline's own `augment.decode_square` (raw: exactly; JPEG 95: up to compression error)."""
+    """Every stored square equals the source JPEG's centre square resized to 256 and rounded, computed here
+    from the whole decoded JPEG, a NumPy slice and TF's area resize (raw: exactly; JPEG 95: up to compression
+    error); and the source pipeline's `augment.decode_square` (which decodes only the square) gives the same."""
     source = _by_name(imagenet.open_prepared(_config(prepared[0])), split)
     raw, jpeg = (_by_name(squares_of[f], split) for f in ("raw", "jpeg"))
     assert set(raw) == set(jpeg) == set(source) and len(source) == (32 if split == "train" else 8)
     for name, ex in source.items():
-        want = np.round(augment.decode_square(tf.constant(ex["image"]), 256).numpy()).astype(np.uint8)
+        whole = tf.io.decode_jpeg(ex["image"], channels=3).numpy()
+        h, w = whole.shape[:2]
+        side = min(h, w)
+        centre = whole[(h - side) // 2 : (h - side) // 2 + side, (w - side) // 2 : (w - side) // 2 + side]
+        method = "area" if side >= 256 else "bilinear"  # (area shrinks; a smaller image is enlarged bilinearly)
+        want = np.round(np.clip(tf.image.resize(centre, (256, 256), method=method).numpy(), 0, 255)).astype(np.uint8)
+        np.testing.assert_array_equal(
+            np.round(augment.decode_square(tf.constant(ex["image"]), 256).numpy()).astype(np.uint8), want)
         assert raw[name]["image"].shape == (256, 256, 3) and raw[name]["image"].dtype == np.uint8
         np.testing.assert_array_equal(raw[name]["image"], want)
         err = np.abs(jpeg[name]["image"].astype(np.float32) - want)
