@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 
 import forkserver
 import jax
@@ -129,11 +130,14 @@ def test_saving_replicated_state_on_8_devices_compiles_no_slices(tmp_path, caplo
     jax.config.update("jax_log_compiles", True)
     try:
         with caplog.at_level("WARNING"):
+            # a canary: a program compiled here for the first time must show in the capture
+            jax.jit(lambda x: jnp.sin(x) * 3.25 + 1.0)(jnp.ones((7, 13, int(time.time() * 1e6) % 97 + 3)))
             assert ckpt.save(0, state)
             ckpt.close()
     finally:
         jax.config.update("jax_log_compiles", False)
     compiled = [r.getMessage()[:60] for r in caplog.records if "Compiling" in r.getMessage()]
+    assert any("<lambda>" in c for c in compiled), compiled  # the capture works
     assert not [c for c in compiled if "slice" in c], compiled
     restored, _ = _reader(str(tmp_path), config, trainer).restore_or(state)
     _assert_bitwise(jax.tree_util.tree_flatten_with_path(restored.params)[0],

@@ -135,7 +135,10 @@ def test_paper_init():
     he_params = init(he, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
     assert np.all(he_params["fc6"]["bias"] == 0.0)
     fan_in = 3 * 3 * 96  # conv4: 3x3 over 192/2 channels
-    assert abs(np.asarray(he_params["conv4"]["kernel"]).std() - np.sqrt(2 / fan_in)) < 0.01
+    assert abs(np.asarray(he_params["conv4"]["kernel"]).std() / np.sqrt(2 / fan_in) - 1) < 0.02
+    for name in ("conv2", "conv3", "conv5", "fc6", "fc7"):  # >= 100k weights each: the std to ~0.3%
+        kernel = np.asarray(he_params[name]["kernel"])
+        assert abs(kernel.std() / np.sqrt(2 / np.prod(kernel.shape[:-1])) - 1) < 0.02, name
 
 
 def test_dropout_only_in_training():
@@ -157,8 +160,10 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     out = apply(model, variables, x)
     ref = apply(AlexNet(num_classes=10, variant="small", init_scheme="he"), variables, x)
     assert out.dtype == jnp.float32
-    np.testing.assert_allclose(out, ref, rtol=0.1, atol=0.1)
-    assert not np.array_equal(out, ref)  # really computed in bfloat16
+    # bfloat16 keeps 8 significant bits (~0.4% per rounding); through 8 layers the logits measured 1.7-3.0%
+    # off in relative L2 norm (3 seeds): within 6%, and more than float32's rounding (really bfloat16)
+    err = np.linalg.norm(np.asarray(out) - np.asarray(ref)) / np.linalg.norm(np.asarray(ref))
+    assert 1e-3 < err < 0.06, err
 
 
 def test_batchnorm_variant_replaces_lrn():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import signal
 import subprocess
 
 import forkserver
@@ -136,11 +138,15 @@ def test_torchvision_state_dict_then_resume_after_a_kill(folder3, tmp_path, torc
     assert "init_from torchvision state dict" in whole.stderr and "loaded 14 arrays" in whole.stderr
     converted = _flat(train.pretrained.to_flax_params(train.pretrained.load_state_dict(pth)))
     killed = run(["tests/signal_after_step.py", "3", "SIGKILL"], str(tmp_path / "killed"))
-    assert killed.returncode != 0
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert "step 3/5" in killed.stderr and "step 4/5" not in killed.stderr  # killed right after step 3
+    assert sorted(os.listdir(tmp_path / "killed" / "checkpoints")) == ["2"]  # the last save before the kill
     os.remove(pth)
     resumed = run(["-m", "alexnet_jax.main"], str(tmp_path / "killed"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr and "init_from" not in resumed.stderr.split("resumed from")[1]
+    assert re.search(r"resumed from \S*checkpoints/2: step 2 ", resumed.stderr), resumed.stderr[-3000:]
+    after = resumed.stderr.split("resumed from")[1]
+    assert "init_from" not in after and "step 3/5" in after and "step 2/5" not in after
     a = _flat(checkpointing.restore_as_saved(str(tmp_path / "whole"), 5)["params"])
     b = _flat(checkpointing.restore_as_saved(str(tmp_path / "killed"), 5)["params"])
     for k in a:
