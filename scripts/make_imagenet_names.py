@@ -8,6 +8,7 @@ WordNet itself, Debian's `wordnet-base` package (`apt-get install wordnet-base`,
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -29,9 +30,15 @@ def lemmas(data_noun: str) -> dict[str, list[str]]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data_noun", nargs="?", default="/usr/share/wordnet/data.noun",
+                        help="WordNet 3.0's data.noun (Debian: apt-get install wordnet-base)")
+    data_noun = parser.parse_args().data_noun
+    if not os.path.isfile(data_noun):
+        sys.exit(f"make_imagenet_names.py: error: {data_noun} not found: install WordNet 3.0 (Debian: apt-get "
+                 "install wordnet-base) or give its data.noun")
     import tensorflow_datasets as tfds
 
-    data_noun = sys.argv[1] if len(sys.argv) > 1 else "/usr/share/wordnet/data.noun"
     names = lemmas(data_noun)
     with open(os.fspath(tfds.core.tfds_path("datasets/imagenet2012/labels.txt"))) as f:
         wnids = f.read().split()

@@ -3,12 +3,14 @@ statuses, signals, one-line errors, environments and output rest on it."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 
 import forkserver
 import pytest
+from conftest import REPO
 
 PROGRAMS = {
     "output and status": "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)",
@@ -61,3 +63,53 @@ def test_an_import_time_variable_that_differs_runs_a_real_process():
     r = forkserver.run([sys.executable, "-c", "import jax; print(jax.config.jax_enable_x64)"], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.stdout == "True\n" and forkserver.forked_cpu_seconds == before
+
+
+MODULE = """import sys
+print(__name__, sys.argv[1:], __file__.rsplit('/', 1)[-1])
+print('err', file=sys.stderr)
+if sys.argv[1:] == ['boom']:
+    raise RuntimeError('boom from ' + __name__)
+sys.exit(4)
+"""
+
+
+@pytest.mark.parametrize("form", ["-m", "FILE"])
+@pytest.mark.parametrize("args", [["a", "b c"], ["boom"]])
+def test_module_and_file_programs_equal_subprocess_run(form, args, tmp_path):
+    """`python -m MODULE` and `python FILE.py`, the forms the other tests run through the server: the same
+    status, output and traceback as a real process (the module found from the working directory)."""
+    (tmp_path / "probe_program.py").write_text(MODULE)
+    cmd = [sys.executable, *(["-m", "probe_program"] if form == "-m" else [str(tmp_path / "probe_program.py")]),
+           *args]
+    kwargs = dict(cwd=tmp_path, env=dict(forkserver.os.environ), capture_output=True, text=True, timeout=60)
+    real = subprocess.run(cmd, **kwargs)
+    before = forkserver.forked_cpu_seconds
+    forked = forkserver.run(cmd, **kwargs)
+    assert forkserver.forked_cpu_seconds > before
+    assert real.returncode == (1 if args == ["boom"] else 4)
+    assert (forked.returncode, forked.stdout) == (real.returncode, real.stdout)
+    assert forked.stderr.strip().splitlines()[-1] == real.stderr.strip().splitlines()[-1], forked.stderr
+
+
+ENTRY_POINTS = ["-m alexnet_jax.main", "-m alexnet_jax.evaluate", "-m alexnet_jax.predict", "-m alexnet_jax.convert",
+                "-m alexnet_jax.features", "-m alexnet_jax.collectives", "-m alexnet_jax.data.prepare",
+                "-m alexnet_jax.flops"] + sorted(
+    f"scripts/{f}" for f in forkserver.os.listdir(os.path.join(REPO, "scripts")) if f.endswith(".py"))
+
+
+def test_every_entry_point_starts_as_a_real_process():
+    """Each command a user runs, as a real process (not forked: a forked child inherits the server's imports, so
+    an import-time failure of an entry point could not show): a bad flag stops it with one line naming the
+    flag (or, argparse's way, the required argument missing before it), no traceback."""
+    env = {**forkserver.os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    failures = []
+    for entry in ENTRY_POINTS:
+        proc = subprocess.run([sys.executable, *entry.split(), "--no-such-flag-xyz"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        named = any("no-such-flag-xyz" in ln or "no_such_flag_xyz" in ln or "required" in ln for ln in lines[-3:])
+        one_line = "error" in " ".join(lines[-2:])
+        if proc.returncode not in (1, 2) or "Traceback" in proc.stderr or not named or not one_line:
+            failures.append(f"{entry}: status {proc.returncode}: {proc.stderr[-600:]}")
+    assert len(ENTRY_POINTS) >= 20 and not failures, "\n".join(failures)
