@@ -83,6 +83,30 @@ def pytest_unconfigure(config):
         shutil.rmtree(RUN_DIR, ignore_errors=True)
 
 
+# The real FashionMNIST files (Debian's dataset-fashion-mnist). Where they are missing the tests that need them skip
+# on a developer's machine and fail in CI (`CI` set, as .ci/run does): CI cannot lose its real-data tests silently.
+HAVE_FMNIST = os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
+IN_CI = bool(os.environ.get("CI"))
+FMNIST_MISSING = (f"the FashionMNIST files are not in {FASHION_MNIST_DIR}: apt-get install dataset-fashion-mnist "
+                  "(.ci/run does)")
+
+
+def require_fashion_mnist() -> None:
+    """Skip (a developer's machine) or fail (CI) when the real FashionMNIST files are missing."""
+    if not HAVE_FMNIST:
+        (pytest.fail if IN_CI else pytest.skip)(FMNIST_MISSING + (" - this is CI, so a failure" if IN_CI else ""))
+
+
+@pytest.fixture
+def fashion_mnist_files() -> str:
+    """The folder of the real FashionMNIST files (`require_fashion_mnist`)."""
+    require_fashion_mnist()
+    return FASHION_MNIST_DIR
+
+
+needs_fmnist = pytest.mark.usefixtures("fashion_mnist_files")
+
+
 TORCH_MISSING = ("torch is not installed, so this PyTorch-based test cannot run: `scripts/test.sh` installs it "
                  "(`pip install -e '.[test,torch]'`, the CPU build torch==2.13.0); a missing torch is a failure here, "
                  "never a skip")

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FASHION_MNIST_DIR, REPO
+from conftest import REPO, needs_fmnist
 
 from alexnet_jax import checkpointing, evaluate, predict, sharding, train
 from alexnet_jax import config as config_lib
@@ -363,8 +363,7 @@ def test_sigterm_in_process_saves_after_eval_and_resumes_bitwise(run_4x2, tmp_pa
     _assert_bitwise(_final_arrays(work, 4), _final_arrays(workdir, 4), "resumed at 3")
 
 
-@pytest.mark.skipif(not datalib.fashion_mnist_files_present(FASHION_MNIST_DIR),
-                    reason=f"needs the FashionMNIST files in {FASHION_MNIST_DIR} (Debian: dataset-fashion-mnist)")
+@needs_fmnist
 def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(tmp_path, python, repo, fmnist_data_dir):
     """The real command line on the real FashionMNIST: SIGTERM after step 2 (saves step 3, exits 0); the
     rerun is SIGKILLed after step 10 (checkpoints 4 and 8 are on disk); the third run resumes from 8. Its

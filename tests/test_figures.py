@@ -5,13 +5,9 @@ import os
 import forkserver
 import numpy as np
 import pytest
-
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+from conftest import needs_fmnist, require_fashion_mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAVE_FMNIST = os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
-needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason=f"FashionMNIST files not in {FASHION_MNIST_DIR} "
-                                  "(Debian: dataset-fashion-mnist)")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -48,8 +44,7 @@ def test_confusion_matrix_counts():
 @pytest.fixture(scope="module")
 def notebook_run(tmp_path_factory, fmnist_data_dir):
     """The Colab notebook executed top to bottom with nbclient (12 steps, tiny widths): (notebook, workdir)."""
-    if not HAVE_FMNIST:
-        pytest.skip(f"FashionMNIST files not in {FASHION_MNIST_DIR}")
+    require_fashion_mnist()
     import ipykernel  # noqa: F401  (the test extra: an ImportError here is a failure, not a skip)
     import nbclient
     import nbformat

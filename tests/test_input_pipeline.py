@@ -7,6 +7,7 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import needs_fmnist
 
 from alexnet_jax import data as datalib
 from alexnet_jax import default_config
@@ -195,8 +196,7 @@ def test_data_dir_that_is_a_file_is_refused(fake_fmnist, tmp_path):
         small.load_in_memory(small_config(fake_fmnist, tmp_path, data_dir=str(bad)), "train")
 
 
-@pytest.mark.skipif(not datalib.fashion_mnist_files_present("/usr/share/datasets/fashion-mnist"),
-                    reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+@needs_fmnist
 def test_real_fashion_mnist_files():
     images = small.read_idx("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
     labels = small.read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")

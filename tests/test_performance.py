@@ -9,14 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE
+from conftest import FAST_COMPILE, needs_fmnist
 
-from alexnet_jax.data import fashion_mnist_files_present
 from alexnet_jax.flops import count_params, forward_macs
 from alexnet_jax.model import AlexNet, ops, strided_conv_as_matmuls
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAVE_FMNIST = fashion_mnist_files_present("/usr/share/datasets/fashion-mnist")
 
 
 def plain_conv(x, k, strides, padding):
@@ -109,7 +107,7 @@ def test_benchmark_train_step_reports_json(torch_lib):
         assert out["jax_over_torch"] == pytest.approx(out["ms_per_step"] / out["torch_ms_per_step"])
 
 
-@pytest.mark.skipif(not HAVE_FMNIST, reason="needs Debian's dataset-fashion-mnist")
+@needs_fmnist
 def test_benchmark_checkpoint_overhead_reports_json(fmnist_data_dir):
     cmd = [sys.executable, "scripts/benchmark.py", "--mode", "checkpoint", "--pairs", "1", "--run-steps", "4",
            "--every", "2", "--set", f"data_dir={fmnist_data_dir}", "--set", "widths=(8,16,16,16,8)",

@@ -9,15 +9,11 @@ import forkserver
 import jax
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE
+from conftest import FAST_COMPILE, needs_fmnist
 
 from alexnet_jax import default_config, train
-from alexnet_jax.data import fashion_mnist_files_present
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAVE_FMNIST = fashion_mnist_files_present("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="needs Debian's dataset-fashion-mnist "
-                                  "(apt-get install dataset-fashion-mnist); .ci/run installs it")
 TINY = ["--config.widths=(8,16,16,16,8)", "--config.fc_width=32"]
 
 
