@@ -37,6 +37,9 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "The training run's --workdir (holds checkpoints/).")
     flags.DEFINE_integer("step", None, "Checkpoint step to use; default: the latest readable one.")
     flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
+    flags.DEFINE_integer("batch_size", None, "Images per forward pass; default: the checkpoint's eval_batch_size.")
+    flags.DEFINE_bool("compilation_cache", True, "Keep compiled programs in ~/.cache/alexnet_jax/jax (or "
+                      "$XDG_CACHE_HOME), so a second predict compiles nothing.")
     flags.DEFINE_string("output", None, "Write the results to this .csv or .json file (one row per file: the top-k "
                         "classes and probabilities, or the reason it could not be read) instead of printing them.")
     cli.define_config_overrides()
@@ -124,23 +127,31 @@ def pixels(path: str, channels: int = 3) -> np.ndarray:
 def preprocess(path: str, image_shape: tuple[int, int, int], norm: Any, dataset: str,
                resize_method: str = "area", torchvision: bool = False) -> np.ndarray:
     """One image file as the model's normalised (H, W, C) float32 input (`norm`: a data.Normalisation); a
-    UserError naming the file if it is not a readable image."""
+    UserError naming the file if it is not a readable image. A converted torchvision checkpoint's images go
+    through PIL alone: no TensorFlow is imported for them."""
+    from alexnet_jax.data import images
+    from alexnet_jax.errors import UserError
+
+    def unreadable(e: BaseException) -> UserError:
+        return UserError(f"{path}: not a readable image ({images.reason(e)}); give JPEG, PNG, WebP, TIFF, GIF, "
+                         "BMP, PPM or PGM")
+
+    size, _, channels = image_shape
+    if torchvision:
+        try:
+            return torchvision_view(path, size, norm.resize_size or 256, norm)
+        except images.READ_ERRORS as e:
+            raise unreadable(e) from None
     import tensorflow as tf
 
     from alexnet_jax import data as datalib
-    from alexnet_jax.data import augment, images
-    from alexnet_jax.errors import UserError
+    from alexnet_jax.data import augment
 
     datalib.tensorflow_on_cpu()
-
-    size, _, channels = image_shape
     try:
-        if torchvision:
-            return torchvision_view(path, size, norm.resize_size or 256, norm)
         image = tf.constant(pixels(path, channels))
     except (*images.READ_ERRORS, tf.errors.OpError) as e:
-        raise UserError(f"{path}: not a readable image ({images.reason(e)}); give JPEG, PNG, WebP, TIFF, GIF, "
-                        "BMP, PPM or PGM") from None
+        raise unreadable(e) from None
     h, w = int(image.shape[0]), int(image.shape[1])
     side = min(h, w)
     square = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
@@ -162,11 +173,19 @@ class Result:
 
 
 def classify(workdir: str, paths: list[str], *, step: int | None = None, top_k: int = 5,
-             overrides: dict[str, Any] | None = None) -> list[Result]:
-    """Top-k (class name, probability) for every readable image of `paths`, an error for each other one; the
-    images go through the network `eval_batch_size` at a time."""
+             overrides: dict[str, Any] | None = None, batch_size: int | None = None,
+             progress: bool | None = None) -> list[Result]:
+    """Top-k (class name, probability) for every readable image of `paths`, an error for each other one.
+
+    Images are read and preprocessed on all cores (a thread pool: PIL and TensorFlow decode without Python's
+    lock), one batch ahead of the network, which takes `batch_size` (default: the checkpoint's
+    `eval_batch_size`, at most the number of files) at a time: the last batch is padded, so one program is
+    compiled. `progress`: a progress bar (default: for more than 200 files)."""
+    import concurrent.futures
+
     import jax
     import jax.numpy as jnp
+    from tqdm import tqdm
 
     from alexnet_jax import inference
     from alexnet_jax.errors import UserError
@@ -178,23 +197,32 @@ def classify(workdir: str, paths: list[str], *, step: int | None = None, top_k: 
     torchvision = bool(loaded.meta.get("converted_from", "").startswith("torchvision"))
     forward = jax.jit(lambda v, x: jax.nn.softmax(loaded.model.apply(v, x, train=False)))
     k = min(top_k, len(names))
-    batch = max(1, int(config.eval_batch_size))
+    batch = max(1, min(int(batch_size or config.eval_batch_size), len(paths)))
+
+    def read(path: str) -> np.ndarray | str:
+        try:
+            return preprocess(path, loaded.image_shape, norm, config.dataset, config.resize_method, torchvision)
+        except UserError as e:
+            return str(e)
+
+    chunks = [paths[i : i + batch] for i in range(0, len(paths), batch)]
     results: list[Result] = []
-    for start in range(0, len(paths), batch):
-        chunk, images = [], []
-        for path in paths[start : start + batch]:
-            try:
-                images.append(preprocess(path, loaded.image_shape, norm, config.dataset, config.resize_method,
-                                         torchvision))
-                chunk.append(Result(path, None))
-            except UserError as e:
-                results.append(Result(path, None, str(e)))
-        if not images:
-            continue
-        probs = np.asarray(jax.device_get(forward(loaded.variables, jnp.asarray(np.stack(images)))))
-        for result, p in zip(chunk, probs, strict=True):
-            result.top = [(names[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]]
-        results += chunk
+    show = len(paths) > 200 if progress is None else progress
+    with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool, \
+            tqdm(total=len(paths), unit=" images", desc="predict", disable=not show, mininterval=1.0) as bar:
+        pending = [pool.submit(read, p) for p in chunks[0]] if chunks else []
+        for n, chunk in enumerate(chunks):
+            read_now = [f.result() for f in pending]
+            pending = [pool.submit(read, p) for p in chunks[n + 1]] if n + 1 < len(chunks) else []
+            good = [(path, x) for path, x in zip(chunk, read_now, strict=True) if not isinstance(x, str)]
+            results += [Result(path, None, x) for path, x in zip(chunk, read_now, strict=True) if isinstance(x, str)]
+            if good:
+                images = np.stack([x for _, x in good])
+                images = np.concatenate([images, np.zeros((batch - len(good), *images.shape[1:]), images.dtype)])
+                probs = np.asarray(jax.device_get(forward(loaded.variables, jnp.asarray(images))))[: len(good)]
+                for (path, _), p in zip(good, probs, strict=True):
+                    results.append(Result(path, [(names[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]]))
+            bar.update(len(chunk))
     order = {p: i for i, p in enumerate(paths)}
     return sorted(results, key=lambda r: order[r.path])
 
@@ -255,9 +283,13 @@ def main(argv: list[str]) -> None:
     if not paths:
         sys.exit(f"alexnet_jax.predict: error: no image files ({' '.join(images.EXTENSIONS)}) in "
                  f"{', '.join(argv[1:])}")
+    if FLAGS.batch_size is not None and FLAGS.batch_size <= 0:
+        sys.exit(f"alexnet_jax.predict: error: --batch_size={FLAGS.batch_size}: give a positive number of images")
+    if FLAGS.compilation_cache:
+        cli.persistent_compilation_cache()
     try:
         results = classify(FLAGS.workdir, paths, step=FLAGS.step, top_k=FLAGS.top_k,
-                           overrides=cli.config_overrides())
+                           overrides=cli.config_overrides(), batch_size=FLAGS.batch_size)
     except UserError as e:
         sys.exit(f"alexnet_jax.predict: error: {e}")
     failed = sum(1 for r in results if r.error)

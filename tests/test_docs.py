@@ -212,3 +212,22 @@ def test_predict_output_has_one_row_per_file_and_bad_files_with_their_reason(sma
         good = [r for r in rows if r is not bad]
         assert all(r["error"] == "" and {r["class_1"], r["class_2"]} == {"ant", "bee"} for r in good)
         assert all(abs(float(r["probability_1"]) + float(r["probability_2"]) - 1) < 1e-5 for r in good)
+
+
+def test_a_second_predict_compiles_nothing_and_batches_do_not_change_results(small_run, python, tmp_path):
+    """`predict` keeps its compiled network in ~/.cache/alexnet_jax ($XDG_CACHE_HOME here): a second run finds it
+    (JAX's 'cache hit' line); `--batch_size 3` on 5 files (the last batch padded) prints the same results."""
+    new = os.path.join(small_run, "new_batches")
+    os.makedirs(new)
+    for k in range(5):
+        Image.fromarray(np.full((30, 34, 3), 40 * k, np.uint8)).save(os.path.join(new, f"q{k}.png"))
+    env = {k: v for k, v in _env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), JAX_LOG_COMPILES="1")
+    cmd = [python, "-m", "alexnet_jax.predict", "--workdir", os.path.join(small_run, "run"), new]
+    runs = [forkserver.run(cmd + extra, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            for extra in ([], [], ["--batch_size", "3"])]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    assert "Persistent compilation cache hit" not in runs[0].stderr
+    assert "Persistent compilation cache hit for 'jit__lambda" in runs[1].stderr, runs[1].stderr[-2000:]
+    assert os.listdir(tmp_path / "xdg" / "alexnet_jax" / "jax")
+    assert runs[0].stdout == runs[1].stdout == runs[2].stdout and runs[0].stdout.count(".png") == 5
