@@ -19,6 +19,7 @@ mean/std. Takes the same `--config.key=value` overrides as `evaluate`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 from typing import Any
@@ -62,10 +63,16 @@ def class_names(dataset: str, meta: dict[str, Any], num_classes: int) -> list[st
     return [str(i) for i in range(num_classes)]
 
 
+@functools.cache
+def _lemmas() -> dict[str, str]:
+    """WordNet id -> its first lemma, read once per process (not once per printed image)."""
+    with open(NAMES_FILE) as f:
+        return {w: rest.split(", ")[0] for w, rest in (line.split("\t") for line in f.read().splitlines())}
+
+
 def readable_names(names: list[str]) -> list[str]:
     """WordNet ids with their first lemma beside them ('n01440764 tench'); other names as they are."""
-    with open(NAMES_FILE) as f:
-        lemma = {w: rest.split(", ")[0] for w, rest in (line.split("\t") for line in f.read().splitlines())}
+    lemma = _lemmas()
     return [f"{n} {lemma[n]}" if n in lemma else n for n in names]
 
 
@@ -178,8 +185,8 @@ def classify(workdir: str, paths: list[str], *, step: int | None = None, top_k: 
     """Top-k (class name, probability) for every readable image of `paths`, an error for each other one.
 
     Images are read and preprocessed on all cores (a thread pool: PIL and TensorFlow decode without Python's
-    lock), one batch ahead of the network, which takes `batch_size` (default: the checkpoint's
-    `eval_batch_size`, at most the number of files) at a time: the last batch is padded, so one program is
+    lock), one batch ahead of the network, which takes at most `batch_size` (default: the checkpoint's
+    `eval_batch_size`) at a time, in batches as even as the count allows: the last one is padded, so one program is
     compiled. `progress`: a progress bar (default: for more than 200 files)."""
     import concurrent.futures
 
@@ -197,7 +204,8 @@ def classify(workdir: str, paths: list[str], *, step: int | None = None, top_k: 
     torchvision = bool(loaded.meta.get("converted_from", "").startswith("torchvision"))
     forward = jax.jit(lambda v, x: jax.nn.softmax(loaded.model.apply(v, x, train=False)))
     k = min(top_k, len(names))
-    batch = max(1, min(int(batch_size or config.eval_batch_size), len(paths)))
+    most = max(1, int(batch_size or config.eval_batch_size))
+    batch = -(-len(paths) // -(-len(paths) // most)) if paths else 1  # as even as can be: the least padding
 
     def read(path: str) -> np.ndarray | str:
         try:
