@@ -12,8 +12,7 @@ are the result of each collective on one device. The analytic volume of each (la
 - fc8's forward sum of its row halves over 'model': b x classes x f; owt's fc8 backward gathers the logits'
   gradient over the batch's 'model' split: b x classes x f;
 - a gradient sum over the batch axes ('data', or 'data'+'model' where the layer is not split): the layer's
-  kernel and bias bytes on one device (1/m of them where split); with the CPU's tuned kernels (the data-parallel
-  setting here) some kernels are summed in another form (`cpu_tuned_kernel_gradient_bytes`);
+  kernel and bias bytes on one device (1/m of them where split);
 - metrics: the global logits gathered for top-k, B x classes x f, and two scalar means (8 bytes); loss: its
   mean (4 bytes).
 Every row must equal that exactly, no row may be missing or extra, and every
@@ -31,7 +30,7 @@ import jax
 import pytest
 
 from alexnet_jax import collectives, flops
-from alexnet_jax.model import create_model, ops, winograd
+from alexnet_jax.model import create_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(REPO, "docs", "sharding.md")
@@ -40,13 +39,12 @@ F = 4  # float32 bytes
 # docs/sharding.md: the command above each table, then the table in a ``` block.
 COMMAND = (r"python -m alexnet_jax\.collectives --config configs/imagenet\.py --mesh 4,2((?: --config\.\w+=\w+)*)`"
            r"[^`]*?```\n(.*?)```")
-# The two splits with XLA's own convolutions (`kernels='native'`, what a GPU or TPU runs): their traffic follows
-# from the layers' shapes and the mesh alone. Plain data parallelism with the CPU's tuned kernels: with native
-# ones XLA's partitioner all-gathers the batch around the grouped convolutions (conv2/4/5), 250 MB per step on
-# this mesh (docs/sharding.md), which the table here would then pin as if it were right.
+# XLA's own convolutions (`kernels='native'`, what a GPU or TPU runs): the traffic then follows from the layers'
+# shapes and the mesh alone (the CPU's tuned kernels sum conv1's gradient as a padded 12x12 kernel and the Winograd
+# layers' in the transform domain: `test_default_mesh_moves_only_gradients` pins one of those).
 SETTINGS = {"paper": " --config.kernels=native",
             "owt": " --config.kernels=native --config.sharding=owt --config.variant=owt",
-            "data_parallel": " --config.sharding=data_parallel"}
+            "data_parallel": " --config.kernels=native --config.sharding=data_parallel"}
 
 
 def _imagenet_config():
@@ -83,8 +81,6 @@ def analytic(config, strategy: str) -> dict[tuple[str, str, str, str], int]:
 
     def grad(layer: str, split: bool) -> int:
         k, n = (math.prod(params[layer][p].shape) * F for p in ("kernel", "bias"))
-        if config.kernels != "native":  # the CPU's tuned kernels sum some kernel gradients in another form
-            k = cpu_tuned_kernel_gradient_bytes(layer, params[layer]["kernel"].shape, split)
         if not split:
             return k + n
         return k // m + (n if layer == "fc8" else n // m)  # fc8's bias is replicated (sharding.py)
@@ -118,20 +114,6 @@ def analytic(config, strategy: str) -> dict[tuple[str, str, str, str], int]:
     want[("metrics", "forward", "all-reduce", batch)] = 2 * F
     want[("loss", "forward", "all-reduce", batch)] = F
     return want
-
-
-def cpu_tuned_kernel_gradient_bytes(layer: str, kernel: tuple[int, ...], split: bool) -> int:
-    """`kernels='cpu_tuned'`: conv1's kernel gradient is summed as `ops.strided_conv_as_matmuls` differentiates
-    it, padded from 11x11 to 12x12 (a multiple of its stride 4); a Winograd F(2x2, rxr) conv (3x3, 5x5 with
-    >= `ops.WINOGRAD_MIN_CHANNELS` input channels) summed by the partitioner (not in a `shard_map`) is summed in
-    the transform domain, (r+1)^2 / r^2 of the kernel (XLA reduces where the einsum's partial sums are)."""
-    if layer == "conv1":
-        kernel = (-(-kernel[0] // 4) * 4, -(-kernel[1] // 4) * 4, *kernel[2:])
-    k = math.prod(kernel) * F
-    if not split and layer.startswith("conv") and layer != "conv1" and kernel[0] in winograd.SIZES \
-            and kernel[2] >= ops.WINOGRAD_MIN_CHANNELS:
-        return k * (kernel[0] + 1) ** 2 // kernel[0] ** 2
-    return k
 
 
 def measured(rep: dict) -> dict[tuple[str, str, str, str], int]:

@@ -121,14 +121,19 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, strides: int,
                  padding: Sequence[tuple[int, int]], kernels: str = "cpu_tuned") -> jax.Array:
     """What `conv_general_dilated(..., feature_group_count=groups)` computes (NHWC, HWIO).
 
-    'native': exactly that call. 'cpu_tuned': one convolution per channel slice, concatenated; conv1
-    (stride > 1) as matmuls, stride-1 3x3 and 5x5 convolutions by Winograd F(2x2, rxr) (model/winograd.py).
+    'native': XLA's own convolution, one per channel slice (groups > 1), concatenated: with
+    `feature_group_count` XLA's SPMD partitioner all-gathers the whole batch around a batch-sharded grouped
+    convolution (data parallelism: every device computed conv2/4/5 on the global batch; docs/sharding.md).
+    'cpu_tuned': one convolution per channel slice too; conv1 (stride > 1) as matmuls, stride-1 3x3 and 5x5
+    convolutions by Winograd F(2x2, rxr) (model/winograd.py).
     """
-    if resolve_kernels(kernels) == "native":
-        return jax.lax.conv_general_dilated(x, kernel, (strides, strides), list(padding),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
     xs = jnp.split(x, groups, axis=-1)
     ks = jnp.split(kernel, groups, axis=-1)
+    if resolve_kernels(kernels) == "native":
+        outs = [jax.lax.conv_general_dilated(xi, ki, (strides, strides), list(padding),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                for xi, ki in zip(xs, ks, strict=True)]
+        return outs[0] if groups == 1 else jnp.concatenate(outs, axis=-1)
     if strides > 1:  # conv1: XLA:CPU's strided convolution is ~3x slower than the same sums as matmuls
         outs = [strided_conv_as_matmuls(xi, ki, (strides, strides), padding) for xi, ki in zip(xs, ks, strict=True)]
     elif kernel.shape[0] == kernel.shape[1] in winograd.SIZES and kernel.shape[2] >= WINOGRAD_MIN_CHANNELS:
