@@ -205,21 +205,22 @@ def prepare(root: str, data_dir: str | None, processes: once.Processes = once.ON
                           class_names=names, splits=tuple(sorted(found.splits)),
                           description=f"{root}: {len(names)} classes")
 
-    def builder() -> ImageFolderPhotos:
-        return ImageFolderPhotos(config=config, data_dir=data_dir, files=found)
+    builder = ImageFolderPhotos(config=config, data_dir=data_dir, files=found)
 
     def build() -> None:
-        b = first
         counts = {s: sum(len(v) for v in found.splits[s].values()) for s in found.splits}
-        logging.info("preparing the images of %s (%s; %d classes) into %s", root, counts, len(names), b.data_dir)
+        logging.info("preparing the images of %s (%s; %d classes) into %s", root, counts, len(names),
+                     builder.data_dir)
         try:
-            b.download_and_prepare()
+            builder.download_and_prepare()
         except UserError:
-            _remove_empty(os.path.dirname(os.fspath(b.data_dir)), os.fspath(b.data_dir_root))
+            _remove_empty(os.path.dirname(os.fspath(builder.data_dir)), os.fspath(builder.data_dir_root))
             raise
 
-    first = builder()
-    top, info = os.fspath(first.data_dir_root), os.path.join(os.fspath(first.data_dir), "dataset_info.json")
-    once.prepare_once(f"the images of {root}", lambda: os.path.exists(info), build,  # (tfds renames it in whole)
-                      os.path.join(top, ".alexnet_jax_prepare", f"image_folder_photos-{config.name}.json"), processes)
-    return (first if first.info.splits else builder()), eval_split_of(found.splits)  # (afresh: a waiting one)
+    info = os.path.join(os.fspath(builder.data_dir), "dataset_info.json")  # (tfds renames the prepared copy whole)
+    once.prepare_once(f"the images of {root}", lambda: os.path.exists(info), build,
+                      os.path.join(os.fspath(builder.data_dir_root), ".alexnet_jax_prepare",
+                                   f"image_folder_photos-{config.name}.json"), processes)
+    if not builder.info.splits:  # prepared by process 0 while this one waited: read what it wrote
+        builder = ImageFolderPhotos(config=config, data_dir=data_dir, files=found)
+    return builder, eval_split_of(found.splits)

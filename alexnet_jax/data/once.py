@@ -92,17 +92,17 @@ def _prepare_as_zero(prepare: Callable[[], object], state_path: str) -> None:
 
     thread = threading.Thread(target=beat, name="prepare-heartbeat", daemon=True)
     thread.start()
+    final = {"state": "done"}
     try:
         prepare()
     except BaseException as e:
-        stop.set()
-        thread.join()
-        message = str(e).strip().splitlines()[0][:600] if str(e).strip() else type(e).__name__
-        _write(state_path, {**state, "state": "failed", "error": message, "time": time.time(), "beat": time.time()})
+        final = {"state": "failed", "error": str(e).strip().splitlines()[0][:600] if str(e).strip()
+                 else type(e).__name__}
         raise
-    stop.set()
-    thread.join()
-    _write(state_path, {**state, "state": "done", "time": time.time(), "beat": time.time()})
+    finally:
+        stop.set()
+        thread.join()  # (no heartbeat may overwrite the final state)
+        _write(state_path, {**state, **final, "time": time.time(), "beat": time.time()})
 
 
 def _wait(what: str, ready: Callable[[], bool], state_path: str, processes: Processes) -> None:

@@ -180,14 +180,16 @@ def dataset_stats(source: Source | tfds.core.DatasetBuilder, resize: int, exampl
     total_n = source.num_examples(source.train_split)
     n = total_n if examples <= 0 else min(examples, total_n)
     path = _stats_path(source, resize, method, n)
-    computed: dict[str, np.ndarray] = {}
+    stats: dict[str, np.ndarray] = {}  # the cache's, read once, or the computed ones
 
-    def compute() -> None:
-        computed.update(_compute_stats(source, square_of, resize, n, path, threads))
+    def ready() -> bool:
+        stats.update(_cached_stats(path) or {})
+        return bool(stats)
 
-    once.prepare_once(f"the training statistics {path}", lambda: _cached_stats(path) is not None, compute,
+    once.prepare_once(f"the training statistics {path}", ready,
+                      lambda: stats.update(_compute_stats(source, square_of, resize, n, path, threads)),
                       path + ".prepare.json", processes)
-    return computed or _cached_stats(path)
+    return stats
 
 
 def _compute_stats(source: Source, square_of: Callable, resize: int, n: int, path: str,

@@ -106,7 +106,8 @@ def _tfds_builder(config: ml_collections.ConfigDict, data_dir: str | None,
                          f"{builder.name}-{builder.builder_config.name if builder.builder_config else ''}.json")
     info = os.path.join(os.fspath(builder.data_dir), "dataset_info.json")  # (tfds renames the prepared copy whole)
     once.prepare_once(name, lambda: os.path.exists(info), build, state, processes)
-    return tfds.builder(name, data_dir=data_dir)  # (afresh: a waiting process's first one saw no prepared copy)
+    # prepared by process 0 while this one waited: read what it wrote
+    return builder if builder.info.splits else tfds.builder(name, data_dir=data_dir)
 
 
 def open_source(config: ml_collections.ConfigDict, processes: once.Processes = once.ONE) -> Source:
