@@ -261,7 +261,7 @@ def decoder(builder: Imagenet2012Squares):
 
 
 # The records' layout (tfds serialises the image feature as one bytes value, raw or JPEG, the label as int64).
-_SPEC = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
+RECORD_SPEC = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
 
 
 def pipelines(config: ml_collections.ConfigDict, norm, builder: Imagenet2012Squares,
@@ -289,7 +289,7 @@ def pipelines(config: ml_collections.ConfigDict, norm, builder: Imagenet2012Squa
         return augment.decode_window(image, yx[0], yx[1], crop, size)
 
     def train_batch(records: tf.Tensor, key: tf.Tensor, rows: tf.Tensor) -> dict[str, tf.Tensor]:
-        ex = tf.io.parse_example(records, _SPEC)
+        ex = tf.io.parse_example(records, RECORD_SPEC)
         yx, flips, alpha = augment.batch_draws(key, rows, int(config.batch_size), size, crop,
                                                float(config.pca_lighting))
         if config.get("augment_on_device", False):  # whole uint8 squares and the draws: `on_device` does the rest
