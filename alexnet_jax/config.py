@@ -84,9 +84,10 @@ def check_config(config: ml_collections.ConfigDict, process_count: int = 1) -> N
     if config.get("eval_crops", 1) not in (1, 2, 10):
         fail("eval_crops", "choose 1 (centre), 2 (whole image and its reflection, small datasets) or 10 (four "
                            "corners and centre, and their reflections, photo datasets)")
-    if config.get("augment_on_device", False) and not (config.dataset == "imagenet2012" and config.get("prepared")):
-        fail("augment_on_device", "needs the prepared 256x256 squares: --config.dataset=imagenet2012 "
-                                  "--config.prepared=True (the source JPEGs and small datasets augment on the host)")
+    if config.get("augment_on_device", False) and not (config.dataset not in ("fashion_mnist", "cifar10")
+                                                       and config.get("prepared")):
+        fail("augment_on_device", "needs the prepared 256x256 squares: --config.prepared=True (the source images "
+                                  "and the small datasets augment on the host)")
     if config.get("frozen", ""):
         try:
             re.compile(config.frozen)

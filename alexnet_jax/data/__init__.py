@@ -3,10 +3,11 @@
 - `base`: the `Data` interface, the `Normalisation` record and the helpers the pipelines share.
 - `small`: FashionMNIST and CIFAR-10, prepared by tfds and held in memory.
 - Photos, streamed. Where they come from (`sources`): ILSVRC-2012 from its manual tars (`imagenet`), any tfds
-  dataset by name, a folder of the user's images (`folder`). What is done to them (`photos`: the paper's
-  augmentations from `augment`, the 10-crop test, the resumable (seed, step) stream, the statistics).
-- `squares`: ILSVRC-2012 prepared once more as the paper's 256x256 squares (`config.prepared=True`);
-  `prepare`: its command, `python -m alexnet_jax.data.prepare --config configs/imagenet.py`.
+  dataset by name, a folder of the user's images (`folder`), each prepared in array_record and read by index
+  (`records`: index -> bytes, the training stream's rows). What is done to them (`photos`: the paper's
+  augmentations from `augment`, the 10-crop test, the (seed, step) stream, the statistics).
+- `squares`: any of those sources prepared once more as the paper's 256x256 squares (`config.prepared=True`);
+  `prepare`: its command, `python -m alexnet_jax.data.prepare --config CONFIG`.
 
 Callers import from here (`from alexnet_jax import data`), not from the modules, except for dataset-specific
 tools (e.g. `scripts/prepare_imagenet.py` uses `data.imagenet`). Importing the package costs no TensorFlow: the
@@ -36,7 +37,8 @@ from alexnet_jax.errors import UserError
 
 # Names served from the modules that import TensorFlow, loaded on first use (PEP 562).
 _LAZY = {
-    "augment": None, "folder": None, "imagenet": None, "photos": None, "small": None, "sources": None,
+    "augment": None, "folder": None, "imagenet": None, "photos": None, "records": None, "small": None,
+    "sources": None,
     "squares": None,
     "CIFAR10_CLASSES": "small", "FASHION_MNIST_CLASSES": "small", "InMemoryData": "small", "channel_stats": "small",
     "fashion_mnist_files_present": "small", "resize_and_normalise": "small",
@@ -45,7 +47,8 @@ _LAZY = {
 __all__ = [
     "CIFAR10_CLASSES", "DATASETS", "FASHION_MNIST_CLASSES", "SMALL_DATASETS", "Data", "InMemoryData",
     "Normalisation", "augment", "channel_stats", "check_data_dir", "create_data", "fashion_mnist_files_present",
-    "folder", "imagenet", "is_photos", "normalisation_for", "padded_rows", "photos", "resize_and_normalise", "small",
+    "folder", "imagenet", "is_photos", "normalisation_for", "padded_rows", "photos", "records", "resize_and_normalise",
+    "small",
     "sources", "squares", "steps_per_epoch", "tensorflow_on_cpu",
 ]
 
@@ -86,12 +89,10 @@ def create_data(config: ml_collections.ConfigDict, normalisation: Normalisation 
         raise UserError(f"--config.dataset is empty: choose one of {DATASETS}, 'folder' or a tfds dataset's name")
     if not is_photos(config):
         return small.create_data(config, normalisation)
-    if config.get("prepared", False):
-        if config.dataset != "imagenet2012":
-            raise UserError(f"--config.prepared=True: the stored 256x256 squares are prepared for imagenet2012 "
-                            f"only; train {config.dataset} from its images (--config.prepared=False)")
-        photos.check_config(config)  # before the preparation's message, a bad key's
-        return squares.create_data(config, normalisation)
-    photos.check_config(config)
+    (squares if config.get("prepared", False) else photos).check_config(config)  # a bad key before preparing
     processes = once.Processes(process_index, process_count, float(config.get("prepare_wait_s", 7200.0)))
-    return photos.create_data(config, sources.open_source(config, processes), normalisation, processes)
+    source = sources.open_source(config, processes)
+    if not config.get("prepared", False):
+        return photos.create_data(config, source, normalisation, processes)
+    stored = squares.open_prepared(config, source, processes)
+    return photos.create_data(config, stored.source, normalisation, processes, stored=stored)

@@ -145,6 +145,16 @@ def padded_rows(count: int, local: int, row_multiple: int = 0) -> int:
     return min(local, -(-max(count, 1) // row_multiple) * row_multiple)
 
 
+def eval_slice(count: int, local: int, process_index: int, process_count: int,
+               row_multiple: int = 0) -> tuple[int, int, int]:
+    """(lo, hi, rows): process `process_index` evaluates examples [lo, hi) of `count`, padded to `rows` (the same
+    on every process, whole local batches: `padded_rows`), so together the processes see each example once and
+    every process runs the same number of evaluation steps."""
+    rows = padded_rows(-(-count // process_count), local, row_multiple)
+    lo = min(count, process_index * rows)
+    return lo, min(count, lo + rows), rows
+
+
 def check_data_dir(data_dir: str) -> str | None:
     """`config.data_dir` expanded and created, or None for tfds's default; a UserError if it is unusable."""
     if not data_dir:

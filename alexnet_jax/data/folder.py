@@ -8,7 +8,7 @@ an operating system leaves beside photos (hidden files such as macOS's `._*` and
 class folders (no images of its own) makes the split layout; otherwise root's subfolders are the classes.
 
 Why a builder of ours and not tfds's `ImageFolder`: `ImageFolder` reads the files at `as_dataset` time, so it has
-no prepared records. The folder is prepared once, as any tfds dataset is, into
+no prepared records. The folder is prepared once, as any tfds dataset is (in array_record: `records`), into
 `<data_dir>/image_folder_photos/<name>-<fingerprint>/`; the fingerprint covers every file's path, size and
 modification time: adding, removing or editing a photo prepares a new copy. In a multi-process run process 0
 prepares it and the others wait (`once`).
@@ -31,7 +31,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from tqdm import tqdm
 
-from alexnet_jax.data import images, once
+from alexnet_jax.data import images, once, records
 from alexnet_jax.errors import UserError
 
 EVAL_SPLIT_NAMES = ("validation", "val", "valid", "test", "eval")
@@ -207,20 +207,27 @@ def prepare(root: str, data_dir: str | None, processes: once.Processes = once.ON
 
     builder = ImageFolderPhotos(config=config, data_dir=data_dir, files=found)
 
+    def ready() -> bool:  # prepared, and in array_record (a copy prepared before in TFRecord is converted)
+        fresh = ImageFolderPhotos(config=config, data_dir=data_dir)
+        return fresh.is_prepared() and (fresh.info.file_format == records.ARRAY_RECORD
+                                        or records.has_array_record(fresh))
+
     def build() -> None:
+        if builder.is_prepared():
+            records.to_array_record(builder)
+            return
         counts = {s: sum(len(v) for v in found.splits[s].values()) for s in found.splits}
         logging.info("preparing the images of %s (%s; %d classes) into %s", root, counts, len(names),
                      builder.data_dir)
         try:
-            builder.download_and_prepare()
+            builder.download_and_prepare(file_format=records.FORMAT)
         except UserError:
             _remove_empty(os.path.dirname(os.fspath(builder.data_dir)), os.fspath(builder.data_dir_root))
             raise
 
-    info = os.path.join(os.fspath(builder.data_dir), "dataset_info.json")  # (tfds renames the prepared copy whole)
-    once.prepare_once(f"the images of {root}", lambda: os.path.exists(info), build,
+    once.prepare_once(f"the images of {root}", ready, build,
                       os.path.join(os.fspath(builder.data_dir_root), ".alexnet_jax_prepare",
                                    f"image_folder_photos-{config.name}.json"), processes)
     if not builder.info.splits:  # prepared by process 0 while this one waited: read what it wrote
         builder = ImageFolderPhotos(config=config, data_dir=data_dir, files=found)
-    return builder, eval_split_of(found.splits)
+    return records.random_access(builder), eval_split_of(found.splits)

@@ -5,9 +5,11 @@ in a manual folder (`config.manual_dir`, tfds's `<data_dir>/downloads/manual` wh
 `scripts/prepare_imagenet.py`, which runs tfds's own builder and then decodes every prepared JPEG once, so a
 damaged archive is reported by file name before training instead of failing (or worse) mid-run.
 
+It is prepared in tfds's array_record format (read record by record: `records`); a copy prepared before in
+TFRecord (tfds's default) is converted once by the same script, beside its files.
+
 `source(builder)` is the `photos.Source` the pipelines read (train / validation, JPEG images); what is done to
-the images (the paper's augmentations, 10-crop test, resumable stream) lives in `photos`, whose functions this
-module re-exports under their old names for ImageNet's tools (`imagenet.train_dataset(builder, ...)`).
+the images (the paper's augmentations, 10-crop test, resumable stream) lives in `photos`.
 """
 
 from __future__ import annotations
@@ -15,25 +17,14 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
-from collections.abc import Iterator
 
 import ml_collections
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from alexnet_jax.data import photos
-from alexnet_jax.data.base import check_data_dir, fixed_stats  # noqa: F401 - (re-exported, as the others)
-from alexnet_jax.data.photos import (  # noqa: F401 - ImageNet's tools and tests call them by these names
-    PCA_SOURCES,
-    STATS,
-    _records,
-    check_config,
-    dataset_stats,
-    eval_dataset,
-    train_dataset,
-    train_records,
-)
+from alexnet_jax.data import photos, records
+from alexnet_jax.data.base import check_data_dir
 from alexnet_jax.errors import UserError
 
 NAME = "imagenet2012"
@@ -73,8 +64,9 @@ def missing_archives(manual: str) -> list[str]:
 
 def find_undecodable(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
     """File names of the prepared images of `split` that do not decode as JPEG (all cores, one pass)."""
-    records = _records(builder.info.splits[split].file_instructions)
-    parsed = records.map(_parser(builder), num_parallel_calls=tf.data.AUTOTUNE)
+    src = source(builder)
+    parsed = photos.read_in_order(src.records(split), 0, src.num_examples(split)).map(
+        photos.parser(src), num_parallel_calls=tf.data.AUTOTUNE)
     names = {n.decode() for n in parsed.map(lambda ex: ex["file_name"]).as_numpy_iterator()}
     decoded = parsed.map(
         lambda ex: (ex["file_name"], tf.shape(tf.io.decode_jpeg(ex["image"], channels=3))),
@@ -94,11 +86,13 @@ def prepare(data_dir: str | None, manual_dir: str = "", verify: bool = True) -> 
     if not builder.is_prepared():
         logging.info("preparing %s from %s into %s", NAME, manual, builder.data_dir)
         try:
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual),
+                                         file_format=records.FORMAT)
         except (OSError, EOFError, KeyError, ValueError, tarfile.TarError) as e:
             raise UserError(f"tfds could not prepare {NAME} from {manual} ({type(e).__name__}: {e}): the archives "
                             f"are not the ILSVRC-2012 tars (see {DOWNLOAD_PAGE}); check their md5 and size, "
                             "re-download what differs and run the command again.") from None
+    records.random_access(builder)  # (a copy prepared in TFRecord before: converted once)
     if verify:
         for split in MANUAL_FILES:
             bad = find_undecodable(builder, split)
@@ -130,7 +124,11 @@ def open_prepared(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder
         raise UserError(f"{NAME} in {builder.data_dir} was prepared without its {'/'.join(absent)} split "
                         f"({' and '.join(MANUAL_FILES[s] for s in absent)} was missing): put the file(s) in "
                         f"{manual}, delete {builder.data_dir} and run `{prepare_command(data_dir, manual)}`.")
-    return builder
+    if builder.info.file_format != records.ARRAY_RECORD and not records.has_array_record(builder):
+        raise UserError(f"{NAME} in {builder.data_dir} is stored as TFRecord only; records are read by index from "
+                        f"array_record: run `{prepare_command(data_dir, manual)}` once, which writes its array_record "
+                        "copy beside it (about as long as reading the dataset once), then train.")
+    return records.random_access(builder)
 
 
 def source(builder: tfds.core.DatasetBuilder, data_dir: str | None = None) -> photos.Source:
@@ -139,14 +137,6 @@ def source(builder: tfds.core.DatasetBuilder, data_dir: str | None = None) -> ph
     return photos.Source(builder, "train", "validation", repair=(
         f"run `python scripts/prepare_imagenet.py --verify_only{dd}` to list the damaged files, replace them in "
         "the archive and prepare again"))
-
-
-def _parser(builder: tfds.core.DatasetBuilder):
-    return photos._parser(source(builder))
-
-
-def _guard(batches: Iterator, builder: tfds.core.DatasetBuilder, split: str) -> Iterator:
-    return photos._guard(batches, source(builder), split)
 
 
 def open_source(config: ml_collections.ConfigDict) -> photos.Source:

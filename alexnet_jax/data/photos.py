@@ -1,22 +1,19 @@
 """What is done to photos, whatever they come from: the paper's streaming pipeline over any prepared tfds dataset
-with an image and a label feature (ImageNet, a tfds dataset by name, a folder of the user's images: `sources`).
+with an image and a label feature (ImageNet, a tfds dataset by name, a folder of the user's images: `sources`;
+their 256x256 squares: `squares`).
 
 A `Source` names the prepared builder, its training and evaluation splits (tfds split syntax, e.g. 'train[:90%]'),
-the image and label features and whether the images are JPEGs (only those are partially decoded).
+the image and label features and whether the images are JPEGs (only those are partially decoded). The config is
+read once, at the door (`create_data`), into a frozen `Spec`; the pipelines below take it and plain arguments.
 
-Training stream. The prepared TFRecord shards are read in-graph, so the stream is a pure function of
-(seed, step, process_index, process_count):
-- each process reads its own even slice of the split (`tfds.split_for_jax_process`), as file instructions;
-- epoch e visits that slice's shards in a permutation seeded by (seed, e), interleaved deterministically, then
-  a shuffle buffer seeded by (seed, e); the epoch is cut to whole batches;
-- a run resumed at step N builds the same epochs and skips the first N % steps_per_epoch batches of its epoch
-  (records are skipped before any image is decoded, so skipping costs only reading);
-- the augmentation of row r of step s is seeded by (seed, s, r), like the in-memory datasets.
-So a restart at step N continues the same stream. TFRecord is tfds's default format, so a copy someone already
-prepared works as is.
+Training stream (`records`): global batch s is rows [sB, (s+1)B) of a permutation of the training split seeded by
+(seed, epoch); each process reads its rows by index (array_record), so the batch is the same whatever the number
+of processes, a resume at step N reads nothing before step N, and the augmentation of global row r of step s is
+keyed by (seed, s, r). Stored squares (`Stored`, `config.prepared=True`) augment a whole local batch at once from
+the step's key and the rows' positions.
 
-Evaluation. Each process reads its even slice of the evaluation split in order, padded with masked zero images to
-the same number of batches on every process, so every image counts exactly once whatever the batch size.
+Evaluation. Each process reads its slice of the evaluation split in order, padded with masked zero images to the
+same number of batches on every process (`base.eval_slice`), so every image counts exactly once.
 
 Normalisation. `base.normalisation_for` builds one `Normalisation` from the training statistics (`dataset_stats`:
 mean image, per-channel mean/std, RGB PCA, one pass, cached beside the prepared data); the training and
@@ -30,6 +27,7 @@ import os
 import re
 import zipfile
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import ml_collections
 import numpy as np
@@ -37,21 +35,22 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from alexnet_jax.data import augment, once
+from alexnet_jax.data import augment, once, records
 from alexnet_jax.data.base import (
     Data,
     Normalisation,
     data_options,
+    eval_slice,
     given_normalisation,
     lighting_for,
     normalisation_for,
-    padded_rows,
     stats_for,
 )
 from alexnet_jax.errors import UserError
 
 PCA_SOURCES = ("data", "published")
 STATS = ("mean_image", "mean", "std", "pca_eigval", "pca_eigvec")
+KEY_STRIDE = 1_000_003  # an image's key is (seed * KEY_STRIDE + step, global row), as in `small.py`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +77,47 @@ class Source:
     def num_examples(self, split: str) -> int:
         return self.builder.info.splits[split].num_examples
 
+    def records(self, split: str) -> records.Records:
+        return records.Records(self.builder, split)
 
-def as_source(source: Source | tfds.core.DatasetBuilder) -> Source:
-    """A `Source`; a bare builder reads as ImageNet's layout (train/validation, JPEG 'image', 'label')."""
-    return source if isinstance(source, Source) else Source(source)
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """What the photo pipelines read from the config, once (`Spec.of`)."""
+
+    seed: int
+    batch_size: int
+    eval_batch_size: int
+    image_size: int
+    resize_size: int
+    resize_method: str = "area"
+    train_crop: str = "paper"
+    random_flip: bool = True
+    pca_lighting: float = 0.1
+    rrc_area_range: tuple[float, float] = (0.08, 1.0)
+    rrc_aspect_range: tuple[float, float] = (3 / 4, 4 / 3)
+    eval_crops: int = 1
+    stats_examples: int = 0
+    augment_on_device: bool = False
+
+    @classmethod
+    def of(cls, config: ml_collections.ConfigDict) -> Spec:
+        return cls(int(config.seed), int(config.batch_size), int(config.eval_batch_size), int(config.image_size),
+                   int(config.resize_size), config.resize_method, config.train_crop, bool(config.random_flip),
+                   float(config.pca_lighting), tuple(config.rrc_area_range), tuple(config.rrc_aspect_range),
+                   int(config.eval_crops), int(config.stats_examples), bool(config.get("augment_on_device", False)))
+
+
+class Stored(Protocol):
+    """Squares prepared once (`squares.Prepared`): how their records become batches."""
+
+    size: int
+
+    def square_of(self, image: tf.Tensor) -> tf.Tensor: ...
+
+    def pipelines(self, spec: Spec, norm: Normalisation, lighting: augment.Lighting) -> tuple[Callable, tuple]: ...
+
+    def on_device(self, spec: Spec, norm: Normalisation, lighting: augment.Lighting) -> Callable | None: ...
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -109,43 +145,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         fail("rrc_area_range", "must be (low, high) fractions of the image area with 0 < low <= high <= 1")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Reading records.
-
-
-def _parser(source: Source | tfds.core.DatasetBuilder):
+def parser(source: Source) -> Callable[[tf.Tensor], dict]:
     """Serialized example -> features, the image left encoded."""
-    source = as_source(source)
     features = source.builder.info.features
     decoders = {source.image_key: tfds.decode.SkipDecoding()}
     return lambda record: features.deserialize_example(record, decoders=decoders)
 
 
-def _instructions(builder: tfds.core.DatasetBuilder, split: str, pid: int, nproc: int):
-    """This process's slice of the split as (file, skip, take) rows, and every process's example count."""
-    counts = [builder.info.splits[tfds.split_for_jax_process(split, process_index=p, process_count=nproc)]
-              .num_examples for p in range(nproc)]
-    sub = builder.info.splits[tfds.split_for_jax_process(split, process_index=pid, process_count=nproc)]
-    return list(sub.file_instructions), counts
-
-
-def _records(instructions, order: tf.Tensor | None = None, cycle_length: int = 1) -> tf.data.Dataset:
-    """Serialized examples of the file instructions, in `order` (default: as listed), interleaved."""
-    files = tf.constant([fi.filename for fi in instructions])
-    skips = tf.constant([fi.skip for fi in instructions], tf.int64)
-    takes = tf.constant([fi.take for fi in instructions], tf.int64)
-    if order is None:
-        order = tf.range(len(instructions), dtype=tf.int64)
-
-    def read(i):
-        return tf.data.TFRecordDataset(tf.gather(files, i), buffer_size=8 << 20).skip(
-            tf.gather(skips, i)).take(tf.gather(takes, i))
-
-    ds = tf.data.Dataset.from_tensor_slices(order)
-    if cycle_length <= 1:
-        return ds.flat_map(read)
-    return ds.interleave(read, cycle_length=cycle_length, block_length=1, num_parallel_calls=cycle_length,
-                         deterministic=True)
+def read_in_order(recs: records.Records, lo: int, hi: int, chunk: int = 64) -> tf.data.Dataset:
+    """Records lo .. hi-1 of a split, in order, read `chunk` at a time."""
+    return tf.data.Dataset.range(lo, hi).batch(chunk).map(recs.read_tf).unbatch()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,15 +176,13 @@ def _cached_stats(path: str) -> dict[str, np.ndarray] | None:
     return None
 
 
-def dataset_stats(source: Source | tfds.core.DatasetBuilder, resize: int, examples: int, method: str = "area",
-                  threads: int | None = None, square_of: Callable | None = None,
-                  processes: once.Processes = once.ONE) -> dict[str, np.ndarray]:
+def dataset_stats(source: Source, resize: int, examples: int, method: str = "area", threads: int | None = None,
+                  square_of: Callable | None = None, processes: once.Processes = once.ONE) -> dict[str, np.ndarray]:
     """Mean image (resize, resize, 3), per-channel mean/std (0-255 scale) and the RGB PCA of the pixels
     (`augment.pixel_pca`, [0, 1] scale) over the first `examples` training images (0: all; tfds shuffled the
     records when preparing, so the first ones are a random sample), in one pass. Cached beside the prepared data
     (computed by process 0 of a multi-process run, the others wait for the cache: `once`).
     `square_of(image feature)`: the float32 square (default: decode an image's centre square and resize it)."""
-    source = as_source(source)
     square_of = square_of or (lambda image: augment.decode_square(image, resize, method, source.is_jpeg))
     total_n = source.num_examples(source.train_split)
     n = total_n if examples <= 0 else min(examples, total_n)
@@ -195,20 +202,17 @@ def dataset_stats(source: Source | tfds.core.DatasetBuilder, resize: int, exampl
 def _compute_stats(source: Source, square_of: Callable, resize: int, n: int, path: str,
                    threads: int | None) -> dict[str, np.ndarray]:
     logging.info("computing the training mean image over %d images (cached in %s)", n, path)
-    parse = _parser(source)
-    ds = _records(source.builder.info.splits[source.train_split].file_instructions).take(n)
+    parse = parser(source)
+    ds = read_in_order(source.records(source.train_split), 0, n)
     ds = ds.map(lambda r: square_of(parse(r)[source.image_key]),
                 num_parallel_calls=tf.data.AUTOTUNE).batch(64).with_options(data_options(threads))
     total = np.zeros((resize, resize, 3), np.float64)
     second = np.zeros((3, 3), np.float64)  # sum of x x^T over pixels: the colour covariance, with the mean
-    try:
-        for batch in ds.as_numpy_iterator():
-            b = batch.astype(np.float64)
-            total += b.sum(0)
-            rgb = b.reshape(-1, 3)
-            second += rgb.T @ rgb
-    except tf.errors.InvalidArgumentError as e:
-        raise _corrupt_error(source, source.train_split, e) from None
+    for batch in guard(ds.as_numpy_iterator(), source, source.train_split):
+        b = batch.astype(np.float64)
+        total += b.sum(0)
+        rgb = b.reshape(-1, 3)
+        second += rgb.T @ rgb
     mean_image = total / n
     mean = mean_image.mean((0, 1))
     second /= n * resize * resize
@@ -229,136 +233,106 @@ def _compute_stats(source: Source, square_of: Callable, resize: int, n: int, pat
 # Pipelines.
 
 
-def _corrupt_error(source: Source, split: str, e: Exception) -> UserError:
-    first = str(getattr(e, "message", e)).strip().splitlines()[0][:200]
-    return UserError(f"an image of {source.name}'s {split} split in {source.builder.data_dir} does not decode "
-                     f"({first}): {source.repair}.")
-
-
-def _guard(batches: Iterator, source: Source | tfds.core.DatasetBuilder, split: str) -> Iterator:
+def guard(batches: Iterator, source: Source, split: str) -> Iterator:
     """Decode failures stop training with a UserError; a broken image never becomes a silent zero example."""
     try:
         yield from batches
     except tf.errors.InvalidArgumentError as e:
-        raise _corrupt_error(as_source(source), split, e) from None
+        first = str(getattr(e, "message", e)).strip().splitlines()[0][:200]
+        raise UserError(f"an image of {source.name}'s {split} split in {source.builder.data_dir} does not decode "
+                        f"({first}): {source.repair}.") from None
 
 
-def _train_arrays(config: ml_collections.ConfigDict, norm: Normalisation) -> tuple[np.ndarray, np.ndarray]:
+def train_arrays(spec: Spec, norm: Normalisation) -> tuple[np.ndarray, np.ndarray]:
     """The paper's crops line up with the mean image; random resized crops do not (per-channel mean instead)."""
-    return norm.arrays(per_pixel=config.train_crop == "paper")
+    return norm.arrays(per_pixel=spec.train_crop == "paper")
 
 
-def train_dataset(source: Source | tfds.core.DatasetBuilder, config: ml_collections.ConfigDict,
-                  norm: Normalisation, start_step: int, num_steps: int, process_index: int = 0,
-                  process_count: int = 1, threads: int | None = None,
-                  squares: Callable | None = None,
-                  lighting: augment.Lighting = augment.PUBLISHED) -> tf.data.Dataset:
+def train_dataset(source: Source, spec: Spec, norm: Normalisation, start_step: int, num_steps: int,
+                  process_index: int = 0, process_count: int = 1, threads: int | None = None,
+                  squares: Callable | None = None, lighting: augment.Lighting = augment.PUBLISHED,
+                  recs: records.Records | None = None) -> tf.data.Dataset:
     """This process's rows of global batches `start_step .. num_steps-1` (images float32, labels int32), with
     PCA lighting from `lighting` (`base.lighting_for`). `squares(records, key, rows)` for stored squares: a whole
-    local batch of records augmented at once from the step's key (seed, step) and the rows' global indices;
-    otherwise each image alone from its key (seed, step, row). The stream (order, keys, skipping) is the same."""
-    source = as_source(source)
-    ds = train_records(source, config, start_step, num_steps, process_index, process_count)
-    local = config.batch_size // process_count
-    seed = int(config.seed)
-    crop, resize = int(config.image_size), int(config.resize_size)
-    mean, std = _train_arrays(config, norm)
-    parse = _parser(source)
+    local batch of records augmented at once from the step's key (seed, step) and the rows' global positions;
+    otherwise each image alone from its key (seed, step, row). `recs`: the training split's reader (one is opened
+    otherwise; a test passes its own to count what is read)."""
+    recs = recs or source.records(source.train_split)
+    local = spec.batch_size // process_count
+    steps = records.train_steps(len(recs), spec.batch_size, spec.seed, start_step, num_steps, process_index,
+                                process_count)
+    ds = steps.map(lambda step, rows, positions: (step, recs.read_tf(rows), positions),
+                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    mean, std = train_arrays(spec, norm)
+    parse = parser(source)
 
-    def one(index, record):
+    def one(step, record, row):
         ex = parse(record)
-        step, row = index // local, process_index * local + index % local
-        key = tf.stack([tf.constant(seed, tf.int64) * 1_000_003 + step, row])
-        if config.train_crop == "paper":
-            image = augment.paper_train_image(
-                ex[source.image_key], key, resize=resize, crop=crop, flip=bool(config.random_flip),
-                pca_std=float(config.pca_lighting), normalization=norm.kind, mean=mean, std=std,
-                method=config.resize_method, pca=lighting, is_jpeg=source.is_jpeg)
+        key = tf.stack([tf.constant(spec.seed, tf.int64) * KEY_STRIDE + step, row])
+        common = dict(flip=spec.random_flip, pca_std=spec.pca_lighting, normalization=norm.kind, mean=mean, std=std,
+                      method=spec.resize_method, pca=lighting, is_jpeg=source.is_jpeg)
+        if spec.train_crop == "paper":
+            image = augment.paper_train_image(ex[source.image_key], key, resize=spec.resize_size,
+                                              crop=spec.image_size, **common)
         else:
-            image = augment.random_resized_crop(
-                ex[source.image_key], key, crop=crop, area_range=tuple(config.rrc_area_range),
-                aspect_range=tuple(config.rrc_aspect_range), flip=bool(config.random_flip),
-                pca_std=float(config.pca_lighting), normalization=norm.kind, mean=mean, std=std,
-                method=config.resize_method, pca=lighting, is_jpeg=source.is_jpeg)
+            image = augment.random_resized_crop(ex[source.image_key], key, crop=spec.image_size,
+                                                area_range=spec.rrc_area_range, aspect_range=spec.rrc_aspect_range,
+                                                **common)
         return {"image": image, "label": tf.cast(ex[source.label_key], tf.int32)}
 
-    def whole_batch(index, records):
-        key = tf.stack([tf.constant(seed, tf.int64) * 1_000_003 + index[0] // local, tf.constant(-1, tf.int64)])
-        return squares(records, key, process_index * local + index % local)
+    def whole_batch(step, batch, rows):
+        return squares(batch, tf.stack([tf.constant(spec.seed, tf.int64) * KEY_STRIDE + step,
+                                        tf.constant(-1, tf.int64)]), rows)
 
     if squares is None:
+        ds = ds.flat_map(lambda step, batch, rows: tf.data.Dataset.from_tensor_slices(
+            (tf.fill([local], step), batch, rows)))
         ds = ds.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(local, drop_remainder=True)
     else:
-        ds = ds.batch(local, drop_remainder=True).map(whole_batch, num_parallel_calls=tf.data.AUTOTUNE,
-                                                      deterministic=True)
+        ds = ds.map(whole_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(data_options(threads))
 
 
-def train_records(source: Source | tfds.core.DatasetBuilder, config: ml_collections.ConfigDict, start_step: int,
-                  num_steps: int, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
-    """(index in this process's stream, serialized example) of every row this process reads for global batches
-    `start_step .. num_steps-1`, before decoding: what the tests compare across processes (record identities)."""
-    source = as_source(source)
-    bs = config.batch_size
-    local = bs // process_count
-    instructions, counts = _instructions(source.builder, source.train_split, process_index, process_count)
-    per_epoch = sum(counts) // bs
-    if per_epoch == 0 or min(counts) < per_epoch * local:
-        raise UserError(f"--config.batch_size={bs} is larger than the {sum(counts)} training images")
-    seed = int(config.seed)
-    buffer = min(counts[process_index], config.shuffle_buffer or 16 * local)
-    cycle = min(len(instructions), 16)
-
-    def epoch(e):
-        key = tf.stack([tf.constant(seed, tf.int64), e])
-        order = tf.random.experimental.stateless_shuffle(tf.range(len(instructions), dtype=tf.int64), seed=key)
-        ds = _records(instructions, order, cycle)
-        ds = ds.shuffle(buffer, seed=tf.constant(seed, tf.int64) * 7919 + e, reshuffle_each_iteration=False)
-        return ds.take(per_epoch * local)
-
-    first_epoch = start_step // per_epoch
-    last_epoch = -(-num_steps // per_epoch)
-    ds = tf.data.Dataset.range(first_epoch, last_epoch).flat_map(epoch)
-    ds = ds.skip((start_step - first_epoch * per_epoch) * local).take((num_steps - start_step) * local)
-    return ds.enumerate(start=start_step * local)
+def train_indices(source: Source, spec: Spec, start_step: int, num_steps: int, process_index: int = 0,
+                  process_count: int = 1) -> np.ndarray:
+    """(steps, local) record indices this process reads for global batches `start_step .. num_steps-1`: the
+    records' identities, which the tests compare across process counts."""
+    n = source.num_examples(source.train_split)
+    steps = records.train_steps(n, spec.batch_size, spec.seed, start_step, num_steps, process_index, process_count)
+    return np.stack([rows for _, rows, _ in steps.as_numpy_iterator()])
 
 
-def eval_dataset(source: Source | tfds.core.DatasetBuilder, config: ml_collections.ConfigDict,
-                 norm: Normalisation, process_index: int = 0, process_count: int = 1,
-                 threads: int | None = None, row_multiple: int = 0,
-                 squares: tuple[Callable, Callable] | None = None, file_names: bool = False) -> tf.data.Dataset:
-    """This process's slice of the evaluation split, in local batches padded with mask-0 rows to the same count
-    on every process (`base.padded_rows`). Images are (B, crop, crop, 3), or (B, 10, crop, crop, 3) with
-    `eval_crops=10`. `squares=(decode, crops_batch)` for stored squares: each record's uint8 square, then the
+def eval_dataset(source: Source, spec: Spec, norm: Normalisation, process_index: int = 0, process_count: int = 1,
+                 threads: int | None = None, row_multiple: int = 0, squares: tuple[Callable, Callable] | None = None,
+                 file_names: bool = False, split: str | None = None) -> tf.data.Dataset:
+    """This process's slice of the evaluation split (or `split`), in local batches padded with mask-0 rows to the
+    same count on every process (`base.eval_slice`). Images are (B, crop, crop, 3), or (B, 10, crop, crop, 3)
+    with `eval_crops=10`. `squares=(decode, crops_batch)` for stored squares: each record's uint8 square, then the
     crops of a whole batch at once. `file_names`: each row's "file_name" too ('' where the source has none)."""
-    source = as_source(source)
+    split = split or source.eval_split
     named = file_names and "file_name" in source.builder.info.features
-    local = config.eval_batch_size // process_count
-    instructions, counts = _instructions(source.builder, source.eval_split, process_index, process_count)
-    fill = padded_rows(max(counts), local, row_multiple) - counts[process_index]
-    crop, resize, crops = int(config.image_size), int(config.resize_size), int(config.eval_crops)
+    local = spec.eval_batch_size // process_count
+    recs = source.records(split)
+    lo, hi, rows = eval_slice(len(recs), local, process_index, process_count, row_multiple)
     mean, std = norm.arrays(per_pixel=True)  # crops of the resized square: they line up with the mean image
-    parse = _parser(source)
+    parse = parser(source)
 
     def one(record):
         ex = parse(record)
-        label = tf.cast(ex[source.label_key], tf.int32)
+        out = {"label": tf.cast(ex[source.label_key], tf.int32), "mask": tf.constant(1.0)}
         if squares is not None:
-            return {"image": squares[0](ex[source.image_key]), "label": label, "mask": tf.constant(1.0)}
-        image = augment.eval_image(ex[source.image_key], resize=resize, crop=crop, crops=crops,
-                                   normalization=norm.kind, mean=mean, std=std, method=config.resize_method,
-                                   is_jpeg=source.is_jpeg)
-        out = {"image": image, "label": label, "mask": tf.constant(1.0)}
+            out["image"] = squares[0](ex[source.image_key])
+        else:
+            out["image"] = augment.eval_image(ex[source.image_key], resize=spec.resize_size, crop=spec.image_size,
+                                              crops=spec.eval_crops, normalization=norm.kind, mean=mean, std=std,
+                                              method=spec.resize_method, is_jpeg=source.is_jpeg)
         if file_names:
             out["file_name"] = ex["file_name"] if named else tf.constant("")
         return out
 
-    ds = _records(instructions).map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    image = ds.element_spec["image"]
-    pad = {"image": tf.zeros(image.shape, image.dtype), "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
-    if file_names:
-        pad["file_name"] = tf.constant("")
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(fill)).batch(local)
+    ds = read_in_order(recs, lo, hi).map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    pad = {k: tf.zeros(v.shape, v.dtype) for k, v in ds.element_spec.items()}
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(rows - (hi - lo))).batch(local)
     if squares is not None:
         ds = ds.map(lambda b: {**b, "image": squares[1](b["image"])})
     return ds.prefetch(2).with_options(data_options(threads))
@@ -372,15 +346,18 @@ def check_classes(config: ml_collections.ConfigDict, source: Source) -> None:
 
 
 def create_data(config: ml_collections.ConfigDict, source: Source, normalisation: Normalisation | None = None,
-                processes: once.Processes = once.ONE) -> Data:
-    """The `Data` the trainer consumes, streaming from a prepared source's images (normalised by `normalisation`
-    when given, else by the training images' statistics)."""
+                processes: once.Processes = once.ONE, stored: Stored | None = None) -> Data:
+    """The `Data` the trainer consumes, streaming from a prepared source's images, or from its `stored` squares
+    (`source` is then the squares' dataset), normalised by `normalisation` when given, else by the training
+    images' statistics."""
     check_config(config)
     check_classes(config, source)
+    spec = Spec.of(config)
+    size = stored.size if stored is not None else spec.resize_size
 
     def computed() -> dict:
-        return dataset_stats(source, int(config.resize_size), int(config.stats_examples), config.resize_method,
-                             processes=processes)
+        return dataset_stats(source, size, spec.stats_examples, spec.resize_method, processes=processes,
+                             square_of=stored.square_of if stored is not None else None)
 
     if normalisation is not None:
         norm = given_normalisation(config, normalisation)
@@ -389,22 +366,27 @@ def create_data(config: ml_collections.ConfigDict, source: Source, normalisation
     else:
         stats, lighting = stats_for(config, computed)
         norm = normalisation_for(config, stats)
-    mean, std = _train_arrays(config, norm)
-    crop = int(config.image_size)
+    train_hook, eval_hook = stored.pipelines(spec, norm, lighting) if stored is not None else (None, None)
+    mean, std = train_arrays(spec, norm)
+
+    def evaluation(pid: int, nproc: int, row_multiple: int = 0, split: str | None = None, names: bool = False):
+        return guard(tfds.as_numpy(eval_dataset(source, spec, norm, pid, nproc, row_multiple=row_multiple,
+                                                squares=eval_hook, file_names=names, split=split)),
+                     source, split or source.eval_split)
+
     return Data(
         num_train=source.num_examples(source.train_split),
         num_eval=source.num_examples(source.eval_split),
-        image_shape=(crop, crop, 3),
+        image_shape=(spec.image_size, spec.image_size, 3),
         class_names=source.class_names,
-        train=lambda start, stop, pid, nproc: _guard(tfds.as_numpy(
-            train_dataset(source, config, norm, start, stop, pid, nproc, lighting=lighting)), source,
-            source.train_split),
-        eval=lambda pid, nproc, row_multiple=0: _guard(tfds.as_numpy(eval_dataset(
-            source, config, norm, pid, nproc, row_multiple=row_multiple)), source, source.eval_split),
+        train=lambda start, stop, pid, nproc: guard(tfds.as_numpy(
+            train_dataset(source, spec, norm, start, stop, pid, nproc, squares=train_hook, lighting=lighting)),
+            source, source.train_split),
+        eval=evaluation,
         mean=mean,
         std=std,
         normalisation=norm,
-        views=lambda split, pid, nproc: _guard(tfds.as_numpy(eval_dataset(
-            dataclasses.replace(source, eval_split=source.train_split if split == "train" else source.eval_split),
-            config, norm, pid, nproc, file_names=True)), source, split),
+        on_device=stored.on_device(spec, norm, lighting) if stored is not None else None,
+        views=lambda split, pid, nproc: evaluation(
+            pid, nproc, split=source.train_split if split == "train" else source.eval_split, names=True),
     )

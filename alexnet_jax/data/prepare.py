@@ -1,10 +1,12 @@
-"""Prepare ILSVRC-2012 as the paper's 256x256 squares, once: `python -m alexnet_jax.data.prepare --config
-configs/imagenet.py [--config.data_dir=/data/tfds] [--config.prepared_format=raw|jpeg] [--config.manual_dir=...]`.
+"""Prepare a config's photos as the paper's 256x256 squares, once: `python -m alexnet_jax.data.prepare --config
+configs/imagenet.py [--config.data_dir=/data/tfds] [--config.prepared_format=raw|jpeg] [--config.manual_dir=...]`,
+or `--config configs/folder.py --config.folder=PHOTOS`, or any tfds dataset (`--config.dataset=NAME`).
 
-Reads the prepared `imagenet2012` in `data_dir` (preparing it first from the two ILSVRC-2012 tars in
-`manual_dir` when it is not), writes the `imagenet2012_squares` tfds dataset beside it (alexnet_jax/data/squares.py)
-with a progress bar (images/s, ETA); rerun the same command after an interruption and it resumes. Train from it
-with `--config.prepared=True` and the same `prepared_format` / `resize_size` / `resize_method`.
+Reads the config's prepared source (ImageNet: prepared first from the two ILSVRC-2012 tars in `manual_dir` when
+it is not; a folder or a tfds dataset: prepared as training would), writes its `photo_squares` tfds dataset beside
+it (alexnet_jax/data/squares.py) with a progress bar (images/s, ETA); rerun the same command after an interruption
+and it resumes. Train from it with the same config and `--config.prepared=True` (same `prepared_format` /
+`resize_size` / `resize_method` / splits).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from ml_collections import config_flags  # noqa: E402
 from alexnet_jax.data import squares  # noqa: E402
 from alexnet_jax.errors import UserError  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/imagenet.py", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/imagenet.py or configs/folder.py",
+                                          lock_config=True)
 
 
 def main(argv: list[str]) -> None:

@@ -27,14 +27,15 @@ import tensorflow_datasets as tfds
 from absl import logging
 from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
+from alexnet_jax.data import records
 from alexnet_jax.data.base import (
     DATASETS,
     Data,
     Normalisation,
     check_data_dir,
     data_options,
+    eval_slice,
     normalisation_for,
-    padded_rows,
     steps_per_epoch,
 )
 from alexnet_jax.errors import UserError
@@ -297,18 +298,6 @@ def train_batches(
     pad, flip, size = int(config.crop_padding), bool(config.random_flip), int(config.image_size)
     h, w = data.images.shape[1:3]
 
-    def rows_of_step(step: tf.Tensor):
-        epoch = step // per_epoch
-        perm = tf.random.experimental.stateless_shuffle(
-            tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
-        )
-        start = (step % per_epoch) * bs + process_index * local
-        rows = perm[start : start + local]
-        positions = tf.range(process_index * local, (process_index + 1) * local, dtype=tf.int64)
-        return tf.data.Dataset.from_tensor_slices(
-            (rows, tf.fill([local], step), positions)
-        )
-
     def augment(row, step, position):
         image = tf.gather(images, row)
         key = tf.stack([tf.constant(seed, tf.int64) * 1_000_003 + step, position])
@@ -320,7 +309,9 @@ def train_batches(
             image = tf.image.stateless_random_flip_left_right(image, seed=k_flip)
         return {"image": resize_and_normalise(image, mean, std, size), "label": tf.gather(labels, row)}
 
-    ds = tf.data.Dataset.range(start_step, num_steps).flat_map(rows_of_step)
+    ds = records.train_steps(n, bs, seed, start_step, num_steps, process_index, process_count)
+    ds = ds.flat_map(lambda step, rows, positions: tf.data.Dataset.from_tensor_slices(
+        (rows, tf.fill([local], step), positions)))
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return iter(tfds.as_numpy(ds.with_options(data_options())))
@@ -342,9 +333,7 @@ def eval_batches(
     """
     n = len(data)
     local = config.eval_batch_size // process_count
-    per_process = padded_rows(-(-n // process_count), local, row_multiple)
-    lo = min(n, process_index * per_process)
-    hi = min(n, lo + per_process)
+    lo, hi, per_process = eval_slice(n, local, process_index, process_count, row_multiple)
     images, labels = data.images[lo:hi], data.labels[lo:hi]
     mask = np.ones(hi - lo, np.float32)
     fill = per_process - (hi - lo)

@@ -18,7 +18,7 @@ import os
 import ml_collections
 import tensorflow_datasets as tfds
 
-from alexnet_jax.data import folder, imagenet, once
+from alexnet_jax.data import folder, imagenet, once, records
 from alexnet_jax.data.base import DATASETS, check_data_dir
 from alexnet_jax.data.photos import Source
 from alexnet_jax.errors import UserError
@@ -92,9 +92,17 @@ def _tfds_builder(config: ml_collections.ConfigDict, data_dir: str | None,
                         "--config.folder=ROOT) or a tfds dataset's name (e.g. oxford_flowers102; none is prepared "
                         f"under that name in {data_dir or '~/tensorflow_datasets'} either)") from None
 
+    def ready() -> bool:  # prepared, and in array_record (a copy prepared before in TFRecord is converted)
+        fresh = tfds.builder(name, data_dir=data_dir)
+        return fresh.is_prepared() and (fresh.info.file_format == records.ARRAY_RECORD
+                                        or records.has_array_record(fresh))
+
     def build() -> None:
+        if builder.is_prepared():
+            records.to_array_record(builder)
+            return
         try:
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            builder.download_and_prepare(file_format=records.FORMAT, download_config=tfds.download.DownloadConfig(
                 manual_dir=os.path.expanduser(config.manual_dir) if config.manual_dir else None))
         except Exception as e:  # noqa: BLE001 - any download or preparation failure means the same to the user
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -104,10 +112,9 @@ def _tfds_builder(config: ml_collections.ConfigDict, data_dir: str | None,
 
     state = os.path.join(os.fspath(builder.data_dir_root), ".alexnet_jax_prepare",
                          f"{builder.name}-{builder.builder_config.name if builder.builder_config else ''}.json")
-    info = os.path.join(os.fspath(builder.data_dir), "dataset_info.json")  # (tfds renames the prepared copy whole)
-    once.prepare_once(name, lambda: os.path.exists(info), build, state, processes)
-    # prepared by process 0 while this one waited: read what it wrote
-    return builder if builder.info.splits else tfds.builder(name, data_dir=data_dir)
+    once.prepare_once(name, ready, build, state, processes)
+    # opened again: what was prepared or converted meanwhile (by this process or, while it waited, by process 0)
+    return records.random_access(tfds.builder(name, data_dir=data_dir))
 
 
 def open_source(config: ml_collections.ConfigDict, processes: once.Processes = once.ONE) -> Source:

@@ -1,34 +1,34 @@
-"""ILSVRC-2012 prepared once as the paper's 256x256 squares (a tfds dataset), and the pipelines that read it.
+"""Any source of photos prepared once as the paper's 256x256 squares (a tfds dataset), and how they become batches.
 
 The paper (section 2) down-sampled every image once: shorter side rescaled to 256, centre 256x256 patch kept;
 training drew its 224 patches and reflections from those. Decoding a full-size JPEG for every training image
 costs most of the host's time per image; a 256x256 square costs a fraction of it (raw uint8: a slice).
 
-- `Imagenet2012Squares`: a tfds `GeneratorBasedBuilder` whose source is the prepared `imagenet2012`; one
-  `SquareConfig` per (size, resize method, encoding, JPEG quality), e.g. `256px_area_raw`, `256px_area_jpeg95`.
-  tfds writes, shards and shuffles it like any dataset, so `tfds.split_for_jax_process` gives every process
-  its own files. Images are stored as raw uint8 (`tfds.features.Tensor`, bytes) or JPEG at a set quality.
-- Resuming: each source shard is converted into its own finished file under
-  `<data_dir>/downloads/imagenet2012_squares/<config>/` (tfds-serialized examples) before tfds writes the
-  dataset from them, so an interrupted preparation converts only the shards not done yet; the folder is removed
-  once the dataset is written. A source JPEG that does not decode (the full image, not only its square) stops
-  the preparation with its file name.
-- `create_data`: the same stream as `imagenet.create_data` (order, skipping on resume, padded exactly-once
-  evaluation: `imagenet.train_dataset` / `eval_dataset`), with the per-image work done batch-wide on 256x256
-  uint8 squares: a batch of records is parsed at once, raw squares are one reshape (of a JPEG square only the
-  patch is decoded), and the random 224/227 patches, reflections, PCA lighting and the mean image of the
-  prepared squares run as one XLA-compiled pass (`augment.paper_batch`); the 10-crop test from the same squares.
-  The random choices come from (seed, step) for the whole global batch, row r taking row r of them
-  (`augment.batch_draws`): the same distributions as the source path, and the same determinism and resumption,
-  though not the same draws. With `config.augment_on_device=True` the host stops at the uint8 squares of the batch
-  and their draws, and the jitted train step cuts, reflects, subtracts and lights them (`on_device`): the same
-  batch, for less host work per image and a little more device work.
+- `PhotoSquares`: a tfds builder whose source is any prepared `photos.Source` (ImageNet, a folder, a tfds dataset
+  by name): its training and evaluation splits become the squares' 'train' and 'validation'. One `SquareConfig` per
+  (source, splits, size, resize method, encoding, JPEG quality), named e.g. `imagenet2012-3f2a9c1d-256px_area_raw`.
+  Images are stored as raw uint8 (`tfds.features.Tensor`, bytes) or JPEG at a set quality, in array_record.
+- Preparing: `python -m alexnet_jax.data.prepare --config CONFIG` (`prepare`), or, for a folder or a tfds dataset,
+  the first training run with `--config.prepared=True` (process 0; the others wait: `once`). The source's records
+  are read by index in units of `UNIT`, each unit converted into its own finished file under
+  `<data_dir>/downloads/photo_squares/<config>/` before tfds writes the dataset from them, so an interrupted
+  preparation converts only the units not done yet; the folder is removed once the dataset is written. Source
+  images that do not decode (the full image, not only its square) stop the preparation, named.
+- Reading (`Prepared`, `photos.create_data(stored=...)`): the same stream as the source images (the same batches
+  of rows, keys and resumption), with the per-image work done batch-wide on uint8 squares: a batch of records is
+  parsed at once, raw squares are one reshape (of a JPEG square only the patch is decoded), and the random
+  patches, reflections, PCA lighting and the mean image run as one XLA-compiled pass (`augment.paper_batch`); the
+  10-crop test from the same squares. The random choices come from (seed, step) for the whole global batch, row r
+  taking row r of them (`augment.batch_draws`): the same distributions as the source path, not the same draws.
+  With `config.augment_on_device=True` the host stops at the uint8 squares and their draws, and the jitted train
+  step cuts, reflects, subtracts and lights them (`on_device`): the same batch, for less host work per image.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -40,21 +40,14 @@ import tensorflow_datasets as tfds
 from absl import logging
 from tqdm import tqdm
 
-from alexnet_jax.data import augment, imagenet, images
-from alexnet_jax.data.base import (
-    Data,
-    Normalisation,
-    check_data_dir,
-    given_normalisation,
-    lighting_for,
-    normalisation_for,
-    stats_for,
-)
+from alexnet_jax.data import augment, imagenet, images, once, photos, records, sources
+from alexnet_jax.data.base import check_data_dir
 from alexnet_jax.errors import UserError
 
 FORMATS = ("raw", "jpeg")
 SPLITS = ("train", "validation")
-COMMAND = "python -m alexnet_jax.data.prepare --config configs/imagenet.py"
+UNIT = 4096  # source records per finished work file (what an interrupted preparation keeps)
+COMMAND = "python -m alexnet_jax.data.prepare --config"
 
 
 @dataclasses.dataclass(eq=True)
@@ -65,24 +58,33 @@ class SquareConfig(tfds.core.BuilderConfig):
     method: str = "area"
     encoding: str = "jpeg"
     quality: int = 95
+    class_names: tuple[str, ...] = ()
 
 
-def square_config(config: ml_collections.ConfigDict) -> SquareConfig:
-    """The preparation a training config reads (its resize size and method, `prepared_format`, `_quality`)."""
+def square_config(config: ml_collections.ConfigDict, source: photos.Source) -> SquareConfig:
+    """The preparation a training config reads: its source (dataset, version, splits, features), resize size and
+    method, `prepared_format`, `prepared_quality`."""
     size, method, fmt = int(config.resize_size), config.resize_method, config.prepared_format
     quality = int(config.prepared_quality)
-    name = f"{size}px_{method}_" + ("raw" if fmt == "raw" else f"jpeg{quality}")
+    b = source.builder
+    identity = "|".join(map(str, (b.name, b.builder_config.name if b.builder_config else "", b.version,
+                                  source.train_split, source.eval_split, source.image_key, source.label_key)))
+    tag = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in b.name)[:40]
+    name = (f"{tag}-{hashlib.sha1(identity.encode()).hexdigest()[:8]}-{size}px_{method}_"
+            + ("raw" if fmt == "raw" else f"jpeg{quality}"))
     return SquareConfig(name=name, size=size, method=method, encoding=fmt, quality=quality,
-                        description=f"ILSVRC-2012, shorter side to {size} ({method}), centre square, {fmt}")
+                        class_names=source.class_names,
+                        description=f"{b.name} ({source.train_split} / {source.eval_split}), shorter side to {size} "
+                                    f"({method}), centre square, {fmt}")
 
 
-class Imagenet2012Squares(tfds.core.GeneratorBasedBuilder):
-    """`imagenet2012` as the paper's stored training images: every image rescaled and centre-cropped once."""
+class PhotoSquares(tfds.core.GeneratorBasedBuilder):
+    """A source's photos as the paper's stored training images: every image rescaled and centre-cropped once."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Squares of the prepared imagenet2012 5.1.0, raw uint8 or JPEG."}
+    RELEASE_NOTES = {"1.0.0": "Squares of any prepared photo source, raw uint8 or JPEG, in array_record."}
 
-    def __init__(self, *, source: tfds.core.DatasetBuilder | None = None, **kwargs):
+    def __init__(self, *, source: photos.Source | None = None, **kwargs):
         self._source = source  # only needed to prepare; reading needs none
         super().__init__(**kwargs)
 
@@ -91,64 +93,67 @@ class Imagenet2012Squares(tfds.core.GeneratorBasedBuilder):
         shape = (c.size, c.size, 3)
         image = (tfds.features.Tensor(shape=shape, dtype=np.uint8, encoding=tfds.features.Encoding.BYTES)
                  if c.encoding == "raw" else tfds.features.Image(shape=shape, encoding_format="jpeg"))
-        labels = tfds.core.tfds_path("datasets/imagenet2012/labels.txt")
         return tfds.core.DatasetInfo(
             builder=self,
-            description="ILSVRC-2012 images rescaled (shorter side) and centre-cropped once to a square.",
+            description="Photos rescaled (shorter side) and centre-cropped once to a square.",
             features=tfds.features.FeaturesDict({
                 "image": image,
-                "label": tfds.features.ClassLabel(names_file=labels),
+                "label": tfds.features.ClassLabel(names=list(c.class_names)),
                 "file_name": tfds.features.Text(),
             }),
             supervised_keys=("image", "label"),
         )
 
     def work_dir(self) -> str:
-        return os.path.join(os.fspath(self.data_dir_root), "downloads", "imagenet2012_squares",
-                            self.builder_config.name)
+        return os.path.join(os.fspath(self.data_dir_root), "downloads", "photo_squares", self.builder_config.name)
 
     def _split_generators(self, dl_manager):
         del dl_manager
         if self._source is None:
-            raise ValueError("preparing needs the source imagenet2012 builder (squares.prepare)")
+            raise ValueError("preparing needs the source (squares.prepare)")
         return {split: self._generate_examples(split) for split in SPLITS}
 
     def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
-        instructions = list(self._source.info.splits[split].file_instructions)
+        src = self._source
+        source_split = src.train_split if split == "train" else src.eval_split
+        recs = src.records(source_split)
+        units = [(lo, min(lo + UNIT, len(recs))) for lo in range(0, len(recs), UNIT)]
         folder = os.path.join(self.work_dir(), split)
         os.makedirs(folder, exist_ok=True)
-        paths = [os.path.join(folder, f"{i:05d}-of-{len(instructions):05d}.tfrecord") for i in range(len(instructions))]
-        done = sum(fi.take for fi, p in zip(instructions, paths, strict=True) if os.path.isfile(p))
-        total = self._source.info.splits[split].num_examples
+        paths = [os.path.join(folder, f"{i:05d}-of-{len(units):05d}.tfrecord") for i in range(len(units))]
+        done = sum(hi - lo for (lo, hi), p in zip(units, paths, strict=True) if os.path.isfile(p))
         if done:
-            logging.info("%s: %d of %d images converted before; resuming", split, done, total)
+            logging.info("%s: %d of %d images converted before; resuming", split, done, len(recs))
         features = self.info.features
-        with tqdm(total=total, initial=done, unit=" images", desc=f"{split}: {self.builder_config.name}",
+        with tqdm(total=len(recs), initial=done, unit=" images", desc=f"{split}: {self.builder_config.name}",
                   mininterval=2.0, smoothing=0.05) as bar:
-            for fi, path in zip(instructions, paths, strict=True):
+            for (lo, hi), path in zip(units, paths, strict=True):
                 if not os.path.isfile(path):
-                    self._convert(split, fi, path, bar)
-                records = tf.data.TFRecordDataset(path).map(
+                    self._convert(recs, source_split, lo, hi, path, bar)
+                parsed = tf.data.TFRecordDataset(path).map(
                     lambda r: features.deserialize_example(r, decoders={"image": tfds.decode.SkipDecoding()}))
-                for ex in records.as_numpy_iterator():
+                for i, ex in enumerate(parsed.as_numpy_iterator(), lo):
                     image = ex["image"]
                     if self.builder_config.encoding == "raw":
                         image = np.frombuffer(image, np.uint8).reshape(features["image"].shape)
                     name = ex["file_name"].decode()
-                    yield name, {"image": image, "label": int(ex["label"]), "file_name": name}
+                    yield f"{i}:{name}", {"image": image, "label": int(ex["label"]), "file_name": name}
 
-    def _convert(self, split: str, fi, path: str, bar: tqdm) -> None:
-        """One source shard to a finished file of squares (written to a temporary name, then renamed)."""
+    def _convert(self, recs: records.Records, split: str, lo: int, hi: int, path: str, bar: tqdm) -> None:
+        """Source records lo .. hi-1 to a finished file of squares (written to a temporary name, then renamed)."""
         c: SquareConfig = self.builder_config
-        parse = imagenet._parser(self._source)
+        src = self._source
+        parse = photos.parser(src)
+        named = "file_name" in src.builder.info.features
 
         def one(record):
             ex = parse(record)
-            square = square_of_jpeg(ex["image"], c.size, c.method)
+            square = square_of_image(ex[src.image_key], c.size, c.method, src.is_jpeg)
             image = square if c.encoding == "raw" else tf.io.encode_jpeg(square, quality=c.quality)
-            return ex["file_name"], ex["label"], image
+            return ex["file_name"] if named else tf.constant(""), ex[src.label_key], image
 
-        ds = imagenet._records([fi]).map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(64)
+        ds = photos.read_in_order(recs, lo, hi).map(one, num_parallel_calls=tf.data.AUTOTUNE,
+                                                    deterministic=True).prefetch(64)
         features = self.info.features
         tmp = path + ".tmp"
         try:
@@ -158,13 +163,12 @@ class Imagenet2012Squares(tfds.core.GeneratorBasedBuilder):
                     bar.update(1)
         except tf.errors.InvalidArgumentError:
             os.remove(tmp)
-            bad = undecodable(self._source, fi)
+            bad = undecodable(src, recs, split, lo, hi)
             shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
             raise UserError(
-                f"{len(bad) or 'an'} image(s) of {imagenet.NAME}'s {split} split in {self._source.data_dir} do not "
-                f"decode: {shown or fi.filename}. Replace them in the archive, prepare {imagenet.NAME} again "
-                f"(scripts/prepare_imagenet.py checks every JPEG) and rerun `{COMMAND}`: the shards converted so "
-                "far are kept.") from None
+                f"{len(bad) or 'an'} image(s) of {src.name}'s {split} split in {src.builder.data_dir} do not "
+                f"decode: {shown}. {src.repair[0].upper()}{src.repair[1:]}, then run the preparation again: the "
+                "squares converted so far are kept.") from None
         os.replace(tmp, path)
 
 
@@ -189,84 +193,135 @@ def square_of_jpeg(jpeg: tf.Tensor, size: int, method: str) -> tf.Tensor:
     """The prepared square (uint8) of a source JPEG: decoded whole (so a damaged image anywhere fails), upright by
     its EXIF orientation (`images.orientation_of_bytes`: TensorFlow's decoder ignores the tag), centre square,
     resized like the source path's `augment.decode_square`, rounded."""
-    orientation = tf.numpy_function(_orientation, [jpeg], tf.int64,
-                                    stateful=False)
-    image = upright(tf.io.decode_jpeg(jpeg, channels=3), orientation)
+    orientation = tf.numpy_function(_orientation, [jpeg], tf.int64, stateful=False)
+    return centre_square(upright(tf.io.decode_jpeg(jpeg, channels=3), orientation), size, method)
+
+
+def centre_square(image: tf.Tensor, size: int, method: str) -> tf.Tensor:
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     side = tf.minimum(h, w)
     square = image[(h - side) // 2 : (h - side) // 2 + side, (w - side) // 2 : (w - side) // 2 + side]
     return tf.cast(tf.round(augment.resize(square, size, method)), tf.uint8)
 
 
-def undecodable(source: tfds.core.DatasetBuilder, fi) -> list[str]:
-    """File names in one source shard that do not decode."""
-    parse = imagenet._parser(source)
-    parsed = imagenet._records([fi]).map(parse)
-    names = {n.decode() for n in parsed.map(lambda ex: ex["file_name"]).as_numpy_iterator()}
-    good = parsed.map(lambda ex: (ex["file_name"], tf.shape(tf.io.decode_jpeg(ex["image"], channels=3))))
-    return sorted(names - {n.decode() for n, _ in good.ignore_errors().as_numpy_iterator()})
+def square_of_image(image: tf.Tensor, size: int, method: str, is_jpeg: bool) -> tf.Tensor:
+    """`square_of_jpeg`, or for a source whose images are not JPEGs (PNG, ...), the same of the decoded image."""
+    return square_of_jpeg(image, size, method) if is_jpeg else centre_square(augment.decode_any(image), size, method)
 
 
-def builder_for(config: ml_collections.ConfigDict, source: tfds.core.DatasetBuilder | None = None):
-    data_dir = os.path.expanduser(config.data_dir) if config.data_dir else None
-    return Imagenet2012Squares(config=square_config(config), data_dir=data_dir, source=source)
-
-
-def prepare(config: ml_collections.ConfigDict) -> Imagenet2012Squares:
-    """Prepare the squares the config reads, from the prepared imagenet2012 (prepared first from the manual tars
-    when it is not: `config.manual_dir`)."""
-    check_config(config)
-    data_dir = check_data_dir(config.data_dir)
-    source = imagenet.open_builder(data_dir)
-    if not source.is_prepared():
-        source = imagenet.prepare(data_dir, config.get("manual_dir", ""))
-    builder = builder_for(config, source)
-    if not builder.is_prepared():
-        logging.info("preparing %s/%s from %s", builder.name, builder.builder_config.name, source.data_dir)
-        builder.download_and_prepare()
-    shutil.rmtree(builder.work_dir(), ignore_errors=True)
-    return builder
+def undecodable(source: photos.Source, recs: records.Records, split: str, lo: int, hi: int) -> list[str]:
+    """The images among records lo .. hi-1 that do not decode: file names, or `split[index]` without them."""
+    parse = photos.parser(source)
+    named = "file_name" in source.builder.info.features
+    bad = []
+    for i, record in enumerate(recs.read(np.arange(lo, hi)), lo):
+        ex = parse(tf.constant(record))
+        try:
+            augment.decode_any(ex[source.image_key]) if not source.is_jpeg else tf.io.decode_jpeg(
+                ex[source.image_key], channels=3)
+        except tf.errors.InvalidArgumentError:
+            bad.append(ex["file_name"].numpy().decode() if named else f"{split}[{i}]")
+    return bad
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    imagenet.check_config(config)
+    photos.check_config(config)
     if config.prepared_format not in FORMATS:
         raise UserError(f"--config.prepared_format={config.prepared_format!r}: choose one of {FORMATS}")
     if not 1 <= config.prepared_quality <= 100:
         raise UserError(f"--config.prepared_quality={config.prepared_quality}: a JPEG quality, 1-100")
     if config.train_crop != "paper":
         raise UserError(f"--config.train_crop={config.train_crop!r} with --config.prepared=True: prepared squares "
-                        "serve the paper's crops; use the source JPEGs (--config.prepared=False) for random "
+                        "serve the paper's crops; use the source images (--config.prepared=False) for random "
                         "resized crops")
 
 
-def open_prepared(config: ml_collections.ConfigDict) -> Imagenet2012Squares:
-    builder = builder_for(config)
+def builder_for(config: ml_collections.ConfigDict, source: photos.Source) -> PhotoSquares:
+    data_dir = os.path.expanduser(config.data_dir) if config.data_dir else None
+    return PhotoSquares(config=square_config(config, source), data_dir=data_dir, source=source)
+
+
+def _build(builder: PhotoSquares) -> None:
+    logging.info("preparing %s/%s from %s", builder.name, builder.builder_config.name, builder._source.builder.data_dir)
+    builder.download_and_prepare(file_format=records.FORMAT)
+    shutil.rmtree(builder.work_dir(), ignore_errors=True)
+
+
+def prepare(config: ml_collections.ConfigDict) -> PhotoSquares:
+    """Prepare the squares the config reads, from its source (ImageNet prepared first from the manual tars when it
+    is not: `config.manual_dir`; a folder or a tfds dataset as training prepares them)."""
+    check_config(config)
+    data_dir = check_data_dir(config.data_dir)
+    if config.dataset == imagenet.NAME and not imagenet.open_builder(data_dir).is_prepared():
+        imagenet.prepare(data_dir, config.get("manual_dir", ""))
+    builder = builder_for(config, sources.open_source(config))
     if not builder.is_prepared():
-        dd = f" --config.data_dir={config.data_dir}" if config.data_dir else ""
-        raise UserError(
-            f"{builder.name}/{builder.builder_config.name} (ImageNet prepared as {config.resize_size}px squares, "
-            f"{config.prepared_format}) is not in {builder.data_dir_root}: run `{COMMAND}{dd} "
-            f"--config.prepared_format={config.prepared_format}` once (it prepares imagenet2012 from the tars "
-            "first if needed), or train from the source JPEGs with --config.prepared=False.")
+        _build(builder)
     return builder
 
 
-def decoder(builder: Imagenet2012Squares):
-    """The uint8 (S, S, 3) square of a stored image feature (raw bytes or JPEG)."""
-    c: SquareConfig = builder.builder_config
-    if c.encoding == "jpeg":
-        return lambda image: tf.ensure_shape(tf.io.decode_jpeg(image, channels=3), (c.size, c.size, 3))
-    return lambda image: tf.reshape(tf.io.decode_raw(image, tf.uint8), (c.size, c.size, 3))
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """The prepared squares a training run reads (`photos.Stored`)."""
+
+    builder: PhotoSquares
+
+    @property
+    def size(self) -> int:
+        return self.builder.builder_config.size
+
+    @property
+    def source(self) -> photos.Source:
+        c = self.builder.builder_config
+        return photos.Source(self.builder, "train", "validation", is_jpeg=c.encoding == "jpeg",
+                             repair=f"delete {self.builder.data_dir} and prepare the squares again")
+
+    def decode(self, image: tf.Tensor) -> tf.Tensor:
+        """The uint8 (S, S, 3) square of a stored image feature (raw bytes or JPEG)."""
+        s = self.size
+        if self.builder.builder_config.encoding == "jpeg":
+            return tf.ensure_shape(tf.io.decode_jpeg(image, channels=3), (s, s, 3))
+        return tf.reshape(tf.io.decode_raw(image, tf.uint8), (s, s, 3))
+
+    def square_of(self, image: tf.Tensor) -> tf.Tensor:
+        return tf.cast(self.decode(image), tf.float32)
+
+    def pipelines(self, spec: photos.Spec, norm, lighting: augment.Lighting) -> tuple[Callable, tuple]:
+        return pipelines(spec, norm, self, lighting)
+
+    def on_device(self, spec: photos.Spec, norm, lighting: augment.Lighting) -> Callable | None:
+        return on_device(spec, norm, lighting)
+
+
+def open_prepared(config: ml_collections.ConfigDict, source: photos.Source,
+                  processes: once.Processes = once.ONE) -> Prepared:
+    """The squares of `source` the config reads: prepared (a folder's or a tfds dataset's, by process 0 of a
+    multi-process run, the others waiting: `once`), or, for ImageNet (hours), a UserError naming the command."""
+    builder = builder_for(config, source)
+    if not builder.is_prepared():
+        if config.dataset == imagenet.NAME:
+            dd = f" --config.data_dir={config.data_dir}" if config.data_dir else ""
+            raise UserError(
+                f"{builder.name}/{builder.builder_config.name} (ImageNet prepared as {config.resize_size}px squares, "
+                f"{config.prepared_format}) is not in {builder.data_dir_root}: run `{COMMAND} configs/imagenet.py"
+                f"{dd} --config.prepared_format={config.prepared_format}` once (it prepares imagenet2012 from the "
+                "tars first if needed), or train from the source JPEGs with --config.prepared=False.")
+        info = os.path.join(os.fspath(builder.data_dir), "dataset_info.json")
+        once.prepare_once(f"the squares of {source.name}", lambda: os.path.exists(info), lambda: _build(builder),
+                          os.path.join(os.fspath(builder.data_dir_root), ".alexnet_jax_prepare",
+                                       f"photo_squares-{builder.builder_config.name}.json"), processes)
+        if not builder.info.splits:  # prepared by process 0 while this one waited: read what it wrote
+            builder = builder_for(config, source)
+    return Prepared(builder)
 
 
 # The records' layout (tfds serialises the image feature as one bytes value, raw or JPEG, the label as int64).
 RECORD_SPEC = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
 
 
-def pipelines(config: ml_collections.ConfigDict, norm, builder: Imagenet2012Squares,
+def pipelines(spec: photos.Spec, norm, stored: Prepared,
               lighting: augment.Lighting = augment.PUBLISHED) -> tuple[Callable, tuple]:
-    """The `squares=` hooks of `imagenet.train_dataset` (a batch of records to augmented images) and
+    """The `squares=` hooks of `photos.train_dataset` (a batch of records to augmented images) and
     `eval_dataset` (each record's uint8 square, then a batch's crops).
 
     Batch-wide: a batch of records is parsed at once, raw squares are decoded at once (of a JPEG square only the
@@ -274,26 +329,24 @@ def pipelines(config: ml_collections.ConfigDict, norm, builder: Imagenet2012Squa
     as one XLA-compiled function, so gathering the patch, subtracting its part of the mean image, adding the
     lighting and casting to float32 is one pass over the pixels instead of one pass per op."""
     mean, std = norm.arrays(per_pixel=True)
-    crop, size = int(config.image_size), builder.builder_config.size
-    decode = decoder(builder)
-    jpeg = builder.builder_config.encoding == "jpeg"
+    crop, size = spec.image_size, stored.size
+    jpeg = stored.builder.builder_config.encoding == "jpeg"
 
     @tf.function(jit_compile=True)
     def augment_batch(images: tf.Tensor, yx: tf.Tensor, flips: tf.Tensor, alpha: tf.Tensor) -> tf.Tensor:
-        return augment.paper_batch(images, yx, flips, alpha, crop=crop, flip=bool(config.random_flip),
-                                   pca_std=float(config.pca_lighting), normalization=norm.kind, mean=mean, std=std,
-                                   pca=lighting)
+        return augment.paper_batch(images, yx, flips, alpha, crop=crop, flip=spec.random_flip,
+                                   pca_std=spec.pca_lighting, normalization=norm.kind, mean=mean, std=std, pca=lighting)
 
     def patch_of_jpeg(args):  # decodes only the patch's rows and columns (bit-identical to slicing the square)
         image, yx = args
         return augment.decode_window(image, yx[0], yx[1], crop, size)
 
-    def train_batch(records: tf.Tensor, key: tf.Tensor, rows: tf.Tensor) -> dict[str, tf.Tensor]:
-        ex = tf.io.parse_example(records, RECORD_SPEC)
-        yx, flips, alpha = augment.batch_draws(key, rows, int(config.batch_size), size, crop,
-                                               float(config.pca_lighting))
-        if config.get("augment_on_device", False):  # whole uint8 squares and the draws: `on_device` does the rest
-            images = (tf.map_fn(decode, ex["image"], fn_output_signature=tf.TensorSpec((size, size, 3), tf.uint8))
+    def train_batch(records_: tf.Tensor, key: tf.Tensor, rows: tf.Tensor) -> dict[str, tf.Tensor]:
+        ex = tf.io.parse_example(records_, RECORD_SPEC)
+        yx, flips, alpha = augment.batch_draws(key, rows, spec.batch_size, size, crop, spec.pca_lighting)
+        if spec.augment_on_device:  # whole uint8 squares and the draws: `on_device` does the rest
+            images = (tf.map_fn(stored.decode, ex["image"], fn_output_signature=tf.TensorSpec((size, size, 3),
+                                                                                               tf.uint8))
                       if jpeg else tf.reshape(tf.io.decode_raw(ex["image"], tf.uint8), (-1, size, size, 3)))
             return {"image": images, "label": tf.cast(ex["label"], tf.int32), "offset": yx, "flip": flips,
                     "lighting": alpha}
@@ -306,58 +359,17 @@ def pipelines(config: ml_collections.ConfigDict, norm, builder: Imagenet2012Squa
 
     @tf.function(jit_compile=True)
     def eval_batch(images: tf.Tensor) -> tf.Tensor:
-        return augment.eval_batch(images, crop=crop, crops=int(config.eval_crops), normalization=norm.kind,
-                                  mean=mean, std=std)
+        return augment.eval_batch(images, crop=crop, crops=spec.eval_crops, normalization=norm.kind, mean=mean,
+                                  std=std)
 
-    return train_batch, (decode, eval_batch)
+    return train_batch, (stored.decode, eval_batch)
 
 
-def on_device(config: ml_collections.ConfigDict, norm,
-              lighting: augment.Lighting = augment.PUBLISHED) -> Callable | None:
-    """With `config.augment_on_device`: the jitted step's half of `pipelines`' training batches (uint8 squares and
-    their draws in, the augmented float32 batch out: `augment.paper_batch_on_device`), else None."""
-    if not config.get("augment_on_device", False):
+def on_device(spec: photos.Spec, norm, lighting: augment.Lighting = augment.PUBLISHED) -> Callable | None:
+    """With `augment_on_device`: the jitted step's half of `pipelines`' training batches (uint8 squares and their
+    draws in, the augmented float32 batch out: `augment.paper_batch_on_device`), else None."""
+    if not spec.augment_on_device:
         return None
     mean, std = norm.arrays(per_pixel=True)
-    return functools.partial(augment.paper_batch_on_device, crop=int(config.image_size),
-                             flip=bool(config.random_flip), pca_std=float(config.pca_lighting),
-                             normalization=norm.kind, mean=mean, std=std, pca=lighting)
-
-
-def create_data(config: ml_collections.ConfigDict, normalisation: Normalisation | None = None) -> Data:
-    """The `Data` the trainer consumes, streaming from the prepared squares (`config.prepared=True`)."""
-    check_config(config)
-    check_data_dir(config.data_dir)
-    builder = open_prepared(config)
-    decode = decoder(builder)
-    def computed() -> dict[str, np.ndarray]:
-        return imagenet.dataset_stats(builder, builder.builder_config.size, int(config.stats_examples),
-                                      config.resize_method, square_of=lambda image: tf.cast(decode(image), tf.float32))
-
-    if normalisation is not None:
-        norm = given_normalisation(config, normalisation)
-        lighting = (lighting_for(config, computed()) if config.pca == "data" and config.pca_lighting > 0
-                    else augment.PUBLISHED)
-    else:
-        stats, lighting = stats_for(config, computed)
-        norm = normalisation_for(config, stats)
-    train, evaluation = pipelines(config, norm, builder, lighting)
-    crop = int(config.image_size)
-    names = tuple(builder.info.features["label"].names)
-    if config.num_classes != len(names):
-        raise UserError(f"--config.num_classes={config.num_classes}: {imagenet.NAME} has {len(names)} classes")
-    return Data(
-        num_train=builder.info.splits["train"].num_examples,
-        num_eval=builder.info.splits["validation"].num_examples,
-        image_shape=(crop, crop, 3),
-        class_names=names,
-        train=lambda start, stop, pid, nproc: imagenet._guard(tfds.as_numpy(imagenet.train_dataset(
-            builder, config, norm, start, stop, pid, nproc, squares=train)), builder, "train"),
-        eval=lambda pid, nproc, row_multiple=0: imagenet._guard(tfds.as_numpy(imagenet.eval_dataset(
-            builder, config, norm, pid, nproc, row_multiple=row_multiple, squares=evaluation)), builder,
-            "validation"),
-        mean=norm.arrays(per_pixel=True)[0],
-        std=norm.std,
-        normalisation=norm,
-        on_device=on_device(config, norm, lighting),
-    )
+    return functools.partial(augment.paper_batch_on_device, crop=spec.image_size, flip=spec.random_flip,
+                             pca_std=spec.pca_lighting, normalization=norm.kind, mean=mean, std=std, pca=lighting)

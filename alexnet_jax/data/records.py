@@ -1,0 +1,141 @@
+"""Records read by index: one split of a prepared tfds dataset as a sequence, and the index streams over it.
+
+Every prepared photo dataset (ImageNet, a tfds dataset by name, a folder, the squares of each) is stored in tfds's
+`array_record` format, which reads record i of a split directly (`ArrayRecordDataSource`, tfds's own random-access
+reader). So the training stream is defined on indices, the rule the in-memory datasets already follow:
+
+- global batch s of epoch e = s // steps_per_epoch takes rows [sB, (s+1)B) of a permutation of the split's n records
+  seeded by (seed, e) (`tf.random.experimental.stateless_shuffle`: the same op, the same seed as `small.py`);
+- a process reads only its rows of each global batch, so which records make up batch s does not depend on the
+  number of processes, and each row is augmented from the key (seed, s, global row);
+- a run resumed at step N computes the permutation of N's epoch and reads step N's records first: nothing before
+  it is read, and it may resume on another number of processes or devices and continue the same stream.
+
+Evaluation reads each process's even slice of the evaluation split in order (`base.eval_slice`), padded.
+
+A dataset someone prepared before in TFRecord (tfds's default) is converted once, shard by shard, beside its
+TFRecord files (`to_array_record`): each shard is written under a temporary name, then renamed, so an interrupted
+conversion resumes at the shard it stopped in.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+from array_record.python import array_record_data_source, array_record_module
+from tensorflow_datasets.core import file_adapters
+from tqdm import tqdm
+
+from alexnet_jax.errors import UserError
+
+ARRAY_RECORD = file_adapters.FileFormat.ARRAY_RECORD
+FORMAT = ARRAY_RECORD.value  # what `download_and_prepare(file_format=...)` is given
+
+
+class Records:
+    """One split of a prepared builder, read record by record (serialized tfds examples). `reads` counts the
+    records read so far, so a test can check that a resumed stream reads nothing before its first step."""
+
+    def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
+        self.name = f"{builder.name}'s {split} split"
+        instructions = list(builder.info.splits[split].file_instructions)
+        self._source = array_record_data_source.ArrayRecordDataSource(instructions)
+        self.reads = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """The records at `indices` (any order, repeats allowed), as a 1-d array of bytes."""
+        keys = [int(i) for i in np.asarray(indices).reshape(-1)]
+        with self._lock:
+            self.reads += len(keys)
+        out = np.empty(len(keys), object)
+        out[:] = self._source.__getitems__(keys) if keys else []
+        return out
+
+    def read_tf(self, indices: tf.Tensor) -> tf.Tensor:
+        """`read` inside a tf.data pipeline: a string tensor of the indices' shape."""
+        out = tf.numpy_function(self.read, [indices], tf.string, stateful=False)
+        return tf.reshape(out, tf.shape(indices))
+
+
+def train_steps(n: int, batch_size: int, seed: int, start_step: int, num_steps: int, process_index: int = 0,
+                process_count: int = 1) -> tf.data.Dataset:
+    """(step, rows, positions) for steps `start_step .. num_steps-1`: `rows` (local,) are this process's record
+    indices in global batch `step` (rows [sB, (s+1)B) of epoch e's permutation of `n`, seeded by (seed, e)),
+    `positions` (local,) their rows in the global batch. One permutation per epoch, computed when its first step
+    is reached; nothing before `start_step` is computed beyond it."""
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise UserError(f"--config.batch_size={batch_size} is larger than the {n} training images")
+    local = batch_size // process_count
+    first, last = start_step // per_epoch, -(-num_steps // per_epoch)
+    positions = tf.range(process_index * local, (process_index + 1) * local, dtype=tf.int64)
+
+    def epoch(e: tf.Tensor) -> tf.data.Dataset:
+        perm = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
+                                                        seed=tf.stack([tf.constant(seed, tf.int64), e]))
+        steps = tf.data.Dataset.range(tf.maximum(tf.constant(start_step, tf.int64), e * per_epoch),
+                                      tf.minimum(tf.constant(num_steps, tf.int64), (e + 1) * per_epoch))
+
+        def rows(step: tf.Tensor):
+            begin = (step % per_epoch) * batch_size + process_index * local
+            return step, perm[begin : begin + local], positions
+
+        return steps.map(rows)
+
+    return tf.data.Dataset.range(first, max(first, last)).flat_map(epoch)
+
+
+def shard_paths(builder: tfds.core.DatasetBuilder, fmt: file_adapters.FileFormat) -> dict[str, list[str]]:
+    """Each split's shard files in `fmt`, as tfds names them."""
+    out = {}
+    for name, info in builder.info.splits.items():
+        template = info.filename_template.replace(filetype_suffix=fmt.file_suffix)
+        out[name] = [os.fspath(p) for p in template.sharded_filepaths(info.num_shards)]
+    return out
+
+
+def has_array_record(builder: tfds.core.DatasetBuilder) -> bool:
+    return all(os.path.exists(p) for paths in shard_paths(builder, ARRAY_RECORD).values() for p in paths)
+
+
+def to_array_record(builder: tfds.core.DatasetBuilder) -> None:
+    """Write each TFRecord shard of a prepared builder again as array_record beside it (resumable by shard)."""
+    source = shard_paths(builder, file_adapters.FileFormat.TFRECORD)
+    target = shard_paths(builder, ARRAY_RECORD)
+    todo = [(s, t) for split in source for s, t in zip(source[split], target[split], strict=True)
+            if not os.path.exists(t)]
+    missing = [s for s, _ in todo if not os.path.exists(s)]
+    if missing:
+        raise UserError(f"{builder.name} in {builder.data_dir} is neither in array_record nor complete in TFRecord "
+                        f"({len(missing)} shard(s) missing, e.g. {missing[0]}): delete that folder and prepare it "
+                        "again")
+    total = sum(info.num_examples for info in builder.info.splits.values())
+    logging.info("%s in %s is stored as TFRecord: writing it once more as array_record (read by index) beside it",
+                 builder.name, builder.data_dir)
+    with tqdm(total=total, unit=" records", desc=f"{builder.name}: TFRecord -> array_record", mininterval=2.0) as bar:
+        for src, dst in todo:
+            tmp = dst + ".tmp"
+            writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+            for record in tf.data.TFRecordDataset(src, buffer_size=8 << 20).as_numpy_iterator():
+                writer.write(record)
+                bar.update(1)
+            writer.close()
+            os.replace(tmp, dst)
+
+
+def random_access(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
+    """The builder reading its array_record files (converted from TFRecord first when it has none)."""
+    if builder.info.file_format != ARRAY_RECORD:
+        if not has_array_record(builder):
+            to_array_record(builder)
+        builder.info.set_file_format(ARRAY_RECORD, override=True, override_if_initialized=True)
+    return builder
