@@ -209,3 +209,10 @@ def pytest_collection_modifyitems(session, config, items):
         return COST_ORDER.index(name) if name in COST_ORDER else len(COST_ORDER)
 
     items[:] = [item for _, _, item in sorted((rank(item), i, item) for i, item in enumerate(items))]
+
+
+def examples(builder, split: str, decoders=None) -> list[dict]:
+    """A prepared split's examples through tfds's own random-access reader (`as_data_source`; the photo datasets are
+    array_record, which `as_dataset` does not read): a reference independent of alexnet_jax's `records`."""
+    source = builder.as_data_source(split=split, decoders=decoders)
+    return [source[i] for i in range(len(source))]

@@ -1,7 +1,9 @@
 """The ImageNet stream's fingerprint on the tiny archive, per pipeline: what `tests/test_photos.py` compares the
-current code with (`tests/data/imagenet_stream_golden.npz`, written by the commit before the photos pipeline
-replaced the ImageNet-only one; regenerate only when the stream is meant to change:
-`python tests/imagenet_stream_golden.py OUT.npz`).
+current code with (`tests/data/imagenet_stream_golden.npz`; regenerate only when the stream is meant to change:
+`python tests/imagenet_stream_golden.py OUT.npz`). Written first by the commit before the photos pipeline replaced
+the ImageNet-only one; regenerated on 2026-12-02 when the training stream became records read by index (global
+batch s = rows of a (seed, epoch) permutation: every training batch changed; the evaluation of the source images
+did not, and the prepared squares' evaluation only in its order, square i now being source record i).
 
 For each case: the labels of every row exactly, and every image's pixels on a fixed 7x7 grid of positions and
 all channels (float32), for training steps 0-5 (two epochs at batch 8) and the whole evaluation split."""

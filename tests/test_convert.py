@@ -7,6 +7,7 @@ import forkserver
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import examples
 
 from alexnet_jax import convert
 from alexnet_jax.errors import UserError
@@ -218,10 +219,8 @@ def test_evaluate_uses_torchvision_normalisation_on_imagenet(narrow_model, conve
     views = list(data.views("validation", 0, 1))
     mine = {n.decode(): im for b in views for n, im, m in zip(b["file_name"], b["image"], b["mask"], strict=True)
             if m > 0}
-    source = imagenet.open_prepared(config).as_dataset(split="validation",
-                                                       decoders={"image": tfds.decode.SkipDecoding()})
     reference = {}
-    for ex in source.as_numpy_iterator():
+    for ex in examples(imagenet.open_prepared(config), "validation", {"image": tfds.decode.SkipDecoding()}):
         path = tmp_path / ex["file_name"].decode()
         path.write_bytes(ex["image"])
         reference[path.name] = _torchvision_transforms(str(path)).transpose(1, 2, 0)

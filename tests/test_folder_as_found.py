@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import FAST_COMPILE, REPO, load_script
+from conftest import FAST_COMPILE, REPO, examples, load_script
 from PIL import Image, ImageOps
 
 from alexnet_jax.data import images, squares
@@ -130,7 +130,7 @@ def test_training_counts_what_torchvisions_rules_select_and_predict_ranks_the_sa
     from alexnet_jax.data import sources
 
     builder = sources.open_source(config).builder
-    stored = {ex["file_name"].decode() for ex in builder.as_dataset(split="train").as_numpy_iterator()}
+    stored = {ex["file_name"].decode() for ex in examples(builder, "train")}
     assert stored == want
     paths = predict.image_files([found])
     assert {os.path.relpath(p, found) for p in paths} == want
@@ -197,7 +197,7 @@ def test_a_rotated_phone_photo_is_prepared_and_predicted_upright(tmp_path):
         Image.fromarray(_photo(1)).save(tmp_path / "f" / cls / "x.jpg")
     os.replace(path, tmp_path / "f" / "a" / "IMG_0001.jpg")
     builder, _ = folder.prepare(str(tmp_path / "f"), str(tmp_path / "tfds"))
-    ex = next(e for e in builder.as_dataset(split="train").as_numpy_iterator()
+    ex = next(e for e in examples(builder, "train")
               if e["file_name"].decode().endswith("IMG_0001.jpg"))
     assert ex["image"].shape == upright.shape
     assert np.abs(ex["image"] - upright.astype(np.float64)).mean() < jpeg_error + 1.5

@@ -14,12 +14,13 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import FAST_COMPILE
+import tensorflow_datasets as tfds
+from conftest import FAST_COMPILE, examples
 from PIL import Image
 
 from alexnet_jax import data as datalib
 from alexnet_jax import default_config
-from alexnet_jax.data import augment, imagenet
+from alexnet_jax.data import augment, imagenet, photos
 from alexnet_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,11 +61,11 @@ def test_real_builder_prepares_tiny_archive(prepared):
     assert builder.info.splits["validation"].num_examples == 8
     synsets = tiny.validation_labels(8)
     names = builder.info.features["label"].names
-    val = list(builder.as_dataset(split="validation").as_numpy_iterator())
+    val = examples(builder, "validation")
     by_file = {ex["file_name"].decode(): names[ex["label"]] for ex in val}
     # tfds labels the k-th sorted validation file with its bundled list's k-th synset
     assert [by_file[f"ILSVRC2012_val_{k + 1:08d}.JPEG"] for k in range(8)] == synsets
-    train_labels = {names[ex["label"]] for ex in builder.as_dataset(split="train").as_numpy_iterator()}
+    train_labels = {names[ex["label"]] for ex in examples(builder, "train")}
     assert train_labels == set(synsets)
 
 
@@ -161,27 +162,34 @@ def test_resumed_stream_equals_uninterrupted(prepared):
     assert not np.array_equal(other_seed[0]["image"], full[0]["image"])
 
 
-def test_processes_read_disjoint_slices(prepared):
-    """Record identities (the archive's file names): over an epoch the two processes' records are disjoint and
-    together the whole split; each process's batches are made of exactly its own records, row for row."""
+def test_processes_read_their_rows_of_the_same_global_batches(prepared):
+    """Record identities (the archive's file names): global batch s is the same records whatever the process
+    count, process p reading rows [pB/P, (p+1)B/P) of it; over an epoch every training image once; each process's
+    batches are made of exactly its own records, row for row."""
     config = _config(prepared[0])
-    builder = imagenet.open_prepared(config)
-    parse = imagenet._parser(builder)
+    src = imagenet.source(imagenet.open_prepared(config))
+    spec = photos.Spec.of(config)
+    parse = photos.parser(src)
+    recs = src.records("train")
+
+    def names(indices):
+        return [parse(r)["file_name"].numpy().decode() for r in recs.read(indices.reshape(-1))]
+
     steps = 4  # one epoch: 32 images at batch 8
-    read = []
-    for pid in (0, 1):
-        rows = [parse(record) for _, record in imagenet.train_records(builder, config, 0, steps, pid, 2)]
-        read.append(([r["file_name"].numpy().decode() for r in rows], [int(r["label"]) for r in rows]))
-    names = [set(n) for n, _ in read]
-    assert all(len(n) == len(set(n)) == 16 for n, _ in read)  # each process: 16 distinct records per epoch
-    assert not names[0] & names[1], sorted(names[0] & names[1])
-    split = {ex["file_name"].decode() for ex in builder.as_dataset(split="train").as_numpy_iterator()}
-    assert names[0] | names[1] == split and len(split) == 32
+    one = photos.train_indices(src, spec, 0, steps, 0, 1)
+    for nproc in (2, 4):
+        per_process = [photos.train_indices(src, spec, 0, steps, pid, nproc) for pid in range(nproc)]
+        np.testing.assert_array_equal(np.concatenate(per_process, axis=1), one)
+    epoch = names(one)
+    split = {ex["file_name"].decode() for ex in examples(src.builder, "train")}
+    assert len(epoch) == len(set(epoch)) == 32 and set(epoch) == split
     data = datalib.create_data(_config(prepared[0], pca_lighting=0.0))
-    for pid, (_, labels) in enumerate(read):
+    labels = [int(parse(r)["label"]) for r in recs.read(one.reshape(-1))]
+    for pid in (0, 1):
         batches = list(data.train(0, steps, pid, 2))
         assert all(b["image"].shape == (4, 224, 224, 3) for b in batches)
-        assert np.concatenate([b["label"] for b in batches]).tolist() == labels
+        mine = np.asarray(labels).reshape(steps, 8)[:, pid * 4 : (pid + 1) * 4]
+        assert np.concatenate([b["label"] for b in batches]).tolist() == mine.reshape(-1).tolist()
 
 
 @pytest.mark.parametrize("crops", [1, 10])
@@ -197,7 +205,7 @@ def test_eval_counts_every_image_once(prepared, crops, nproc, batch):
             labels += list(b["label"][b["mask"] > 0])
     assert len(set(lengths)) == 1  # processes step together
     builder = imagenet.open_prepared(_config(prepared[0]))
-    reference = [ex["label"] for ex in builder.as_dataset(split="validation").as_numpy_iterator()]
+    reference = [ex["label"] for ex in examples(builder, "validation")]
     assert sorted(labels) == sorted(reference) and len(labels) == 8
 
 
@@ -341,7 +349,7 @@ def test_data_pca_recovers_a_known_colour_covariance(tmp_path):
     manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "data")
     tiny.write_tiny_imagenet(manual, classes=2, train_per_class=4, train_image=image)
     builder = imagenet.prepare(data_dir, manual, verify=False)
-    stats = imagenet.dataset_stats(builder, 256, 0)
+    stats = photos.dataset_stats(imagenet.source(builder), 256, 0)
     pixels = np.concatenate(written).astype(np.float64) / 255.0  # every block is the same number of pixels
     known = np.cov(pixels.T, bias=True)
     val, vec = np.linalg.eigh(known)
@@ -411,10 +419,9 @@ def test_random_resized_crop_is_deterministic_and_sized():
 
 def test_mean_image_is_the_training_mean(prepared):
     builder = imagenet.open_prepared(_config(prepared[0]))
-    stats = imagenet.dataset_stats(builder, 256, 0)
+    stats = photos.dataset_stats(imagenet.source(builder), 256, 0)
     squares = [augment.decode_square(tf.constant(ex["image"]), 256).numpy() for ex in
-               builder.as_dataset(split="train", decoders={"image": imagenet.tfds.decode.SkipDecoding()})
-               .as_numpy_iterator()]
+               examples(builder, "train", {"image": tfds.decode.SkipDecoding()})]
     squares = np.asarray(squares, np.float64)
     np.testing.assert_allclose(stats["mean_image"], squares.mean(0), atol=1e-3)
     np.testing.assert_allclose(stats["std"], squares.std(axis=(0, 1, 2)), rtol=1e-4)
@@ -434,14 +441,13 @@ def test_corrupt_jpeg_in_archive_is_named_and_never_trained_on(tmp_path):
     assert not imagenet.open_builder(data).is_prepared()  # the prepared copy was removed
     # prepared without the check (e.g. by tfds directly): training stops with a message, no black example
     imagenet.prepare(data, manual, verify=False)
-    c = _config(data, batch_size=2, shuffle_buffer=6)
+    c = _config(data, batch_size=2)
     with pytest.raises(UserError, match="does not decode"):  # computing the mean image meets it first
         datalib.create_data(c)
-    builder = imagenet.open_prepared(c)
+    src = imagenet.source(imagenet.open_prepared(c))
     norm = datalib.normalisation_for(c, {"mean_image": np.zeros((256, 256, 3), np.float32),
                                          "mean": np.zeros(3, np.float32), "std": np.ones(3, np.float32)})
-    batches = imagenet._guard(imagenet.tfds.as_numpy(imagenet.train_dataset(builder, c, norm, 0, 3)), builder,
-                              "train")
+    batches = photos.guard(tfds.as_numpy(photos.train_dataset(src, photos.Spec.of(c), norm, 0, 3)), src, "train")
     with pytest.raises(UserError, match="does not decode.*prepare_imagenet.py --verify_only"):
         list(batches)
 
@@ -465,6 +471,6 @@ def test_unknown_dataset_and_bad_values_are_rejected(tmp_path):
     with pytest.raises(UserError, match=r"dataset='imagenet' is unknown; choose one of"):
         datalib.create_data(_config(str(tmp_path), dataset="imagenet"))
     with pytest.raises(UserError, match="eval_crops"):
-        imagenet.check_config(_config(str(tmp_path), eval_crops=5))
+        photos.check_config(_config(str(tmp_path), eval_crops=5))
     with pytest.raises(UserError, match="train_crop"):
-        imagenet.check_config(_config(str(tmp_path), train_crop="inception"))
+        photos.check_config(_config(str(tmp_path), train_crop="inception"))

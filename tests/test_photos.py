@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from conftest import FAST_COMPILE, REPO, load_script
+from conftest import FAST_COMPILE, REPO, examples, load_script
 from PIL import Image
 
 from alexnet_jax import data as datalib
@@ -95,9 +95,9 @@ def test_folder_ten_crop_eval_counts_every_held_out_image_once(photos, nproc, ba
             assert b["image"].shape[1:] == (10, 32, 32, 3)
             labels += list(b["label"][b["mask"] > 0])
     assert len(set(lengths)) == 1
-    held = [int(ex["label"]) for ex in src.builder.as_dataset(split="train[72:]").as_numpy_iterator()]
-    train = {ex["file_name"] for ex in src.builder.as_dataset(split="train[:72]").as_numpy_iterator()}
-    held_names = {ex["file_name"] for ex in src.builder.as_dataset(split="train[72:]").as_numpy_iterator()}
+    held = [int(ex["label"]) for ex in examples(src.builder, "train[72:]")]
+    train = {ex["file_name"] for ex in examples(src.builder, "train[:72]")}
+    held_names = {ex["file_name"] for ex in examples(src.builder, "train[72:]")}
     assert sorted(labels) == sorted(held) and len(labels) == 18
     assert not train & held_names and len(train | held_names) == 90  # disjoint, and every photo in one of them
 
@@ -201,8 +201,9 @@ def _with(config, **kw):
 
 
 def test_imagenet_stream_is_unchanged(prepared):
-    """The tiny archive's batches (training, 10-crop evaluation, prepared squares raw/JPEG) equal those the
-    ImageNet-only pipeline produced before the photos pipeline replaced it (tests/data/imagenet_stream_golden.npz)."""
+    """The tiny archive's batches (training, 10-crop evaluation, prepared squares raw/JPEG) equal the golden file's
+    (tests/data/imagenet_stream_golden.npz: its evaluation batches those of the ImageNet-only pipeline before the
+    photos pipeline, its training batches those of the by-index stream)."""
     golden_module = load_script_from_tests("imagenet_stream_golden")
     now = golden_module.fingerprints(prepared[0])
     with np.load(os.path.join(REPO, "tests", "data", "imagenet_stream_golden.npz")) as before:

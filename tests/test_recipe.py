@@ -12,7 +12,7 @@ import math
 import os
 
 import pytest
-from conftest import run_once
+from conftest import examples, run_once
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("check_recipe", os.path.join(REPO, "scripts", "check_recipe.py"))
@@ -65,7 +65,7 @@ def test_balanced_validation_split_is_labelled_by_content(tmp_path):
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
     names = builder.info.features["label"].names
     got = {ex["file_name"].decode(): names[ex["label"]]
-           for ex in builder.as_dataset(split="validation").as_numpy_iterator()}
+           for ex in examples(builder, "validation")}
     assert got == drawn and len(set(got.values())) == 4
-    train = {names[ex["label"]] for ex in builder.as_dataset(split="train").as_numpy_iterator()}
+    train = {names[ex["label"]] for ex in examples(builder, "train")}
     assert train == set(synsets)

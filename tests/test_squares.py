@@ -1,6 +1,7 @@
-"""ImageNet prepared once as the paper's 256x256 squares (`alexnet_jax.data.squares`, `--config.prepared=True`):
-the tfds dataset round-trips, the crops, the stream's determinism and resumption, exactly-once evaluation,
-resumed and failed preparations, and `main` on it. Shares the tiny ILSVRC-format archive of conftest.py."""
+"""ImageNet prepared once as the paper's 256x256 squares (`alexnet_jax.data.squares`, `--config.prepared=True`; a
+folder's and a tfds dataset's: tests/test_photos.py): the tfds dataset round-trips, the crops, the stream's
+determinism and resumption, exactly-once evaluation, resumed and failed preparations, and `main` on it. Shares the
+tiny ILSVRC-format archive of conftest.py."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from conftest import FAST_COMPILE, REPO, load_script
+from conftest import FAST_COMPILE, REPO, examples, load_script
 
 from alexnet_jax import data as datalib
 from alexnet_jax import default_config
 from alexnet_jax.config import check_config
-from alexnet_jax.data import augment, imagenet, squares
+from alexnet_jax.data import augment, imagenet, sources, squares
 from alexnet_jax.errors import UserError
 
 
@@ -35,14 +36,21 @@ def _config(data_dir: str, **kw) -> ml_collections.ConfigDict:
 
 
 @pytest.fixture(scope="module")
-def squares_of(prepared) -> dict[str, squares.Imagenet2012Squares]:
+def squares_of(prepared) -> dict[str, squares.PhotoSquares]:
     """The tiny archive's squares, raw and JPEG (quality 95), prepared through the API."""
     return {fmt: squares.prepare(_config(prepared[0], prepared_format=fmt)) for fmt in squares.FORMATS}
 
 
 def _by_name(builder, split: str) -> dict[str, dict]:
-    skip = {"image": tfds.decode.SkipDecoding()} if builder.name == imagenet.NAME else None  # source: JPEG bytes
-    return {ex["file_name"].decode(): ex for ex in builder.as_dataset(split=split, decoders=skip).as_numpy_iterator()}
+    """The examples by file name: the source's JPEG bytes; the squares' pixels (JPEG squares decoded by TensorFlow,
+    the decoder training uses: PIL's, tfds's in `as_data_source`, rounds differently)."""
+    source = builder.name == imagenet.NAME
+    jpeg = not source and builder.builder_config.encoding == "jpeg"
+    skip = {"image": tfds.decode.SkipDecoding()} if source or jpeg else None
+    out = {ex["file_name"].decode(): ex for ex in examples(builder, split, skip)}
+    if jpeg:
+        out = {k: {**ex, "image": tf.io.decode_jpeg(ex["image"], channels=3).numpy()} for k, ex in out.items()}
+    return out
 
 
 @pytest.mark.parametrize("split", ["train", "validation"])
@@ -203,18 +211,18 @@ def test_prepared_eval_counts_every_image_once(prepared, squares_of, fmt, nproc,
 def test_interrupted_preparation_resumes(prepared, monkeypatch):
     """Stopped after the train shard: the rerun converts only the validation shard, then cleans up."""
     config = _config(prepared[0], prepared_format="jpeg", prepared_quality=80)
-    convert, calls = squares.Imagenet2012Squares._convert, []
+    convert, calls = squares.PhotoSquares._convert, []
 
-    def interrupted(self, split, *args):
+    def interrupted(self, recs, split, *args):
         calls.append(split)
         if split == "validation" and len(calls) == 2:
             raise KeyboardInterrupt
-        return convert(self, split, *args)
+        return convert(self, recs, split, *args)
 
-    monkeypatch.setattr(squares.Imagenet2012Squares, "_convert", interrupted)
+    monkeypatch.setattr(squares.PhotoSquares, "_convert", interrupted)
     with pytest.raises(KeyboardInterrupt):
         squares.prepare(config)
-    builder = squares.builder_for(config)
+    builder = squares.builder_for(config, sources.open_source(config))
     assert not builder.is_prepared() and os.listdir(os.path.join(builder.work_dir(), "train"))
     builder = squares.prepare(config)
     assert calls == ["train", "validation", "validation"]
@@ -229,9 +237,9 @@ def test_truncated_source_jpeg_is_named(tmp_path):
     imagenet.prepare(data, manual, verify=False)  # a copy prepared without the check
     synset = tiny.validation_labels(1)[0]
     with pytest.raises(UserError, match=rf"1 image\(s\) of imagenet2012's train split .* do not decode: "
-                                        rf"{synset}_1.JPEG\. Replace them"):
+                                        rf"{synset}_1.JPEG\. Run `python scripts/prepare_imagenet.py --verify_only"):
         squares.prepare(_config(data))
-    assert not squares.builder_for(_config(data)).is_prepared()
+    assert not squares.builder_for(_config(data), sources.open_source(_config(data))).is_prepared()
 
 
 def test_unprepared_squares_and_bad_values_say_what_to_do(prepared, tmp_path):
@@ -258,7 +266,7 @@ def test_prepare_command_then_main_trains_and_evaluates(prepared, tmp_path):
                            os.path.join(REPO, "configs/imagenet.py"), *flags],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "train: 256px_area_jpeg90: 100%" in proc.stderr and "images/s" in proc.stderr
+    assert "-256px_area_jpeg90: 100%" in proc.stderr and "images/s" in proc.stderr
     assert "train: 32 images" in proc.stdout and "validation: 8 images" in proc.stdout
     cmd = [sys.executable, "-m", "alexnet_jax.main", "--config", os.path.join(REPO, "configs/imagenet.py"),
            "--workdir", str(tmp_path / "run"), "--config.prepared=True", *flags, "--config.batch_size=4",
@@ -269,7 +277,8 @@ def test_prepare_command_then_main_trains_and_evaluates(prepared, tmp_path):
     summary = json.load(open(tmp_path / "run" / "summary.json"))
     assert summary["step"] == 2 and summary["num_eval_examples"] == 8  # configs/imagenet.py: 10 crops
     # main read the squares: their mean image was computed (and cached) beside them by this run
-    squares_dir = squares.builder_for(_config(data_dir, prepared_format="jpeg", prepared_quality=90)).data_dir
+    jpeg90 = _config(data_dir, prepared_format="jpeg", prepared_quality=90)
+    squares_dir = squares.builder_for(jpeg90, sources.open_source(jpeg90)).data_dir
     assert [f for f in os.listdir(squares_dir) if f.startswith("alexnet_jax_stats_256px_area_32")]
     assert 0.0 <= summary["top1_error"] <= 1.0 and summary["top5_error"] <= summary["top1_error"]
     # resumed for a step with the augmentation in the jitted step, on 2 devices (the uint8 squares sharded): the

@@ -5,7 +5,8 @@ training drew its 224 patches and reflections from those. Decoding a full-size J
 costs most of the host's time per image; a 256x256 square costs a fraction of it (raw uint8: a slice).
 
 - `PhotoSquares`: a tfds builder whose source is any prepared `photos.Source` (ImageNet, a folder, a tfds dataset
-  by name): its training and evaluation splits become the squares' 'train' and 'validation'. One `SquareConfig` per
+  by name): its training and evaluation splits become the squares' 'train' and 'validation', record i the square
+  of the source split's record i. One `SquareConfig` per
   (source, splits, size, resize method, encoding, JPEG quality), named e.g. `imagenet2012-3f2a9c1d-256px_area_raw`.
   Images are stored as raw uint8 (`tfds.features.Tensor`, bytes) or JPEG at a set quality, in array_record.
 - Preparing: `python -m alexnet_jax.data.prepare --config CONFIG` (`prepare`), or, for a folder or a tfds dataset,
@@ -58,7 +59,7 @@ class SquareConfig(tfds.core.BuilderConfig):
     method: str = "area"
     encoding: str = "jpeg"
     quality: int = 95
-    class_names: tuple[str, ...] = ()
+    class_names: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # (tfds logs the config)
 
 
 def square_config(config: ml_collections.ConfigDict, source: photos.Source) -> SquareConfig:
@@ -102,6 +103,7 @@ class PhotoSquares(tfds.core.GeneratorBasedBuilder):
                 "file_name": tfds.features.Text(),
             }),
             supervised_keys=("image", "label"),
+            disable_shuffling=True,  # square i is the source split's record i (tfds shuffled those already)
         )
 
     def work_dir(self) -> str:
