@@ -23,6 +23,8 @@ RESUMABLE_CHANGES = frozenset({
     "checkpoint_keep_best", "checkpoint_async", "kernels",
     "augment_on_device",  # the same batches, augmented in the step instead of on the host
     "init_from",  # read at step 0 only: a resumed run continues from its own checkpoint
+    # how many processes read the stream and how they meet: the global batches do not depend on it (data.records)
+    "distributed", "coordinator_address", "num_processes", "process_id", "cpu_collectives", "prepare_wait_s",
 })
 
 

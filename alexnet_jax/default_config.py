@@ -32,8 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_classes = 1000  # 0: the dataset's class count
     c.crop_padding = 0  # small images: zero-pad by this many pixels, then take a random crop back
     c.random_flip = True  # horizontal reflections
-    c.shuffle_buffer = 0  # imagenet2012: records per process in the shuffle buffer (0: 16 x local batch);
-    # in-memory datasets take a full per-epoch permutation instead
+    # (every dataset's training stream is a per-epoch permutation of its records, read by index: data/records.py)
     # ImageNet (alexnet_jax.data.imagenet / augment; docs/imagenet.md). Paper values; each one can be switched.
     # folder with ILSVRC2012_img_train.tar + _val.tar (imagenet2012) or cifar-10-binary.tar.gz (cifar10, offline);
     # '' = tfds's <data_dir>/downloads/manual

@@ -44,7 +44,6 @@ def get_config():
     c.random_flip = True
     c.pca_lighting = 0.0
     c.stats_examples = 0
-    c.shuffle_buffer = 10_000
     c.dropout_rate = 0.5
     c.batch_size = 32
     c.learning_rate = 0.001

@@ -36,7 +36,6 @@ def get_config():
     c.pca = "data"
     c.normalization = "channel"  # (x - mean) / std per channel, from the training images
     c.stats_examples = 0  # the mean image over every training image
-    c.shuffle_buffer = 10_000  # a few thousand records: the buffer holds the whole split
     c.init_scheme = "he"
     c.batch_size = 32
     c.learning_rate = 0.01  # at batch 32 (the paper's rate at a quarter of its batch: a small set's steps)

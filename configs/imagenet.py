@@ -29,6 +29,5 @@ def get_config():
     c.pca = "data"  # the training pixels' own RGB PCA, as the paper; 'published': fb.resnet.torch's constants
     c.normalization = "pixel"
     c.eval_crops = 10
-    c.shuffle_buffer = 10_000
     c.log_every_steps = 100
     return c

@@ -42,7 +42,7 @@ class Records:
     records read so far, so a test can check that a resumed stream reads nothing before its first step."""
 
     def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
-        self.name = f"{builder.name}'s {split} split"
+        self.name, self.split = f"{builder.name}'s {split} split", split
         instructions = list(builder.info.splits[split].file_instructions)
         self._source = array_record_data_source.ArrayRecordDataSource(instructions)
         self.reads = 0

@@ -1,0 +1,56 @@
+"""One process of a multi-process training run on photos (used by tests/test_photo_stream.py).
+
+Usage: python photo_stream_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES RUNS_JSON
+RUNS_JSON: a list of {"config": {key: value}, "workdir": DIR, "log": FILE}, trained one after the other in this
+process: each through `train.train_and_evaluate`, the real trainer and data pipeline, on DEVICES local CPU devices,
+joined to the other processes over gloo (`distributed.initialize`). Every record this process reads from the training
+split is logged (`records.Records.read` wrapped) to `log`.PROCESS_ID.json: the record identities the test compares.
+"""
+
+import json
+import os
+import sys
+
+
+def main() -> None:
+    pid, nproc, port, devices = (int(a) for a in sys.argv[1:5])
+    runs = json.load(open(sys.argv[5]))
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from alexnet_jax import default_config, distributed, train
+    from alexnet_jax.data import records
+
+    reads: list[list[int]] = []
+    original = records.Records.read
+
+    def logged(self, indices):
+        if self.split == self.split_logged:
+            reads.append([int(i) for i in indices.reshape(-1)])
+        return original(self, indices)
+
+    records.Records.read = logged
+    initialised = False
+    for run in runs:
+        config = default_config.get_config()
+        for k, v in run["config"].items():
+            config[k] = tuple(v) if isinstance(v, list) else v
+        config.distributed = "auto" if nproc > 1 else "off"
+        config.coordinator_address = f"127.0.0.1:{port}" if nproc > 1 else ""
+        config.num_processes, config.process_id = nproc, pid
+        if not initialised:
+            assert distributed.initialize(config) == (nproc > 1)  # before any other JAX call
+            initialised = True
+        records.Records.split_logged = run["train_split"]
+        reads.clear()
+        train.train_and_evaluate(config, run["workdir"])
+        with open(f"{run['log']}.{pid}.json", "w") as f:
+            json.dump(reads, f)
+    if nproc > 1:
+        import jax
+
+        jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
