@@ -16,7 +16,8 @@ from PIL import Image
 
 from alexnet_jax import data as datalib
 from alexnet_jax import default_config
-from alexnet_jax.data import images, sources
+from alexnet_jax.data import images, records, sources
+from alexnet_jax.data import photos as photos_lib
 from alexnet_jax.errors import UserError
 
 photo_folder = load_script("make_photo_folder")
@@ -222,3 +223,72 @@ def load_script_from_tests(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _counted_once(data, reference_labels: list[int], nproc: int = 2) -> None:
+    labels, lengths = [], []
+    for pid in range(nproc):
+        batches = list(data.eval(pid, nproc))
+        lengths.append(len(batches))
+        labels += [int(x) for b in batches for x in b["label"][b["mask"] > 0]]
+    assert len(set(lengths)) == 1 and sorted(labels) == sorted(reference_labels)
+
+
+def test_a_folder_prepared_as_squares_by_the_command_trains_on_host_and_device(photos, tmp_path, python):
+    """`python -m alexnet_jax.data.prepare --config configs/folder.py --config.folder=...` prepares the folder's
+    squares (train and held-out); `prepared=True` trains from them (the squares of the very same records, in the
+    same batches as the source stream), `augment_on_device=True` yields their uint8 squares and draws, which the
+    jitted half turns into the host's batch; evaluation counts each held-out photo once."""
+    import jax
+
+    root, data_dir = photos
+    data_dir = str(tmp_path / "tfds")  # (a fresh data_dir: the command prepares the folder and its squares)
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = forkserver.run([python, "-m", "alexnet_jax.data.prepare", "--config",
+                           os.path.join(REPO, "configs/folder.py"), f"--config.folder={root}",
+                           f"--config.data_dir={data_dir}", "--config.resize_size=36", "--config.image_size=32",
+                           "--config.holdout_fraction=0.2"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train: 72 images" in proc.stdout and "validation: 18 images" in proc.stdout
+    source_config = _folder_config(root, data_dir)
+    src = sources.open_source(source_config)
+    host = datalib.create_data(_folder_config(root, data_dir, prepared=True))
+    device = datalib.create_data(_folder_config(root, data_dir, prepared=True, augment_on_device=True))
+    assert host.num_train == 72 and host.num_eval == 18 and host.on_device is None and device.on_device is not None
+    source_labels = [int(ex["label"]) for ex in examples(src.builder, src.train_split)]
+    rows = photos_lib.train_indices(src, photos_lib.Spec.of(source_config), 0, 3)
+    on_device = jax.jit(device.on_device)
+    for step, (a, b) in enumerate(zip(host.train(0, 3, 0, 1), device.train(0, 3, 0, 1), strict=True)):
+        assert a["image"].shape == (16, 32, 32, 3) and b["image"].shape == (16, 36, 36, 3)
+        assert a["label"].tolist() == [source_labels[i] for i in rows[step]]  # square i is source record i
+        out = jax.device_get(on_device(b))
+        np.testing.assert_array_equal(out["label"], a["label"])
+        np.testing.assert_allclose(out["image"], a["image"], atol=2e-3, rtol=0)
+    _counted_once(host, [int(ex["label"]) for ex in examples(src.builder, src.eval_split)])
+
+
+def test_a_tfds_dataset_prepared_in_tfrecord_is_read_by_index_and_squared(tmp_path):
+    """A tfds dataset someone prepared before in TFRecord (tfds's default): converted once to array_record beside
+    its files (the records the same, in the same order), then its squares prepared by a training run
+    (`prepared=True`), with the augmentation on the device too; evaluation counts each image once."""
+    data_dir = str(tmp_path / "tfds")
+    builder = LocalTestPhotos(data_dir=data_dir)
+    builder.download_and_prepare()
+    tfrecords = [r for r in tf.data.TFRecordDataset(sorted(str(p) for p in tf.io.gfile.glob(
+        os.path.join(os.fspath(builder.data_dir), "*.tfrecord-*")))).as_numpy_iterator()]
+    config = default_config.get_config()
+    for k, v in dict(dataset="local_test_photos", data_dir=data_dir, train_split="train[:16]",
+                     eval_split="train[16:]", num_classes=0, image_size=32, resize_size=36, batch_size=8,
+                     eval_batch_size=8, normalization="channel").items():
+        config[k] = v
+    src = sources.open_source(config)
+    assert src.builder.info.file_format == records.ARRAY_RECORD
+    assert list(records.Records(src.builder, "train").read(np.arange(24))) == tfrecords
+    for kw in (dict(prepared=True), dict(prepared=True, augment_on_device=True)):
+        c = _with(config, **kw)
+        data = datalib.create_data(c)
+        batch = next(data.train(0, 1, 0, 1))
+        assert batch["image"].shape == ((8, 36, 36, 3) if kw.get("augment_on_device") else (8, 32, 32, 3))
+        assert (data.num_train, data.num_eval) == (16, 8)
+        _counted_once(data, [int(ex["kind"]) for ex in examples(src.builder, "train[16:]")])
