@@ -148,6 +148,9 @@ class ImageFolderPhotos(tfds.core.GeneratorBasedBuilder):
             supervised_keys=("image", "label"),
         )
 
+    def _example_writer(self) -> records.Writer:
+        return records.Writer()
+
     def _split_generators(self, dl_manager):
         del dl_manager
         return {split: self._generate_examples(split) for split in self.builder_config.splits}

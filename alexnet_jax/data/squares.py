@@ -106,6 +106,9 @@ class PhotoSquares(tfds.core.GeneratorBasedBuilder):
             disable_shuffling=True,  # square i is the source split's record i (tfds shuffled those already)
         )
 
+    def _example_writer(self) -> records.Writer:
+        return records.Writer()
+
     def work_dir(self) -> str:
         return os.path.join(os.fspath(self.data_dir_root), "downloads", "photo_squares", self.builder_config.name)
 

@@ -116,18 +116,19 @@ MFU = 0.4
 
 def bench_sources(classes: int, train_per_class: int, threads: int, repeats: int = 3,
                   batch: int = 32, quality: int = 97) -> dict[str, object]:
-    """The real training and 10-crop evaluation pipelines (`alexnet_jax.data.imagenet.train_dataset` /
-    `eval_dataset`: records read, shuffled, parsed, augmented, batched) on an ILSVRC-format archive of realistic
+    """The real training and 10-crop evaluation pipelines (`alexnet_jax.data.photos.train_dataset` /
+    `eval_dataset`: records read by index, parsed, augmented, batched) on an ILSVRC-format archive of realistic
     image sizes, for today's source JPEGs and the prepared 256x256 squares (JPEG and raw), measured in turns in
     one run so all three see the same machine load; with the images per second an accelerator's train step
     consumes at 40% of its bf16 peak and the host cores that takes."""
     import contextlib
+    import dataclasses
     import tempfile
 
     import tensorflow as tf
 
     from alexnet_jax import default_config
-    from alexnet_jax.data import base, imagenet, squares
+    from alexnet_jax.data import augment, base, imagenet, photos, squares
 
     tf.config.set_visible_devices([], "GPU")
     tiny = load_script("make_tiny_imagenet")
@@ -141,35 +142,37 @@ def bench_sources(classes: int, train_per_class: int, threads: int, repeats: int
         with contextlib.redirect_stdout(sys.stderr):  # tfds prints its progress: keep --json's stdout clean
             source = imagenet.prepare(data_dir, manual, verify=False)
         config = default_config.get_config()
-        config.update(dict(data_dir=data_dir, batch_size=batch, eval_batch_size=batch, eval_crops=10,
-                           shuffle_buffer=1000, seed=0))
+        config.update(dict(data_dir=data_dir, batch_size=batch, eval_batch_size=batch, eval_crops=10, seed=0))
         norm = base.normalisation_for(config, stats)
-        builders = {"today": (source, (None, None))}
+        spec = photos.Spec.of(config)
+        builders = {"today": (imagenet.source(source), (None, None))}
         sizes = {"today": source.info.splits["train"].num_bytes / source.info.splits["train"].num_examples}
+        stored = {}
         for fmt in squares.FORMATS:
             config.prepared_format = fmt
             with contextlib.redirect_stdout(sys.stderr):
-                b = squares.prepare(config)
-            builders[f"prepared_{fmt}"] = (b, squares.pipelines(config, norm, b))
+                stored[fmt] = squares.Prepared(squares.prepare(config))
+            builders[f"prepared_{fmt}"] = (stored[fmt].source, stored[fmt].pipelines(spec, norm, augment.PUBLISHED))
+            b = stored[fmt].builder
             sizes[f"prepared_{fmt}"] = b.info.splits["train"].num_bytes / b.info.splits["train"].num_examples
         steps = source.info.splits["train"].num_examples // batch  # one epoch per pass
         datasets = {}
-        for name, (b, (train, evaluation)) in builders.items():
-            datasets[f"{name}_train"] = imagenet.train_dataset(b, config, norm, 0, steps, threads=threads,
-                                                               squares=train)
-            datasets[f"{name}_eval_10crop"] = imagenet.eval_dataset(b, config, norm, threads=threads,
-                                                                    squares=evaluation)
+        for name, (src, (train, evaluation)) in builders.items():
+            datasets[f"{name}_train"] = photos.train_dataset(src, spec, norm, 0, steps, threads=threads,
+                                                             squares=train)
+            datasets[f"{name}_eval_10crop"] = photos.eval_dataset(src, spec, norm, threads=threads,
+                                                                  squares=evaluation)
         # Issue #14 item 3: --config.augment_on_device=True, the host's part (raw squares to the uint8 squares of
         # the batch and their draws; crop, reflection, mean image and lighting in the jitted step), and, measured
         # only, a middle way: uint8 224 patches (crop and reflection on the host, the rest in the step).
-        raw = builders["prepared_raw"][0]
-        config.prepared_format, config.augment_on_device = "raw", True
-        datasets["prepared_raw_on_device_train"] = imagenet.train_dataset(
-            raw, config, norm, 0, steps, threads=threads, squares=squares.pipelines(config, norm, raw)[0])
-        on_device = squares.on_device(config, norm)
-        config.augment_on_device = False
-        datasets["prepared_raw_uint8_patches_host_part_train"] = imagenet.train_dataset(
-            raw, config, norm, 0, steps, threads=threads, squares=_uint8_patches(config, raw))
+        raw = stored["raw"]
+        device_spec = dataclasses.replace(spec, augment_on_device=True)
+        datasets["prepared_raw_on_device_train"] = photos.train_dataset(
+            raw.source, device_spec, norm, 0, steps, threads=threads,
+            squares=raw.pipelines(device_spec, norm, augment.PUBLISHED)[0])
+        on_device = squares.on_device(device_spec, norm)
+        datasets["prepared_raw_uint8_patches_host_part_train"] = photos.train_dataset(
+            raw.source, spec, norm, 0, steps, threads=threads, squares=_uint8_patches(spec, raw.size))
         totals = {k: [0, 0.0, 0.0] for k in datasets}
         for ds in datasets.values():  # warm-up: tracing, XLA compilation, thread pools, file caches
             list(ds.as_numpy_iterator())
@@ -227,14 +230,12 @@ def _device_augment_ms(on_device, example: dict, repeats: int = 20) -> dict[str,
     return out
 
 
-def _uint8_patches(config, builder):
+def _uint8_patches(spec, size: int):
     """A `squares=` hook that stops at uint8 patches (crop and reflection gathered in one XLA function), with the
     step's lighting draws beside them."""
     import tensorflow as tf
 
     from alexnet_jax.data import augment, squares
-
-    size = builder.builder_config.size
 
     @tf.function(jit_compile=True)
     def cut(images, yx, flips):
@@ -244,7 +245,7 @@ def _uint8_patches(config, builder):
 
     def hook(records, key, rows):
         ex = tf.io.parse_example(records, squares.RECORD_SPEC)
-        yx, flips, alpha = augment.batch_draws(key, rows, int(config.batch_size), size, 224, 0.1)
+        yx, flips, alpha = augment.batch_draws(key, rows, spec.batch_size, size, 224, 0.1)
         images = tf.reshape(tf.io.decode_raw(ex["image"], tf.uint8), (-1, size, size, 3))
         return {"image": cut(images, yx, flips), "lighting": alpha, "label": ex["label"]}
 
