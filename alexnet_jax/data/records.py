@@ -70,6 +70,8 @@ class Records:
         self._readers: list = [None] * len(shards)
         self.reads = 0
         self._lock = threading.Lock()
+        if shards:  # a path that cannot be opened stops here, in one line, not inside the pipeline
+            self._reader(0)
 
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0
@@ -78,8 +80,7 @@ class Records:
         if self._readers[shard] is None:
             with self._lock:
                 if self._readers[shard] is None:
-                    self._readers[shard] = array_record_module.ArrayRecordReader(
-                        self._files[shard], options="readahead_buffer_size:0", file_reader_buffer_size=32768)
+                    self._readers[shard] = open_reader(self._files[shard])
         return self._readers[shard]
 
     def read(self, indices: np.ndarray) -> np.ndarray:
@@ -102,6 +103,19 @@ class Records:
         """`read` inside a tf.data pipeline: a string tensor of the indices' shape."""
         out = tf.numpy_function(self.read, [indices], tf.string, stateful=False)
         return tf.reshape(out, tf.shape(indices))
+
+
+def open_reader(path: str):
+    try:
+        return array_record_module.ArrayRecordReader(path, options="readahead_buffer_size:0",
+                                                     file_reader_buffer_size=32768)
+    except (RuntimeError, ValueError) as e:
+        where = os.fspath(path)
+        hint = (" An array_record older than 0.8.6 reads only local files: upgrade it (pip install -U array-record), or "
+                "mount the bucket with Cloud Storage FUSE (`gcsfuse --implicit-dirs BUCKET /gcs`) and give "
+                "--config.data_dir=/gcs/...; " if where.startswith("gs://") else " ")
+        raise UserError(f"cannot open {where} ({str(e).splitlines()[0][:160]}).{hint}or prepare the dataset again "
+                        "(delete its folder).") from None
 
 
 def train_steps(n: int, batch_size: int, seed: int, start_step: int, num_steps: int, process_index: int = 0,
