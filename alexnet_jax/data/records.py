@@ -111,9 +111,9 @@ def open_reader(path: str):
                                                      file_reader_buffer_size=32768)
     except (RuntimeError, ValueError) as e:
         where = os.fspath(path)
-        hint = (" An array_record older than 0.8.6 reads only local files: upgrade it (pip install -U array-record), or "
-                "mount the bucket with Cloud Storage FUSE (`gcsfuse --implicit-dirs BUCKET /gcs`) and give "
-                "--config.data_dir=/gcs/...; " if where.startswith("gs://") else " ")
+        hint = (" An array_record older than 0.8.6 reads only local files: upgrade it (pip install -U "
+                "array-record), or mount the bucket with Cloud Storage FUSE (`gcsfuse --implicit-dirs BUCKET "
+                "/gcs`) and give --config.data_dir=/gcs/...; " if where.startswith("gs://") else " ")
         raise UserError(f"cannot open {where} ({str(e).splitlines()[0][:160]}).{hint}or prepare the dataset again "
                         "(delete its folder).") from None
 
