@@ -142,3 +142,40 @@ def test_the_checker_sees_function_level_imports_and_cycles(tmp_path):
     graph = {m: imports_of(m, str(pkg / (m.split(".")[-1] + ".py")), known) for m in known - {"alexnet_jax"}}
     assert graph == {"alexnet_jax.a": {"alexnet_jax.b"}, "alexnet_jax.b": {"alexnet_jax.a"}}
     assert find_cycle(graph) == ["alexnet_jax.a", "alexnet_jax.b", "alexnet_jax.a"]
+
+
+def private_uses(path: str, known: set[str]) -> list[str]:
+    """`from alexnet_jax.x import _y` and `x._y` where `x` names one of the package's modules: a private name used
+    from another module (dunders excepted)."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    modules: set[str] = set()  # local names bound to the package's modules
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("alexnet_jax"):
+            for a in node.names:
+                if a.name.startswith("_") and not a.name.startswith("__"):
+                    out.append(f"from {node.module} import {a.name}")
+                if f"{node.module}.{a.name}" in known:
+                    modules.add(a.asname or a.name)
+        elif isinstance(node, ast.Import):
+            modules.update(a.asname or a.name for a in node.names if a.name.startswith("alexnet_jax"))
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            out.append(f"{node.value.id}.{node.attr}")
+    return out
+
+
+def test_no_private_name_is_used_from_another_module():
+    mods = _modules()
+    bad = {name: private_uses(path, set(mods)) for name, path in mods.items()}
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_the_private_name_check_finds_both_spellings(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("from alexnet_jax.data import imagenet\nfrom alexnet_jax.data.photos import _parser\n"
+                    "def f():\n    return imagenet._guard\n")
+    assert private_uses(str(path), {"alexnet_jax.data.imagenet", "alexnet_jax.data.photos"}) == [
+        "from alexnet_jax.data.photos import _parser", "imagenet._guard"]
