@@ -197,7 +197,8 @@ def prepared() -> tuple[str, str]:
 # end, where the two workers finish together. The two recipe checks (~2.5 minutes each) go to the same worker, one
 # after the other: the second finds their shared archive and mean image made, while the other worker prepares
 # FashionMNIST for test_train.py instead of waiting for the archive's lock.
-COST_ORDER = ("test_recipe", "test_train", "test_recipe_owt", "test_transfer", "test_sharding", "test_performance",
+COST_ORDER = ("test_recipe", "test_train", "test_recipe_owt", "test_transfer", "test_photo_stream", "test_sharding",
+              "test_performance",
               "test_checkpointing", "test_squares", "test_convert", "test_imagenet", "test_models", "test_kernels",
               "test_failures", "test_communication", "test_folder_as_found", "test_docs", "test_photos", "test_figures",
               "test_accelerator", "test_cifar10")
