@@ -55,7 +55,7 @@ def prepare(workdir: str) -> str:
 
 
 def run(workdir: str, data_dir: str, variant: str, steps: int, batch: int, env: dict[str, str] | None = None,
-        quiet: bool = False, eval_every: int = 0) -> dict:
+        quiet: bool = False, eval_every: int = 0, seed: int = 0) -> dict:
     """Train with the shipped configs/imagenet.py; returns summary.json. `eval_every` > 0: evaluate every this many
     steps (and at the end) instead of once per epoch, e.g. only at the end: each 10-crop evaluation of the 32
     validation images costs two thirds of a training epoch here."""
@@ -70,6 +70,8 @@ def run(workdir: str, data_dir: str, variant: str, steps: int, batch: int, env: 
            "--config.pca=published"]
     if variant != "paper":
         cmd.append(f"--config.variant={variant}")
+    if seed:
+        cmd.append(f"--config.seed={seed}")
     if eval_every > 0:
         cmd.append(f"--config.eval_every_steps={eval_every}")
     print("$", " ".join(cmd), flush=True)
@@ -103,10 +105,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every this many steps (0: once per epoch)")
+    p.add_argument("--seed", type=int, default=0, help="the run's seed (initialisation and stream)")
     a = p.parse_args()
     workdir = os.path.abspath(a.workdir)
     data_dir = prepare(workdir)
-    ok, line = verdict(run(workdir, data_dir, a.variant, a.steps, a.batch, eval_every=a.eval_every))
+    ok, line = verdict(run(workdir, data_dir, a.variant, a.steps, a.batch, eval_every=a.eval_every, seed=a.seed))
     print(line)
     sys.exit(0 if ok else 1)
 

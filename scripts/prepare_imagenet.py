@@ -19,7 +19,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from alexnet_jax.data import imagenet  # noqa: E402
+from alexnet_jax.data import imagenet, records  # noqa: E402
 from alexnet_jax.errors import UserError  # noqa: E402
 
 
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             if not builder.is_prepared():
                 raise UserError(f"{imagenet.NAME} is not prepared in {builder.data_dir_root}: run without "
                                 "--verify_only first")
+            builder = records.random_access(builder)  # (a TFRecord copy: its array_record copy written first)
             bad = {s: imagenet.find_undecodable(builder, s) for s in builder.info.splits}
             for split, names in bad.items():
                 print(f"{split}: {len(names)} JPEG(s) do not decode" + (": " + ", ".join(names) if names else ""))

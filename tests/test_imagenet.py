@@ -474,3 +474,23 @@ def test_unknown_dataset_and_bad_values_are_rejected(tmp_path):
         photos.check_config(_config(str(tmp_path), eval_crops=5))
     with pytest.raises(UserError, match="train_crop"):
         photos.check_config(_config(str(tmp_path), train_crop="inception"))
+
+
+def test_a_tfrecord_copy_is_refused_in_one_line_then_converted_by_the_script(tmp_path):
+    """ImageNet prepared by tfds in TFRecord (its default: a copy made before records were read by index): training
+    says to run scripts/prepare_imagenet.py, which converts it beside its files without the archives; then the
+    records read by index are the TFRecord's, in order."""
+    manual, data = str(tmp_path / "manual"), str(tmp_path / "data")
+    tiny.write_tiny_imagenet(manual, classes=2, train_per_class=3)
+    builder = imagenet.open_builder(data)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    before = [r for fi in builder.info.splits["train"].file_instructions
+              for r in tf.data.TFRecordDataset(fi.filename).as_numpy_iterator()]
+    with pytest.raises(UserError, match=r"stored as TFRecord only.*run `python scripts/prepare_imagenet.py"):
+        datalib.create_data(_config(data, manual_dir=manual))
+    os.rename(manual, manual + "_gone")  # the conversion needs no archive
+    proc = forkserver.run([sys.executable, os.path.join(REPO, "scripts", "prepare_imagenet.py"), "--data_dir", data,
+                           "--manual_dir", manual, "--skip_verify"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    src = imagenet.source(imagenet.open_prepared(_config(data, manual_dir=manual)))
+    assert list(src.records("train").read(np.arange(len(before)))) == before

@@ -77,11 +77,12 @@ def find_undecodable(builder: tfds.core.DatasetBuilder, split: str) -> list[str]
 
 
 def prepare(data_dir: str | None, manual_dir: str = "", verify: bool = True) -> tfds.core.DatasetBuilder:
-    """Run tfds's imagenet2012 builder on the manual archives; then check every JPEG decodes."""
+    """Run tfds's imagenet2012 builder on the manual archives (a copy prepared before needs none: one in TFRecord
+    is converted to array_record beside its files); then check every JPEG decodes."""
     builder = open_builder(data_dir)
     manual = manual_dir_for(builder, manual_dir)
     missing = missing_archives(manual)
-    if missing:
+    if missing and not builder.is_prepared():
         raise UserError(_archive_message(manual, data_dir, missing))
     if not builder.is_prepared():
         logging.info("preparing %s from %s into %s", NAME, manual, builder.data_dir)
