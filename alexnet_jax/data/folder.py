@@ -211,9 +211,7 @@ def prepare(root: str, data_dir: str | None, processes: once.Processes = once.ON
     builder = ImageFolderPhotos(config=config, data_dir=data_dir, files=found)
 
     def ready() -> bool:  # prepared, and in array_record (a copy prepared before in TFRecord is converted)
-        fresh = ImageFolderPhotos(config=config, data_dir=data_dir)
-        return fresh.is_prepared() and (fresh.info.file_format == records.ARRAY_RECORD
-                                        or records.has_array_record(fresh))
+        return records.is_readable(ImageFolderPhotos(config=config, data_dir=data_dir))
 
     def build() -> None:
         if builder.is_prepared():

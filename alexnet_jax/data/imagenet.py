@@ -65,7 +65,7 @@ def missing_archives(manual: str) -> list[str]:
 def find_undecodable(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
     """File names of the prepared images of `split` that do not decode as JPEG (all cores, one pass)."""
     src = source(builder)
-    parsed = photos.read_in_order(src.records(split), 0, src.num_examples(split)).map(
+    parsed = src.records(split).in_order(0, src.num_examples(split)).map(
         photos.parser(src), num_parallel_calls=tf.data.AUTOTUNE)
     names = {n.decode() for n in parsed.map(lambda ex: ex["file_name"]).as_numpy_iterator()}
     decoded = parsed.map(
@@ -125,7 +125,7 @@ def open_prepared(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder
         raise UserError(f"{NAME} in {builder.data_dir} was prepared without its {'/'.join(absent)} split "
                         f"({' and '.join(MANUAL_FILES[s] for s in absent)} was missing): put the file(s) in "
                         f"{manual}, delete {builder.data_dir} and run `{prepare_command(data_dir, manual)}`.")
-    if builder.info.file_format != records.ARRAY_RECORD and not records.has_array_record(builder):
+    if not records.has_array_record(builder):
         raise UserError(f"{NAME} in {builder.data_dir} is stored as TFRecord only; records are read by index from "
                         f"array_record: run `{prepare_command(data_dir, manual)}` once, which writes its array_record "
                         "copy beside it (about as long as reading the dataset once), then train.")

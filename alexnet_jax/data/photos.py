@@ -152,11 +152,6 @@ def parser(source: Source) -> Callable[[tf.Tensor], dict]:
     return lambda record: features.deserialize_example(record, decoders=decoders)
 
 
-def read_in_order(recs: records.Records, lo: int, hi: int, chunk: int = 64) -> tf.data.Dataset:
-    """Records lo .. hi-1 of a split, in order, read `chunk` at a time."""
-    return tf.data.Dataset.range(lo, hi).batch(chunk).map(recs.read_tf).unbatch()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Statistics for normalisation.
 
@@ -203,7 +198,7 @@ def _compute_stats(source: Source, square_of: Callable, resize: int, n: int, pat
                    threads: int | None) -> dict[str, np.ndarray]:
     logging.info("computing the training mean image over %d images (cached in %s)", n, path)
     parse = parser(source)
-    ds = read_in_order(source.records(source.train_split), 0, n)
+    ds = source.records(source.train_split).in_order(0, n)
     ds = ds.map(lambda r: square_of(parse(r)[source.image_key]),
                 num_parallel_calls=tf.data.AUTOTUNE).batch(64).with_options(data_options(threads))
     total = np.zeros((resize, resize, 3), np.float64)
@@ -328,7 +323,7 @@ def eval_dataset(source: Source, spec: Spec, norm: Normalisation, process_index:
             out["file_name"] = ex["file_name"] if named else tf.constant("")
         return out
 
-    ds = read_in_order(recs, lo, hi).map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = recs.in_order(lo, hi).map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     pad = {k: tf.zeros(v.shape, v.dtype) for k, v in ds.element_spec.items()}
     ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(rows - (hi - lo))).batch(local)
     if squares is not None:

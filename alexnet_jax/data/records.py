@@ -1,8 +1,8 @@
 """Records read by index: one split of a prepared tfds dataset as a sequence, and the index streams over it.
 
 Every prepared photo dataset (ImageNet, a tfds dataset by name, a folder, the squares of each) is stored in tfds's
-`array_record` format, which reads record i of a split directly (`ArrayRecordDataSource`, tfds's own random-access
-reader). So the training stream is defined on indices, the rule the in-memory datasets already follow:
+`array_record` format, which reads record i of a split directly (`Records`, over array_record's own reader). So
+the training stream is defined on indices, the rule the in-memory datasets already follow:
 
 - global batch s of epoch e = s // steps_per_epoch takes rows [sB, (s+1)B) of a permutation of the split's n records
   seeded by (seed, e) (`tf.random.experimental.stateless_shuffle`: the same op, the same seed as `small.py`);
@@ -47,6 +47,7 @@ class Writer(tfds.core.writer.ExampleWriter):
         super().__init__(file_format=ARRAY_RECORD)
 
     def write(self, path, examples) -> None:
+        """`examples`: (key, serialized example) pairs, as tfds hands them; written in that order."""
         writer = array_record_module.ArrayRecordWriter(os.fspath(path), WRITER_OPTIONS)
         for _, serialized in examples:
             writer.write(serialized)
@@ -65,8 +66,9 @@ class Records:
         self.name, self.split = f"{builder.name}'s {split} split", split
         shards = [(fi.filename, fi.skip, fi.take) for fi in builder.info.splits[split].file_instructions]
         self._files = [f for f, _, _ in shards]
-        self._skips = np.asarray([skip for _, skip, _ in shards], np.int64)
         self._ends = np.cumsum([take for _, _, take in shards], dtype=np.int64)  # records up to each shard's end
+        # index i of shard k is record i - offset[k] of its file (the split may start inside the shard: `skip`)
+        self._offsets = (self._ends - [take for _, _, take in shards]) - [skip for _, skip, _ in shards]
         self._readers: list = [None] * len(shards)
         self.reads = 0
         self._lock = threading.Lock()
@@ -91,8 +93,7 @@ class Records:
         with self._lock:
             self.reads += int(keys.size)
         shards = np.searchsorted(self._ends, keys, side="right")
-        starts = np.concatenate([[0], self._ends[:-1]])
-        positions = keys - starts[shards] + self._skips[shards]
+        positions = keys - self._offsets[shards]
         out = np.empty(keys.size, object)
         for shard in np.unique(shards):
             where = np.flatnonzero(shards == shard)
@@ -103,6 +104,10 @@ class Records:
         """`read` inside a tf.data pipeline: a string tensor of the indices' shape."""
         out = tf.numpy_function(self.read, [indices], tf.string, stateful=False)
         return tf.reshape(out, tf.shape(indices))
+
+    def in_order(self, lo: int, hi: int, chunk: int = 64) -> tf.data.Dataset:
+        """Records lo .. hi-1, in order, read `chunk` at a time (evaluation, statistics, preparation)."""
+        return tf.data.Dataset.range(lo, hi).batch(chunk).map(self.read_tf).unbatch()
 
 
 def open_reader(path: str):
@@ -156,7 +161,13 @@ def shard_paths(builder: tfds.core.DatasetBuilder, fmt: file_adapters.FileFormat
 
 
 def has_array_record(builder: tfds.core.DatasetBuilder) -> bool:
-    return all(os.path.exists(p) for paths in shard_paths(builder, ARRAY_RECORD).values() for p in paths)
+    return (builder.info.file_format == ARRAY_RECORD
+            or all(os.path.exists(p) for paths in shard_paths(builder, ARRAY_RECORD).values() for p in paths))
+
+
+def is_readable(builder: tfds.core.DatasetBuilder) -> bool:
+    """Prepared, and in array_record (prepared so, or converted: `to_array_record`)."""
+    return builder.is_prepared() and has_array_record(builder)
 
 
 def to_array_record(builder: tfds.core.DatasetBuilder) -> None:
@@ -170,24 +181,21 @@ def to_array_record(builder: tfds.core.DatasetBuilder) -> None:
         raise UserError(f"{builder.name} in {builder.data_dir} is neither in array_record nor complete in TFRecord "
                         f"({len(missing)} shard(s) missing, e.g. {missing[0]}): delete that folder and prepare it "
                         "again")
-    total = sum(info.num_examples for info in builder.info.splits.values())
     logging.info("%s in %s is stored as TFRecord: writing it once more as array_record (read by index) beside it",
                  builder.name, builder.data_dir)
-    with tqdm(total=total, unit=" records", desc=f"{builder.name}: TFRecord -> array_record", mininterval=2.0) as bar:
+    with tqdm(total=len(todo), unit=" shards", desc=f"{builder.name}: TFRecord -> array_record",
+              mininterval=2.0) as bar:
         for src, dst in todo:
-            tmp = dst + ".tmp"
-            writer = array_record_module.ArrayRecordWriter(tmp, WRITER_OPTIONS)
-            for record in tf.data.TFRecordDataset(src, buffer_size=8 << 20).as_numpy_iterator():
-                writer.write(record)
-                bar.update(1)
-            writer.close()
-            os.replace(tmp, dst)
+            records = tf.data.TFRecordDataset(src, buffer_size=8 << 20).as_numpy_iterator()
+            Writer().write(dst + ".tmp", ((None, r) for r in records))
+            os.replace(dst + ".tmp", dst)
+            bar.update(1)
 
 
 def random_access(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
     """The builder reading its array_record files (converted from TFRecord first when it has none)."""
+    if not has_array_record(builder):
+        to_array_record(builder)
     if builder.info.file_format != ARRAY_RECORD:
-        if not has_array_record(builder):
-            to_array_record(builder)
         builder.info.set_file_format(ARRAY_RECORD, override=True, override_if_initialized=True)
     return builder

@@ -93,9 +93,7 @@ def _tfds_builder(config: ml_collections.ConfigDict, data_dir: str | None,
                         f"under that name in {data_dir or '~/tensorflow_datasets'} either)") from None
 
     def ready() -> bool:  # prepared, and in array_record (a copy prepared before in TFRecord is converted)
-        fresh = tfds.builder(name, data_dir=data_dir)
-        return fresh.is_prepared() and (fresh.info.file_format == records.ARRAY_RECORD
-                                        or records.has_array_record(fresh))
+        return records.is_readable(tfds.builder(name, data_dir=data_dir))
 
     def build() -> None:
         if builder.is_prepared():

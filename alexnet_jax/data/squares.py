@@ -157,8 +157,7 @@ class PhotoSquares(tfds.core.GeneratorBasedBuilder):
             image = square if c.encoding == "raw" else tf.io.encode_jpeg(square, quality=c.quality)
             return ex["file_name"] if named else tf.constant(""), ex[src.label_key], image
 
-        ds = photos.read_in_order(recs, lo, hi).map(one, num_parallel_calls=tf.data.AUTOTUNE,
-                                                    deterministic=True).prefetch(64)
+        ds = recs.in_order(lo, hi).map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(64)
         features = self.info.features
         tmp = path + ".tmp"
         try:
