@@ -8,8 +8,10 @@ everywhere (`--config.data_dir=...`, `--config.eval_crops=10`, `--config.mesh_sh
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Any
 
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
@@ -27,6 +29,24 @@ def define_config_overrides() -> None:
 def config_overrides() -> dict[str, Any]:
     """The `--config.key=value` pairs given on the command line (only those)."""
     return dict(config_flags.get_override_values(FLAGS["config"]))
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """A configs/*.py file with `key=value` overrides, parsed exactly as `main` parses `--config.key=value`
+    (ml_collections' config flag on a flag set of its own: tuples, booleans and numbers spelled the same way);
+    a UserError naming the bad override."""
+    from alexnet_jax.errors import UserError
+
+    values, argv = flags.FlagValues(), ["load_config", f"--config={path}", *(f"--config.{o}" for o in overrides)]
+    config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True, sys_argv=argv)
+    try:
+        values(argv)
+    except flags.Error as e:
+        raise UserError(f"{e}") from None
+    except (AttributeError, KeyError) as e:
+        raise UserError(f"unknown config key {str(e).strip(chr(34) + chr(39))!r} in {list(overrides)}; the keys "
+                        "are in alexnet_jax/default_config.py") from None
+    return values.config
 
 
 def persistent_compilation_cache() -> None:

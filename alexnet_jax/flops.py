@@ -10,7 +10,7 @@ dense layer's in*out. Biases, ReLU, LRN and pooling add < 1% and are left out, a
 A FLOP is 2 MAC; training costs ~3x the forward pass (forward, gradient w.r.t. inputs, w.r.t. weights).
 
 This module owns all shape and cost analysis of a built model (`stage_outputs`, `feature_shapes`,
-`count_params`, `forward_macs`, `layer_costs`); the model package only defines the network.
+`count_params`, `forward_macs`, `layer_costs`, `conv_geometry`); the model package only defines the network.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ import os
 import sys
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from alexnet_jax.model import AlexNet, create_model
+from alexnet_jax.model import AlexNet, Conv, create_model
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 FLOAT_BYTES = 4
@@ -65,6 +66,43 @@ def stage_outputs(model: AlexNet, image_shape: tuple[int, int, int]) -> dict[str
 def feature_shapes(model: AlexNet, image_shape: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
     """Per-image output shape of every conv and pool stage (shapes only, no FLOPs spent)."""
     return {name.removesuffix("_out"): tuple(v.shape[1:]) for name, v in stage_outputs(model, image_shape).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """One convolution as the model calls it: per-image input (H, W, C), kernel (kh, kw, C/groups, out)."""
+
+    input: tuple[int, int, int]
+    kernel: tuple[int, int, int, int]
+    strides: int
+    padding: tuple[tuple[int, int], tuple[int, int]]
+    groups: int
+
+
+def conv_geometry(model: AlexNet, image_shape: tuple[int, int, int]) -> dict[str, ConvGeometry]:
+    """Every conv layer's geometry in `model.apply` on one image, read off the `Conv` modules as they are called
+    (Flax's `nn.intercept_methods`; shapes only, nothing computed): what a per-layer benchmark needs to time
+    each convolution alone."""
+    found: dict[str, ConvGeometry] = {}
+
+    def spy(next_fun, args, kwargs, context):
+        module = context.module
+        if isinstance(module, Conv) and context.method_name == "__call__":
+            x = args[0]
+            k = module.kernel_size
+            found[module.name] = ConvGeometry(tuple(x.shape[1:]), (k, k, x.shape[-1] // module.groups,
+                                                                   module.features), module.strides,
+                                              tuple(map(tuple, module.padding)), module.groups)
+        return next_fun(*args, **kwargs)
+
+    def run() -> Any:
+        x = jnp.zeros((1, *image_shape))
+        variables = model.init(jax.random.PRNGKey(0), x, train=False)
+        with nn.intercept_methods(spy):
+            return model.apply(variables, x, train=False)
+
+    jax.eval_shape(run)
+    return found
 
 
 def count_params(params: Any) -> int:

@@ -74,10 +74,15 @@ def read_config(workdir: str, step: int | None = None, overrides: dict[str, Any]
 
 
 def load(workdir: str, step: int | None = None, mesh: Mesh | None = None,
-         overrides: dict[str, Any] | None = None) -> Loaded:
+         overrides: dict[str, Any] | None = None, inference: bool = False) -> Loaded:
     """The model of checkpoint `step` (default latest) of `workdir`, restored onto `mesh` (default: the
-    config's `mesh_shape`; `mesh_of_one_device()` for a single image)."""
+    config's `mesh_shape`; `mesh_of_one_device()` for a single image). `inference`: the model only runs forward
+    passes (predict, features), so `kernels='auto'` becomes 'native' on every backend: the cpu_tuned
+    formulations are there for the backward pass, and XLA's own convolutions run the forward faster on the CPU
+    too (docs/performance.md); the function is the same to float32 rounding."""
     step, config, meta = read_config(workdir, step, overrides)
+    if inference and config.kernels == "auto":
+        config.kernels = "native"
     if len(meta.get("image_shape") or ()) != 3:
         raise UserError(f"the checkpoint at step {step} does not record its input shape; retrain with this version")
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh_shape)

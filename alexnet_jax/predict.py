@@ -28,6 +28,11 @@ import numpy as np
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
+# Batches read ahead of the network (the first ones while the checkpoint is restored and compiled).
+READ_AHEAD = 2
+# Images per forward pass inside a batch on the CPU backend: a batch of 200 goes through as a loop over 4 x 50
+# (one compiled program), which is faster per image there than 200 at once (docs/performance.md).
+FORWARD_CHUNK = 50
 NAMES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources", "imagenet_names.txt")
 
 
@@ -185,9 +190,11 @@ def classify(workdir: str, paths: list[str], *, step: int | None = None, top_k: 
     """Top-k (class name, probability) for every readable image of `paths`, an error for each other one.
 
     Images are read and preprocessed on all cores (a thread pool: PIL and TensorFlow decode without Python's
-    lock), one batch ahead of the network, which takes at most `batch_size` (default: the checkpoint's
-    `eval_batch_size`) at a time, in batches as even as the count allows: the last one is padded, so one program is
-    compiled. `progress`: a progress bar (default: for more than 200 files)."""
+    lock) from the start, while the checkpoint is restored and the network compiled, and then READ_AHEAD batches
+    ahead of the network, which takes at most `batch_size` (default: the checkpoint's `eval_batch_size`) at a
+    time, in batches as even as the count allows: the last one is padded, so one program is compiled (on the CPU
+    it runs a batch as a loop over FORWARD_CHUNK-sized parts). `kernels='auto'` means XLA's own convolutions here
+    (`inference.load(inference=True)`). `progress`: a progress bar (default: for more than 200 files)."""
     import concurrent.futures
 
     import jax
@@ -197,19 +204,20 @@ def classify(workdir: str, paths: list[str], *, step: int | None = None, top_k: 
     from alexnet_jax import inference
     from alexnet_jax.errors import UserError
 
-    loaded = inference.load(workdir, step, inference.mesh_of_one_device(), overrides)
-    config = loaded.config
-    names = class_names(config.dataset, loaded.meta, config.num_classes)
-    norm = loaded.normalisation
-    torchvision = bool(loaded.meta.get("converted_from", "").startswith("torchvision"))
-    forward = jax.jit(lambda v, x: jax.nn.softmax(loaded.model.apply(v, x, train=False)))
-    k = min(top_k, len(names))
+    # The images are read from the start, on the other cores, while the checkpoint is restored and the network
+    # traced and compiled (seconds on a CPU): only the metadata (input shape, normalisation) is needed for that.
+    step, config, meta = inference.read_config(workdir, step, overrides)
+    norm = inference.normalisation_of(meta, step)
+    image_shape = tuple(meta.get("image_shape") or ())
+    torchvision = bool(meta.get("converted_from", "").startswith("torchvision"))
     most = max(1, int(batch_size or config.eval_batch_size))
+    chunks_of_batch = -(-min(most, len(paths) or 1) // FORWARD_CHUNK) if jax.default_backend() == "cpu" else 1
     batch = -(-len(paths) // -(-len(paths) // most)) if paths else 1  # as even as can be: the least padding
+    batch = -(-batch // chunks_of_batch) * chunks_of_batch
 
     def read(path: str) -> np.ndarray | str:
         try:
-            return preprocess(path, loaded.image_shape, norm, config.dataset, config.resize_method, torchvision)
+            return preprocess(path, image_shape, norm, config.dataset, config.resize_method, torchvision)
         except UserError as e:
             return str(e)
 
@@ -218,10 +226,24 @@ def classify(workdir: str, paths: list[str], *, step: int | None = None, top_k: 
     show = len(paths) > 200 if progress is None else progress
     with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool, \
             tqdm(total=len(paths), unit=" images", desc="predict", disable=not show, mininterval=1.0) as bar:
-        pending = [pool.submit(read, p) for p in chunks[0]] if chunks else []
+        ahead = [[pool.submit(read, p) for p in chunk] for chunk in chunks[:READ_AHEAD]]
+        loaded = inference.load(workdir, step, inference.mesh_of_one_device(), overrides, inference=True)
+        names = class_names(config.dataset, loaded.meta, config.num_classes)
+        k = min(top_k, len(names))
+
+        @jax.jit
+        def forward(v, x):
+            def net(x):
+                return jax.nn.softmax(loaded.model.apply(v, x, train=False))
+            if chunks_of_batch == 1:
+                return net(x)
+            # XLA:CPU's forward is faster per image on ~50 images at a time than on 200 (docs/performance.md)
+            return jax.lax.map(net, x.reshape(chunks_of_batch, -1, *x.shape[1:])).reshape(x.shape[0], -1)
+
         for n, chunk in enumerate(chunks):
-            read_now = [f.result() for f in pending]
-            pending = [pool.submit(read, p) for p in chunks[n + 1]] if n + 1 < len(chunks) else []
+            read_now = [f.result() for f in ahead.pop(0)]
+            if n + READ_AHEAD < len(chunks):
+                ahead.append([pool.submit(read, p) for p in chunks[n + READ_AHEAD]])
             good = [(path, x) for path, x in zip(chunk, read_now, strict=True) if not isinstance(x, str)]
             results += [Result(path, None, x) for path, x in zip(chunk, read_now, strict=True) if isinstance(x, str)]
             if good:

@@ -115,15 +115,19 @@ def make_optimizer(net: Any, learning_rate: float, momentum: float, weight_decay
     return torch.optim.SGD(net.parameters(), lr=learning_rate, momentum=momentum, weight_decay=weight_decay)
 
 
-def make_train_step(net: Any, opt: Any):
-    """A closure doing one training step on NCHW float32 tensors; returns the loss tensor."""
+def make_train_step(net: Any, opt: Any, bfloat16: bool = False):
+    """A closure doing one training step on NCHW float32 tensors; returns the loss tensor. `bfloat16`: the
+    forward and loss under `torch.autocast('cpu', torch.bfloat16)` (PyTorch's mixed precision on the CPU)."""
+    import contextlib
+
     torch = import_torch()
     loss_fn = torch.nn.CrossEntropyLoss()
     net.train()
 
     def step(images, labels):
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(images), labels)
+        with torch.autocast("cpu", torch.bfloat16) if bfloat16 else contextlib.nullcontext():
+            loss = loss_fn(net(images), labels)
         loss.backward()
         opt.step()
         return loss.detach()

@@ -23,6 +23,15 @@
 --mode layers: each convolution of --config's net (conv1 forward + kernel gradient, conv2-5 forward + both
   gradients) at --batch, timed alone for kernels='cpu_tuned' and 'native' and, with torch installed, PyTorch's
   conv2d (groups) alternately in one process: which formulation wins on this machine, layer by layer.
+--mode predict: the whole `python -m alexnet_jax.predict` command on --images (default 400) photo-sized JPEGs
+  against the script a PyTorch user writes for the same job (bench/torch_predict.py), alternated --pairs times,
+  whole-process wall times, the top-1 class of every file compared; the first predict (empty compilation cache)
+  is reported apart.
+--mode finetune: the train step with the conv layers frozen (`frozen='conv.*'`) against the unfrozen step and
+  PyTorch's frozen step (requires_grad=False), alternated in one process.
+--mode forward: the inference forward pass at --batch against PyTorch's under no_grad, alternated; with
+  `--set dtype=bfloat16` PyTorch runs under torch.autocast('cpu', torch.bfloat16) (and --mode train_step
+  --vs-torch does the same for the train step): bfloat16 side by side.
 --mode checkpoint: the cost of periodic checkpoints in real training. Runs `alexnet_jax.main` --pairs times
   with checkpoints every --every steps and as often without (only the final save), alternately so both see the
   same machine load, each --run-steps steps of --config (the FashionMNIST quick start by default) with no
@@ -38,6 +47,9 @@ Usage: python scripts/benchmark.py [--mode pipeline|train_step|all] [--images 25
        python scripts/benchmark.py --mode checkpoint --pairs 3 --run-steps 1000 --every 100
        python scripts/benchmark.py --vs-torch --set image_size=227 --batch 32 --steps 5     # paper net
        python scripts/benchmark.py --vs-torch --config configs/fashion_mnist.py --batch 128  # quick start
+       python scripts/benchmark.py --mode predict --pairs 3                                 # vs PyTorch's script
+       python scripts/benchmark.py --mode finetune --set variant=owt --batch 32 --steps 5
+       python scripts/benchmark.py --mode forward --set variant=owt --set dtype=bfloat16 --batch 50
 """
 
 from __future__ import annotations
@@ -53,14 +65,18 @@ sys.path[:0] = [SCRIPTS, os.path.dirname(SCRIPTS)]  # bench/ (also when loaded b
 
 from bench.checkpoint import bench_checkpoint  # noqa: E402
 from bench.common import REPO, RESULTS_BEGIN, RESULTS_END, is_quiet, record  # noqa: E402, F401
+from bench.finetune import bench_finetune  # noqa: E402
+from bench.forward import bench_forward  # noqa: E402
 from bench.layers import bench_layers, conv_calls  # noqa: E402, F401
 from bench.pipeline import ACCELERATORS, MFU, SOURCE_PATHS, bench_pipeline, bench_sources  # noqa: E402
+from bench.predict import bench_predict  # noqa: E402
 from bench.train_step import bench_train_step  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=("pipeline", "train_step", "all", "checkpoint", "layers"), default="pipeline")
+    p.add_argument("--mode", default="pipeline", choices=("pipeline", "train_step", "all", "checkpoint", "layers",
+                                                          "predict", "finetune", "forward"))
     p.add_argument("--pipeline", action="store_const", const="pipeline", dest="mode", help="= --mode pipeline")
     p.add_argument("--images", type=int, default=256, help="JPEGs per measured pass")
     p.add_argument("--repeats", type=int, default=3, help="timed passes over the JPEGs")
@@ -77,8 +93,10 @@ def main() -> None:
                    help="train_step: time the equivalent PyTorch step alternately in the same run (needs torch)")
     p.add_argument("--single-thread", action="store_true",
                    help="one core (affinity) and one intra-op thread for XLA:CPU and torch: the per-core comparison")
-    p.add_argument("--set", action="append", default=[], help="train_step: config override key=value")
-    p.add_argument("--pairs", type=int, default=3, help="checkpoint: runs with and without saves, each")
+    p.add_argument("--set", action="append", default=[], help="config override key=value, spelled as "
+                   "--config.key=value is for alexnet_jax.main (parsed by the same code)")
+    p.add_argument("--pairs", type=int, default=3, help="checkpoint: runs with and without saves, each; predict: "
+                   "alternated pairs of whole commands")
     p.add_argument("--run-steps", type=int, default=1000, help="checkpoint: train steps per run")
     p.add_argument("--every", type=int, default=100, help="checkpoint: save every this many steps")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -102,6 +120,12 @@ def main() -> None:
     if a.mode == "checkpoint":
         config = a.config if a.config != p.get_default("config") else "configs/fashion_mnist.py"
         out["checkpoint"] = bench_checkpoint(config, a.pairs, a.run_steps, a.every, a.set)
+    if a.mode == "predict":
+        out["predict"] = bench_predict(a.images if a.images != p.get_default("images") else 400, a.pairs)
+    if a.mode == "finetune":
+        out["finetune"] = bench_finetune(a.config, a.batch, a.steps, a.set)
+    if a.mode == "forward":
+        out["forward"] = bench_forward(a.config, a.batch, a.steps, a.set)
     if a.mode == "layers":
         out["layers"] = bench_layers(a.config, a.batch, a.steps, a.set)
     if a.mode in ("pipeline", "all"):
@@ -135,7 +159,7 @@ def main() -> None:
             for name, row in rows.items():
                 print(f"  {name:6s} " + "  ".join(f"{k}={v:.1f}" for k, v in row.items()))
             continue
-        if section in ("train_step", "checkpoint"):
+        if section in ("train_step", "checkpoint", "predict", "finetune", "forward"):
             print(f"[{section}]")
             for k, v in rows.items():
                 print(f"  {k:32s} {v:.3f}" if isinstance(v, float) else f"  {k:32s} {v}")

@@ -228,6 +228,6 @@ def test_a_second_predict_compiles_nothing_and_batches_do_not_change_results(sma
             for extra in ([], [], ["--batch_size", "3"])]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
     assert "Persistent compilation cache hit" not in runs[0].stderr
-    assert "Persistent compilation cache hit for 'jit__lambda" in runs[1].stderr, runs[1].stderr[-2000:]
+    assert "Persistent compilation cache hit for 'jit_forward" in runs[1].stderr, runs[1].stderr[-2000:]
     assert os.listdir(tmp_path / "xdg" / "alexnet_jax" / "jax")
     assert runs[0].stdout == runs[1].stdout == runs[2].stdout and runs[0].stdout.count(".png") == 5

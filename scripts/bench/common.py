@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import os
 import sys
@@ -29,18 +28,16 @@ def timed(fn, warmup_fn=None) -> dict[str, float]:
 
 
 def load_config(config_path: str, batch: int, overrides: list[str]):
-    from ml_collections import config_flags  # noqa: F401  (absl flags parse the config file below)
+    """`config_path` with `--set key=value` overrides, parsed by the project's own command line (`cli`), at
+    `batch`."""
+    from alexnet_jax import cli
+    from alexnet_jax.errors import UserError
 
-    spec = importlib.util.spec_from_file_location("bench_config", os.path.join(REPO, config_path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    try:
+        config = cli.load_config(os.path.join(REPO, config_path), overrides)
+    except UserError as e:
+        raise SystemExit(f"error: --set: {e}") from None
     config.batch_size = batch
-    for item in overrides:
-        key, value = item.split("=", 1)
-        current = config[key]
-        parsed = ast.literal_eval(value) if not isinstance(current, str) else value  # (3, 4), 0.1, True
-        config[key] = type(current)(parsed)
     return config
 
 

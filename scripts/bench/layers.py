@@ -11,24 +11,10 @@ from bench.common import load_config
 
 def conv_calls(model, shape: tuple[int, int, int]) -> dict[str, tuple]:
     """(input shape, kernel shape, strides, padding, groups) of each conv as the model calls it (shapes only)."""
-    import jax
-    import jax.numpy as jnp
+    from alexnet_jax import flops
 
-    from alexnet_jax.model import layers
-
-    calls, original = [], layers.grouped_conv
-
-    def spy(x, kernel, groups, strides, padding, kernels="cpu_tuned"):
-        calls.append((tuple(x.shape[1:]), tuple(kernel.shape), strides, tuple(map(tuple, padding)), groups))
-        return original(x, kernel, groups, strides, padding, kernels)
-
-    layers.grouped_conv = spy
-    try:
-        x = jnp.zeros((1, *shape))
-        jax.eval_shape(lambda: model.apply(model.init(jax.random.PRNGKey(0), x), x))
-    finally:
-        layers.grouped_conv = original
-    return dict(zip(("conv1", "conv2", "conv3", "conv4", "conv5"), calls[-5:], strict=True))  # apply's calls
+    return {name: (g.input, g.kernel, g.strides, g.padding, g.groups)
+            for name, g in flops.conv_geometry(model, shape).items()}
 
 
 def _conv_work(x_shape, k_shape, strides, padding, groups, *, batch: int, first: bool, torch) -> dict:
