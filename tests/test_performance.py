@@ -159,3 +159,46 @@ def test_benchmark_layers_times_every_conv_per_formulation():
     assert calls["conv1"] == ((227, 227, 3), (11, 11, 3, 96), 4, ((0, 0), (0, 0)), 1)
     assert calls["conv2"] == ((27, 27, 96), (5, 5, 48, 256), 1, ((2, 2), (2, 2)), 2)
     assert calls["conv5"] == ((13, 13, 384), (3, 3, 192, 256), 1, ((1, 1), (1, 1)), 2)
+
+
+def test_benchmark_finetune_and_forward_time_both_sides(torch_lib):
+    """--mode finetune freezes the convs on both sides (JAX: no conv update; torch: requires_grad=False) and times
+    the three steps alternated; --mode forward times both forwards. Tiny nets: the harness, not the speed."""
+    bench = _benchmark_module()
+    small = ["widths=(8,16,16,16,8)", "fc_width=16"]
+    out = bench.bench_finetune("configs/fashion_mnist.py", 8, 2, small)
+    assert out["frozen"] == "conv.*" and len(out["jax_frozen_ms_each"]) == len(out["torch_frozen_ms_each"]) == 2
+    assert out["frozen_over_unfrozen"] == pytest.approx(out["jax_frozen_ms"] / out["jax_unfrozen_ms"])
+    assert out["frozen_over_torch_frozen"] == pytest.approx(out["jax_frozen_ms"] / out["torch_frozen_ms"])
+    fwd = bench.bench_forward("configs/fashion_mnist.py", 8, 2, [*small, "dtype=bfloat16"])
+    assert fwd["dtype"] == "bfloat16" and fwd["jax_over_torch"] == pytest.approx(fwd["jax_ms"] / fwd["torch_ms"])
+
+
+def test_benchmark_set_is_parsed_as_the_command_line_parses_config_overrides():
+    bench = _benchmark_module()
+    from bench.common import load_config
+
+    config = load_config("configs/imagenet.py", 16, ["variant=owt", "mesh_shape=(1,1)", "frozen=conv.*"])
+    assert (config.variant, config.mesh_shape, config.frozen, config.batch_size) == ("owt", (1, 1), "conv.*", 16)
+    with pytest.raises(SystemExit, match="unknown config key 'no_such_key'"):
+        load_config("configs/imagenet.py", 16, ["no_such_key=1"])
+    with pytest.raises(SystemExit, match="learning_rate"):
+        load_config("configs/imagenet.py", 16, ["learning_rate=fast"])
+    assert bench.bench_predict  # the predict mode is wired into the dispatcher
+
+
+def test_benchmark_predict_reads_the_top1_of_both_outputs(tmp_path):
+    """The predict mode compares the two commands' top-1 per file from their printed lines."""
+    import importlib
+
+    _benchmark_module()
+    predict_bench = importlib.import_module("bench.predict")
+    ours = ("photos/0000.jpg\n  1. n01443537 goldfish                  12.50%\n  2. n01440764 tench   3.00%\n"
+            "photos/0001.jpg\n  1. n15075141 toilet tissue              9.00%\n")
+    theirs = "photos/0000.jpg 1:0.1250 0:0.0300\nphotos/0001.jpg 999:0.0900 3:0.0100\n"
+    a, b = predict_bench.top1_of_predict(ours), predict_bench.top1_of_torch(theirs)
+    assert a == b == {os.path.abspath("photos/0000.jpg"): 1, os.path.abspath("photos/0001.jpg"): 999}
+    predict_bench.write_photos(str(tmp_path), 2)
+    from PIL import Image
+
+    assert [Image.open(tmp_path / f).size for f in sorted(os.listdir(tmp_path))] == [(500, 375), (375, 500)]
