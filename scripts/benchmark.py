@@ -21,8 +21,9 @@
   same net in PyTorch (alexnet_jax.torch_alexnet: same shapes, groups, LRN, pooling, dropout, SGD) is timed
   step for step alternately with it and the ratio printed. Runs unchanged on a GPU/TPU backend.
 --mode layers: each convolution of --config's net (conv1 forward + kernel gradient, conv2-5 forward + both
-  gradients) at --batch, timed alone for kernels='cpu_tuned' and 'native' and, with torch installed, PyTorch's
-  conv2d (groups) alternately in one process: which formulation wins on this machine, layer by layer.
+  gradients) at --batch, timed alone as XLA's convolution, as the formulation used while YNNPACK has the
+  convolutions (conv1 as matmuls, Winograd) and, with torch installed, PyTorch's conv2d (groups), alternately in
+  one process: which formulation wins on this machine, layer by layer.
 --mode predict: the whole `python -m alexnet_jax.predict` command on --images (default 400) photo-sized JPEGs
   against the script a PyTorch user writes for the same job (bench/torch_predict.py), alternated --pairs times,
   whole-process wall times, the top-1 class of every file compared; the first predict (empty compilation cache)
@@ -37,7 +38,9 @@
   same machine load, each --run-steps steps of --config (the FashionMNIST quick start by default) with no
   evaluation, and compares their `train_images_per_second` (save time included, compilation excluded).
 
-Every run reports the machine's 1-minute load average at start and end (`load_avg_start`, `load_avg_end`) beside
+Every run sets the XLA:CPU flags the entry points set (`cli.cpu_collective_timeouts`: convolutions by XLA's Eigen
+kernels, not YNNPACK; flags already in XLA_FLAGS win) and reports XLA_FLAGS and the machine's 1-minute load
+average at start and end (`load_avg_start`, `load_avg_end`) beside
 the core count: a figure taken while other work ran is not a measurement of this code (torch's OpenMP threads
 stall on a busy machine). `--record` appends the train-step result as a row of docs/performance.md's results
 table (between its `results:begin`/`results:end` markers), and refuses, printing the figure with a warning,
@@ -114,9 +117,14 @@ def main() -> None:
             from alexnet_jax import torch_alexnet
 
             torch_alexnet.import_torch().set_num_threads(1)
+    from alexnet_jax import cli
+
+    cli.cpu_collective_timeouts()  # the XLA:CPU flags every entry point sets (before jax starts its backend)
+    out_flags = os.environ.get("XLA_FLAGS", "")
     if a.vs_torch and a.mode == "pipeline":
         a.mode = "train_step"
-    out: dict[str, object] = {"cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()[0]}
+    out: dict[str, object] = {"cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()[0],
+                              "xla_flags": out_flags}
     if a.mode == "checkpoint":
         config = a.config if a.config != p.get_default("config") else "configs/fashion_mnist.py"
         out["checkpoint"] = bench_checkpoint(config, a.pairs, a.run_steps, a.every, a.set)

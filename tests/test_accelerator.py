@@ -63,8 +63,32 @@ def test_entry_points_set_the_cpu_collective_timeouts(monkeypatch):
     cli.cpu_collective_timeouts()
     flags = os.environ["XLA_FLAGS"].split()
     assert "--xla_cpu_collective_call_terminate_timeout_seconds=600" in flags
-    assert "--xla_cpu_collective_call_warn_stuck_timeout_seconds=30" in flags and len(flags) == 3
+    assert "--xla_cpu_collective_call_warn_stuck_timeout_seconds=30" in flags and len(flags) == 4
+    assert "--xla_cpu_experimental_ynn_fusion_type=dot" in flags  # convolutions by XLA's Eigen kernels
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     monkeypatch.setenv("XLA_FLAGS", "")
     cli.cpu_collective_timeouts()
     assert os.environ["XLA_FLAGS"] == ""
+
+
+def test_the_tuned_convolution_follows_the_library_xla_cpu_gives_convolutions(monkeypatch):
+    """Where XLA_FLAGS leaves convolutions to XLA's Eigen kernels (what the entry points set), kernels='cpu_tuned'
+    is XLA's convolution; under XLA's default (YNNPACK has them) it is the Winograd / matmul formulation."""
+    import jax
+    import jax.numpy as jnp
+
+    from alexnet_jax import xla_cpu
+    from alexnet_jax.model import grouped_conv
+
+    x, k = jnp.zeros((1, 13, 13, 32)), jnp.zeros((3, 3, 16, 8))
+
+    def primitives():
+        jaxpr = jax.make_jaxpr(lambda x, k: grouped_conv(x, k, 2, 1, ((1, 1), (1, 1)), "cpu_tuned"))(x, k)
+        return str(jaxpr)
+
+    for flags, in_ynnpack in (("", True), ("--xla_cpu_experimental_ynn_fusion_type=dot", False),
+                              ("--xla_cpu_experimental_ynn_fusion_type=dot,individual_convolution", True),
+                              ("--xla_cpu_experimental_ynn_fusion_type=", False)):
+        monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {flags}")
+        assert xla_cpu.convolutions_in_ynnpack() is in_ynnpack
+        assert ("conv_general_dilated" in primitives()) is not in_ynnpack, flags

@@ -154,7 +154,13 @@ def test_benchmark_layers_times_every_conv_per_formulation():
     out = bench.bench_layers("configs/fashion_mnist.py", 8, 1, ["widths=(8,16,16,16,8)", "fc_width=16"])
     assert list(out) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
     for row in out.values():
-        assert {"cpu_tuned_ms", "native_ms"} <= set(row) and all(v > 0 for v in row.values())
+        assert "xla_ms" in row and "torch_ms" in row and all(v > 0 for v in row.values())
+    small = bench.conv_calls(AlexNet(num_classes=10, variant="small", widths=(8, 16, 16, 16, 8), fc_width=16),
+                             (28, 28, 1))
+    for name, (_, kernel, strides, _, _) in small.items():  # the formulation used while YNNPACK has the convs
+        expected = "matmuls_ms" if strides > 1 else "winograd_ms" if kernel[2] >= 16 else None
+        assert (expected is None and len(out[name]) == 2) or expected in out[name], (name, out[name])
+    assert any(len(row) == 3 for row in out.values())
     calls = bench.conv_calls(AlexNet(num_classes=10), (227, 227, 3))
     assert calls["conv1"] == ((227, 227, 3), (11, 11, 3, 96), 4, ((0, 0), (0, 0)), 1)
     assert calls["conv2"] == ((27, 27, 96), (5, 5, 48, 256), 1, ((2, 2), (2, 2)), 2)

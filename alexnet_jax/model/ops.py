@@ -7,7 +7,9 @@ what lets the layers place each group on its own device), conv1 as matmuls (spac
 convolution and its kernel gradient are ~3x slower), the paper's overlapping 3/2 max-pooling with a backward
 pass of strided pads instead of select-and-scatter, and torchvision's adaptive average pooling.
 
-Those formulations are CPU workarounds. `kernels` chooses per backend (`resolve_kernels`): 'cpu_tuned' (the
+Those convolution formulations are workarounds for YNNPACK, the library XLA:CPU gives convolutions to by default;
+the entry points move convolutions to XLA's own Eigen kernels instead (`alexnet_jax.xla_cpu`), faster still, and
+then 'cpu_tuned' uses XLA's convolution. `kernels` chooses per backend (`resolve_kernels`): 'cpu_tuned' (the
 above, plus 3x3 and 5x5 convolutions by Winograd, `model/winograd.py`), 'native' (XLA's own ops: one convolution with
 `feature_group_count`, strided conv1, `reduce_window` pooling, autodiff of the LRN formula), or 'auto'
 (cpu_tuned on CPU, native on GPU/TPU, where cuDNN/XLA's fused kernels are the ones tuned). Both compute the
@@ -24,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from alexnet_jax.model import winograd
+from alexnet_jax.xla_cpu import convolutions_in_ynnpack
 
 KERNELS = ("auto", "native", "cpu_tuned")
 # Winograd's matmuls contract over the input channels: below this many per group XLA's convolution is faster
@@ -124,8 +127,10 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, strides: int,
     'native': XLA's own convolution, one per channel slice (groups > 1), concatenated: with
     `feature_group_count` XLA's SPMD partitioner all-gathers the whole batch around a batch-sharded grouped
     convolution (data parallelism: every device computed conv2/4/5 on the global batch; docs/sharding.md).
-    'cpu_tuned': one convolution per channel slice too; conv1 (stride > 1) as matmuls, stride-1 3x3 and 5x5
-    convolutions by Winograd F(2x2, rxr) (model/winograd.py).
+    'cpu_tuned': one convolution per channel slice too; where XLA:CPU runs convolutions on its own Eigen kernels
+    (what the entry points set, `xla_cpu`) XLA's convolution, faster there than every formulation here; where
+    YNNPACK has them (XLA's default), conv1 (stride > 1) as matmuls, stride-1 3x3 and 5x5 convolutions by
+    Winograd F(2x2, rxr) (model/winograd.py).
     """
     xs = jnp.split(x, groups, axis=-1)
     ks = jnp.split(kernel, groups, axis=-1)
@@ -134,7 +139,13 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, strides: int,
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
                 for xi, ki in zip(xs, ks, strict=True)]
         return outs[0] if groups == 1 else jnp.concatenate(outs, axis=-1)
-    if strides > 1:  # conv1: XLA:CPU's strided convolution is ~3x slower than the same sums as matmuls
+    if not convolutions_in_ynnpack():  # XLA's own (Eigen) convolutions: faster than every formulation below
+        outs = [
+            jax.lax.conv_general_dilated(xi, ki, (strides, strides), list(padding),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            for xi, ki in zip(xs, ks, strict=True)
+        ]
+    elif strides > 1:  # conv1: XLA:CPU's strided convolution is ~3x slower than the same sums as matmuls
         outs = [strided_conv_as_matmuls(xi, ki, (strides, strides), padding) for xi, ki in zip(xs, ks, strict=True)]
     elif kernel.shape[0] == kernel.shape[1] in winograd.SIZES and kernel.shape[2] >= WINOGRAD_MIN_CHANNELS:
         pad = tuple(map(tuple, padding))

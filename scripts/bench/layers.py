@@ -1,4 +1,7 @@
-"""--mode layers: each convolution timed per formulation (cpu_tuned, native, PyTorch), alternated."""
+"""--mode layers: each convolution timed per formulation (XLA's convolution, the Winograd / matmul formulation,
+PyTorch's), alternated. XLA's convolution runs on YNNPACK or on Eigen as this process's XLA_FLAGS say (the
+benchmark sets what the entry points set: Eigen; run with XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
+individual_dot,individual_convolution for YNNPACK's)."""
 
 from __future__ import annotations
 
@@ -17,29 +20,51 @@ def conv_calls(model, shape: tuple[int, int, int]) -> dict[str, tuple]:
             for name, g in flops.conv_geometry(model, shape).items()}
 
 
+def _formulations(groups: int, strides: int, padding, kernel_shape) -> dict[str, object]:
+    """{name: conv(x, k)}: XLA's convolution (by YNNPACK or Eigen, as this process's XLA_FLAGS say) and, where
+    one applies, the formulation `ops.grouped_conv` uses while YNNPACK has the convolutions (conv1 as matmuls, 3x3
+    and 5x5 by Winograd), each group on its own as in the model."""
+    import jax
+    import jax.numpy as jnp
+
+    from alexnet_jax.model import ops, strided_conv_as_matmuls, winograd
+
+    def per_group(conv):
+        def f(x, k):
+            outs = [conv(xi, ki) for xi, ki in zip(jnp.split(x, groups, -1), jnp.split(k, groups, -1), strict=True)]
+            return outs[0] if groups == 1 else jnp.concatenate(outs, -1)
+        return f
+
+    out = {"xla": per_group(lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (strides, strides), list(padding), dimension_numbers=("NHWC", "HWIO", "NHWC")))}
+    r = kernel_shape[0]
+    if strides > 1:
+        out["matmuls"] = per_group(lambda x, k: strided_conv_as_matmuls(x, k, (strides, strides), padding))
+    elif r in winograd.SIZES and kernel_shape[2] >= ops.WINOGRAD_MIN_CHANNELS:
+        out["winograd"] = per_group(lambda x, k: winograd.conv(x, k, tuple(map(tuple, padding))))
+    return out
+
+
 def _conv_work(x_shape, k_shape, strides, padding, groups, *, batch: int, first: bool, torch) -> dict:
     """{formulation: (fn, args)}: one layer's forward and gradients (conv1: no input gradient, as in training)."""
     import jax
     import jax.numpy as jnp
 
-    from alexnet_jax.model import grouped_conv
-
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, *x_shape)), jnp.float32)
     k = jnp.asarray(rng.normal(0, 0.01, k_shape), jnp.float32)
-    y_shape = jax.eval_shape(lambda x, k: grouped_conv(x, k, groups, strides, padding, "native"), x, k).shape
+    forms = _formulations(groups, strides, padding, k_shape)
+    y_shape = jax.eval_shape(forms["xla"], x, k).shape
     dy = jnp.asarray(rng.normal(size=y_shape), jnp.float32)
     fns = {}
-    for kernels in ("cpu_tuned", "native"):
-        def work(x, k, dy, kernels=kernels):
-            def f(x, k):
-                return grouped_conv(x, k, groups, strides, padding, kernels)
+    for name, f in forms.items():
+        def work(x, k, dy, f=f):
             if first:
                 y, pull = jax.vjp(lambda k: f(x, k), k)
             else:
                 y, pull = jax.vjp(f, x, k)
             return y, pull(dy)
-        fns[kernels] = (jax.jit(work), (x, k, dy))
+        fns[name] = (jax.jit(work), (x, k, dy))
     if torch is not None:
         (pt, pb), (pl, pr) = padding
         tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).requires_grad_(not first)
