@@ -14,10 +14,11 @@ import sys
 # that replace them are XLA's own, still shipped. The numerical claims are about the math, not how XLA generates
 # code, and hold either way; the recipe checks (tests/test_recipe.py) and the real-FashionMNIST run keep XLA's
 # defaults, as users run them.
-# And convolutions by YNNPACK, XLA:CPU's default, not the Eigen kernels the entry points choose (alexnet_jax.xla_cpu):
-# the suite's 8 simulated devices per process, several processes at a time on 2 cores, ran 1.7x slower with Eigen's
-# (16 minutes instead of 9.5); each formulation is tested against XLA's convolution either way (test_kernels), the
-# choice between them in test_accelerator, and the recipe checks run as users do (XLA_FLAGS empty).
+# And convolutions by YNNPACK, XLA:CPU's default, not the Eigen kernels the entry points choose (alexnet_jax.xla_cpu),
+# for the tests' processes and the subprocesses they start alike: the bitwise checks compare an in-process run with
+# a `main` subprocess, so both must use one library, and with 8 simulated devices per process the small net's step
+# is faster on YNNPACK's (119 against 148 ms). Each formulation is tested against XLA's convolution either way
+# (test_kernels), the choice between them in test_accelerator, and the recipe checks run as users do (no XLA_FLAGS).
 FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
                 " --xla_cpu_experimental_ynn_fusion_type=dot,individual_convolution")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {FAST_COMPILE} --xla_force_host_platform_device_count=8"
