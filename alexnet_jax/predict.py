@@ -29,9 +29,9 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 # Batches read ahead of the network (the first ones while the checkpoint is restored and compiled).
-READ_AHEAD = 2
-# Images per forward pass inside a batch on the CPU backend: a batch of 200 goes through as a loop over 4 x 50
-# (one compiled program), which is faster per image there than 200 at once (docs/performance.md).
+READ_AHEAD = 4
+# At most this many images per forward pass on the CPU backend, whatever --batch_size says: no slower per image
+# there than 200 at once, and the first pass starts once 50 images are read, not 200 (docs/performance.md).
 FORWARD_CHUNK = 50
 NAMES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources", "imagenet_names.txt")
 
@@ -43,7 +43,8 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "The training run's --workdir (holds checkpoints/).")
     flags.DEFINE_integer("step", None, "Checkpoint step to use; default: the latest readable one.")
     flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
-    flags.DEFINE_integer("batch_size", None, "Images per forward pass; default: the checkpoint's eval_batch_size.")
+    flags.DEFINE_integer("batch_size", None, "Images per forward pass; default: the checkpoint's eval_batch_size (at "
+                         "most 50 on the CPU, faster there).")
     flags.DEFINE_bool("compilation_cache", True, "Keep compiled programs in ~/.cache/alexnet_jax/jax (or "
                       "$XDG_CACHE_HOME), so a second predict compiles nothing.")
     flags.DEFINE_string("output", None, "Write the results to this .csv or .json file (one row per file: the top-k "
@@ -192,8 +193,8 @@ def classify(workdir: str, paths: list[str], *, step: int | None = None, top_k: 
     Images are read and preprocessed on all cores (a thread pool: PIL and TensorFlow decode without Python's
     lock) from the start, while the checkpoint is restored and the network compiled, and then READ_AHEAD batches
     ahead of the network, which takes at most `batch_size` (default: the checkpoint's `eval_batch_size`) at a
-    time, in batches as even as the count allows: the last one is padded, so one program is compiled (on the CPU
-    it runs a batch as a loop over FORWARD_CHUNK-sized parts). `kernels='auto'` means XLA's own convolutions here
+    time (at most FORWARD_CHUNK on the CPU), in batches as even as the count allows: the last one is padded, so one
+    program is compiled. `kernels='auto'` means XLA's own convolutions here
     (`inference.load(inference=True)`). `progress`: a progress bar (default: for more than 200 files)."""
     import concurrent.futures
 
@@ -211,9 +212,9 @@ def classify(workdir: str, paths: list[str], *, step: int | None = None, top_k: 
     image_shape = tuple(meta.get("image_shape") or ())
     torchvision = bool(meta.get("converted_from", "").startswith("torchvision"))
     most = max(1, int(batch_size or config.eval_batch_size))
-    chunks_of_batch = -(-min(most, len(paths) or 1) // FORWARD_CHUNK) if jax.default_backend() == "cpu" else 1
+    if jax.default_backend() == "cpu":  # faster per image there, and the first pass waits for fewer images
+        most = min(most, FORWARD_CHUNK)
     batch = -(-len(paths) // -(-len(paths) // most)) if paths else 1  # as even as can be: the least padding
-    batch = -(-batch // chunks_of_batch) * chunks_of_batch
 
     def read(path: str) -> np.ndarray | str:
         try:
@@ -233,12 +234,7 @@ def classify(workdir: str, paths: list[str], *, step: int | None = None, top_k: 
 
         @jax.jit
         def forward(v, x):
-            def net(x):
-                return jax.nn.softmax(loaded.model.apply(v, x, train=False))
-            if chunks_of_batch == 1:
-                return net(x)
-            # XLA:CPU's forward is faster per image on ~50 images at a time than on 200 (docs/performance.md)
-            return jax.lax.map(net, x.reshape(chunks_of_batch, -1, *x.shape[1:])).reshape(x.shape[0], -1)
+            return jax.nn.softmax(loaded.model.apply(v, x, train=False))
 
         for n, chunk in enumerate(chunks):
             read_now = [f.result() for f in ahead.pop(0)]
