@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from bench.common import REPO
+from bench.common import REPO, load_script
 
 NAMES = os.path.join(REPO, "alexnet_jax", "resources", "imagenet_names.txt")
 
@@ -45,20 +45,11 @@ def write_weights(tmp: str) -> tuple[str, str]:
     import torch
 
     torch.manual_seed(0)
-    tv = load_script_from_tests("torchvision_alexnet")
+    tv = load_script("torchvision_alexnet", "tests")
     pth, workdir = os.path.join(tmp, "alexnet.pth"), os.path.join(tmp, "converted")
     torch.save(tv.TorchvisionAlexNet().state_dict(), pth)
     run([sys.executable, "-m", "alexnet_jax.convert", "--torchvision", pth, "--workdir", workdir])
     return pth, workdir
-
-
-def load_script_from_tests(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tests", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str, str]:
