@@ -1,16 +1,19 @@
 """Reading checkpoint files without the training loop: what inference and fine-tuning need (`read_saved`: config
 and meta; `restore_arrays`: parameters onto a mesh; `restore_as_saved`: arrays as saved, whatever wrote them),
-and the helpers `checkpointing` shares (`checkpoint_dir`, quiet orbax logs, tree comparisons)."""
+and the helpers `checkpointing` shares (`checkpoint_dir`, quiet orbax logs, tree comparisons).
+
+JAX and orbax are imported by the functions that use them, not with the module: `peek_saved` reads a checkpoint's
+JSON items without either, so `predict` starts reading images during their import (seconds on a CPU).
+"""
 
 from __future__ import annotations
 
+import json
 import logging as logging_std
 import os
 from typing import Any
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 
 from alexnet_jax.errors import UserError
@@ -38,6 +41,8 @@ def checkpoint_dir(workdir: str) -> str:
 def _leaf_paths(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     """`'conv1/kernel' -> (shape, dtype)` for every array leaf; orbax restores namedtuples as lists and
     dicts, so only the names and shapes are compared, not the container types."""
+    import jax
+
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
 
     def name(path: Any) -> str:
@@ -74,6 +79,9 @@ def latest_normalisation(workdir: str) -> dict[str, Any] | None:
 def restore_as_saved(workdir: str, step: int, names: tuple[str, ...] = ("params",)) -> dict[str, Any]:
     """Array items of checkpoint `step` as NumPy trees in the shapes they were saved with, whatever model or mesh
     wrote them (what fine-tuning reads from another run); items the checkpoint lacks or holds empty are left out."""
+    import jax
+    import orbax.checkpoint as ocp
+
     directory = checkpoint_dir(workdir)
     quiet_orbax_logs()
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
@@ -100,6 +108,8 @@ def restore_as_saved(workdir: str, step: int, names: tuple[str, ...] = ("params"
 def read_saved(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any], dict[str, Any]]:
     """(step, config, meta) of `step` or of the newest checkpoint whose JSON items read back, without
     knowing the model: what `evaluate` and `predict` start from."""
+    import orbax.checkpoint as ocp
+
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
         raise UserError(f"no checkpoints in {directory}: train with --workdir {os.path.dirname(directory)} first")
@@ -123,10 +133,28 @@ def read_saved(workdir: str, step: int | None = None) -> tuple[int, dict[str, An
     raise UserError(f"none of the checkpoints in {directory} (steps {steps}) can be read back")
 
 
+def peek_saved(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+    """A guess at `read_saved(workdir, step)` without JAX or orbax: the JSON files orbax's JsonCheckpointHandler
+    wrote for `config` and `meta` in the newest step directory (or `step`'s); None where they cannot be read so.
+    Only for work started early that `read_saved`'s answer then confirms (it may fall back to an older step)."""
+    directory = checkpoint_dir(workdir)
+    try:
+        s = step if step is not None else max(int(d) for d in os.listdir(directory) if d.isdigit())
+        items = []
+        for item in ("config", "meta"):
+            with open(os.path.join(directory, str(s), item, "metadata")) as f:
+                items.append(json.load(f))
+    except (OSError, ValueError):  # no such folder or file, no step, not JSON (json's error is a ValueError)
+        return None
+    return (s, *items) if all(isinstance(i, dict) for i in items) else None
+
+
 def restore_arrays(workdir: str, step: int, targets: dict[str, Any]) -> dict[str, Any]:
     """Array items of checkpoint `step` (e.g. 'params', 'batch_stats') restored onto `targets`, trees of
     `jax.ShapeDtypeStruct` with the shardings wanted: what inference needs, without the optimizer state.
     A saved parameter tree of another shape is a UserError naming the differences."""
+    import orbax.checkpoint as ocp
+
     directory = checkpoint_dir(workdir)
     quiet_orbax_logs()
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),

@@ -52,10 +52,9 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 def persistent_compilation_cache() -> None:
     """JAX's persistent compilation cache in ~/.cache/alexnet_jax/jax ($XDG_CACHE_HOME/alexnet_jax/jax), unless
     JAX_COMPILATION_CACHE_DIR already names one: a second `predict` of the same checkpoint and batch compiles
-    nothing. An unwritable home leaves it off."""
+    nothing. An unwritable home leaves it off. Before JAX is imported, by the environment variables JAX reads when
+    it is (so `predict` reads images during that import, not after it)."""
     import os
-
-    import jax
 
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
@@ -64,9 +63,16 @@ def persistent_compilation_cache() -> None:
         os.makedirs(path, exist_ok=True)
     except OSError:
         return
-    jax.config.update("jax_compilation_cache_dir", path)
+    settings = {"jax_compilation_cache_dir": path}
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # (the network; not tiny programs)
+        settings["jax_persistent_cache_min_compile_time_secs"] = "0.5"  # (the network; not tiny programs)
+    if "jax" not in sys.modules:
+        os.environ.update({k.upper(): v for k, v in settings.items()})
+        return
+    import jax
+
+    for key, value in settings.items():
+        jax.config.update(key, float(value) if key.endswith("_secs") else value)
 
 
 # XLA:CPU aborts the process when a device thread reaches a collective's rendezvous 40 s after the others, which a
@@ -91,16 +97,17 @@ def _cpu_backend() -> bool:
     return not any(importlib.util.find_spec(p) for p in ACCELERATOR_PLUGINS)
 
 
-def cpu_collective_timeouts() -> None:
-    """Add `CPU_COLLECTIVE_FLAGS` (the collective timeouts and YNNPACK's share of the work) to XLA_FLAGS, those not
-    set already, before JAX starts its backends, where the backend will be the CPU (another XLA build may not
-    know these flags)."""
+def cpu_collective_timeouts(ynnpack: str = xla_cpu.YNNPACK_WITHOUT_CONVOLUTIONS) -> None:
+    """Add `CPU_COLLECTIVE_FLAGS` (the collective timeouts and YNNPACK's share of the work, `ynnpack`) to XLA_FLAGS,
+    those not set already, before JAX starts its backends, where the backend will be the CPU (another XLA build may
+    not know these flags)."""
     import os
 
     if not _cpu_backend():
         return
     flags_now = os.environ.get("XLA_FLAGS", "")
-    extra = [f"{k}={v}" for k, v in CPU_COLLECTIVE_FLAGS.items() if k not in flags_now]
+    wanted = {**CPU_COLLECTIVE_FLAGS, xla_cpu.YNNPACK_FLAG: ynnpack}
+    extra = [f"{k}={v}" for k, v in wanted.items() if k not in flags_now]
     if extra:
         os.environ["XLA_FLAGS"] = " ".join([flags_now, *extra]).strip()
 

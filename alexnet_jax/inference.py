@@ -30,7 +30,7 @@ class Loaded:
     step: int
     config: ml_collections.ConfigDict  # the run's config with the overrides applied
     model: AlexNet
-    variables: dict[str, Any]  # {'params': ..., 'batch_stats': ...} placed on `mesh`
+    variables: dict[str, Any]  # {'params': ..., 'batch_stats': ...} placed on `mesh` (or their ShapeDtypeStructs)
     meta: dict[str, Any]
     mesh: Mesh
     checkpoint: str  # the step's directory
@@ -74,12 +74,14 @@ def read_config(workdir: str, step: int | None = None, overrides: dict[str, Any]
 
 
 def load(workdir: str, step: int | None = None, mesh: Mesh | None = None,
-         overrides: dict[str, Any] | None = None, inference: bool = False) -> Loaded:
+         overrides: dict[str, Any] | None = None, inference: bool = False, restore: bool = True) -> Loaded:
     """The model of checkpoint `step` (default latest) of `workdir`, restored onto `mesh` (default: the
     config's `mesh_shape`; `mesh_of_one_device()` for a single image). `inference`: the model only runs forward
     passes (predict, features), so `kernels='auto'` becomes 'native' on every backend: the cpu_tuned
     formulations are there for the backward pass, and XLA's own convolutions run the forward faster on the CPU
-    too (docs/performance.md); the function is the same to float32 rounding."""
+    too (docs/performance.md); the function is the same to float32 rounding. `restore=False`: the variables are
+    left as `jax.ShapeDtypeStruct`s (shapes, dtypes, shardings), for which a program can be compiled while
+    `restored` reads them."""
     step, config, meta = read_config(workdir, step, overrides)
     if inference and config.kernels == "auto":
         config.kernels = "native"
@@ -94,9 +96,16 @@ def load(workdir: str, step: int | None = None, mesh: Mesh | None = None,
     shardings = sharding.tree_shardings(mesh, abstract, strategy)
     targets = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                      abstract, shardings)
-    variables = checkpointing.restore_arrays(workdir, step, dict(targets))
-    return Loaded(step, config, model, variables, meta, mesh, os.path.join(checkpointing.checkpoint_dir(workdir),
-                                                                            str(step)))
+    loaded = Loaded(step, config, model, dict(targets), meta, mesh,
+                    os.path.join(checkpointing.checkpoint_dir(workdir), str(step)))
+    return restored(loaded) if restore else loaded
+
+
+def restored(loaded: Loaded) -> Loaded:
+    """`loaded` (from `load(restore=False)`) with its variables read from the checkpoint onto their shardings."""
+    workdir = os.path.dirname(os.path.dirname(loaded.checkpoint))
+    variables = checkpointing.restore_arrays(workdir, loaded.step, dict(loaded.variables))
+    return dataclasses.replace(loaded, variables=variables)
 
 
 def mesh_of_one_device() -> Mesh:

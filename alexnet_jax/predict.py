@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -185,17 +186,57 @@ class Result:
     error: str | None = None
 
 
+def _reader(config: Any, meta: dict[str, Any], norm: Any) -> Callable[[str], np.ndarray | str]:
+    """path -> the model's input for that file, or the reason it is not a readable image (a str)."""
+    from alexnet_jax.errors import UserError
+
+    image_shape = tuple(meta.get("image_shape") or ())
+    torchvision = bool(meta.get("converted_from", "").startswith("torchvision"))
+    dataset, resize_method = config["dataset"], config["resize_method"]
+
+    def read(path: str) -> np.ndarray | str:
+        try:
+            return preprocess(path, image_shape, norm, dataset, resize_method, torchvision)
+        except UserError as e:
+            return str(e)
+
+    return read
+
+
 def classify(workdir: str, paths: list[str], *, step: int | None = None, top_k: int = 5,
              overrides: dict[str, Any] | None = None, batch_size: int | None = None,
              progress: bool | None = None) -> list[Result]:
     """Top-k (class name, probability) for every readable image of `paths`, an error for each other one.
 
     Images are read and preprocessed on all cores (a thread pool: PIL and TensorFlow decode without Python's
-    lock) from the start, while the checkpoint is restored and the network compiled, and then READ_AHEAD batches
-    ahead of the network, which takes at most `batch_size` (default: the checkpoint's `eval_batch_size`) at a
-    time (at most FORWARD_CHUNK on the CPU), in batches as even as the count allows: the last one is padded, so one
-    program is compiled. `kernels='auto'` means XLA's own convolutions here
-    (`inference.load(inference=True)`). `progress`: a progress bar (default: for more than 200 files)."""
+    lock) from the start: while JAX and orbax are imported, by the checkpoint's JSON files as they are on disk
+    (`checkpoint_files.peek_saved`; redone if orbax's reading of the checkpoint then differs), while the
+    checkpoint is restored and the network compiled, and then READ_AHEAD batches ahead of the network, which takes
+    at most `batch_size` (default: the checkpoint's `eval_batch_size`) at a time (at most FORWARD_CHUNK on the
+    CPU), in batches as even as the count allows: the last one is padded, so one program is compiled.
+    `kernels='auto'` means XLA's own convolutions here (`inference.load(inference=True)`). `progress`: a progress
+    bar (default: for more than 200 files)."""
+    import concurrent.futures
+
+    from alexnet_jax import checkpoint_files
+    from alexnet_jax.data import Normalisation
+
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1))
+    futures: dict[int, concurrent.futures.Future] = {}
+    try:
+        guess = checkpoint_files.peek_saved(workdir, step)
+        if guess is not None and guess[2].get("normalisation") and tuple(guess[2].get("image_shape") or ()):
+            early = _reader(guess[1], guess[2], Normalisation.from_json(guess[2]["normalisation"]))
+            futures = {i: pool.submit(early, p) for i, p in enumerate(paths[: READ_AHEAD * FORWARD_CHUNK])}
+        return _classify(workdir, paths, step, top_k, overrides, batch_size, progress, pool, futures, guess)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _classify(workdir: str, paths: list[str], step: int | None, top_k: int, overrides: dict[str, Any] | None,
+              batch_size: int | None, progress: bool | None, pool: Any, futures: dict[int, Any],
+              guess: tuple[int, dict[str, Any], dict[str, Any]] | None) -> list[Result]:
+    """`classify` once JAX is imported: `futures` are the reads started before, with the checkpoint `guess`."""
     import concurrent.futures
 
     import jax
@@ -203,32 +244,33 @@ def classify(workdir: str, paths: list[str], *, step: int | None = None, top_k: 
     from tqdm import tqdm
 
     from alexnet_jax import inference
-    from alexnet_jax.errors import UserError
 
-    # The images are read from the start, on the other cores, while the checkpoint is restored and the network
-    # traced and compiled (seconds on a CPU): only the metadata (input shape, normalisation) is needed for that.
     step, config, meta = inference.read_config(workdir, step, overrides)
-    norm = inference.normalisation_of(meta, step)
-    image_shape = tuple(meta.get("image_shape") or ())
-    torchvision = bool(meta.get("converted_from", "").startswith("torchvision"))
+    read = _reader(config, meta, inference.normalisation_of(meta, step))
+    if guess is None or (guess[0], guess[2], guess[1].get("dataset"), guess[1].get("resize_method")) != (
+            step, meta, config.dataset, config.resize_method):
+        for f in futures.values():  # read with another checkpoint's view: read again
+            f.cancel()
+        futures.clear()
     most = max(1, int(batch_size or config.eval_batch_size))
     if jax.default_backend() == "cpu":  # faster per image there, and the first pass waits for fewer images
         most = min(most, FORWARD_CHUNK)
     batch = -(-len(paths) // -(-len(paths) // most)) if paths else 1  # as even as can be: the least padding
 
-    def read(path: str) -> np.ndarray | str:
-        try:
-            return preprocess(path, image_shape, norm, config.dataset, config.resize_method, torchvision)
-        except UserError as e:
-            return str(e)
+    submitted = len(futures)  # the early reads are paths[:submitted]
 
-    chunks = [paths[i : i + batch] for i in range(0, len(paths), batch)]
+    def read_up_to(end: int) -> None:
+        nonlocal submitted
+        for i in range(submitted, min(end, len(paths))):
+            futures[i] = pool.submit(read, paths[i])
+        submitted = max(submitted, min(end, len(paths)))
+
     results: list[Result] = []
     show = len(paths) > 200 if progress is None else progress
-    with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool, \
-            tqdm(total=len(paths), unit=" images", desc="predict", disable=not show, mininterval=1.0) as bar:
-        ahead = [[pool.submit(read, p) for p in chunk] for chunk in chunks[:READ_AHEAD]]
-        loaded = inference.load(workdir, step, inference.mesh_of_one_device(), overrides, inference=True)
+    with tqdm(total=len(paths), unit=" images", desc="predict", disable=not show, mininterval=1.0) as bar:
+        read_up_to(READ_AHEAD * batch)
+        loaded = inference.load(workdir, step, inference.mesh_of_one_device(), overrides, inference=True,
+                                restore=False)
         names = class_names(config.dataset, loaded.meta, config.num_classes)
         k = min(top_k, len(names))
 
@@ -236,12 +278,19 @@ def classify(workdir: str, paths: list[str], *, step: int | None = None, top_k: 
         def forward(v, x):
             return jax.nn.softmax(loaded.model.apply(v, x, train=False))
 
-        for n, chunk in enumerate(chunks):
-            read_now = [f.result() for f in ahead.pop(0)]
-            if n + READ_AHEAD < len(chunks):
-                ahead.append([pool.submit(read, p) for p in chunks[n + READ_AHEAD]])
-            good = [(path, x) for path, x in zip(chunk, read_now, strict=True) if not isinstance(x, str)]
-            results += [Result(path, None, x) for path, x in zip(chunk, read_now, strict=True) if isinstance(x, str)]
+        # traced and compiled (or found in the compilation cache) while the checkpoint is read
+        x_shape = jax.ShapeDtypeStruct((batch, *loaded.image_shape), jnp.float32)
+        with concurrent.futures.ThreadPoolExecutor(1) as compiler:
+            compiling = compiler.submit(lambda: forward.lower(loaded.variables, x_shape).compile())
+            loaded = inference.restored(loaded)
+            forward = compiling.result()
+
+        for start in range(0, len(paths), batch):
+            chunk = list(range(start, min(start + batch, len(paths))))
+            read_now = [futures.pop(i).result() for i in chunk]
+            read_up_to(start + (READ_AHEAD + 1) * batch)
+            good = [(paths[i], x) for i, x in zip(chunk, read_now, strict=True) if not isinstance(x, str)]
+            results += [Result(paths[i], None, x) for i, x in zip(chunk, read_now, strict=True) if isinstance(x, str)]
             if good:
                 images = np.stack([x for _, x in good])
                 images = np.concatenate([images, np.zeros((batch - len(good), *images.shape[1:]), images.dtype)])
@@ -343,6 +392,8 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     define_flags()
     flags.mark_flags_as_required(["workdir"])
-    from alexnet_jax import cli
+    from alexnet_jax import cli, xla_cpu
+
+    cli.cpu_collective_timeouts(ynnpack=xla_cpu.YNNPACK_OFF)  # before parse_flags's default: passes of <= 50 images
 
     app.run(main, flags_parser=cli.parse_flags)

@@ -15,6 +15,11 @@ import os
 
 YNNPACK_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 YNNPACK_WITHOUT_CONVOLUTIONS = "dot"  # YNNPACK keeps the matmuls (and what it fuses into them) only
+# Nothing for YNNPACK: `predict`'s forward passes of at most 50 images, where the fully connected layers' matmuls
+# are memory-bound (each weight read once per pass) and Eigen's ran 2.3x faster than YNNPACK's (fc6 at 50 rows:
+# 41 against 95 ms; at 200 rows YNNPACK's is the faster, 127 against 266); the whole forward 7% faster
+# (docs/performance.md).
+YNNPACK_OFF = ""
 
 
 def convolutions_in_ynnpack() -> bool:

@@ -52,6 +52,26 @@ def test_accelerator_check_smoke_runs_without_tensorflow(tmp_path, python):
     assert "| paper | float32 | cpu_tuned | 8 |" in r.stdout and "metrics.jsonl" in r.stderr
 
 
+def test_predict_gives_the_cpu_matmuls_to_eigen_and_main_to_ynnpack(python):
+    """The XLA_FLAGS each command line's process runs with (printed as it exits, after its --helpshort): `main`
+    keeps YNNPACK's matmuls (`...ynn_fusion_type=dot`), `predict`'s passes of <= 50 images take none of YNNPACK
+    (`...ynn_fusion_type=`, nothing: Eigen's matmuls are 2.3x faster at 50 rows, docs/performance.md)."""
+    import forkserver
+
+    seen = {}
+    for module in ("alexnet_jax.main", "alexnet_jax.predict"):
+        code = ("import atexit, os, runpy, sys\n"
+                "atexit.register(lambda: print('XLA_FLAGS=' + os.environ.get('XLA_FLAGS', '')))\n"
+                f"sys.argv = [{module!r}, '--helpshort']\n"
+                f"runpy.run_module({module!r}, run_name='__main__')\n")
+        env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+        r = forkserver.run([python, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        line = next(x for x in r.stdout.splitlines() if x.startswith("XLA_FLAGS="))
+        seen[module] = [f for f in line.removeprefix("XLA_FLAGS=").split() if "ynn_fusion_type" in f]
+    assert seen == {"alexnet_jax.main": ["--xla_cpu_experimental_ynn_fusion_type=dot"],
+                    "alexnet_jax.predict": ["--xla_cpu_experimental_ynn_fusion_type="]}, seen
+
+
 def test_entry_points_set_the_cpu_collective_timeouts(monkeypatch):
     """The tests' XLA:CPU rendezvous timeouts for every command line on the CPU backend (a loaded machine's
     simulated devices no longer abort at XLA's 40 s), kept where the user set them, not added for a GPU."""

@@ -214,6 +214,37 @@ def test_predict_output_has_one_row_per_file_and_bad_files_with_their_reason(sma
         assert all(abs(float(r["probability_1"]) + float(r["probability_2"]) - 1) < 1e-5 for r in good)
 
 
+def test_predict_reads_images_before_jax_by_the_checkpoints_json_and_again_when_it_was_not_the_one(
+        small_run, monkeypatch):
+    """`classify` starts reading images by `checkpoint_files.peek_saved` (the JSON files, before JAX and orbax are
+    imported); peek_saved reads what orbax reads. Each file is preprocessed once when the guess is orbax's answer,
+    and the results are the same whether the guess was right, wrong (another normalisation: every early read is
+    redone) or missing."""
+    from alexnet_jax import checkpoint_files, predict
+
+    workdir = os.path.join(small_run, "run")
+    assert checkpoint_files.peek_saved(workdir) == checkpoint_files.read_saved(workdir)
+    assert checkpoint_files.peek_saved(os.path.join(small_run, "nothing")) is None
+    assert checkpoint_files.peek_saved(workdir, step=12345) is None
+    files = sorted(glob.glob(os.path.join(small_run, "photos", "*", "*.png")))
+    step, config, meta = checkpoint_files.read_saved(workdir)
+    other = json.loads(json.dumps(meta))
+    other["normalisation"]["mean"] = [m + 50.0 for m in other["normalisation"]["mean"]]
+    calls = []
+    preprocess = predict.preprocess
+    monkeypatch.setattr(predict, "preprocess", lambda *a, **k: calls.append(a[2].mean.tolist()) or preprocess(*a, **k))
+    outcomes = {}
+    for name, guess in (("right", (step, config, meta)), ("wrong", (step, config, other)), ("none", None)):
+        monkeypatch.setattr(checkpoint_files, "peek_saved", lambda *a, guess=guess: guess)
+        calls.clear()
+        outcomes[name] = [(r.path, r.top) for r in predict.classify(workdir, files, top_k=2)]
+        if name == "right":
+            assert len(calls) == len(files)
+        if name == "wrong":
+            assert len(calls) > len(files) and other["normalisation"]["mean"] in calls  # read early, then again
+    assert outcomes["right"] == outcomes["wrong"] == outcomes["none"] and len(outcomes["right"]) == len(files)
+
+
 def test_a_second_predict_compiles_nothing_and_batches_do_not_change_results(small_run, python, tmp_path):
     """`predict` keeps its compiled network in ~/.cache/alexnet_jax ($XDG_CACHE_HOME here): a second run finds it
     (JAX's 'cache hit' line); `--batch_size 3` on 5 files (the last batch padded) prints the same results."""
