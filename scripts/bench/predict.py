@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from bench.common import REPO, load_script
+from bench.common import REPO, USER_XLA_FLAGS, load_script
 
 NAMES = os.path.join(REPO, "alexnet_jax", "resources", "imagenet_names.txt")
 
@@ -90,6 +90,9 @@ def bench_predict(images: int, pairs: int, extra: list[str] | None = None) -> di
         pth, workdir = write_weights(tmp)
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "XDG_CACHE_HOME": os.path.join(tmp, "cache")}
         env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        env.pop("XLA_FLAGS", None)  # each command sets its own, as from a user's shell
+        if USER_XLA_FLAGS is not None:
+            env["XLA_FLAGS"] = USER_XLA_FLAGS
         ours = [sys.executable, "-m", "alexnet_jax.predict", "--workdir", workdir, folder, *(extra or [])]
         theirs = [sys.executable, torch_script, pth, folder]
         cold, first, _ = run(ours, env)
