@@ -1,9 +1,11 @@
-"""One process of a multi-process training run on photos (used by tests/test_photo_stream.py).
+"""The processes of a multi-process training run on photos (used by tests/test_photo_stream.py).
 
-Usage: python photo_stream_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES RUNS_JSON
-RUNS_JSON: a list of {"config": {key: value}, "workdir": DIR, "log": FILE}, trained one after the other in this
-process: each through `train.train_and_evaluate`, the real trainer and data pipeline, on DEVICES local CPU devices,
-joined to the other processes over gloo (`distributed.initialize`). Every record this process reads from the training
+Usage: python photo_stream_worker.py NUM_PROCESSES PORT DEVICES RUNS_JSON
+Forks NUM_PROCESSES processes once the libraries are imported (one import for all of them; started by
+tests/forkserver.py, none), each joined to the others over gloo (`distributed.initialize`) with DEVICES local CPU
+devices; exits 1 (the others killed) as soon as one fails. RUNS_JSON: a list of {"config": {key: value},
+"workdir": DIR, "log": FILE}, trained one after the other by every process: each through
+`train.train_and_evaluate`, the real trainer and data pipeline. Every record a process reads from the training
 split is logged (`records.Records.read` wrapped) to `log`.PROCESS_ID.json: the record identities the test compares.
 """
 
@@ -12,9 +14,9 @@ import os
 import sys
 
 
-def main() -> None:
-    pid, nproc, port, devices = (int(a) for a in sys.argv[1:5])
-    runs = json.load(open(sys.argv[5]))
+def worker(pid: int, nproc: int, port: int, devices: int, runs_json: str) -> None:
+    """Process `pid` of `nproc`: its runs, in order."""
+    runs = json.load(open(runs_json))
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -50,6 +52,40 @@ def main() -> None:
         import jax
 
         jax.distributed.shutdown()
+
+
+def main() -> None:
+    import signal
+    import traceback
+
+    nproc, port, devices = (int(a) for a in sys.argv[1:4])
+    import alexnet_jax.train  # noqa: F401 - imported once, before the fork, for every process
+
+    children = []
+    for pid in range(nproc):
+        child = os.fork()
+        if child == 0:
+            code = 1
+            try:
+                worker(pid, nproc, port, devices, sys.argv[4])
+                code = 0
+            except BaseException:  # noqa: BLE001 - reported, then this process's exit status says it
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush(), sys.stderr.flush()
+                os._exit(code)
+        children.append(child)
+    failed = False
+    while children:
+        child, status = os.wait()
+        children.remove(child)
+        if os.waitstatus_to_exitcode(status) != 0 and not failed:
+            failed = True
+            print(f"photo_stream_worker.py: process {child} exited with {os.waitstatus_to_exitcode(status)}: "
+                  "stopping the others", file=sys.stderr, flush=True)
+            for other in children:
+                os.kill(other, signal.SIGKILL)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 
 import forkserver
@@ -61,18 +60,15 @@ def _free_port() -> int:
 
 
 def _train(nproc: int, devices: int, runs: list[dict], tmp) -> None:
-    """`runs` trained one after the other by `nproc` real processes of `devices` CPU devices each."""
+    """`runs` trained one after the other by `nproc` real processes of `devices` CPU devices each (forked by one
+    photo_stream_worker.py process, itself forked from the tests' server: no process imports the libraries)."""
     spec = tmp / f"runs_{nproc}_{_free_port()}.json"
     spec.write_text(json.dumps(runs))
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["PYTHONPATH"], env["XLA_FLAGS"] = REPO, FAST_COMPILE
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "photo_stream_worker.py"), str(i),
-                               str(nproc), str(port), str(devices), str(spec)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(nproc)]
-    for p in procs:
-        out, _ = p.communicate(timeout=400)
-        assert p.returncode == 0, out[-3000:]
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}
+    r = forkserver.run([sys.executable, os.path.join(REPO, "tests", "photo_stream_worker.py"), str(nproc),
+                        str(_free_port()), str(devices), str(spec)], env=env, capture_output=True, text=True,
+                       timeout=800)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
 
 
 def _run(name: str, overrides: dict, workdir, log, **kw) -> dict:
