@@ -55,10 +55,11 @@ def prepare(workdir: str) -> str:
 
 
 def run(workdir: str, data_dir: str, variant: str, steps: int, batch: int, env: dict[str, str] | None = None,
-        quiet: bool = False, eval_every: int = 0, seed: int = 0) -> dict:
+        quiet: bool = False, eval_every: int = 0, seed: int = 0, runner=subprocess.run) -> dict:
     """Train with the shipped configs/imagenet.py; returns summary.json. `eval_every` > 0: evaluate every this many
     steps (and at the end) instead of once per epoch, e.g. only at the end: each 10-crop evaluation of the 32
-    validation images costs two thirds of a training epoch here."""
+    validation images costs two thirds of a training epoch here. `runner`: what runs the command
+    (`subprocess.run`'s signature; the tests' fork server)."""
     out = os.path.join(workdir, f"run_{variant}")
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume of the last check
     cmd = [sys.executable, "-m", "alexnet_jax.main", "--config", os.path.join(REPO, "configs", "imagenet.py"),
@@ -75,7 +76,7 @@ def run(workdir: str, data_dir: str, variant: str, steps: int, batch: int, env: 
     if eval_every > 0:
         cmd.append(f"--config.eval_every_steps={eval_every}")
     print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=quiet, text=True)
+    proc = runner(cmd, cwd=REPO, env=env, capture_output=quiet, text=True)
     if proc.returncode:
         raise SystemExit(f"training failed (exit {proc.returncode}){': ' + proc.stderr[-2000:] if quiet else ''}")
     with open(os.path.join(out, "summary.json")) as f:

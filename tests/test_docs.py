@@ -255,8 +255,9 @@ def test_a_second_predict_compiles_nothing_and_batches_do_not_change_results(sma
     env = {k: v for k, v in _env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), JAX_LOG_COMPILES="1")
     cmd = [python, "-m", "alexnet_jax.predict", "--workdir", os.path.join(small_run, "run"), new]
-    runs = [forkserver.run(cmd + extra, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-            for extra in ([], [], ["--batch_size", "3"])]
+    # (the first two are real processes: JAX reads its cache settings when imported; the third, forked, need not be)
+    runs = [forkserver.run(cmd + extra, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=300)
+            for extra, run_env in (([], env), ([], env), (["--batch_size", "3"], _env()))]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
     assert "Persistent compilation cache hit" not in runs[0].stderr
     assert "Persistent compilation cache hit for 'jit_forward" in runs[1].stderr, runs[1].stderr[-2000:]

@@ -11,6 +11,7 @@ import importlib.util
 import math
 import os
 
+import forkserver
 import pytest
 from conftest import examples, run_once
 
@@ -39,7 +40,8 @@ def archive() -> tuple[str, str]:
 def test_paper_recipe_learns_four_classes(archive, variant, seed: int = 0):
     workdir, data_dir = archive
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    summary = check.run(workdir, data_dir, variant, STEPS, BATCH, env=env, quiet=True, eval_every=STEPS, seed=seed)
+    summary = check.run(workdir, data_dir, variant, STEPS, BATCH, env=env, quiet=True, eval_every=STEPS, seed=seed,
+                        runner=forkserver.run)  # (a `main` process as users start it, without its imports)
     ok, line = check.verdict(summary)
     assert summary["num_eval_examples"] == check.CLASSES * check.VAL_PER_CLASS == 32
     assert summary["variant"] == variant and summary["step"] == STEPS and summary["best_step"] == STEPS
