@@ -1,10 +1,11 @@
-"""One process of a multi-process training run on CPU devices (used by test_sharding.py).
+"""The processes of a multi-process training run on CPU devices (used by test_sharding.py).
 
-Usage: python multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR STEPS
-Each process simulates 8 / NUM_PROCESSES CPU devices, joins the others over gloo on localhost through
-`distributed.initialize`, reads only its own rows of every global batch and trains STEPS steps on a
-('data', 'model') = (4, 2) mesh spanning all processes. Process 0 writes the final parameters; every process
-writes the labels of the rows it read. `run` is also called in-process for the 1 x 8 reference.
+Usage: python multiprocess_worker.py NUM_PROCESSES PORT OUT_DIR STEPS
+Forks NUM_PROCESSES processes once the libraries are imported (tests/process_group.py). Each process simulates 8 /
+NUM_PROCESSES CPU devices, joins the others over gloo on localhost through `distributed.initialize`, reads only its
+own rows of every global batch and trains STEPS steps on a ('data', 'model') = (4, 2) mesh spanning all processes.
+Process 0 writes the final parameters; every process writes the labels of the rows it read. `run` is also called in-
+process for the 1 x 8 reference.
 """
 
 import os
@@ -63,9 +64,7 @@ def run(config, pid: int, nproc: int, steps: int) -> tuple[dict[str, np.ndarray]
     return flat, np.stack(seen)
 
 
-def main() -> None:
-    pid, nproc, port, out_dir, steps = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
-                                        int(sys.argv[5]))
+def worker(pid: int, nproc: int, port: int, out_dir: str, steps: int) -> None:
     # the caller's XLA flags (the tests': -O0), this process's share of the 8 devices
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={8 // nproc}"
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -81,6 +80,15 @@ def main() -> None:
     import jax
 
     jax.distributed.shutdown()
+
+
+def main() -> None:
+    import process_group
+
+    nproc, port, out_dir, steps = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    import alexnet_jax.train  # noqa: F401 - imported once, before the fork, for every process
+
+    sys.exit(process_group.run_forked(lambda pid: worker(pid, nproc, port, out_dir, steps), nproc))
 
 
 if __name__ == "__main__":

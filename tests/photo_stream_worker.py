@@ -1,12 +1,12 @@
 """The processes of a multi-process training run on photos (used by tests/test_photo_stream.py).
 
 Usage: python photo_stream_worker.py NUM_PROCESSES PORT DEVICES RUNS_JSON
-Forks NUM_PROCESSES processes once the libraries are imported (one import for all of them; started by
-tests/forkserver.py, none), each joined to the others over gloo (`distributed.initialize`) with DEVICES local CPU
-devices; exits 1 (the others killed) as soon as one fails. RUNS_JSON: a list of {"config": {key: value},
-"workdir": DIR, "log": FILE}, trained one after the other by every process: each through
-`train.train_and_evaluate`, the real trainer and data pipeline. Every record a process reads from the training
-split is logged (`records.Records.read` wrapped) to `log`.PROCESS_ID.json: the record identities the test compares.
+Forks NUM_PROCESSES processes once the libraries are imported (tests/process_group.py), each joined to the others
+over gloo (`distributed.initialize`) with DEVICES local CPU devices; exits 1 (the others killed) as soon as one
+fails. RUNS_JSON: a list of {"config": {key: value}, "workdir": DIR, "log": FILE}, trained one after the other by
+every process: each through `train.train_and_evaluate`, the real trainer and data pipeline. Every record a process
+reads from the training split is logged (`records.Records.read` wrapped) to `log`.PROCESS_ID.json: the record
+identities the test compares.
 """
 
 import json
@@ -55,37 +55,12 @@ def worker(pid: int, nproc: int, port: int, devices: int, runs_json: str) -> Non
 
 
 def main() -> None:
-    import signal
-    import traceback
+    import process_group
 
     nproc, port, devices = (int(a) for a in sys.argv[1:4])
     import alexnet_jax.train  # noqa: F401 - imported once, before the fork, for every process
 
-    children = []
-    for pid in range(nproc):
-        child = os.fork()
-        if child == 0:
-            code = 1
-            try:
-                worker(pid, nproc, port, devices, sys.argv[4])
-                code = 0
-            except BaseException:  # noqa: BLE001 - reported, then this process's exit status says it
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush(), sys.stderr.flush()
-                os._exit(code)
-        children.append(child)
-    failed = False
-    while children:
-        child, status = os.wait()
-        children.remove(child)
-        if os.waitstatus_to_exitcode(status) != 0 and not failed:
-            failed = True
-            print(f"photo_stream_worker.py: process {child} exited with {os.waitstatus_to_exitcode(status)}: "
-                  "stopping the others", file=sys.stderr, flush=True)
-            for other in children:
-                os.kill(other, signal.SIGKILL)
-    sys.exit(1 if failed else 0)
+    sys.exit(process_group.run_forked(lambda pid: worker(pid, nproc, port, devices, sys.argv[4]), nproc))
 
 
 if __name__ == "__main__":
