@@ -225,7 +225,7 @@ def classify(workdir: str, paths: list[str], *, step: int | None = None, top_k: 
     futures: dict[int, concurrent.futures.Future] = {}
     try:
         guess = checkpoint_files.peek_saved(workdir, step)
-        if guess is not None and guess[2].get("normalisation") and tuple(guess[2].get("image_shape") or ()):
+        if guess is not None and guess[2].get("normalisation") and len(guess[2].get("image_shape") or ()) == 3:
             early = _reader(guess[1], guess[2], Normalisation.from_json(guess[2]["normalisation"]))
             futures = {i: pool.submit(early, p) for i, p in enumerate(paths[: READ_AHEAD * FORWARD_CHUNK])}
         return _classify(workdir, paths, step, top_k, overrides, batch_size, progress, pool, futures, guess)
@@ -279,9 +279,9 @@ def _classify(workdir: str, paths: list[str], step: int | None, top_k: int, over
             return jax.nn.softmax(loaded.model.apply(v, x, train=False))
 
         # traced and compiled (or found in the compilation cache) while the checkpoint is read
-        x_shape = jax.ShapeDtypeStruct((batch, *loaded.image_shape), jnp.float32)
+        abstract, x_shape = loaded.variables, jax.ShapeDtypeStruct((batch, *loaded.image_shape), jnp.float32)
         with concurrent.futures.ThreadPoolExecutor(1) as compiler:
-            compiling = compiler.submit(lambda: forward.lower(loaded.variables, x_shape).compile())
+            compiling = compiler.submit(lambda: forward.lower(abstract, x_shape).compile())
             loaded = inference.restored(loaded)
             forward = compiling.result()
 

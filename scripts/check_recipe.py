@@ -42,15 +42,15 @@ def _tiny():
     return module
 
 
-def prepare(workdir: str) -> str:
-    """The prepared tfds data_dir of the 4-class archive (made once, reused by later runs)."""
+def prepare(workdir: str, runner=subprocess.run) -> str:
+    """The prepared tfds data_dir of the 4-class archive (made once, reused by later runs); `runner` as in `run`."""
     manual, data = os.path.join(workdir, "manual"), os.path.join(workdir, "data")
     if not os.path.isfile(os.path.join(manual, "ILSVRC2012_img_val.tar")):
         _tiny().write_tiny_imagenet(manual, classes=CLASSES, train_per_class=TRAIN_PER_CLASS,
                                     val_per_class=VAL_PER_CLASS)
     cmd = [sys.executable, os.path.join(REPO, "scripts", "prepare_imagenet.py"), "--manual_dir", manual,
            "--data_dir", data]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runner(cmd, check=True, capture_output=True)
     return data
 
 

@@ -32,7 +32,7 @@ STEPS, BATCH = 60, 8
 def archive() -> tuple[str, str]:
     """(workdir, data_dir): the 4-class archive, prepared once per run of the suite for both recipe checks (each
     writes its run into workdir/run_<variant>)."""
-    workdir = run_once("recipe", check.prepare)
+    workdir = run_once("recipe", lambda path: check.prepare(path, runner=forkserver.run))
     return workdir, os.path.join(workdir, "data")
 
 
