@@ -79,10 +79,7 @@ def persistent_compilation_cache() -> None:
 # loaded machine running several simulated or real CPU devices can cause (docs/sharding.md's 2x2 quick start died
 # so beside other CPU-heavy work): the tests' timeouts, for every entry point on the CPU backend.
 CPU_COLLECTIVE_FLAGS = {"--xla_cpu_collective_call_terminate_timeout_seconds": "600",
-                        "--xla_cpu_collective_call_warn_stuck_timeout_seconds": "120",
-                        # convolutions by XLA's own (Eigen) kernels, matmuls still by YNNPACK: YNNPACK's convolutions
-                        # and their gradients ran 1.2-5.8x slower on the 2-core AVX2 machine (docs/performance.md)
-                        xla_cpu.YNNPACK_FLAG: xla_cpu.YNNPACK_WITHOUT_CONVOLUTIONS}
+                        "--xla_cpu_collective_call_warn_stuck_timeout_seconds": "120"}
 ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")
 
 
@@ -98,9 +95,11 @@ def _cpu_backend() -> bool:
 
 
 def cpu_collective_timeouts(ynnpack: str = xla_cpu.YNNPACK_WITHOUT_CONVOLUTIONS) -> None:
-    """Add `CPU_COLLECTIVE_FLAGS` (the collective timeouts and YNNPACK's share of the work, `ynnpack`) to XLA_FLAGS,
-    those not set already, before JAX starts its backends, where the backend will be the CPU (another XLA build may
-    not know these flags)."""
+    """Add `CPU_COLLECTIVE_FLAGS` (the collective timeouts) and YNNPACK's share of the work (`ynnpack`; by default
+    convolutions by XLA's own Eigen kernels, matmuls still by YNNPACK: YNNPACK's convolutions and their gradients
+    ran 1.2-5.8x slower on the 2-core AVX2 machine, docs/performance.md) to XLA_FLAGS, those not set already,
+    before JAX starts its backends, where the backend will be the CPU (another XLA build may not know these
+    flags)."""
     import os
 
     if not _cpu_backend():

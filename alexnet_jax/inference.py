@@ -74,15 +74,20 @@ def read_config(workdir: str, step: int | None = None, overrides: dict[str, Any]
 
 
 def load(workdir: str, step: int | None = None, mesh: Mesh | None = None,
-         overrides: dict[str, Any] | None = None, inference: bool = False, restore: bool = True) -> Loaded:
+         overrides: dict[str, Any] | None = None, inference: bool = False, restore: bool = True,
+         saved: tuple[int, ml_collections.ConfigDict, dict[str, Any]] | None = None) -> Loaded:
     """The model of checkpoint `step` (default latest) of `workdir`, restored onto `mesh` (default: the
     config's `mesh_shape`; `mesh_of_one_device()` for a single image). `inference`: the model only runs forward
     passes (predict, features), so `kernels='auto'` becomes 'native' on every backend: the cpu_tuned
     formulations are there for the backward pass, and XLA's own convolutions run the forward faster on the CPU
     too (docs/performance.md); the function is the same to float32 rounding. `restore=False`: the variables are
     left as `jax.ShapeDtypeStruct`s (shapes, dtypes, shardings), for which a program can be compiled while
-    `restored` reads them."""
-    step, config, meta = read_config(workdir, step, overrides)
+    `restored` reads them. `saved`: what `read_config(workdir, step, overrides)` returned, if the caller has it
+    (not read again; its config is not changed)."""
+    if saved is None:
+        step, config, meta = read_config(workdir, step, overrides)
+    else:
+        step, config, meta = saved[0], saved[1].copy_and_resolve_references(), saved[2]
     if inference and config.kernels == "auto":
         config.kernels = "native"
     if len(meta.get("image_shape") or ()) != 3:

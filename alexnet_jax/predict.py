@@ -186,13 +186,17 @@ class Result:
     error: str | None = None
 
 
+def _view(config: Any, meta: dict[str, Any]) -> tuple:
+    """What reading an image takes from a checkpoint's config and meta: equal views read every file alike."""
+    return (tuple(meta.get("image_shape") or ()), meta.get("normalisation"), config["dataset"],
+            config["resize_method"], bool(meta.get("converted_from", "").startswith("torchvision")))
+
+
 def _reader(config: Any, meta: dict[str, Any], norm: Any) -> Callable[[str], np.ndarray | str]:
     """path -> the model's input for that file, or the reason it is not a readable image (a str)."""
     from alexnet_jax.errors import UserError
 
-    image_shape = tuple(meta.get("image_shape") or ())
-    torchvision = bool(meta.get("converted_from", "").startswith("torchvision"))
-    dataset, resize_method = config["dataset"], config["resize_method"]
+    image_shape, _, dataset, resize_method, torchvision = _view(config, meta)
 
     def read(path: str) -> np.ndarray | str:
         try:
@@ -245,10 +249,10 @@ def _classify(workdir: str, paths: list[str], step: int | None, top_k: int, over
 
     from alexnet_jax import inference
 
-    step, config, meta = inference.read_config(workdir, step, overrides)
+    saved = inference.read_config(workdir, step, overrides)
+    step, config, meta = saved
     read = _reader(config, meta, inference.normalisation_of(meta, step))
-    if guess is None or (guess[0], guess[2], guess[1].get("dataset"), guess[1].get("resize_method")) != (
-            step, meta, config.dataset, config.resize_method):
+    if guess is None or _view(guess[1], guess[2]) != _view(config, meta):
         for f in futures.values():  # read with another checkpoint's view: read again
             f.cancel()
         futures.clear()
@@ -270,7 +274,7 @@ def _classify(workdir: str, paths: list[str], step: int | None, top_k: int, over
     with tqdm(total=len(paths), unit=" images", desc="predict", disable=not show, mininterval=1.0) as bar:
         read_up_to(READ_AHEAD * batch)
         loaded = inference.load(workdir, step, inference.mesh_of_one_device(), overrides, inference=True,
-                                restore=False)
+                                restore=False, saved=saved)
         names = class_names(config.dataset, loaded.meta, config.num_classes)
         k = min(top_k, len(names))
 
