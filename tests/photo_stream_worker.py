@@ -58,6 +58,7 @@ def main() -> None:
     import process_group
 
     nproc, port, devices = (int(a) for a in sys.argv[1:4])
+    import alexnet_jax.data.photos  # noqa: F401 - TensorFlow (imported by the data pipeline when first used)
     import alexnet_jax.train  # noqa: F401 - imported once, before the fork, for every process
 
     sys.exit(process_group.run_forked(lambda pid: worker(pid, nproc, port, devices, sys.argv[4]), nproc))

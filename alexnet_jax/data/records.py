@@ -107,7 +107,8 @@ class Records:
 
     def in_order(self, lo: int, hi: int, chunk: int = 64) -> tf.data.Dataset:
         """Records lo .. hi-1, in order, read `chunk` at a time (evaluation, statistics, preparation)."""
-        return tf.data.Dataset.range(lo, hi).batch(chunk).map(self.read_tf).unbatch()
+        read = tf.autograph.experimental.do_not_convert(self.read_tf)  # (AutoGraph's conversion costs start-up)
+        return tf.data.Dataset.range(lo, hi).batch(chunk).map(read).unbatch()
 
 
 def open_reader(path: str):
@@ -136,12 +137,14 @@ def train_steps(n: int, batch_size: int, seed: int, start_step: int, num_steps: 
     first, last = start_step // per_epoch, -(-num_steps // per_epoch)
     positions = tf.range(process_index * local, (process_index + 1) * local, dtype=tf.int64)
 
+    @tf.autograph.experimental.do_not_convert
     def epoch(e: tf.Tensor) -> tf.data.Dataset:
         perm = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
                                                         seed=tf.stack([tf.constant(seed, tf.int64), e]))
         steps = tf.data.Dataset.range(tf.maximum(tf.constant(start_step, tf.int64), e * per_epoch),
                                       tf.minimum(tf.constant(num_steps, tf.int64), (e + 1) * per_epoch))
 
+        @tf.autograph.experimental.do_not_convert
         def rows(step: tf.Tensor):
             begin = (step % per_epoch) * batch_size + process_index * local
             return step, perm[begin : begin + local], positions

@@ -298,6 +298,7 @@ def train_batches(
     pad, flip, size = int(config.crop_padding), bool(config.random_flip), int(config.image_size)
     h, w = data.images.shape[1:3]
 
+    @tf.autograph.experimental.do_not_convert  # plain Python branching only: AutoGraph only slows the start
     def augment(row, step, position):
         image = tf.gather(images, row)
         key = tf.stack([tf.constant(seed, tf.int64) * 1_000_003 + step, position])
@@ -310,8 +311,8 @@ def train_batches(
         return {"image": resize_and_normalise(image, mean, std, size), "label": tf.gather(labels, row)}
 
     ds = records.train_steps(n, bs, seed, start_step, num_steps, process_index, process_count)
-    ds = ds.flat_map(lambda step, rows, positions: tf.data.Dataset.from_tensor_slices(
-        (rows, tf.fill([local], step), positions)))
+    ds = ds.flat_map(tf.autograph.experimental.do_not_convert(
+        lambda step, rows, positions: tf.data.Dataset.from_tensor_slices((rows, tf.fill([local], step), positions))))
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return iter(tfds.as_numpy(ds.with_options(data_options())))

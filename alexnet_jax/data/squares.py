@@ -151,6 +151,7 @@ class PhotoSquares(tfds.core.GeneratorBasedBuilder):
         parse = photos.parser(src)
         named = "file_name" in src.builder.info.features
 
+        @tf.autograph.experimental.do_not_convert
         def one(record):
             ex = parse(record)
             square = square_of_image(ex[src.image_key], c.size, c.method, src.is_jpeg)
@@ -336,7 +337,7 @@ def pipelines(spec: photos.Spec, norm, stored: Prepared,
     crop, size = spec.image_size, stored.size
     jpeg = stored.builder.builder_config.encoding == "jpeg"
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)  # (plain Python branching: no AutoGraph start-up)
     def augment_batch(images: tf.Tensor, yx: tf.Tensor, flips: tf.Tensor, alpha: tf.Tensor) -> tf.Tensor:
         return augment.paper_batch(images, yx, flips, alpha, crop=crop, flip=spec.random_flip,
                                    pca_std=spec.pca_lighting, normalization=norm.kind, mean=mean, std=std, pca=lighting)
@@ -345,6 +346,7 @@ def pipelines(spec: photos.Spec, norm, stored: Prepared,
         image, yx = args
         return augment.decode_window(image, yx[0], yx[1], crop, size)
 
+    @tf.autograph.experimental.do_not_convert
     def train_batch(records_: tf.Tensor, key: tf.Tensor, rows: tf.Tensor) -> dict[str, tf.Tensor]:
         ex = tf.io.parse_example(records_, RECORD_SPEC)
         yx, flips, alpha = augment.batch_draws(key, rows, spec.batch_size, size, crop, spec.pca_lighting)
@@ -361,7 +363,7 @@ def pipelines(spec: photos.Spec, norm, stored: Prepared,
             images = tf.reshape(tf.io.decode_raw(ex["image"], tf.uint8), (-1, size, size, 3))
         return {"image": augment_batch(images, yx, flips, alpha), "label": tf.cast(ex["label"], tf.int32)}
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)  # (plain Python branching: no AutoGraph start-up)
     def eval_batch(images: tf.Tensor) -> tf.Tensor:
         return augment.eval_batch(images, crop=crop, crops=spec.eval_crops, normalization=norm.kind, mean=mean,
                                   std=std)
