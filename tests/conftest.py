@@ -67,8 +67,9 @@ def _cpu_seconds() -> tuple[float, float]:
 def pytest_runtest_protocol(item, nextitem):
     """With ALEXNET_TEST_CPU_REPORT=FILE: one line per test (set-up and teardown included) appended to FILE: CPU
     seconds of the worker, of the processes it started and waited for (tests/forkserver.py's children included),
-    wall seconds, the test. On 2 cores the wall times of `--durations` depend on what the other worker runs
-    meanwhile; CPU seconds add up (docs/testing.md)."""
+    wall seconds, the test, the xdist worker and when the test started (seconds since the epoch: the two workers'
+    schedule, and any wait, can be read back). On 2 cores the wall times of `--durations` depend on what the other
+    worker runs meanwhile; CPU seconds add up (docs/testing.md)."""
     path = os.environ.get("ALEXNET_TEST_CPU_REPORT")
     if not path:
         yield
@@ -79,7 +80,9 @@ def pytest_runtest_protocol(item, nextitem):
     yield
     own_end, children_end = _cpu_seconds()
     with open(path, "a") as f:
-        f.write(f"{own_end - own:.1f}\t{children_end - children:.1f}\t{time.time() - start:.1f}\t{item.nodeid}\n")
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "-")
+        f.write(f"{own_end - own:.1f}\t{children_end - children:.1f}\t{time.time() - start:.1f}\t{item.nodeid}"
+                f"\t{worker}\t{start:.1f}\n")
 
 
 def pytest_unconfigure(config):
