@@ -53,6 +53,13 @@ def test_builder_prepares_idx_files_into_data_dir(fake_fmnist, tmp_path):
     np.testing.assert_array_equal(train.images[..., 0], raw)
     assert train.class_names[9] == "Ankle boot"
     assert os.path.isdir(tmp_path / "tfds" / "fashion_mnist_files" / "1.1.0")
+    # the records as tfds itself decodes them (not the arrays kept beside them): the IDX files' pixels and labels,
+    # in file order
+    builder = small.FashionMnistFiles(source_dir=str(fake_fmnist), data_dir=str(tmp_path / "tfds"))
+    for split, array in (("train", raw), ("test", small.read_idx(str(fake_fmnist / "t10k-images-idx3-ubyte.gz")))):
+        records = small.tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+        np.testing.assert_array_equal(records["image"][..., 0], array)
+        np.testing.assert_array_equal(records["label"], np.arange(len(array)) % 10)
 
 
 def test_train_and_eval_splits_take_tfds_syntax(fake_fmnist, tmp_path):
@@ -78,7 +85,8 @@ def test_decoded_splits_are_kept_and_rebuilt_when_unreadable(fake_fmnist, tmp_pa
     c = small_config(fake_fmnist, tmp_path)
     first = small.load_in_memory(c, "train")
     folder = tmp_path / "tfds" / "fashion_mnist_files" / "1.1.0"
-    assert sorted(p.name for p in folder.glob("*.npy")) == ["train.images.npy", "train.labels.npy"]
+    assert sorted(p.name for p in folder.glob("*.npy")) == [  # kept when the IDX files were prepared
+        "test.images.npy", "test.labels.npy", "train.images.npy", "train.labels.npy"]
     decoded = []
     original = small.tfds.as_numpy
     monkeypatch.setattr(small.tfds, "as_numpy", lambda *a, **k: decoded.append(1) or original(*a, **k))
