@@ -209,7 +209,11 @@ def paper_batch(
         image = image - tf.gather(tf.gather(tf.constant(mean), ys), xs, axis=2, batch_dims=1)
     if pca_std > 0:
         eigval, eigvec = pca
-        shift = 255.0 * tf.linalg.matvec(tf.constant(eigvec, tf.float32)[None], alpha * tf.constant(eigval, tf.float32))
+        # eigvec @ (alpha * eigval) per image as products and a sum, not a matvec: inside this XLA-compiled function
+        # TensorFlow's XLA:CPU hands a dot to YNNPACK, whose fusion thunk crashed (SIGSEGV in EmitYnnSubgraph) when
+        # tf.data's threads ran the function at once (docs/testing.md)
+        shift = 255.0 * tf.reduce_sum(tf.constant(eigvec, tf.float32)[None]
+                                      * (alpha * tf.constant(eigval, tf.float32))[:, None, :], axis=-1)
         image = image + shift[:, None, None, :]
     if normalization == "channel":
         image = normalise(image, normalization, mean, std)
