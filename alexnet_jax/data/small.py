@@ -250,10 +250,8 @@ def _decoded(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray,
     """A split's (uint8 images, int32 labels). Decoding FashionMNIST's 60,000 PNGs takes 8-30 s on 2 cores, every
     run; the arrays are kept beside the prepared records (`<split>.images.npy`, `<split>.labels.npy`, 0.1 s to
     load) and rebuilt when tfds prepares the dataset again (a new folder) or a file is unreadable."""
-    folder = os.fspath(builder.data_dir)
-    paths = [os.path.join(folder, f"{split}.{k}.npy") for k in ("images", "labels")]
     try:
-        images, labels = (np.load(path) for path in paths)
+        images, labels = (np.load(path) for path in _kept_paths(builder, split))
         if images.dtype == np.uint8 and len(images) == len(labels):
             return images, labels
     except (OSError, ValueError):
@@ -268,15 +266,18 @@ def _keep(builder: tfds.core.DatasetBuilder, split: str, images: np.ndarray, lab
     """Keep a split's decoded arrays beside its records for `_decoded`. The FashionMNIST files' builder keeps the
     IDX arrays it has just prepared (the records hold them losslessly, in file order): decoding them back cost
     another 8 s of CPU on the first run."""
-    folder = os.fspath(builder.data_dir)
     try:  # written whole, then renamed: a reader never sees half an array (several processes may write)
-        for kind, array in (("images", images), ("labels", labels)):
-            path = os.path.join(folder, f"{split}.{kind}.npy")
+        for path, array in zip(_kept_paths(builder, split), (images, labels), strict=True):
             tmp = f"{path}.{os.getpid()}.tmp.npy"
             np.save(tmp, array)
             os.replace(tmp, path)
     except OSError as e:  # a read-only data_dir: decode again next time
-        logging.info("not keeping the decoded %s split in %s: %s", split, folder, e.strerror)
+        logging.info("not keeping the decoded %s split in %s: %s", split, os.fspath(builder.data_dir), e.strerror)
+
+
+def _kept_paths(builder: tfds.core.DatasetBuilder, split: str) -> tuple[str, str]:
+    """Where `_keep` puts a split's decoded (images, labels) and `_decoded` looks for them."""
+    return tuple(os.path.join(os.fspath(builder.data_dir), f"{split}.{k}.npy") for k in ("images", "labels"))
 
 
 def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
