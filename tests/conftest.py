@@ -74,10 +74,22 @@ def pytest_runtest_protocol(item, nextitem):
     if not path:
         yield
         return
+    import faulthandler
     import time
 
     own, children, start = *_cpu_seconds(), time.time()
+    # ALEXNET_TEST_STALL_DUMP=FILE: every thread's Python stack appended to FILE each 10 s a test runs, to see where
+    # a test waits with its CPU idle (docs/testing.md)
+    dump = os.environ.get("ALEXNET_TEST_STALL_DUMP")
+    dump_file = open(dump, "a") if dump else None
+    if dump_file:
+        dump_file.write(f"=== {item.nodeid} {os.environ.get('PYTEST_XDIST_WORKER', '-')} {start:.1f}\n")
+        dump_file.flush()
+        faulthandler.dump_traceback_later(10, repeat=True, file=dump_file)
     yield
+    if dump_file:
+        faulthandler.cancel_dump_traceback_later()
+        dump_file.close()
     own_end, children_end = _cpu_seconds()
     with open(path, "a") as f:
         worker = os.environ.get("PYTEST_XDIST_WORKER", "-")

@@ -65,7 +65,7 @@ def test_kernel_choices_give_the_same_logits_and_gradients(variant, size):
     # widths such that every conv after conv1 reads >= 16 channels per group, i.e. runs as Winograd when tuned
     nets = {k: AlexNet(num_classes=10, variant=variant, widths=(32, 48, 32, 32, 32), fc_width=32, kernels=k)
             for k in ("cpu_tuned", "native")}
-    params = nets["native"].init(jax.random.PRNGKey(0), x)["params"]
+    params = jax.jit(nets["native"].init)(jax.random.PRNGKey(0), x)["params"]
     results = {}
     for name, net in nets.items():
         def loss(p, net=net):

@@ -47,15 +47,17 @@ def test_paper_net_step_matches_the_plain_formulation(monkeypatch):
     """Logits and every parameter gradient of the whole net, with conv1 as matmuls vs XLA's convolution."""
     model = AlexNet(num_classes=10, widths=(16, 32, 32, 32, 16), fc_width=32)
     x = jnp.asarray(np.random.default_rng(1).normal(0, 50, (2, 227, 227, 3)), jnp.float32)
-    params = model.init(jax.random.PRNGKey(0), x)["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), x)["params"]  # (jitted: eager init is ~5 s of CPU here)
 
     def loss(p):
         logits = model.apply({"params": p}, x)
         return jnp.sum(logits * jnp.arange(10.0)), logits
 
-    (_, ours), g_ours = jax.value_and_grad(loss, has_aux=True)(params)
+    # jitted (one program each, not ~100 ops compiled one by one: 13 -> 3 s of CPU); each jit traces anew, so the
+    # second sees the patched formulation
+    (_, ours), g_ours = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     monkeypatch.setattr(ops, "strided_conv_as_matmuls", plain_conv)
-    (_, ref), g_ref = jax.value_and_grad(loss, has_aux=True)(params)
+    (_, ref), g_ref = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(g_ours), jax.tree_util.tree_leaves(g_ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
@@ -78,14 +80,14 @@ def test_torch_yardstick_computes_the_same_function(variant, shape, kw, torch_li
 
     model = AlexNet(variant=variant, **kw)
     x = np.random.default_rng(2).normal(0, 50, (3, *shape)).astype(np.float32)
-    params = model.init(jax.random.PRNGKey(3), jnp.asarray(x))["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(3), jnp.asarray(x))["params"]
     net = torch_alexnet.build(model, shape)
     torch_alexnet.load_flax_params(net, params)
     assert sum(p.numel() for p in net.parameters()) == count_params(params)
     net.eval()
     with torch.no_grad():
         theirs = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-    np.testing.assert_allclose(model.apply({"params": params}, x), theirs, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(model.apply)({"params": params}, x), theirs, rtol=1e-4, atol=1e-5)
 
 
 def test_benchmark_train_step_reports_json(torch_lib):
