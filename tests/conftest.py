@@ -78,12 +78,12 @@ def pytest_runtest_protocol(item, nextitem):
     import time
 
     own, children, start = *_cpu_seconds(), time.time()
-    # ALEXNET_TEST_STALL_DUMP=FILE: every thread's Python stack appended to FILE each 10 s a test runs, to see where
-    # a test waits with its CPU idle (docs/testing.md)
-    dump = os.environ.get("ALEXNET_TEST_STALL_DUMP")
-    dump_file = open(dump, "a") if dump else None
+    # ALEXNET_TEST_STALL_DUMP=FILE: every thread's Python stack appended to FILE.WORKER each 10 s a test runs, to see
+    # where a test waits with its CPU idle (docs/testing.md)
+    dump, worker = os.environ.get("ALEXNET_TEST_STALL_DUMP"), os.environ.get("PYTEST_XDIST_WORKER", "-")
+    dump_file = open(f"{dump}.{worker}", "a") if dump else None
     if dump_file:
-        dump_file.write(f"=== {item.nodeid} {os.environ.get('PYTEST_XDIST_WORKER', '-')} {start:.1f}\n")
+        dump_file.write(f"=== {item.nodeid} {start:.1f}\n")
         dump_file.flush()
         faulthandler.dump_traceback_later(10, repeat=True, file=dump_file)
     yield
@@ -92,7 +92,6 @@ def pytest_runtest_protocol(item, nextitem):
         dump_file.close()
     own_end, children_end = _cpu_seconds()
     with open(path, "a") as f:
-        worker = os.environ.get("PYTEST_XDIST_WORKER", "-")
         f.write(f"{own_end - own:.1f}\t{children_end - children:.1f}\t{time.time() - start:.1f}\t{item.nodeid}"
                 f"\t{worker}\t{start:.1f}\n")
 
