@@ -52,6 +52,25 @@ def pytest_configure(config):
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
+    if os.environ.get("ALEXNET_TEST_CPU_REPORT"):
+        import jax
+
+        def compiled(event: str, seconds: float, **_) -> None:
+            if event == "/jax/core/compile/backend_compile_duration":
+                COMPILES["seconds"] += seconds
+                COMPILES["count"] += 1
+
+        def hit(event: str, **_) -> None:
+            if event == "/jax/compilation_cache/cache_hits":
+                COMPILES["hits"] += 1
+
+        jax.monitoring.register_event_duration_secs_listener(compiled)
+        jax.monitoring.register_event_listener(hit)
+
+
+# This process's XLA compilations so far (backend compile seconds, count) and persistent-cache hits, for the CPU
+# report (subprocesses' compilations are not seen here)
+COMPILES = {"seconds": 0.0, "count": 0, "hits": 0}
 
 
 def _cpu_seconds() -> tuple[float, float]:
@@ -67,8 +86,9 @@ def _cpu_seconds() -> tuple[float, float]:
 def pytest_runtest_protocol(item, nextitem):
     """With ALEXNET_TEST_CPU_REPORT=FILE: one line per test (set-up and teardown included) appended to FILE: CPU
     seconds of the worker, of the processes it started and waited for (tests/forkserver.py's children included),
-    wall seconds, the test, the xdist worker and when the test started (seconds since the epoch: the two workers'
-    schedule, and any wait, can be read back). On 2 cores the wall times of `--durations` depend on what the other
+    wall seconds, the test, the xdist worker, when the test started (seconds since the epoch: the two workers'
+    schedule, and any wait, can be read back), and this process's XLA compile seconds, compilations and persistent
+    cache hits. On 2 cores the wall times of `--durations` depend on what the other
     worker runs meanwhile; CPU seconds add up (docs/testing.md)."""
     path = os.environ.get("ALEXNET_TEST_CPU_REPORT")
     if not path:
@@ -78,6 +98,7 @@ def pytest_runtest_protocol(item, nextitem):
     import time
 
     own, children, start = *_cpu_seconds(), time.time()
+    compiles = dict(COMPILES)
     # ALEXNET_TEST_STALL_DUMP=FILE: every thread's Python stack appended to FILE.WORKER each 10 s a test runs, to see
     # where a test waits with its CPU idle (docs/testing.md)
     dump, worker = os.environ.get("ALEXNET_TEST_STALL_DUMP"), os.environ.get("PYTEST_XDIST_WORKER", "-")
@@ -93,7 +114,8 @@ def pytest_runtest_protocol(item, nextitem):
     own_end, children_end = _cpu_seconds()
     with open(path, "a") as f:
         f.write(f"{own_end - own:.1f}\t{children_end - children:.1f}\t{time.time() - start:.1f}\t{item.nodeid}"
-                f"\t{worker}\t{start:.1f}\n")
+                f"\t{worker}\t{start:.1f}\t{COMPILES['seconds'] - compiles['seconds']:.1f}"
+                f"\t{COMPILES['count'] - compiles['count']}\t{COMPILES['hits'] - compiles['hits']}\n")
 
 
 def pytest_unconfigure(config):
