@@ -24,7 +24,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from alexnet_jax.data import photos, records
-from alexnet_jax.data.base import check_data_dir
+from alexnet_jax.data.base import check_data_dir, data_options
 from alexnet_jax.errors import UserError
 
 NAME = "imagenet2012"
@@ -66,7 +66,7 @@ def find_undecodable(builder: tfds.core.DatasetBuilder, split: str) -> list[str]
     """File names of the prepared images of `split` that do not decode as JPEG (all cores, one pass)."""
     src = source(builder)
     parsed = src.records(split).in_order(0, src.num_examples(split)).map(
-        photos.parser(src), num_parallel_calls=tf.data.AUTOTUNE)
+        photos.parser(src), num_parallel_calls=tf.data.AUTOTUNE).with_options(data_options())
     names = {n.decode() for n in parsed.map(lambda ex: ex["file_name"]).as_numpy_iterator()}
     decoded = parsed.map(
         lambda ex: (ex["file_name"], tf.shape(tf.io.decode_jpeg(ex["image"], channels=3))),

@@ -379,7 +379,7 @@ def eval_batches(
 
     ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels, "mask": mask})
     ds = ds.batch(local).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    return iter(tfds.as_numpy(ds.prefetch(2)))
+    return iter(tfds.as_numpy(ds.prefetch(2).with_options(data_options())))
 
 
 def create_data(config: ml_collections.ConfigDict, normalisation: Normalisation | None = None) -> Data:

@@ -42,7 +42,7 @@ from absl import logging
 from tqdm import tqdm
 
 from alexnet_jax.data import augment, imagenet, images, once, photos, records, sources
-from alexnet_jax.data.base import check_data_dir
+from alexnet_jax.data.base import check_data_dir, data_options
 from alexnet_jax.errors import UserError
 
 FORMATS = ("raw", "jpeg")
@@ -136,7 +136,8 @@ class PhotoSquares(tfds.core.GeneratorBasedBuilder):
                 if not os.path.isfile(path):
                     self._convert(recs, source_split, lo, hi, path, bar)
                 parsed = tf.data.TFRecordDataset(path).map(
-                    lambda r: features.deserialize_example(r, decoders={"image": tfds.decode.SkipDecoding()}))
+                    lambda r: features.deserialize_example(r, decoders={"image": tfds.decode.SkipDecoding()})
+                ).with_options(data_options())
                 for i, ex in enumerate(parsed.as_numpy_iterator(), lo):
                     image = ex["image"]
                     if self.builder_config.encoding == "raw":
@@ -159,6 +160,7 @@ class PhotoSquares(tfds.core.GeneratorBasedBuilder):
             return ex["file_name"] if named else tf.constant(""), ex[src.label_key], image
 
         ds = recs.in_order(lo, hi).map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(64)
+        ds = ds.with_options(data_options())
         features = self.info.features
         tmp = path + ".tmp"
         try:
