@@ -108,13 +108,15 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """`tag -> (steps, values)` from the TensorBoard event files the trainer wrote (process 0, WORKDIR/)."""
     import tensorflow as tf
 
+    from alexnet_jax.data.base import data_options
+
     files = sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*")))
     if not files:
         raise UserError(f"no TensorBoard event files in {workdir}: train with --workdir {workdir} first")
     series: dict[str, dict[int, float]] = {}
     for path in files:  # a resumed run appends a new file; later values of a step win
         try:
-            for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            for record in tf.data.TFRecordDataset(path).with_options(data_options()).as_numpy_iterator():
                 event = tf.compat.v1.Event.FromString(record)
                 for v in event.summary.value:
                     value = float(tf.make_ndarray(v.tensor)) if v.HasField("tensor") else float(v.simple_value)

@@ -68,8 +68,8 @@ def pytest_configure(config):
         jax.monitoring.register_event_listener(hit)
 
 
-# This process's XLA compilations so far (backend compile seconds, count) and persistent-cache hits, for the CPU
-# report (subprocesses' compilations are not seen here)
+# This process's XLA programs so far: seconds and count of JAX's compile-or-load-from-cache (so the count includes
+# the persistent-cache hits, counted beside it), for the CPU report (subprocesses' are not seen here)
 COMPILES = {"seconds": 0.0, "count": 0, "hits": 0}
 
 
@@ -87,8 +87,8 @@ def pytest_runtest_protocol(item, nextitem):
     """With ALEXNET_TEST_CPU_REPORT=FILE: one line per test (set-up and teardown included) appended to FILE: CPU
     seconds of the worker, of the processes it started and waited for (tests/forkserver.py's children included),
     wall seconds, the test, the xdist worker, when the test started (seconds since the epoch: the two workers'
-    schedule, and any wait, can be read back), and this process's XLA compile seconds, compilations and persistent
-    cache hits. On 2 cores the wall times of `--durations` depend on what the other
+    schedule, and any wait, can be read back), and this process's XLA compile-or-load seconds, programs and how many
+    of them came from the persistent cache. On 2 cores the wall times of `--durations` depend on what the other
     worker runs meanwhile; CPU seconds add up (docs/testing.md)."""
     path = os.environ.get("ALEXNET_TEST_CPU_REPORT")
     if not path:

@@ -28,8 +28,8 @@ spec.loader.exec_module(check)
 #                       owt seed 1 .66 .97 .75 (seed 0: best .72, seed 2: best .66)
 # so the paper net is evaluated once, at the end, and owt once per epoch (it peaks, then spikes), and both must reach
 # MIN_TOP1 = 0.6: 20 of the 32 images, against 8 by chance (a binomial tail of ~1e-5). Without the batch-size
-# scaling of the learning rate (lr_reference_batch=0) the paper net evaluates at 0.00 with a NaN loss at steps 20
-# and 40 and stops at 60 (loss NaN): this test fails (tried).
+# scaling of the learning rate (lr_reference_batch=0) the owt run stops on a NaN loss and its test fails (tried on
+# 2026-12-03); the paper net, evaluated per epoch then, was at 0.00 with a NaN loss by step 20 (docs/recipe.md).
 STEPS, BATCH, MIN_TOP1 = 60, 8, 0.6
 
 
@@ -49,7 +49,8 @@ def test_paper_recipe_learns_four_classes(archive, variant, seed: int = 0, eval_
                         runner=forkserver.run)  # (a `main` process as users start it, without its imports)
     ok, line = check.verdict(summary, min_top1=MIN_TOP1)
     assert summary["num_eval_examples"] == check.CLASSES * check.VAL_PER_CLASS == 32
-    assert summary["variant"] == variant and summary["step"] == STEPS and summary["best_step"] % eval_every == 0
+    assert summary["variant"] == variant and summary["step"] == STEPS
+    assert summary["best_step"] in range(eval_every, STEPS + 1, eval_every)  # one of the evaluations' steps
     assert summary["learning_rate"] == pytest.approx(0.01 * BATCH / 128)  # the paper's 0.01 at batch 128
     assert summary["best_top1_accuracy"] >= MIN_TOP1, line
     assert summary["best_eval_loss"] < math.log(1000) and math.isfinite(summary["eval_loss"]), line

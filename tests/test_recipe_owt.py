@@ -9,5 +9,5 @@ from test_recipe import archive  # noqa: F401 - the module-scoped 4-class archiv
 
 def test_owt_recipe_learns_four_classes(archive):  # noqa: F811
     # seed 1, evaluated once per epoch (20 steps): it reaches 0.97 at step 40 on both CPUs measured, then spikes
-    # (0.75 at step 60 on AVX-512), see test_recipe.py; seeds 0 and 2 peak at 0.72 and 0.66 within 60 steps
+    # (0.75 at step 60 on AVX-512), see test_recipe.py; on AVX-512 seeds 0 and 2 peak at 0.72 and 0.66 within 60 steps
     test_recipe.test_paper_recipe_learns_four_classes(archive, "owt", seed=1, eval_every=20)

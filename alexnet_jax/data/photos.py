@@ -297,7 +297,7 @@ def train_indices(source: Source, spec: Spec, start_step: int, num_steps: int, p
     records' identities, which the tests compare across process counts."""
     n = source.num_examples(source.train_split)
     steps = records.train_steps(n, spec.batch_size, spec.seed, start_step, num_steps, process_index, process_count)
-    return np.stack([rows for _, rows, _ in steps.as_numpy_iterator()])
+    return np.stack([rows for _, rows, _ in steps.with_options(data_options()).as_numpy_iterator()])
 
 
 def eval_dataset(source: Source, spec: Spec, norm: Normalisation, process_index: int = 0, process_count: int = 1,

@@ -31,6 +31,7 @@ from array_record.python import array_record_module
 from tensorflow_datasets.core import file_adapters
 from tqdm import tqdm
 
+from alexnet_jax.data.base import data_options
 from alexnet_jax.errors import UserError
 
 ARRAY_RECORD = file_adapters.FileFormat.ARRAY_RECORD
@@ -189,7 +190,7 @@ def to_array_record(builder: tfds.core.DatasetBuilder) -> None:
     with tqdm(total=len(todo), unit=" shards", desc=f"{builder.name}: TFRecord -> array_record",
               mininterval=2.0) as bar:
         for src, dst in todo:
-            records = tf.data.TFRecordDataset(src, buffer_size=8 << 20).as_numpy_iterator()
+            records = tf.data.TFRecordDataset(src, buffer_size=8 << 20).with_options(data_options()).as_numpy_iterator()
             Writer().write(dst + ".tmp", ((None, r) for r in records))
             os.replace(dst + ".tmp", dst)
             bar.update(1)

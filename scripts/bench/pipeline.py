@@ -68,6 +68,7 @@ def bench_pipeline(images: int, threads: int, repeats: int = 2, batch: int = 32)
     opts.deterministic = True
     opts.threading.private_threadpool_size = threads
     opts.threading.max_intra_op_parallelism = 1
+    opts.autotune.enabled = False  # as alexnet_jax.data.base.data_options runs every pipeline
 
     def tf_train_ds():
         ds = tf.data.Dataset.from_tensor_slices(tf.constant(jpegs)).enumerate()
