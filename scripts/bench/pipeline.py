@@ -60,15 +60,13 @@ def bench_pipeline(images: int, threads: int, repeats: int = 2, batch: int = 32)
     import tensorflow as tf
 
     from alexnet_jax.data import augment
+    from alexnet_jax.data.base import data_options
 
     tf.config.set_visible_devices([], "GPU")
     jpegs = make_jpegs(images)
     mean_image = np.full((256, 256, 3), 115.0, np.float32)
-    opts = tf.data.Options()
-    opts.deterministic = True
-    opts.threading.private_threadpool_size = threads
-    opts.threading.max_intra_op_parallelism = 1
-    opts.autotune.enabled = False  # as alexnet_jax.data.base.data_options runs every pipeline
+    opts = data_options(threads)  # the package's pipelines' options, ...
+    opts.threading.max_intra_op_parallelism = 1  # ... each op on one thread at any pool size (per-core figures)
 
     def tf_train_ds():
         ds = tf.data.Dataset.from_tensor_slices(tf.constant(jpegs)).enumerate()
