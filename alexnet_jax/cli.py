@@ -15,7 +15,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from alexnet_jax import default_config, xla_cpu
+from alexnet_jax import default_config, xla_cpu, xla_flags
 
 FLAGS = flags.FLAGS
 
@@ -80,6 +80,12 @@ def persistent_compilation_cache() -> None:
 # so beside other CPU-heavy work): the tests' timeouts, for every entry point on the CPU backend.
 CPU_COLLECTIVE_FLAGS = {"--xla_cpu_collective_call_terminate_timeout_seconds": "600",
                         "--xla_cpu_collective_call_warn_stuck_timeout_seconds": "120"}
+# What running without each flag costs (the line `xla_flags.add` prints when the running jaxlib lacks one).
+FLAG_COSTS = {
+    "--xla_cpu_collective_call_terminate_timeout_seconds": "a collective 40 s late on a loaded machine stops the run",
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds": "warnings of a slow collective come sooner",
+    xla_cpu.YNNPACK_FLAG: "convolutions stay on YNNPACK: slower on CPU, docs/performance.md",
+}
 ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")
 
 
@@ -98,17 +104,11 @@ def cpu_collective_timeouts(ynnpack: str = xla_cpu.YNNPACK_WITHOUT_CONVOLUTIONS)
     """Add `CPU_COLLECTIVE_FLAGS` (the collective timeouts) and YNNPACK's share of the work (`ynnpack`; by default
     convolutions by XLA's own Eigen kernels, matmuls still by YNNPACK: YNNPACK's convolutions and their gradients
     ran 1.2-5.8x slower on the 2-core AVX2 machine, docs/performance.md) to XLA_FLAGS, those not set already,
-    before JAX starts its backends, where the backend will be the CPU (another XLA build may not know these
-    flags)."""
-    import os
-
+    before JAX starts its backends, where the backend will be the CPU. Each only where the running jaxlib knows it
+    (`xla_flags.add`: an unknown XLA flag aborts the process); one line for each left out."""
     if not _cpu_backend():
         return
-    flags_now = os.environ.get("XLA_FLAGS", "")
-    wanted = {**CPU_COLLECTIVE_FLAGS, xla_cpu.YNNPACK_FLAG: ynnpack}
-    extra = [f"{k}={v}" for k, v in wanted.items() if k not in flags_now]
-    if extra:
-        os.environ["XLA_FLAGS"] = " ".join([flags_now, *extra]).strip()
+    xla_flags.add({**CPU_COLLECTIVE_FLAGS, xla_cpu.YNNPACK_FLAG: ynnpack}, FLAG_COSTS)
 
 
 # XLA:CPU ends a collective that one device thread never reached with LOG(FATAL): its line, a native stack dump and

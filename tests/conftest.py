@@ -19,11 +19,21 @@ import sys
 # a `main` subprocess, so both must use one library, and with 8 simulated devices per process the small net's step
 # is faster on YNNPACK's (119 against 148 ms). Each formulation is tested against XLA's convolution either way
 # (test_kernels), the choice between them in test_accelerator, and the recipe checks run as users do (no XLA_FLAGS).
-FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-                " --xla_cpu_experimental_ynn_fusion_type=dot,individual_convolution")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {FAST_COMPILE} --xla_force_host_platform_device_count=8"
-                           " --xla_cpu_collective_call_terminate_timeout_seconds=600"
-                           " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120").strip()
+# Each flag only where the running jaxlib knows it (`xla_flags.add`: an unknown XLA flag aborts every test process;
+# jaxlib 0.11 dropped --xla_cpu_use_fusion_emitters). What a missing one costs is time, never a result.
+FAST_COMPILE_FLAGS = {"--xla_backend_optimization_level": "0", "--xla_cpu_use_fusion_emitters": "false",
+                      "--xla_cpu_experimental_ynn_fusion_type": "dot,individual_convolution"}
+TEST_FLAGS = {**FAST_COMPILE_FLAGS, "--xla_force_host_platform_device_count": "8",
+              "--xla_cpu_collective_call_terminate_timeout_seconds": "600",
+              "--xla_cpu_collective_call_warn_stuck_timeout_seconds": "120"}
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # alexnet_jax, before it is installed
+from alexnet_jax import xla_flags  # noqa: E402  (imports nothing but the standard library)
+
+# quiet: the controller says it once; xdist's workers inherit XLA_FLAGS and find each flag set
+xla_flags.add(TEST_FLAGS, quiet="PYTEST_XDIST_WORKER" in os.environ)
+# For the tests' subprocesses that set XLA_FLAGS themselves: the fast-compile flags this jaxlib knows (cached answers)
+FAST_COMPILE = " ".join(f for f, ok in xla_flags.known([f"{k}={v}" for k, v in FAST_COMPILE_FLAGS.items()]).items()
+                        if ok)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One folder per run of the suite, made by its first pytest process (xdist's controller, or the only one) before the
