@@ -34,6 +34,32 @@ def quiet_orbax_logs() -> None:
         handler.addFilter(_QuietOrbax())
 
 
+def manager(directory: str, options: Any = None, *, arrays: tuple[str, ...] = (),
+            json_items: tuple[str, ...] = ()) -> Any:
+    """An orbax CheckpointManager of `directory` whose items are `arrays` (orbax's StandardCheckpointHandler:
+    PyTrees of arrays) and `json_items` (JsonCheckpointHandler), declared through orbax's handler registry (its
+    `item_handlers` argument is deprecated). Read-only unless `options` say otherwise."""
+    import orbax.checkpoint as ocp
+
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for names, handler_type, save, restore in ((arrays, ocp.StandardCheckpointHandler, ocp.args.StandardSave,
+                                                ocp.args.StandardRestore),
+                                               (json_items, ocp.JsonCheckpointHandler, ocp.args.JsonSave,
+                                                ocp.args.JsonRestore)):
+        for name in names:
+            handler = handler_type()
+            registry.add(name, save, handler)
+            registry.add(name, restore, handler)
+    if options is None:
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
+
+
+def item_metadata(checkpoints: Any, step: int) -> Any:
+    """The items' metadata of checkpoint `step` (orbax's `metadata(step).item_metadata`)."""
+    return checkpoints.metadata(step).item_metadata
+
+
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINT_SUBDIR)
 
@@ -84,24 +110,23 @@ def restore_as_saved(workdir: str, step: int, names: tuple[str, ...] = ("params"
 
     directory = checkpoint_dir(workdir)
     quiet_orbax_logs()
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-                                    item_handlers={name: ocp.StandardCheckpointHandler() for name in names})
+    checkpoints = manager(directory, arrays=names)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
-        metadata = manager.item_metadata(step)
+        metadata = item_metadata(checkpoints, step)
         targets = {}
         for name in names:
             tree = metadata.get(name) if hasattr(metadata, "get") else None
             if tree:
                 targets[name] = jax.tree_util.tree_map(
                     lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
-        out = manager.restore(step, args=ocp.args.Composite(
+        out = checkpoints.restore(step, args=ocp.args.Composite(
             **{name: ocp.args.StandardRestore(tree) for name, tree in targets.items()}))
     except Exception as e:  # noqa: BLE001 - a truncated or half-written item fails in many ways
         raise UserError(f"the checkpoint at step {step} in {directory} cannot be read ({type(e).__name__}: {e})"
                         ) from None
     finally:
-        manager.close()
+        checkpoints.close()
     return {name: jax.tree_util.tree_map(np.asarray, jax.device_get(out[name])) for name in targets}
 
 
@@ -114,17 +139,15 @@ def read_saved(workdir: str, step: int | None = None) -> tuple[int, dict[str, An
     if not os.path.isdir(directory):
         raise UserError(f"no checkpoints in {directory}: train with --workdir {os.path.dirname(directory)} first")
     quiet_orbax_logs()
-    manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_handlers={name: ocp.JsonCheckpointHandler() for name in ("config", "meta")})
-    steps = sorted(manager.all_steps())
+    checkpoints = manager(directory, json_items=("config", "meta"))
+    steps = sorted(checkpoints.all_steps())
     if not steps:
         raise UserError(f"no checkpoints in {directory}: train with --workdir {os.path.dirname(directory)} first")
     if step is not None and step not in steps:
         raise UserError(f"no checkpoint for step {step} in {directory}; available: {steps}")
     for s in [step] if step is not None else reversed(steps):
         try:
-            out = manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+            out = checkpoints.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
                                                              meta=ocp.args.JsonRestore()))
             return s, dict(out["config"]), dict(out["meta"])
         except Exception as e:  # noqa: BLE001 - unreadable: fall back to the one before
@@ -157,10 +180,9 @@ def restore_arrays(workdir: str, step: int, targets: dict[str, Any]) -> dict[str
 
     directory = checkpoint_dir(workdir)
     quiet_orbax_logs()
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-                                    item_handlers={name: ocp.StandardCheckpointHandler() for name in targets})
+    checkpoints = manager(directory, arrays=tuple(targets))
     try:
-        saved = manager.item_metadata(step)["params"]
+        saved = item_metadata(checkpoints, step)["params"]
     except Exception as e:  # noqa: BLE001 - unreadable metadata means an unusable checkpoint
         raise UserError(f"the checkpoint at step {step} in {directory} cannot be read ({type(e).__name__}: {e})"
                         ) from None
@@ -169,11 +191,11 @@ def restore_arrays(workdir: str, step: int, targets: dict[str, Any]) -> dict[str
         raise UserError(f"the checkpoint at step {step} in {directory} holds parameters of a different model: "
                         + "; ".join(diffs))
     try:
-        out = manager.restore(step, args=ocp.args.Composite(
+        out = checkpoints.restore(step, args=ocp.args.Composite(
             **{name: ocp.args.StandardRestore(tree) for name, tree in targets.items()}))
     except Exception as e:  # noqa: BLE001 - a truncated or half-written item fails in many ways
         raise UserError(f"the checkpoint at step {step} in {directory} cannot be read ({type(e).__name__}: {e})"
                         ) from None
     finally:
-        manager.close()
+        checkpoints.close()
     return {name: out[name] for name in targets}

@@ -34,7 +34,9 @@ from alexnet_jax.checkpoint_files import (  # noqa: F401 - one door for the loop
     CHECKPOINT_SUBDIR,
     checkpoint_dir,
     has_checkpoint,
+    item_metadata,
     latest_normalisation,
+    manager,
     quiet_orbax_logs,
     read_saved,
     restore_arrays,
@@ -146,10 +148,8 @@ class Checkpointer:
             read_only=read_only,
         )
         _split_only_large_replicated_arrays()
-        handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
-        handlers.update({name: ocp.JsonCheckpointHandler() for name in ("data", "meta", "config")})
         quiet_orbax_logs()
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self.manager = manager(self.directory, options, arrays=ARRAY_ITEMS, json_items=("data", "meta", "config"))
 
     # ------------------------------------------------------------------------------------------------- save
     def step_dir(self, step: int) -> str:
@@ -292,7 +292,7 @@ class Checkpointer:
                 f"the checkpoints in {self.directory} (step {step}) were written with a different config: "
                 + "; ".join(diffs) + ". Rerun with those values, or use a new --workdir to start a new run.")
         try:
-            metadata = self.manager.item_metadata(step)
+            metadata = item_metadata(self.manager, step)
             saved_params = metadata["params"]
         except Exception as e:  # noqa: BLE001
             raise CheckpointUnreadable(f"its metadata cannot be read ({type(e).__name__}: {e})") from e

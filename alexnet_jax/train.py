@@ -57,10 +57,14 @@ def create_train_state(
     )
 
 
-def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    k = min(k, logits.shape[-1])
-    _, top = jax.lax.top_k(logits, k)
-    return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """1.0 where the label is among the k highest logits, ranked as `jax.lax.top_k` ranks them (a tie goes to the
+    lower class index): the label's rank is the number of classes ranked before it. Elementwise and a sum over the
+    classes, so each device ranks its own rows of a batch-sharded array; `top_k` itself made XLA gather the whole
+    batch's logits onto every device (B x classes floats per step)."""
+    own = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+    before = (logits > own) | ((logits == own) & (jnp.arange(logits.shape[-1]) < labels[:, None]))
+    return (jnp.sum(before, axis=-1) < k).astype(jnp.float32)
 
 
 def train_step(
@@ -95,8 +99,8 @@ def train_step(
     with jax.named_scope("metrics"):
         metrics = {
             "loss": loss,
-            "top1": _topk_correct(logits, batch["label"], 1).mean(),
-            "top5": _topk_correct(logits, batch["label"], 5).mean(),
+            "top1": topk_correct(logits, batch["label"], 1).mean(),
+            "top5": topk_correct(logits, batch["label"], 5).mean(),
             "lr": optim.current_lr(opt_state),
         }
     return new_state, metrics
@@ -125,8 +129,8 @@ def eval_step(model: AlexNet, variables: dict[str, Any], batch: dict[str, jax.Ar
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     return {
         "loss": jnp.sum(loss * mask),
-        "top1": jnp.sum(_topk_correct(logits, batch["label"], 1) * mask),
-        "top5": jnp.sum(_topk_correct(logits, batch["label"], 5) * mask),
+        "top1": jnp.sum(topk_correct(logits, batch["label"], 1) * mask),
+        "top5": jnp.sum(topk_correct(logits, batch["label"], 5) * mask),
         "count": jnp.sum(mask),
     }
 

@@ -2,15 +2,33 @@
 # Run the test suite: creates .venv if missing, installs alexnet_jax with its test and torch extras (torch's CPU
 # build, pinned in pyproject.toml: the conversion parity and yardstick tests need it and fail without it), runs pytest.
 # Usage: scripts/test.sh [pytest args]
+#
+# Two sets of libraries (README, "Tested versions"); CI (.ci/run) runs both:
+# - today's (the default): Python 3.11 (python3, or $PYTHON) in .venv, the newest releases that install there
+#   (jax 0.10.2: jax 0.11 dropped Python 3.11), PyTorch's CPU build: every test;
+# - ALEXNET_TEST_SET=newest: Python 3.12 (python3.12, or $PYTHON) in .venv-newest, set up as a Colab runtime is:
+#   the newest TensorFlow (`tensorflow`, not -cpu), tensorflow-datasets, JAX, flax and ipykernel first, then
+#   alexnet_jax through the notebook's installer (scripts/runtime_install.py, which adds only what is missing).
+#   No PyTorch there (no CPU build of it for 3.12 on this machine's disk; PyPI's is a multi-GB CUDA build): the
+#   tests marked `torch` are left out, counted in pytest's "deselected".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
+SET=${ALEXNET_TEST_SET:-today}
+case $SET in
+  today) VENV=.venv PYTHON=${PYTHON:-python3} ;;
+  newest) VENV=.venv-newest PYTHON=${PYTHON:-python3.12} ;;
+  *) echo "scripts/test.sh: error: ALEXNET_TEST_SET=$SET: use today (the default) or newest" >&2; exit 2 ;;
+esac
+if [ ! -x $VENV/bin/python ]; then
+  if ! command -v "$PYTHON" >/dev/null; then
+    echo "scripts/test.sh: error: $PYTHON not found: the $SET set needs it (set PYTHON=/path/to/python)" >&2
+    exit 1
+  fi
+  "$PYTHON" -m venv $VENV
 fi
 # --no-compile: no .pyc for every installed file (torch's install took 118 s with them, 27 s without, on the
 # 2-core machine); Python compiles the modules the tests import when they are first imported.
-PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-compile)
+PIP=($VENV/bin/python -m pip install --quiet --disable-pip-version-check --no-compile)
 
 # uv installs the same packages as pip (the same versions: `pip freeze` of both venvs is identical here) in ~15 s
 # instead of ~75 s on the 2-core machine, fresh caches for both (parallel downloads and unpacking). uv does not
@@ -18,17 +36,26 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-co
 # wheel in find-links) is passed to it, and it picks the best version across all indexes as pip does.
 uv_install() {
   "${PIP[@]}" uv >/dev/null 2>&1 || return 1
-  local args=(--quiet --python .venv/bin/python --index-strategy unsafe-best-match) key value v
+  local args=(--quiet --python $VENV/bin/python --index-strategy unsafe-best-match) key value v
   while IFS= read -r line; do
     key=${line%%=*} key=${key##*.} value=${line#*=} value=${value#\'} value=${value%\'}
     case $key in
       constraint|extra-index-url|find-links|index-url) for v in $value; do args+=("--$key" "$v"); done ;;
       cert) export SSL_CERT_FILE=$value ;;  # uv reads the CA bundle from here
     esac
-  done < <(.venv/bin/python -m pip config list 2>/dev/null)
-  .venv/bin/uv pip install "${args[@]}" "$@"
+  done < <($VENV/bin/python -m pip config list 2>/dev/null)
+  $VENV/bin/uv pip install "${args[@]}" "$@"
 }
-if ! uv_install -e ".[test,torch]"; then
+MARK=()
+if [ "$SET" = newest ]; then
+  # the runtime as Colab has it, then the notebook's install (which must add no second TensorFlow: tested by
+  # tests/test_runtime_install.py in a runtime of its own)
+  uv_install tensorflow tensorflow-datasets jax flax ipykernel
+  $VENV/bin/python scripts/runtime_install.py --extras test
+  MARK=(-m "not torch")
+  echo "scripts/test.sh: the newest set leaves out the tests marked 'torch' (PyTorch is not installed for" \
+       "Python 3.12 here): pytest counts them as deselected" >&2
+elif ! uv_install -e ".[test,torch]"; then
   echo "note: installing with pip (uv was not available or failed)" >&2
   if ! "${PIP[@]}" -e ".[test,torch]"; then  # e.g. offline with no torch wheel at hand: the rest still runs
     echo "warning: could not install the torch extra (torch==2.13.0, CPU build); the PyTorch-based tests will" \
@@ -46,4 +73,4 @@ unset PYTHONDONTWRITEBYTECODE
 # PYTEST_WORKERS=0 runs serially.
 # --no-loadscope-reorder: keep tests/conftest.py's heaviest-first file order (xdist otherwise orders files by their
 # number of tests, which left the two single-test 2-minute recipe checks running alone at the end).
-exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
+exec $VENV/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "${MARK[@]}" "$@"

@@ -262,6 +262,12 @@ def pytest_collection_modifyitems(session, config, items):
         return COST_ORDER.index(name) if name in COST_ORDER else len(COST_ORDER)
 
     items[:] = [item for _, _, item in sorted((rank(item), i, item) for i, item in enumerate(items))]
+    # The marker by which the newest set (no PyTorch for its Python) leaves a test out is explicit on each test, and
+    # every test that asks for PyTorch carries it: none can be left out silently, none can fail for want of it.
+    unmarked = [item.nodeid for item in items
+                if "torch_lib" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("torch")]
+    if unmarked:
+        raise pytest.UsageError(f"tests that need PyTorch (torch_lib) without @pytest.mark.torch: {unmarked}")
 
 
 def examples(builder, split: str, decoders=None) -> list[dict]:

@@ -21,6 +21,9 @@ except ImportError:  # every test below then fails through the `torch_lib` fixtu
     torch = None
 
 
+pytestmark = pytest.mark.torch  # every test here needs PyTorch (the `torch_lib` fixture below)
+
+
 @pytest.fixture(autouse=True)
 def _needs_torch(torch_lib):
     """Not a skip: without torch each test of this module fails with conftest's TORCH_MISSING message."""

@@ -74,6 +74,7 @@ def test_forward_macs_are_the_papers():
     ("small", (28, 28, 1), dict(num_classes=10, widths=(8, 16, 16, 16, 8), fc_width=32)),
     ("paper", (224, 224, 3), dict(num_classes=7, widths=(8, 16, 16, 16, 8), fc_width=16)),
 ])
+@pytest.mark.torch
 def test_torch_yardstick_computes_the_same_function(variant, shape, kw, torch_lib):
     torch = torch_lib
     from alexnet_jax import torch_alexnet
@@ -90,6 +91,7 @@ def test_torch_yardstick_computes_the_same_function(variant, shape, kw, torch_li
     np.testing.assert_allclose(jax.jit(model.apply)({"params": params}, x), theirs, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.torch
 def test_benchmark_train_step_reports_json(torch_lib):
     torch_args = ["--vs-torch"]  # torch_lib: fails, not skips, where torch is missing
     cmd = [sys.executable, "scripts/benchmark.py", "--mode", "train_step", "--config", "configs/fashion_mnist.py",
@@ -151,7 +153,8 @@ def test_benchmark_records_only_quiet_runs(tmp_path):
     assert doc.read_text() == text
 
 
-def test_benchmark_layers_times_every_conv_per_formulation():
+@pytest.mark.torch
+def test_benchmark_layers_times_every_conv_per_formulation(torch_lib):
     bench = _benchmark_module()
     out = bench.bench_layers("configs/fashion_mnist.py", 8, 1, ["widths=(8,16,16,16,8)", "fc_width=16"])
     assert list(out) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
@@ -169,6 +172,7 @@ def test_benchmark_layers_times_every_conv_per_formulation():
     assert calls["conv5"] == ((13, 13, 384), (3, 3, 192, 256), 1, ((1, 1), (1, 1)), 2)
 
 
+@pytest.mark.torch
 def test_benchmark_finetune_and_forward_time_both_sides(torch_lib):
     """--mode finetune freezes the convs on both sides (JAX: no conv update; torch: requires_grad=False) and times
     the three steps alternated; --mode forward times both forwards. Tiny nets: the harness, not the speed."""

@@ -116,6 +116,7 @@ def _torchvision_state_dict(torch, path: str, widths=(8, 16, 16, 16, 8), fc=32, 
     torch.save(state, path)
 
 
+@pytest.mark.torch
 def test_torchvision_state_dict_then_resume_after_a_kill(folder3, tmp_path, torch_lib, python):
     """init_from a .pth; killed after step 3 (checkpoint at 2), the pretrained file deleted, the same command
     resumes at 2 and ends where an uninterrupted run ends: the resumed run never re-loads the pretrained weights."""

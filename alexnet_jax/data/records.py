@@ -28,21 +28,23 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 from array_record.python import array_record_module
-from tensorflow_datasets.core import file_adapters
 from tqdm import tqdm
 
 from alexnet_jax.data.base import data_options
 from alexnet_jax.errors import UserError
 
-ARRAY_RECORD = file_adapters.FileFormat.ARRAY_RECORD
+ARRAY_RECORD = tfds.core.FileFormat.ARRAY_RECORD
 FORMAT = ARRAY_RECORD.value  # what `download_and_prepare(file_format=...)` is given
 # One record per chunk (random access), not compressed: tfds's writer compresses with zstd, which JPEG bytes do not
 # shrink under and which cost raw squares 1.1 ms of CPU per batch of 32 to undo (docs/data.md).
 WRITER_OPTIONS = "group_size:1,uncompressed"
 
 
-class Writer(tfds.core.writer.ExampleWriter):
-    """The example writer of the builders defined here (`_example_writer`, tfds's hook for it): `WRITER_OPTIONS`."""
+class Writer(tfds.core.ExampleWriter):
+    """The example writer of the builders defined here: `WRITER_OPTIONS`. tfds has no public way to choose how
+    array_record is written: builders return their writer from `DatasetBuilder._example_writer`, a hook its own
+    docstring invites overriding ("implement a custom ExampleWriter and inject it here") but private by name.
+    `tests/test_photos.py::test_prepared_records_are_written_by_our_writer` fails loudly if that hook changes."""
 
     def __init__(self):
         super().__init__(file_format=ARRAY_RECORD)
@@ -155,7 +157,7 @@ def train_steps(n: int, batch_size: int, seed: int, start_step: int, num_steps: 
     return tf.data.Dataset.range(first, max(first, last)).flat_map(epoch)
 
 
-def shard_paths(builder: tfds.core.DatasetBuilder, fmt: file_adapters.FileFormat) -> dict[str, list[str]]:
+def shard_paths(builder: tfds.core.DatasetBuilder, fmt: tfds.core.FileFormat) -> dict[str, list[str]]:
     """Each split's shard files in `fmt`, as tfds names them."""
     out = {}
     for name, info in builder.info.splits.items():
@@ -176,7 +178,7 @@ def is_readable(builder: tfds.core.DatasetBuilder) -> bool:
 
 def to_array_record(builder: tfds.core.DatasetBuilder) -> None:
     """Write each TFRecord shard of a prepared builder again as array_record beside it (resumable by shard)."""
-    source = shard_paths(builder, file_adapters.FileFormat.TFRECORD)
+    source = shard_paths(builder, tfds.core.FileFormat.TFRECORD)
     target = shard_paths(builder, ARRAY_RECORD)
     todo = [(s, t) for split in source for s, t in zip(source[split], target[split], strict=True)
             if not os.path.exists(t)]

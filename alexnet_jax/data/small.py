@@ -27,7 +27,6 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
-from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
 from alexnet_jax.data import records
 from alexnet_jax.data.base import (
@@ -212,10 +211,12 @@ def _cifar10_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuil
                         f"unreachable: {todo}")
     try:
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
-    except NonMatchingChecksumError:
-        raise UserError(f"{archive} is not the CIFAR-10 binary archive tfds expects (its checksum differs): "
-                        f"replace it with a fresh copy of {CIFAR10_URL}.") from None
     except Exception as e:  # noqa: BLE001 - any download or extraction failure means the same to the user
+        # tfds does not export its checksum error's class (tensorflow_datasets.core.download.download_manager):
+        # known by name, so a rename only loses this more precise line
+        if type(e).__name__ == "NonMatchingChecksumError":
+            raise UserError(f"{archive} is not the CIFAR-10 binary archive tfds expects (its checksum differs): "
+                            f"replace it with a fresh copy of {CIFAR10_URL}.") from None
         raise UserError(f"tfds could not prepare cifar10 ({type(e).__name__}: {e}): {todo}") from None
     return builder
 

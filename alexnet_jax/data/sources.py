@@ -87,7 +87,7 @@ def _tfds_builder(config: ml_collections.ConfigDict, data_dir: str | None,
     name = config.dataset
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
+    except tfds.core.DatasetNotFoundError:
         raise UserError(f"--config.dataset={name!r} is unknown; choose one of {DATASETS}, 'folder' (with "
                         "--config.folder=ROOT) or a tfds dataset's name (e.g. oxford_flowers102; none is prepared "
                         f"under that name in {data_dir or '~/tensorflow_datasets'} either)") from None
