@@ -37,8 +37,8 @@ def quiet_orbax_logs() -> None:
 def manager(directory: str, options: Any = None, *, arrays: tuple[str, ...] = (),
             json_items: tuple[str, ...] = ()) -> Any:
     """An orbax CheckpointManager of `directory` whose items are `arrays` (orbax's StandardCheckpointHandler:
-    PyTrees of arrays) and `json_items` (JsonCheckpointHandler), declared through orbax's handler registry (its
-    `item_handlers` argument is deprecated). Read-only unless `options` say otherwise."""
+    PyTrees of arrays) and `json_items` (JsonCheckpointHandler), declared through orbax's handler registry (the
+    per-item handler argument is deprecated since orbax 0.12). Read-only unless `options` say otherwise."""
     import orbax.checkpoint as ocp
 
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()

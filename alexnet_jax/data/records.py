@@ -44,7 +44,7 @@ class Writer(tfds.core.ExampleWriter):
     """The example writer of the builders defined here: `WRITER_OPTIONS`. tfds has no public way to choose how
     array_record is written: builders return their writer from `DatasetBuilder._example_writer`, a hook its own
     docstring invites overriding ("implement a custom ExampleWriter and inject it here") but private by name.
-    `tests/test_photos.py::test_prepared_records_are_written_by_our_writer` fails loudly if that hook changes."""
+    `tests/test_library_apis.py::test_prepared_records_are_written_by_our_writer` fails loudly if that hook changes."""
 
     def __init__(self):
         super().__init__(file_format=ARRAY_RECORD)
