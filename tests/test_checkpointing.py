@@ -396,3 +396,53 @@ def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(tmp_path, python,
     _assert_bitwise(_final_arrays(workdir, 12), _final_arrays(ref_dir, 12), "term+kill+resume")
     with open(os.path.join(workdir, "summary.json")) as f:
         assert json.load(f)["top1_accuracy"] == ref["top1_accuracy"]
+
+
+# A checkpoint written by the code before orbax's handler registry replaced its deprecated `item_handlers` (commit
+# 8b661bd: `main` on FashionMNIST, widths (8,16,16,16,8), fc 32, 3 steps on 1 device) and that code's `predict` of
+# four fixed images (expected.json). Restoring it must keep working, whatever changes in how checkpoints are read.
+FIXTURE = os.path.join(REPO, "tests", "data", "checkpoint_8b661bd")
+FIXTURE_OVERRIDES = ["num_train_steps=3", "widths=(8,16,16,16,8)", "fc_width=32", "eval_split=test[:64]",
+                     "eval_batch_size=32", "warmup_epochs=0.0", "checkpoint_every_steps=3"]
+
+
+def _fixture_images(folder) -> list[str]:
+    from PIL import Image
+
+    rng, paths = np.random.default_rng(0), []
+    for i in range(4):
+        paths.append(str(folder / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def test_a_checkpoint_written_before_predicts_what_it_did(tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(os.path.join(FIXTURE, "checkpoints"), workdir / "checkpoints")
+    step, config, meta = checkpointing.read_saved(str(workdir))
+    assert step == 3 and config["widths"] == [8, 16, 16, 16, 8] and meta
+    with open(os.path.join(FIXTURE, "expected.json")) as f:
+        expected = json.load(f)["top3"]
+    got = [[(name, p) for name, p in top] for _, top in predict.predict(str(workdir), _fixture_images(tmp_path),
+                                                                          top_k=3)]
+    assert [[n for n, _ in top] for top in got] == [[n for n, _ in top] for top in expected]
+    np.testing.assert_allclose([[p for _, p in top] for top in got], [[p for _, p in top] for top in expected],
+                               atol=2e-6)
+
+
+@needs_fmnist
+def test_a_checkpoint_written_before_resumes(tmp_path, fmnist_data_dir, caplog):
+    """Its whole training state restores (parameters, momentum, plateau, step, data position) onto this process's
+    8 devices, and training goes on from step 3."""
+    from alexnet_jax import cli
+
+    workdir = tmp_path / "run"
+    shutil.copytree(os.path.join(FIXTURE, "checkpoints"), workdir / "checkpoints")
+    config = cli.load_config(os.path.join(REPO, "configs", "fashion_mnist.py"),
+                             [*FIXTURE_OVERRIDES, "num_train_steps=4", f"data_dir={fmnist_data_dir}",
+                              "mesh_shape=(-1,1)"])
+    with caplog.at_level(logging.INFO):
+        summary = train.train_and_evaluate(config, str(workdir))
+    assert summary["step"] == 4
+    assert any(r.getMessage().startswith("resumed from") and ": step 3 " in r.getMessage() for r in caplog.records)
+    assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == [3, 4]
