@@ -111,8 +111,10 @@ def main() -> None:
         # One core for the whole process: XLA:CPU's convolution/matmul library (YNNPACK) keeps its own thread
         # pool whatever the Eigen flags say, so only the affinity mask makes the JAX side single-core.
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+        from alexnet_jax import xla_flags  # (the standard library only: jax is not imported yet)
+
+        xla_flags.add({"--xla_cpu_multi_thread_eigen": "false"},
+                      {"--xla_cpu_multi_thread_eigen": "Eigen's kernels may use threads beyond the one core"})
         if a.vs_torch:
             from alexnet_jax import torch_alexnet
 

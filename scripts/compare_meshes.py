@@ -30,8 +30,10 @@ def main() -> None:
     p.add_argument("--float64", action="store_true")
     a = p.parse_args()
     meshes = [tuple(int(v) for v in m.split(",")) for m in a.meshes]
-    os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count="
-                               f"{max(x * y for x, y in meshes)}")
+    from alexnet_jax import xla_flags  # before jax: an XLA flag the running jaxlib lacks would abort the process
+
+    xla_flags.add({"--xla_force_host_platform_device_count": str(max(x * y for x, y in meshes))},
+                  {"--xla_force_host_platform_device_count": "one CPU device: the meshes above 1 device fail"})
     import ast
 
     import jax
