@@ -53,7 +53,7 @@ if [ "$SET" = newest ]; then
   $VENV/bin/python scripts/runtime_install.py --extras test
   MARK=(-m "not torch")
   echo "scripts/test.sh: the newest set leaves out the tests marked 'torch' (PyTorch is not installed for" \
-       "Python 3.12 here): pytest counts them as deselected" >&2
+       "Python 3.12 here): counted at the end" >&2
 else
   if ! uv_install -e ".[test,torch]"; then
     echo "note: installing with pip (uv was not available or failed)" >&2
@@ -67,7 +67,7 @@ else
   # TensorFlow and a notebook run, ~70 s): Colab's Python is 3.12, so it runs in the newest set, which CI runs too
   MARK=(-m "not runtime")
   echo "scripts/test.sh: today's set leaves out the test marked 'runtime' (the emulated Colab runtime, run by" \
-       "ALEXNET_TEST_SET=newest scripts/test.sh, as CI does): pytest counts it as deselected" >&2
+       "ALEXNET_TEST_SET=newest scripts/test.sh, as CI does): counted at the end" >&2
 fi
 # This machine's environment sets PYTHONDONTWRITEBYTECODE=1, so every Python process compiled TensorFlow's, JAX's and
 # our sources from scratch: `import tensorflow` took 12.5 s of CPU each time instead of 3-5 s, in each of the ~40

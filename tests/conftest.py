@@ -128,6 +128,38 @@ def pytest_runtest_protocol(item, nextitem):
                 f"\t{COMPILES['count'] - compiles['count']}\t{COMPILES['hits'] - compiles['hits']}\n")
 
 
+# Why scripts/test.sh leaves out the tests of each marker (`-m "not ..."`): printed with their count at the end of the
+# run. pytest-xdist's controller collects nothing and reports no deselection, so each collecting process writes what
+# it left out into RUN_DIR and the process that owns RUN_DIR counts it (every worker collects the same tests).
+LEFT_OUT_WHY = {
+    "torch": "they need PyTorch, which the newest set (Python 3.12) does not install: no CPU build of it for 3.12 "
+             "on this machine's disk, PyPI's is a multi-GB CUDA build",
+    "runtime": "the emulated Colab runtime (a venv with TensorFlow, ~70 s) runs in the newest set, Python 3.12 as "
+               "Colab's: ALEXNET_TEST_SET=newest scripts/test.sh, as CI does",
+}
+
+
+def pytest_deselected(items):
+    with open(os.path.join(RUN_DIR, f"deselected.{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"), "a") as f:
+        for item in items:
+            f.write(f"{item.nodeid}\t{','.join(sorted({m.name for m in item.iter_markers()}))}\n")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _OWNS_RUN_DIR:
+        return
+    import glob
+
+    left_out: dict[str, str] = {}
+    for path in glob.glob(os.path.join(RUN_DIR, "deselected.*")):
+        with open(path) as f:
+            left_out.update(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
+    for marker, why in LEFT_OUT_WHY.items():
+        count = sum(marker in markers.split(",") for markers in left_out.values())
+        if count:
+            terminalreporter.write_line(f"left out: {count} test{'s' * (count > 1)} marked '{marker}': {why}")
+
+
 def pytest_unconfigure(config):
     if _OWNS_RUN_DIR:
         import shutil
