@@ -14,14 +14,27 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SET=${ALEXNET_TEST_SET:-today}
+# A Python 3.12 that runs: python3.12 on PATH (a pyenv shim answers there even where its version is not selected,
+# then fails), else pyenv's newest 3.12.x
+python312() {
+  local candidate
+  for candidate in python3.12 $(ls -d "$(pyenv root 2>/dev/null || echo ~/.pyenv)"/versions/3.12*/bin/python3 2>/dev/null \
+                                | sort -V | tail -1); do
+    if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then
+      echo "$candidate"
+      return
+    fi
+  done
+}
 case $SET in
   today) VENV=.venv PYTHON=${PYTHON:-python3} ;;
-  newest) VENV=.venv-newest PYTHON=${PYTHON:-python3.12} ;;
+  newest) VENV=.venv-newest PYTHON=${PYTHON:-$(python312)} ;;
   *) echo "scripts/test.sh: error: ALEXNET_TEST_SET=$SET: use today (the default) or newest" >&2; exit 2 ;;
 esac
 if [ ! -x $VENV/bin/python ]; then
-  if ! command -v "$PYTHON" >/dev/null; then
-    echo "scripts/test.sh: error: $PYTHON not found: the $SET set needs it (set PYTHON=/path/to/python)" >&2
+  if [ -z "$PYTHON" ] || ! "$PYTHON" -c '' >/dev/null 2>&1; then
+    echo "scripts/test.sh: error: no working Python for the $SET set (${PYTHON:-python3.12 not found}): install it" \
+         "(pyenv install 3.12) or set PYTHON=/path/to/python" >&2
     exit 1
   fi
   "$PYTHON" -m venv $VENV
