@@ -55,7 +55,7 @@ def manager(directory: str, options: Any = None, *, arrays: tuple[str, ...] = ()
     return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
 
 
-def item_metadata(checkpoints: Any, step: int) -> Any:
+def metadata_of(checkpoints: Any, step: int) -> Any:
     """The items' metadata of checkpoint `step` (orbax's `metadata(step).item_metadata`)."""
     return checkpoints.metadata(step).item_metadata
 
@@ -113,7 +113,7 @@ def restore_as_saved(workdir: str, step: int, names: tuple[str, ...] = ("params"
     checkpoints = manager(directory, arrays=names)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
-        metadata = item_metadata(checkpoints, step)
+        metadata = metadata_of(checkpoints, step)
         targets = {}
         for name in names:
             tree = metadata.get(name) if hasattr(metadata, "get") else None
@@ -182,7 +182,7 @@ def restore_arrays(workdir: str, step: int, targets: dict[str, Any]) -> dict[str
     quiet_orbax_logs()
     checkpoints = manager(directory, arrays=tuple(targets))
     try:
-        saved = item_metadata(checkpoints, step)["params"]
+        saved = metadata_of(checkpoints, step)["params"]
     except Exception as e:  # noqa: BLE001 - unreadable metadata means an unusable checkpoint
         raise UserError(f"the checkpoint at step {step} in {directory} cannot be read ({type(e).__name__}: {e})"
                         ) from None

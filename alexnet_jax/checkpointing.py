@@ -34,9 +34,9 @@ from alexnet_jax.checkpoint_files import (  # noqa: F401 - one door for the loop
     CHECKPOINT_SUBDIR,
     checkpoint_dir,
     has_checkpoint,
-    item_metadata,
     latest_normalisation,
     manager,
+    metadata_of,
     quiet_orbax_logs,
     read_saved,
     restore_arrays,
@@ -292,7 +292,7 @@ class Checkpointer:
                 f"the checkpoints in {self.directory} (step {step}) were written with a different config: "
                 + "; ".join(diffs) + ". Rerun with those values, or use a new --workdir to start a new run.")
         try:
-            metadata = item_metadata(self.manager, step)
+            metadata = metadata_of(self.manager, step)
             saved_params = metadata["params"]
         except Exception as e:  # noqa: BLE001
             raise CheckpointUnreadable(f"its metadata cannot be read ({type(e).__name__}: {e})") from e
