@@ -31,6 +31,10 @@ from alexnet_jax import xla_flags  # noqa: E402  (imports nothing but the standa
 
 # quiet: the controller says it once; xdist's workers inherit XLA_FLAGS and find each flag set
 xla_flags.add(TEST_FLAGS, quiet="PYTEST_XDIST_WORKER" in os.environ)
+# How long a collective between processes (gloo) may wait before it fails instead of hanging (the multi-process
+# tests' own subprocesses; tests/test_photo_stream.py), where this jaxlib knows the flag
+COLLECTIVE_TIMEOUT = " ".join(f for f, ok in xla_flags.known(["--xla_cpu_collective_timeout_seconds=300"]).items()
+                              if ok)
 # For the tests' subprocesses that set XLA_FLAGS themselves: the fast-compile flags this jaxlib knows (cached answers)
 FAST_COMPILE = " ".join(f for f, ok in xla_flags.known([f"{k}={v}" for k, v in FAST_COMPILE_FLAGS.items()]).items()
                         if ok)
