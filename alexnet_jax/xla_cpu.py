@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 
+from alexnet_jax import xla_flags
+
 YNNPACK_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 YNNPACK_WITHOUT_CONVOLUTIONS = "dot"  # YNNPACK keeps the matmuls (and what it fuses into them) only
 # Nothing for YNNPACK: `predict`'s forward passes of at most 50 images, where the fully connected layers' matmuls
@@ -25,8 +27,5 @@ YNNPACK_OFF = ""
 def convolutions_in_ynnpack() -> bool:
     """Whether XLA:CPU gives convolutions to YNNPACK: yes by default; no when XLA_FLAGS sets YNNPACK_FLAG to a
     list without 'individual_convolution'."""
-    value = None
-    for item in os.environ.get("XLA_FLAGS", "").split():
-        if item.startswith(YNNPACK_FLAG + "="):
-            value = item.split("=", 1)[1]
+    value = xla_flags.set_flags(os.environ.get("XLA_FLAGS", "")).get(YNNPACK_FLAG)
     return value is None or "individual_convolution" in value

@@ -58,7 +58,7 @@ def requirements(extras: list[str]) -> list[str]:
         if extra not in project.get("optional-dependencies", {}):
             sys.exit(f"runtime_install: error: pyproject.toml has no extra {extra!r}")
         wanted += project["optional-dependencies"][extra]
-    return [r for r in wanted if Requirement(r).marker is None or Requirement(r).marker.evaluate()]
+    return [r for r in wanted if (marker := Requirement(r).marker) is None or marker.evaluate()]
 
 
 def plan(wanted: list[str], have: dict[str, str]) -> tuple[list[str], list[str]]:

@@ -29,12 +29,14 @@ TEST_FLAGS = {**FAST_COMPILE_FLAGS, "--xla_force_host_platform_device_count": "8
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # alexnet_jax, before it is installed
 from alexnet_jax import xla_flags  # noqa: E402  (imports nothing but the standard library)
 
+TIMEOUT_FLAG = "--xla_cpu_collective_timeout_seconds=300"
+# every flag asked of this jaxlib in one process (the calls below read the cached answers)
+xla_flags.known([*(f"{k}={v}" for k, v in TEST_FLAGS.items()), TIMEOUT_FLAG])
 # quiet: the controller says it once; xdist's workers inherit XLA_FLAGS and find each flag set
 xla_flags.add(TEST_FLAGS, quiet="PYTEST_XDIST_WORKER" in os.environ)
 # How long a collective between processes (gloo) may wait before it fails instead of hanging (the multi-process
 # tests' own subprocesses; tests/test_photo_stream.py), where this jaxlib knows the flag
-COLLECTIVE_TIMEOUT = " ".join(f for f, ok in xla_flags.known(["--xla_cpu_collective_timeout_seconds=300"]).items()
-                              if ok)
+COLLECTIVE_TIMEOUT = TIMEOUT_FLAG if xla_flags.known([TIMEOUT_FLAG])[TIMEOUT_FLAG] else ""
 # For the tests' subprocesses that set XLA_FLAGS themselves: the fast-compile flags this jaxlib knows (cached answers)
 FAST_COMPILE = " ".join(f for f, ok in xla_flags.known([f"{k}={v}" for k, v in FAST_COMPILE_FLAGS.items()]).items()
                         if ok)
