@@ -3,9 +3,10 @@
 This module owns the mesh axes (`DATA`, `MODEL`), the strategies (`STRATEGIES`), and the one table that says
 where each parameter lives under each strategy (`PARTITION_RULES`). Everything else about placement follows
 from that table: the train state's shardings (`tree_specs`, `tree_shardings`), the batch's (`batch_axes`,
-`batch_sharding`), and how each layer runs on the mesh (`placement(mesh, strategy)`, a `Placement` that
-`model.AlexNet` asks, layer by layer, for its `shard_map` specs: the layers in `model/layers.py` only carry
-out the local computation those specs imply). Changing a rule therefore changes who talks to whom.
+`batch_sharding`), and how each layer runs on the mesh: `placement(mesh, strategy)` computes, once, a table of
+layer name -> `LayerPlacement` (input, kernel, bias and output specs, and whether the batch is gathered first),
+which `model.AlexNet` looks its layers up in; the layers in `model/layers.py` only carry out the local
+computation those specs imply. Changing a rule therefore changes who talks to whom.
 
 Strategies (the record of each is a `Strategy`):
 
@@ -123,10 +124,10 @@ STRATEGY_RECORDS: dict[str, Strategy] = {name: Strategy(name, tuple(rules)) for 
 
 @dataclasses.dataclass(frozen=True)
 class LayerPlacement:
-    """How one conv or dense layer runs on the mesh, from its parameters' rules and the previous layer's output.
+    """How one conv or dense layer runs on the mesh: a row of `Placement`'s table.
 
-    `sharded` layers run as a `jax.shard_map` with in_specs (x, kernel, bias) and out_specs out; the others run
-    the plain code on global arrays. `out` is what the next layer reads.
+    `sharded` layers run as a `jax.shard_map` with in_specs (x, kernel, bias) and out_specs `out`; the others run
+    the plain code on global arrays (the SPMD partitioner splits their batch). `out` is what the next layer reads.
     """
 
     mesh: Mesh
@@ -135,7 +136,8 @@ class LayerPlacement:
     bias: P  # the bias's rule
     out: P  # the output: features split over 'model' where the kernel's output channels / columns are
     sharded: bool
-    gather_batch_first: bool  # the batch arrives split on 'model' too (owt's conv tower): `Placement.gather_batch`
+    gather_batch_first: bool  # the batch arrives split on 'model' too (owt's pool5): gathered over 'model' first
+    batch_after: P | None  # the logits' layout after the layer (fc8: the images' batch layout), or None
 
     @property
     def model_size(self) -> int:
@@ -156,76 +158,97 @@ class LayerPlacement:
         """Dense kernel split by rows: each device's partial products are summed over 'model'."""
         return _split_dims(self.kernel) == (0,)
 
+    def gather_batch(self, x: jax.Array) -> jax.Array:
+        """The input with its batch gathered over 'model' where `gather_batch_first`, else unchanged. Pinning it
+        split over both axes first keeps the gather on this activation (owt: pool5), where the partitioner would
+        otherwise move it onto the larger conv5 maps."""
+        if not self.gather_batch_first:
+            return x
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P((DATA, MODEL))))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(DATA)))
+
+    def scatter_batch(self, logits: jax.Array) -> jax.Array:
+        """fc8's logits back on the images' batch layout (owt: split over 'model' too, as the labels are), inside
+        fc8: the gradient's gather over 'model' is then fc8's, not an unattributed op of the loss."""
+        if self.batch_after is None:
+            return logits
+        return jax.lax.with_sharding_constraint(logits, NamedSharding(self.mesh, self.batch_after))
+
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-    """A mesh and a strategy: what `model.AlexNet` asks, layer by layer, to know how each layer runs."""
+    """A mesh and a strategy, and the table they imply: layer name -> `LayerPlacement`, computed once here.
+
+    Each layer's row follows from its parameters' rules and the previous layer's output, in the order the
+    activations flow (`CONV_LAYERS` then `FC_LAYERS`); `model.AlexNet` looks its layers up (`placement[name]`).
+    """
 
     mesh: Mesh
     strategy: Strategy
+    layers: tuple[tuple[str, LayerPlacement], ...]
+
+    def __getitem__(self, layer: str) -> LayerPlacement:
+        return dict(self.layers)[layer]
 
     @property
     def model_size(self) -> int:
         return model_axis_size(self.mesh)
 
-    def input_spec(self, ndim: int = 4) -> P:
-        """The images as they arrive: batch split on `Strategy.batch`."""
-        return P(self.strategy.batch, *([None] * (ndim - 1)))
 
-    def conv(self, name: str, x: P) -> LayerPlacement:
-        """Conv layer `name` reading an activation placed as `x`: kernel (kh, kw, cin/groups, cout).
+def _input_spec(strategy: Strategy, ndim: int) -> P:
+    """The images (or the logits) as they arrive: batch split on `Strategy.batch`."""
+    return P(strategy.batch, *([None] * (ndim - 1)))
 
-        A conv not split over 'model' is left to the SPMD partitioner (batch-parallel; conv1's matmuls keep the
-        batch on the leading axis so it stays split). Running it as a `shard_map` over the batch instead gave
-        the same traffic but broke the bitwise equality of a resumed run with an uninterrupted one.
-        """
-        return self._layer(name, x, {(): False, (3,): True}, out_ndim=4)
 
-    def dense(self, name: str, x: P) -> LayerPlacement:
-        """Dense layer `name` reading `x` (flattened inside): kernel (in, out), split by columns or rows."""
-        return self._layer(name, x, {(): False, (1,): True, (0,): False}, out_ndim=2)
+# Per kind of layer: which split dimensions of its kernel it can run with, and whether each splits its output.
+# A conv not split over 'model' is left to the SPMD partitioner (batch-parallel). Running it as a `shard_map` over
+# the batch instead gave the same traffic but broke the bitwise equality of a resumed run with an uninterrupted one.
+_CONV_KERNEL_SPLITS = {(): False, (3,): True}  # (kh, kw, cin/groups, cout): output channels
+_DENSE_KERNEL_SPLITS = {(): False, (1,): True, (0,): False}  # (in, out): columns (neurons) or rows
 
-    def _layer(self, name: str, x: P, split_out_of: dict[tuple[int, ...], bool], out_ndim: int) -> LayerPlacement:
-        kernel, bias = self.strategy.spec(f"params/{name}/kernel"), self.strategy.spec(f"params/{name}/bias")
-        dims = _split_dims(kernel)
-        if dims not in split_out_of:
-            raise ValueError(f"{name}: no layer runs with its kernel placed as {kernel}; split the output channels "
-                             f"(conv: dimension 3; dense: 1) or the rows of a dense kernel (0)")
-        split_out, arrives_split = split_out_of[dims], x[-1] == MODEL
-        sharded = self.model_size > 1 and (arrives_split or bool(dims))
-        # A replicated kernel reads the whole input: one that arrives split is gathered where the shard_map begins.
-        split_in = arrives_split and bool(dims)
-        if self.model_size > 1 and _split_dims(bias) != ((0,) if split_out else ()):
-            raise ValueError(f"{name}: the bias rule {bias} does not match the kernel's {kernel}; place the bias "
-                             f"as the kernel's output {'channels' if out_ndim == 4 else 'columns'}")
-        batch = DATA if sharded else x[0]  # a split layer's batch is on 'data' only
-        return LayerPlacement(
-            mesh=self.mesh,
-            x=P(batch, *([None] * (len(x) - 2)), MODEL if split_in else None),
-            kernel=kernel,
-            bias=bias,
-            out=P(batch, *([None] * (out_ndim - 2)), MODEL if split_out and sharded else None),
-            sharded=sharded,
-            gather_batch_first=sharded and MODEL in _axes(x[0]),
-        )
 
-    def gather_batch(self, x: jax.Array) -> jax.Array:
-        """Gather the batch over 'model' here: pinning it split over both axes first keeps the gather on this
-        activation (owt: pool5), where the partitioner would otherwise move it onto the larger conv5 maps."""
-        x = jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P((DATA, MODEL))))
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(DATA)))
-
-    def scatter_batch(self, logits: jax.Array) -> jax.Array:
-        """The logits back on the images' batch layout (owt: split over 'model' too, as the labels are), inside
-        fc8: the gradient's gather over 'model' is then fc8's, not an unattributed op of the loss."""
-        return jax.lax.with_sharding_constraint(logits, NamedSharding(self.mesh, self.input_spec(logits.ndim)))
+def _layer_placement(mesh: Mesh, strategy: Strategy, name: str, x: P) -> LayerPlacement:
+    """Layer `name` reading an activation placed as `x`."""
+    conv = name in CONV_LAYERS
+    split_out_of, out_ndim = (_CONV_KERNEL_SPLITS, 4) if conv else (_DENSE_KERNEL_SPLITS, 2)
+    kernel, bias = strategy.spec(f"params/{name}/kernel"), strategy.spec(f"params/{name}/bias")
+    dims = _split_dims(kernel)
+    if dims not in split_out_of:
+        raise ValueError(f"{name}: no layer runs with its kernel placed as {kernel}; split the output channels "
+                         f"(conv: dimension 3; dense: 1) or the rows of a dense kernel (0)")
+    m = model_axis_size(mesh)
+    split_out, arrives_split = split_out_of[dims], x[-1] == MODEL
+    sharded = m > 1 and (arrives_split or bool(dims))
+    # A replicated kernel reads the whole input: one that arrives split is gathered where the shard_map begins.
+    split_in = arrives_split and bool(dims)
+    if m > 1 and _split_dims(bias) != ((0,) if split_out else ()):
+        raise ValueError(f"{name}: the bias rule {bias} does not match the kernel's {kernel}; place the bias "
+                         f"as the kernel's output {'channels' if conv else 'columns'}")
+    batch = DATA if sharded else x[0]  # a split layer's batch is on 'data' only
+    return LayerPlacement(
+        mesh=mesh,
+        x=P(batch, *([None] * (len(x) - 2)), MODEL if split_in else None),
+        kernel=kernel,
+        bias=bias,
+        out=P(batch, *([None] * (out_ndim - 2)), MODEL if split_out and sharded else None),
+        sharded=sharded,
+        gather_batch_first=sharded and MODEL in _axes(x[0]),
+        batch_after=_input_spec(strategy, 2) if name == FC_LAYERS[-1] else None,
+    )
 
 
 def placement(mesh: Mesh | None, strategy: str) -> Placement | None:
-    """The placement `model.AlexNet` runs under (None without a mesh: the plain single-device code)."""
+    """The placement `model.AlexNet` runs under (None without a mesh: the plain single-device code): the table of
+    every layer's `LayerPlacement`, each reading the previous one's output."""
     if strategy not in STRATEGY_RECORDS:
         raise ValueError(f"unknown sharding strategy {strategy!r}; choose one of {STRATEGIES}")
-    return None if mesh is None else Placement(mesh, STRATEGY_RECORDS[strategy])
+    if mesh is None:
+        return None
+    record, rows, x = STRATEGY_RECORDS[strategy], [], _input_spec(STRATEGY_RECORDS[strategy], 4)
+    for name in CONV_LAYERS + FC_LAYERS:
+        rows.append((name, _layer_placement(mesh, record, name, x)))
+        x = rows[-1][1].out
+    return Placement(mesh, record, tuple(rows))
 
 
 def mesh_shape_for(requested: Sequence[int], device_count: int) -> tuple[int, int]:

@@ -21,7 +21,6 @@ from alexnet_jax.model.ops import (
     max_pool,
     pool,
     resolve_kernels,
-    strided_conv_as_matmuls,
 )
 
 __all__ = [
@@ -48,5 +47,4 @@ __all__ = [
     "max_pool",
     "pool",
     "resolve_kernels",
-    "strided_conv_as_matmuls",
 ]

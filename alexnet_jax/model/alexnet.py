@@ -10,8 +10,10 @@ kernel has the shape `nn.Conv(feature_group_count=2)` would give it, (kh, kw, ci
 convolution is computed as one convolution per group: XLA:CPU runs that ~3x faster than a
 `feature_group_count` convolution, and it is what lets `sharding.py` place each group on its own device.
 
-Given a `placement` (`sharding.placement(mesh, strategy)`), the network asks it, layer by layer, how each
-layer runs on the mesh, threading each layer's output placement into the next: with the 'paper' rules every
+`AlexNet.__call__` reads as the paper's Figure 2: five conv blocks (`conv_block`: conv, ReLU, LRN and pooling where
+the paper has them) and three FC layers (`fc`), each layer's shape from the variant (`conv_layers`). Given a
+`placement` (`sharding.placement(mesh, strategy)`, a table computed once per mesh and strategy), each layer looks
+up its own row there: with the 'paper' rules every
 conv and FC layer runs as a `jax.shard_map` (conv2/conv4/conv5 read only the maps on their own device, conv3
 and fc6/fc7 all-gather their input maps over 'model', fc8 sums its halves); with 'owt' (Krizhevsky 2014) the
 convs are data-parallel and only the FC layers are split. The parameter tree and the numbers are the same
@@ -25,18 +27,23 @@ mesh-aware layers in `layers.py`, the shape and multiply-add analysis in `alexne
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from alexnet_jax import sharding
 from alexnet_jax.model.layers import Conv, Dense, Dtype
-from alexnet_jax.model.ops import adaptive_avg_pool, conv1_edge_padding, local_response_norm, pool, resolve_kernels
+from alexnet_jax.model.ops import (
+    KERNELS,
+    adaptive_avg_pool,
+    conv1_edge_padding,
+    local_response_norm,
+    resolve_kernels,
+)
+from alexnet_jax.model.ops import pool as max_pool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +84,18 @@ def _kernel_init(init: str) -> nn.initializers.Initializer:
     return nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # He et al. 2015, for ReLU
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvLayer:
+    """One conv layer of Figure 2: its kernels and how the layers around it treat its output."""
+
+    features: int
+    kernel: int
+    stride: int
+    padding: str | int  # 'cuda-convnet' (bottom/right edge, ops.conv1_edge_padding) or symmetric pixels
+    groups: int  # >1: each group's kernels see only that group's input maps (the paper's two GPUs)
+    bias_one: bool  # the paper's init: bias 1 where the layer's input is a ReLU's (conv2/4/5), else 0
+
+
 class AlexNet(nn.Module):
     """AlexNet; `apply(variables, images_nhwc, train=bool, rngs={'dropout': key})` returns logits.
 
@@ -89,11 +108,11 @@ class AlexNet(nn.Module):
         ReLU layers, LeCun-normal for fc8, zero biases).
       widths / fc_width: override the variant's conv widths and hidden FC width.
       dtype: compute dtype (e.g. bfloat16); parameters stay `param_dtype`, logits are float32.
-      kernels: the formulation of convolutions, pooling and LRN: 'cpu_tuned', 'native' (XLA's own ops) or
-        'auto' (cpu_tuned on the CPU backend, native elsewhere); the same function either way (ops.py).
-      placement: where it runs (`sharding.placement(mesh, strategy)`): each layer runs as the partition
-        rules of its parameters say. Only a 'model' axis > 1 changes the computation; the parameters and
-        numbers stay those of `placement=None`.
+      kernels: how LRN and pooling are differentiated: 'cpu_tuned', 'native' (XLA's own ops) or 'auto'
+        (cpu_tuned on the CPU backend, native elsewhere); the same function either way (ops.py).
+      placement: where it runs (`sharding.placement(mesh, strategy)`): each layer looks up its row of that
+        table. Only a 'model' axis > 1 changes the computation; the parameters and numbers stay those of
+        `placement=None`.
     """
 
     num_classes: int = 1000
@@ -109,117 +128,115 @@ class AlexNet(nn.Module):
     kernels: str = "auto"
     placement: sharding.Placement | None = None
 
+    def __post_init__(self) -> None:
+        """The arguments are checked once, here, when the model is built (Flax rebuilds it per apply: cheap)."""
+        for name, value, choices in (("variant", self.variant, tuple(VARIANTS)), ("norm", self.norm, (*NORMS, None)),
+                                     ("init_scheme", self.init_scheme, INITS), ("kernels", self.kernels, KERNELS)):
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {tuple(c for c in choices if c)}")
+        if self.widths is not None and len(self.widths) != 5:
+            raise ValueError(f"widths: give the five conv layers' widths, got {tuple(self.widths)}")
+        super().__post_init__()
+
     @property
     def spec(self) -> Variant:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"unknown AlexNet variant {self.variant!r}; choose one of {sorted(VARIANTS)}")
         return VARIANTS[self.variant]
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        spec = self.spec
-        norm = spec.default_norm if self.norm is None else self.norm
-        groups = spec.default_groups if self.groups is None else self.groups
-        widths = tuple(self.widths or spec.widths)
-        fc_width = self.fc_width or spec.fc_width
-        if norm not in NORMS:
-            raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS}")
-        if self.init_scheme not in INITS:
-            raise ValueError(f"unknown init_scheme {self.init_scheme!r}; choose one of {INITS}")
+        """Figure 2: five conv layers, response-normalised and pooled after conv1 and conv2, pooled after conv5;
+        conv2, conv4 and conv5 split in `groups` (the paper's two GPUs); then three FC layers, dropout in fc6/fc7."""
         if x.ndim != 4:
             raise ValueError(f"AlexNet expects NHWC images, got shape {x.shape}")
-
-        kernels = resolve_kernels(self.kernels)
-        kinit = _kernel_init(self.init_scheme)
-        one = nn.initializers.ones if self.init_scheme == "paper" else nn.initializers.zeros
-        zero = nn.initializers.zeros
-        common = dict(kernel_init=kinit, dtype=self.dtype, param_dtype=self.param_dtype)
-
-        def normalise(y: jax.Array, index: int, lrn: bool) -> jax.Array:
-            if norm == "batchnorm":
-                y = nn.BatchNorm(
-                    use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                    dtype=self.dtype, param_dtype=self.param_dtype, name=f"bn{index}",
-                )(y)
-            y = nn.relu(y)
-            if norm == "lrn" and lrn:
-                # conv1's two halves live on different GPUs in the paper, so LRN stays within a group.
-                y = local_response_norm(y, groups=groups, kernels=kernels)
-            return y
-
+        dropout = nn.Dropout(self.dropout_rate, deterministic=not train)  # one module: one key per use, as before
         x = x.astype(self.dtype)
-        k1, s1 = spec.conv1_kernel, spec.conv1_stride
-        if spec.conv1_padding == "cuda-convnet":
-            ph, pw = conv1_edge_padding(x.shape[1], k1, s1), conv1_edge_padding(x.shape[2], k1, s1)
-            pad1 = ((0, ph), (0, pw))
+        x = self.conv_block(x, "conv1", train, lrn=True, pool=True)
+        x = self.conv_block(x, "conv2", train, lrn=True, pool=True)
+        x = self.conv_block(x, "conv3", train)
+        x = self.conv_block(x, "conv4", train)
+        x = self.conv_block(x, "conv5", train, pool=True)
+        if self.spec.adaptive_pool:  # torchvision's AdaptiveAvgPool2d((6, 6)) (owt)
+            x = adaptive_avg_pool(x, self.spec.adaptive_pool)
+        x = self.fc(x, "fc6", dropout)
+        x = self.fc(x, "fc7", dropout)
+        x = self.fc(x, "fc8", dropout)
+        return self.stage("fc8_out", x.astype(jnp.float32))
+
+    @property
+    def conv_groups(self) -> int:
+        """The group count of conv2/4/5 and of conv1's LRN (the variant's unless `groups` is given)."""
+        return self.spec.default_groups if self.groups is None else self.groups
+
+    @property
+    def conv_layers(self) -> dict[str, ConvLayer]:
+        """conv1..conv5 as this model builds them (the variant's, with `widths` / `groups` applied)."""
+        v, widths, groups = self.spec, tuple(self.widths or self.spec.widths), self.conv_groups
+        return {"conv1": ConvLayer(widths[0], v.conv1_kernel, v.conv1_stride, v.conv1_padding, 1, False),
+                "conv2": ConvLayer(widths[1], v.conv2_kernel, 1, v.conv2_kernel // 2, groups, True),
+                "conv3": ConvLayer(widths[2], 3, 1, 1, 1, False),
+                "conv4": ConvLayer(widths[3], 3, 1, 1, groups, True),
+                "conv5": ConvLayer(widths[4], 3, 1, 1, groups, True)}
+
+    def layer_placement(self, name: str) -> sharding.LayerPlacement | None:
+        """Layer `name`'s row of the placement table; None at init (a batch of 1 cannot be split, and the
+        parameters, global shapes, are the same either way) and without a mesh."""
+        return None if self.placement is None or self.is_initializing() else self.placement[name]
+
+    def stage(self, name: str, y: jax.Array) -> jax.Array:
+        """`y`, sown as intermediate `name` (what `features` and `flops` read)."""
+        self.sow("intermediates", name, y, reduce_fn=lambda _, new: new)
+        return y
+
+    def conv_block(self, x: jax.Array, name: str, train: bool, lrn: bool = False, pool: bool = False) -> jax.Array:
+        """Conv layer `name`, its norm (batchnorm before the ReLU, LRN after it) and the 3x3/2 max-pooling."""
+        layer, kernels = self.conv_layers[name], resolve_kernels(self.kernels)
+        norm = self.spec.default_norm if self.norm is None else self.norm
+        if layer.padding == "cuda-convnet":
+            h, w = (conv1_edge_padding(size, layer.kernel, layer.stride) for size in x.shape[1:3])
+            padding = ((0, h), (0, w))
         else:
-            p = int(spec.conv1_padding)
-            pad1 = ((p, p), (p, p))
-        p2 = spec.conv2_kernel // 2
-        same3 = ((1, 1), (1, 1))
+            padding = ((layer.padding, layer.padding),) * 2
+        bias = nn.initializers.ones if layer.bias_one and self.init_scheme == "paper" else nn.initializers.zeros
+        with jax.named_scope(name):
+            place = self.layer_placement(name)
+            x = x if place is None else place.gather_batch(x)
+            x = Conv(layer.features, layer.kernel, layer.stride, padding, layer.groups, name=name, placement=place,
+                     kernel_init=_kernel_init(self.init_scheme), bias_init=bias, dtype=self.dtype,
+                     param_dtype=self.param_dtype)(x)
+            x = self.stage(f"{name}_out", x)
+            if norm == "batchnorm":
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                                 param_dtype=self.param_dtype, name=f"bn{name[-1]}")(x)
+            x = nn.relu(x)
+            if lrn and norm == "lrn":  # conv1's halves live on different GPUs in the paper: LRN stays in a group
+                x = local_response_norm(x, groups=self.conv_groups, kernels=kernels)
+            return self.stage(f"pool{name[-1]}", max_pool(x, kernels)) if pool else x
 
-        def stage(name: str, y: jax.Array) -> jax.Array:
-            self.sow("intermediates", name, y, reduce_fn=lambda _, new: new)
-            return y
+    def fc(self, x: jax.Array, name: str, dropout: nn.Dropout) -> jax.Array:
+        """FC layer `name`: ReLU and dropout after fc6 and fc7 (torchvision: dropout before them); fc8's logits.
 
-        # Model parallelism only at apply time: init's batch of 1 cannot be split, and the parameters
-        # (global shapes) are the same either way.
-        placement = None if self.is_initializing() else self.placement
-        x_spec = P() if placement is None else placement.input_spec(x.ndim)  # threaded from layer to layer
-
-        def conv(y: jax.Array, *args: Any, name: str, **kw: Any) -> jax.Array:
-            nonlocal x_spec
-            place = None if placement is None else placement.conv(name, x_spec)
-            if place is not None and place.gather_batch_first:
-                y = placement.gather_batch(y)
-            x_spec = x_spec if place is None else place.out
-            return Conv(*args, name=name, placement=place, kernels=kernels, **common, **kw)(y)
-
-        with jax.named_scope("conv1"):
-            x = stage("conv1_out", conv(x, widths[0], k1, s1, pad1, 1, bias_init=zero, name="conv1"))
-            x = stage("pool1", pool(normalise(x, 1, lrn=True), kernels))
-        with jax.named_scope("conv2"):
-            x = conv(x, widths[1], spec.conv2_kernel, 1, ((p2, p2), (p2, p2)), groups, bias_init=one, name="conv2")
-            x = stage("pool2", pool(normalise(stage("conv2_out", x), 2, lrn=True), kernels))
-        with jax.named_scope("conv3"):
-            x = stage("conv3_out", conv(x, widths[2], 3, 1, same3, 1, bias_init=zero, name="conv3"))
-            x = normalise(x, 3, lrn=False)
-        with jax.named_scope("conv4"):
-            x = stage("conv4_out", conv(x, widths[3], 3, 1, same3, groups, bias_init=one, name="conv4"))
-            x = normalise(x, 4, lrn=False)
-        with jax.named_scope("conv5"):
-            x = stage("conv5_out", conv(x, widths[4], 3, 1, same3, groups, bias_init=one, name="conv5"))
-            x = stage("pool5", pool(normalise(x, 5, lrn=False), kernels))
-            if spec.adaptive_pool:
-                x = adaptive_avg_pool(x, spec.adaptive_pool)
-
-        dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
-        # fc6 and fc7 hold slices of the neurons (fc6 gathers the maps it reads when the convs were split too),
-        # fc8 sums the partial products of its rows; where the conv tower ran data-parallel over 'model' too
-        # (owt), the batch is gathered over 'model' first. A sharded fc6 flattens its (gathered) input itself.
-        for name, features in (("fc6", fc_width), ("fc7", fc_width), ("fc8", self.num_classes)):
-            with jax.named_scope(name):
-                place = None if placement is None else placement.dense(name, x_spec)
-                if place is not None and place.gather_batch_first:
-                    x = placement.gather_batch(x)
-                if place is None or not place.sharded:
-                    x = x.reshape(x.shape[0], -1)
-                x_spec = x_spec if place is None else place.out
-                hidden = name != "fc8"
-                if hidden and spec.dropout_before_fc:
-                    x = dropout(x.reshape(x.shape[0], -1)).reshape(x.shape)
-                extra = {}
-                if not hidden and self.init_scheme == "he":  # no ReLU after fc8: LeCun scaling keeps the
-                    extra["kernel_init"] = nn.initializers.lecun_normal()  # first logits near zero
-                x = Dense(features, bias_init=one if hidden else zero, name=name, placement=place,
-                          **dict(common, **extra))(x)
-                if hidden:
-                    x = stage(f"{name}_out", nn.relu(x))  # the paper's Figure 4 compares images by fc7's
-                    if not spec.dropout_before_fc:
-                        x = dropout(x)
-                elif placement is not None:
-                    x = placement.scatter_batch(x)
-        return stage("fc8_out", x.astype(jnp.float32))
+        Placed on a mesh, fc6 and fc7 hold slices of the neurons (fc6 gathers the maps it reads when the convs
+        were split too) and fc8 sums the partial products of its rows; a sharded layer flattens its (gathered)
+        input itself."""
+        hidden, before = name != "fc8", self.spec.dropout_before_fc
+        features = (self.fc_width or self.spec.fc_width) if hidden else self.num_classes
+        kernel_init = _kernel_init(self.init_scheme)
+        if not hidden and self.init_scheme == "he":  # no ReLU after fc8: LeCun scaling keeps the first logits
+            kernel_init = nn.initializers.lecun_normal()  # near zero
+        bias = nn.initializers.ones if hidden and self.init_scheme == "paper" else nn.initializers.zeros
+        with jax.named_scope(name):
+            place = self.layer_placement(name)
+            x = x if place is None else place.gather_batch(x)
+            if place is None or not place.sharded:
+                x = x.reshape(x.shape[0], -1)
+            if hidden and before:
+                x = dropout(x.reshape(x.shape[0], -1)).reshape(x.shape)
+            x = Dense(features, name=name, placement=place, kernel_init=kernel_init, bias_init=bias, dtype=self.dtype,
+                      param_dtype=self.param_dtype)(x)
+            if not hidden:
+                return x if place is None else place.scatter_batch(x)
+            x = self.stage(f"{name}_out", nn.relu(x))  # the paper's Figure 4 compares images by fc7's
+            return x if before else dropout(x)
 
 
 def create_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> AlexNet:

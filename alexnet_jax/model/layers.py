@@ -4,13 +4,13 @@ A grouped kernel has the shape `nn.Conv(feature_group_count=2)` would give it, (
 but the convolution is computed as one convolution per group (`ops.grouped_conv`).
 
 This module owns the local computation of a layer on one device, not where anything lives: a layer is given a
-`sharding.LayerPlacement` (derived from the partition rules of its kernel and bias and from the previous
-layer's output) and, when that placement is `sharded`, runs as a `jax.shard_map` with its specs, computing what
-they imply, as on the paper's two GPUs: a device holding a slice of the kernels (output channels / neurons)
-computes that slice; grouped convs whose groups are on their own device read only the maps there (no
-communication); a layer whose input arrives split but which reads across groups all-gathers it over 'model';
-a row-split dense layer sums its partial products. The SPMD partitioner alone does not find that pattern (it
-all-gathers around a sharded grouped conv). The parameters and the numbers are the same with or without one.
+`sharding.LayerPlacement` (its row of the table `sharding.placement` computes once per mesh and strategy) and, when
+that placement is `sharded`, runs as a `jax.shard_map` with its specs, computing what they imply, as on the paper's
+two GPUs: a device holding a slice of the kernels (output channels / neurons) computes that slice; grouped convs
+whose groups are on their own device read only the maps there (no communication); a layer whose input arrives split
+but which reads across groups all-gathers it over 'model'; a row-split dense layer sums its partial products. The
+SPMD partitioner alone does not find that pattern (it all-gathers around a sharded grouped conv). The parameters and
+the numbers are the same with or without one.
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ class Conv(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     placement: LayerPlacement | None = None
-    kernels: str = "cpu_tuned"  # ops.grouped_conv's formulation: 'cpu_tuned' or 'native' ('auto' resolved there)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -73,7 +72,7 @@ class Conv(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         place = self.placement
         if place is None or not place.sharded:
-            return grouped_conv(x, kernel, self.groups, self.strides, self.padding, self.kernels) + bias
+            return grouped_conv(x, kernel, self.groups, self.strides, self.padding) + bias
         return jax.shard_map(self._local, mesh=place.mesh, in_specs=(place.x, place.kernel, place.bias),
                              out_specs=place.out)(x, kernel, bias)
 
@@ -83,7 +82,7 @@ class Conv(nn.Module):
         assert place is not None
         m, groups = place.model_size, self.groups
         if not place.split_out:  # kernel replicated over 'model': every output channel, from the whole input
-            return grouped_conv(x, kernel, groups, self.strides, self.padding, self.kernels) + bias
+            return grouped_conv(x, kernel, groups, self.strides, self.padding) + bias
         if place.split_in and groups % m == 0:  # the paper's grouped layers: this device's maps are all it reads
             local_groups = groups // m
         else:  # connected across devices (conv3; or a group spread over several devices); conv1: whole image
@@ -96,7 +95,7 @@ class Conv(nn.Module):
                 per = x.shape[-1] // groups
                 group = jax.lax.axis_index(MODEL) // (m // groups)
                 x = jax.lax.dynamic_slice_in_dim(x, group * per, per, axis=3)
-        return grouped_conv(x, kernel, local_groups, self.strides, self.padding, self.kernels) + bias
+        return grouped_conv(x, kernel, local_groups, self.strides, self.padding) + bias
 
 
 class Dense(nn.Module):

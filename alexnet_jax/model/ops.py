@@ -1,19 +1,16 @@
-"""Pure-JAX numeric kernels of AlexNet, with their hand-written gradients and XLA:CPU workarounds.
+"""Pure-JAX numeric kernels of AlexNet, with their hand-written gradients: what the layers compute, without Flax and
+without any mesh.
 
-What the layers compute, without Flax and without any mesh: the paper's local response normalisation
-(section 3.3, with a custom VJP ~3x faster than autodiff on CPU), cuda-convnet's conv1 edge padding, grouped
-convolution as one convolution per group (XLA:CPU runs that ~3x faster than `feature_group_count`, and it is
-what lets the layers place each group on its own device), conv1 as matmuls (space-to-depth; XLA:CPU's strided
-convolution and its kernel gradient are ~3x slower), the paper's overlapping 3/2 max-pooling with a backward
-pass of strided pads instead of select-and-scatter, and torchvision's adaptive average pooling.
+The paper's local response normalisation (section 3.3), cuda-convnet's conv1 edge padding, grouped convolution as one
+convolution per group, the paper's overlapping 3/2 max-pooling and torchvision's adaptive average pooling.
 
-Those convolution formulations are workarounds for YNNPACK, the library XLA:CPU gives convolutions to by default;
-the entry points move convolutions to XLA's own Eigen kernels instead (`alexnet_jax.xla_cpu`), faster still, and
-then 'cpu_tuned' uses XLA's convolution. `kernels` chooses per backend (`resolve_kernels`): 'cpu_tuned' (the
-above, plus 3x3 and 5x5 convolutions by Winograd, `model/winograd.py`), 'native' (XLA's own ops: one convolution with
-`feature_group_count`, strided conv1, `reduce_window` pooling, autodiff of the LRN formula), or 'auto'
-(cpu_tuned on CPU, native on GPU/TPU, where cuDNN/XLA's fused kernels are the ones tuned). Both compute the
-same function to float32 rounding; tests compare values and gradients.
+`kernels` chooses how LRN and pooling are differentiated (`resolve_kernels`): 'cpu_tuned' (LRN with a hand-written
+VJP, ~3x faster than autodiff of its formula on XLA:CPU; pooling's backward pass as 9 strided pads instead of
+select-and-scatter, which XLA:CPU runs ~9x slower: docs/performance.md), 'native' (XLA's own `reduce_window` pooling
+and autodiff of the LRN formula, what cuDNN / XLA's fused kernels on a GPU or TPU are tuned for), or 'auto'
+(cpu_tuned on CPU, native elsewhere). Both compute the same function to float32 rounding; tests compare values and
+gradients. Convolutions are XLA's own either way: which CPU library runs them is XLA_FLAGS' choice
+(`alexnet_jax.xla_cpu`), not the model's.
 """
 
 from __future__ import annotations
@@ -25,14 +22,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from alexnet_jax.model import winograd
-from alexnet_jax.xla_cpu import convolutions_in_ynnpack
-
 KERNELS = ("auto", "native", "cpu_tuned")
-# Winograd's matmuls contract over the input channels: below this many per group XLA's convolution is faster
-# (the quick-start model's 1-channel conv1: its step 54 ms with Winograd there, 45 ms without; every other
-# layer of the three variants reads 32 or more channels and is faster with it).
-WINOGRAD_MIN_CHANNELS = 16
 
 
 def resolve_kernels(kernels: str) -> str:
@@ -100,14 +90,16 @@ def local_response_norm(
 
     Same formula as `tf.nn.local_response_normalization` (alpha not divided by the window size, unlike
     PyTorch/Caffe). With `groups > 1` the window never crosses a group boundary: in the paper's net each
-    GPU normalises only its own maps (cuda-convnet's rnorm1a/rnorm1b). Computed in float32, with a
-    hand-written gradient (tests compare it with autodiff of the formula, which `kernels='native'` uses).
+    GPU normalises only its own maps (cuda-convnet's rnorm1a/rnorm1b). Computed in float32 at least (bfloat16 maps
+    too; float64 ones in float64), with a hand-written gradient (tests compare it with autodiff of the formula,
+    which `kernels='native'` uses).
     """
     channels = x.shape[-1]
     if channels % groups:
         raise ValueError(f"LRN: {channels} channels do not split into {groups} groups")
     lrn = _lrn if resolve_kernels(kernels) == "cpu_tuned" else lambda *a: _lrn_fwd(*a)[0]
-    y = lrn(x.astype(jnp.float32), depth_radius, float(bias), float(alpha), float(beta), groups)
+    y = lrn(x.astype(jnp.promote_types(x.dtype, jnp.float32)), depth_radius, float(bias), float(alpha), float(beta),
+            groups)
     return y.astype(x.dtype)
 
 
@@ -121,72 +113,15 @@ def conv1_edge_padding(size: int, kernel: int, stride: int) -> int:
 
 
 def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, strides: int,
-                 padding: Sequence[tuple[int, int]], kernels: str = "cpu_tuned") -> jax.Array:
-    """What `conv_general_dilated(..., feature_group_count=groups)` computes (NHWC, HWIO).
-
-    'native': XLA's own convolution, one per channel slice (groups > 1), concatenated: with
-    `feature_group_count` XLA's SPMD partitioner all-gathers the whole batch around a batch-sharded grouped
-    convolution (data parallelism: every device computed conv2/4/5 on the global batch; docs/sharding.md).
-    'cpu_tuned': one convolution per channel slice too; where XLA:CPU runs convolutions on its own Eigen kernels
-    (what the entry points set, `xla_cpu`) XLA's convolution, faster there than every formulation here; where
-    YNNPACK has them (XLA's default), conv1 (stride > 1) as matmuls, stride-1 3x3 and 5x5 convolutions by
-    Winograd F(2x2, rxr) (model/winograd.py).
-    """
-    xs = jnp.split(x, groups, axis=-1)
-    ks = jnp.split(kernel, groups, axis=-1)
-    if resolve_kernels(kernels) == "native":
-        outs = [jax.lax.conv_general_dilated(xi, ki, (strides, strides), list(padding),
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-                for xi, ki in zip(xs, ks, strict=True)]
-        return outs[0] if groups == 1 else jnp.concatenate(outs, axis=-1)
-    if not convolutions_in_ynnpack():  # XLA's own (Eigen) convolutions: faster than every formulation below
-        outs = [
-            jax.lax.conv_general_dilated(xi, ki, (strides, strides), list(padding),
+                 padding: Sequence[tuple[int, int]]) -> jax.Array:
+    """What `conv_general_dilated(..., feature_group_count=groups)` computes (NHWC, HWIO), as one convolution per
+    channel slice, concatenated. XLA:CPU runs that ~3x faster than `feature_group_count`, it is what lets the layers
+    place each group on its own device, and with `feature_group_count` XLA's SPMD partitioner all-gathers the whole
+    batch around a batch-sharded grouped convolution (docs/sharding.md)."""
+    outs = [jax.lax.conv_general_dilated(xi, ki, (strides, strides), list(padding),
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            for xi, ki in zip(xs, ks, strict=True)
-        ]
-    elif strides > 1:  # conv1: XLA:CPU's strided convolution is ~3x slower than the same sums as matmuls
-        outs = [strided_conv_as_matmuls(xi, ki, (strides, strides), padding) for xi, ki in zip(xs, ks, strict=True)]
-    elif kernel.shape[0] == kernel.shape[1] in winograd.SIZES and kernel.shape[2] >= WINOGRAD_MIN_CHANNELS:
-        pad = tuple(map(tuple, padding))
-        outs = [winograd.conv(xi, ki, pad) for xi, ki in zip(xs, ks, strict=True)]
-    else:
-        outs = [
-            jax.lax.conv_general_dilated(xi, ki, (1, 1), list(padding), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            for xi, ki in zip(xs, ks, strict=True)
-        ]
+            for xi, ki in zip(jnp.split(x, groups, axis=-1), jnp.split(kernel, groups, axis=-1), strict=True)]
     return outs[0] if groups == 1 else jnp.concatenate(outs, axis=-1)
-
-
-def strided_conv_as_matmuls(
-    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Sequence[tuple[int, int]]
-) -> jax.Array:
-    """The same convolution as `lax.conv_general_dilated(x, kernel, strides, padding)` (NHWC, HWIO), as matmuls.
-
-    For conv1 (11x11/4 on 3 channels) XLA:CPU's convolution, and above all its kernel gradient, is ~3x slower
-    than PyTorch's (docs/performance.md). Space-to-depth turns it into a stride-1 convolution on s*s*C
-    channels with a ceil(k/s)-tap kernel (zero-padded to a multiple of the stride); each kernel row is one
-    matmul over a row slice of the column-shifted input, so the patches are only built kw/s-fold, and autodiff of
-    the matmuls gives the kernel gradient as matmuls too. The batch stays the leading axis throughout.
-    """
-    n, h, w, c = x.shape
-    kh, kw, _, cout = kernel.shape
-    (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
-    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
-    th, tw = -(-kh // sh), -(-kw // sw)  # kernel taps in units of the stride
-    hb, wb = oh - 1 + th, ow - 1 + tw  # input blocks read; rows past the last block meet only zero taps
-    zero = jnp.zeros((), x.dtype)
-    x = jax.lax.pad(x, zero, [(0, 0, 0), (pt, hb * sh - h - pt, 0), (pl, wb * sw - w - pl, 0), (0, 0, 0)])
-    # the batch stays the leading axis, so a batch-sharded input stays sharded (no gather by the partitioner)
-    x = x.reshape(n, hb, sh, wb, sw, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, hb, wb, sh * sw * c)
-    cols = jnp.concatenate([x[:, :, j : j + ow] for j in range(tw)], axis=-1)  # (n, hb, ow, tw*sh*sw*c)
-    k = jnp.pad(kernel, [(0, th * sh - kh), (0, tw * sw - kw), (0, 0), (0, 0)])
-    k = k.reshape(th, sh, tw, sw, c, cout).transpose(0, 2, 1, 3, 4, 5).reshape(th, tw * sh * sw * c, cout)
-    y = None
-    for i in range(th):
-        part = cols[:, i : i + oh].reshape(n * oh * ow, -1) @ k[i]
-        y = part if y is None else y + part
-    return y.reshape(n, oh, ow, cout)
 
 
 POOL_WINDOW, POOL_STRIDE = 3, 2

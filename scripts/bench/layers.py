@@ -1,5 +1,5 @@
-"""--mode layers: each convolution timed per formulation (XLA's convolution, the Winograd / matmul formulation,
-PyTorch's), alternated. XLA's convolution runs on YNNPACK or on Eigen as this process's XLA_FLAGS say (the
+"""--mode layers: each convolution timed as the model computes it (XLA's convolution) and as PyTorch's conv2d
+does, alternated. XLA's convolution runs on YNNPACK or on Eigen as this process's XLA_FLAGS say (the
 benchmark sets what the entry points set: Eigen; run with XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
 individual_dot,individual_convolution for YNNPACK's)."""
 
@@ -20,29 +20,12 @@ def conv_calls(model, shape: tuple[int, int, int]) -> dict[str, tuple]:
             for name, g in flops.conv_geometry(model, shape).items()}
 
 
-def _formulations(groups: int, strides: int, padding, kernel_shape) -> dict[str, object]:
-    """{name: conv(x, k)}: XLA's convolution (by YNNPACK or Eigen, as this process's XLA_FLAGS say) and, where
-    one applies, the formulation `ops.grouped_conv` uses while YNNPACK has the convolutions (conv1 as matmuls, 3x3
-    and 5x5 by Winograd), each group on its own as in the model."""
-    import jax
-    import jax.numpy as jnp
+def _formulations(groups: int, strides: int, padding) -> dict[str, object]:
+    """{name: conv(x, k)}: the model's convolution (`ops.grouped_conv`: XLA's, each group on its own, by YNNPACK or
+    Eigen as this process's XLA_FLAGS say)."""
+    from alexnet_jax.model import grouped_conv
 
-    from alexnet_jax.model import ops, strided_conv_as_matmuls, winograd
-
-    def per_group(conv):
-        def f(x, k):
-            outs = [conv(xi, ki) for xi, ki in zip(jnp.split(x, groups, -1), jnp.split(k, groups, -1), strict=True)]
-            return outs[0] if groups == 1 else jnp.concatenate(outs, -1)
-        return f
-
-    out = {"xla": per_group(lambda x, k: jax.lax.conv_general_dilated(
-        x, k, (strides, strides), list(padding), dimension_numbers=("NHWC", "HWIO", "NHWC")))}
-    r = kernel_shape[0]
-    if strides > 1:
-        out["matmuls"] = per_group(lambda x, k: strided_conv_as_matmuls(x, k, (strides, strides), padding))
-    elif r in winograd.SIZES and kernel_shape[2] >= ops.WINOGRAD_MIN_CHANNELS:
-        out["winograd"] = per_group(lambda x, k: winograd.conv(x, k, tuple(map(tuple, padding))))
-    return out
+    return {"xla": lambda x, k: grouped_conv(x, k, groups, strides, padding)}
 
 
 def _conv_work(x_shape, k_shape, strides, padding, groups, *, batch: int, first: bool, torch) -> dict:
@@ -53,7 +36,7 @@ def _conv_work(x_shape, k_shape, strides, padding, groups, *, batch: int, first:
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, *x_shape)), jnp.float32)
     k = jnp.asarray(rng.normal(0, 0.01, k_shape), jnp.float32)
-    forms = _formulations(groups, strides, padding, k_shape)
+    forms = _formulations(groups, strides, padding)
     y_shape = jax.eval_shape(forms["xla"], x, k).shape
     dy = jnp.asarray(rng.normal(size=y_shape), jnp.float32)
     fns = {}
