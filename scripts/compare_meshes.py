@@ -30,10 +30,11 @@ def main() -> None:
     p.add_argument("--float64", action="store_true")
     a = p.parse_args()
     meshes = [tuple(int(v) for v in m.split(",")) for m in a.meshes]
-    from alexnet_jax import xla_flags  # before jax: an XLA flag the running jaxlib lacks would abort the process
+    from alexnet_jax import cli, xla_flags  # before jax: an XLA flag the running jaxlib lacks would abort the process
 
     xla_flags.add({"--xla_force_host_platform_device_count": str(max(x * y for x, y in meshes))},
                   {"--xla_force_host_platform_device_count": "one CPU device: the meshes above 1 device fail"})
+    cli.cpu_collective_timeouts()  # and the entry points' XLA:CPU flags: the kernels `main` runs
     import ast
 
     import jax
@@ -46,7 +47,7 @@ def main() -> None:
     sys.path.insert(0, REPO)
     from alexnet_jax import data as datalib
     from alexnet_jax import sharding, train
-    from alexnet_jax.model import alexnet, ops
+    from alexnet_jax.model import alexnet
 
     spec = importlib.util.spec_from_file_location("config", a.config)
     module = importlib.util.module_from_spec(spec)
@@ -60,12 +61,9 @@ def main() -> None:
             config[key] = value
     data = datalib.create_data(config)
     per_epoch = datalib.steps_per_epoch(data.num_train, config.batch_size)
-    if a.float64:  # float64 parameters and compute, and the LRN (float32 by design) in the input's dtype
+    if a.float64:  # float64 parameters and compute (the LRN follows its input: float64 too)
         create = train.create_model
         train.create_model = lambda c, mesh=None: create(c, mesh).clone(dtype=jnp.float64, param_dtype=jnp.float64)
-        alexnet.local_response_norm = lambda x, groups=1, kernels="cpu_tuned", **_: (
-            ops._lrn if ops.resolve_kernels(kernels) == "cpu_tuned" else lambda *v: ops._lrn_fwd(*v)[0])(
-            x, ops.LRN_DEPTH_RADIUS, ops.LRN_BIAS, ops.LRN_ALPHA, ops.LRN_BETA, groups)
 
     def run(mesh_shape: tuple[int, int], kernels: str) -> tuple[float, dict[str, np.ndarray]]:
         config.kernels, config.mesh_shape = kernels, mesh_shape

@@ -14,15 +14,14 @@ import sys
 # that replace them are XLA's own, still shipped. The numerical claims are about the math, not how XLA generates
 # code, and hold either way; the recipe checks (tests/test_recipe.py) and the real-FashionMNIST run keep XLA's
 # defaults, as users run them.
-# And convolutions by YNNPACK, XLA:CPU's default, not the Eigen kernels the entry points choose (alexnet_jax.xla_cpu),
-# for the tests' processes and the subprocesses they start alike: the bitwise checks compare an in-process run with
-# a `main` subprocess, so both must use one library, and with 8 simulated devices per process the small net's step
-# is faster on YNNPACK's (119 against 148 ms). Each formulation is tested against XLA's convolution either way
-# (test_kernels), the choice between them in test_accelerator, and the recipe checks run as users do (no XLA_FLAGS).
+# And convolutions by XLA's own Eigen kernels, matmuls by YNNPACK: what the entry points set (alexnet_jax.xla_cpu), so
+# the tests run the kernels users run, in the tests' processes and the subprocesses they start alike (the bitwise
+# checks compare an in-process run with a `main` subprocess). The recipe checks and one bitwise resume run with no
+# test flags at all, exactly as users do (test_recipe, test_checkpointing).
 # Each flag only where the running jaxlib knows it (`xla_flags.add`: an unknown XLA flag aborts every test process;
 # jaxlib 0.11 dropped --xla_cpu_use_fusion_emitters). What a missing one costs is time, never a result.
 FAST_COMPILE_FLAGS = {"--xla_backend_optimization_level": "0", "--xla_cpu_use_fusion_emitters": "false",
-                      "--xla_cpu_experimental_ynn_fusion_type": "dot,individual_convolution"}
+                      "--xla_cpu_experimental_ynn_fusion_type": "dot"}
 TEST_FLAGS = {**FAST_COMPILE_FLAGS, "--xla_force_host_platform_device_count": "8",
               "--xla_cpu_collective_call_terminate_timeout_seconds": "600",
               "--xla_cpu_collective_call_warn_stuck_timeout_seconds": "120"}

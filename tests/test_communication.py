@@ -39,12 +39,11 @@ F = 4  # float32 bytes
 # docs/sharding.md: the command above each table, then the table in a ``` block.
 COMMAND = (r"python -m alexnet_jax\.collectives --config configs/imagenet\.py --mesh 4,2((?: --config\.\w+=\w+)*)`"
            r"[^`]*?```\n(.*?)```")
-# XLA's own convolutions (`kernels='native'`, what a GPU or TPU runs): the traffic then follows from the layers'
-# shapes and the mesh alone (the CPU's tuned kernels sum conv1's gradient as a padded 12x12 kernel and the Winograd
-# layers' in the transform domain: `test_default_mesh_moves_only_gradients` pins one of those).
-SETTINGS = {"paper": " --config.kernels=native",
-            "owt": " --config.kernels=native --config.sharding=owt --config.variant=owt",
-            "data_parallel": " --config.kernels=native --config.sharding=data_parallel"}
+# The traffic follows from the layers' shapes and the mesh alone: the convolutions are XLA's own under every
+# `kernels` choice, so these are the tables of the CPU's default ('cpu_tuned') and of a GPU or TPU ('native') alike.
+SETTINGS = {"paper": "",
+            "owt": " --config.sharding=owt --config.variant=owt",
+            "data_parallel": " --config.sharding=data_parallel"}
 
 
 def _imagenet_config():
@@ -177,7 +176,7 @@ def test_default_mesh_moves_only_gradients():
     got = measured(rep)
     layers = {k for k in got if k[0] not in ("loss", "metrics")}
     assert layers == {(layer, "backward", "all-reduce", "data") for layer in collectives.LAYERS}, sorted(layers)
-    assert got[("conv1", "backward", "all-reduce", "data")] == (12 * 12 * 3 * 96 + 96) * F  # padded kernel, bias
+    assert got[("conv1", "backward", "all-reduce", "data")] == (11 * 11 * 3 * 96 + 96) * F  # kernel, bias
 
 
 def test_topk_correct_ranks_as_a_stable_descending_sort():

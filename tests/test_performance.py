@@ -108,7 +108,7 @@ def test_benchmark_records_only_quiet_runs(tmp_path):
 
 
 @pytest.mark.torch
-def test_benchmark_layers_times_every_conv_per_formulation(torch_lib):
+def test_benchmark_layers_times_every_conv_against_torch(torch_lib):
     bench = _benchmark_module()
     out = bench.bench_layers("configs/fashion_mnist.py", 8, 1, ["widths=(8,16,16,16,8)", "fc_width=16"])
     assert list(out) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
