@@ -13,7 +13,7 @@ import sys
 
 from absl import app
 
-from alexnet_jax import main
+from alexnet_jax import cli, main
 from alexnet_jax.preemption import SavePolicy
 
 STEP = int(sys.argv.pop(1))
@@ -32,4 +32,4 @@ def after_step(self, step, state, **kwargs):
 SavePolicy.after_step = after_step
 
 if __name__ == "__main__":
-    app.run(main.main)
+    app.run(main.main, flags_parser=cli.parse_flags)  # as `python -m alexnet_jax.main` (its XLA flags too)

@@ -179,3 +179,53 @@ def test_the_private_name_check_finds_both_spellings(tmp_path):
                     "def f():\n    return imagenet._guard\n")
     assert private_uses(str(path), {"alexnet_jax.data.imagenet", "alexnet_jax.data.photos"}) == [
         "from alexnet_jax.data.photos import _parser", "imagenet._guard"]
+
+
+# The model reads as the paper's Figure 2 (issue #45): its forward pass fits one screen, and nothing in the model
+# package carries state from one layer to the next behind the reader's back.
+CALL_BUDGET = 40  # lines of `AlexNet.__call__`, signature and docstring included (flax's ResNet.__call__: 35)
+MODEL_DIR = os.path.join(PACKAGE_DIR, "model")
+
+
+def method_lines(path: str, cls: str, method: str) -> int:
+    """Lines of `cls.method` in the file at `path` (its decorators excluded)."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    node = next(n for c in tree.body if isinstance(c, ast.ClassDef) and c.name == cls
+                for n in c.body if isinstance(n, ast.FunctionDef) and n.name == method)
+    return node.end_lineno - node.lineno + 1
+
+
+def mutable_closures(path: str) -> list[str]:
+    """`nonlocal` / `global` statements (a closure or function rebinding state outside itself) and functions defined
+    inside `__call__` methods, in the file at `path`: where each is."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    out = [f"{os.path.basename(path)}:{n.lineno} {type(n).__name__.lower()} {', '.join(n.names)}"
+           for n in ast.walk(tree) if isinstance(n, ast.Nonlocal | ast.Global)]
+    for call in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "__call__"):
+        out += [f"{os.path.basename(path)}:{n.lineno} def {n.name} inside __call__" for n in ast.walk(call)
+                if n is not call and isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)]
+    return out
+
+
+def test_alexnet_forward_fits_its_line_budget():
+    lines = method_lines(os.path.join(MODEL_DIR, "alexnet.py"), "AlexNet", "__call__")
+    assert lines <= CALL_BUDGET, f"AlexNet.__call__ is {lines} lines; the budget is {CALL_BUDGET}"
+
+
+def test_no_closure_in_the_model_holds_mutable_state():
+    found = [line for f in sorted(os.listdir(MODEL_DIR)) if f.endswith(".py")
+             for line in mutable_closures(os.path.join(MODEL_DIR, f))]
+    assert found == []
+
+
+def test_the_model_checks_find_what_they_guard(tmp_path):
+    """The checks themselves, on the old forward's shape: a long `__call__` threading a spec through a closure."""
+    body = "\n".join(f"        x = x + {i}" for i in range(45))
+    path = tmp_path / "alexnet.py"
+    path.write_text("class AlexNet:\n    @staticmethod\n    def __call__(x):\n        spec = 0\n\n"
+                    "        def conv(y):\n            nonlocal spec\n            spec += 1\n            return y\n"
+                    f"{body}\n        return conv(x)\n")
+    assert method_lines(str(path), "AlexNet", "__call__") == 53 > CALL_BUDGET
+    assert mutable_closures(str(path)) == ["alexnet.py:7 nonlocal spec", "alexnet.py:6 def conv inside __call__"]

@@ -92,7 +92,6 @@ class ConvLayer:
     kernel: int
     stride: int
     padding: str | int  # 'cuda-convnet' (bottom/right edge, ops.conv1_edge_padding) or symmetric pixels
-    groups: int  # >1: each group's kernels see only that group's input maps (the paper's two GPUs)
     bias_one: bool  # the paper's init: bias 1 where the layer's input is a ReLU's (conv2/4/5), else 0
 
 
@@ -148,13 +147,13 @@ class AlexNet(nn.Module):
         conv2, conv4 and conv5 split in `groups` (the paper's two GPUs); then three FC layers, dropout in fc6/fc7."""
         if x.ndim != 4:
             raise ValueError(f"AlexNet expects NHWC images, got shape {x.shape}")
-        dropout = nn.Dropout(self.dropout_rate, deterministic=not train)  # one module: one key per use, as before
-        x = x.astype(self.dtype)
+        dropout = nn.Dropout(self.dropout_rate, deterministic=not train)  # one module: each use draws its own key
+        x, groups = x.astype(self.dtype), self.conv_groups
         x = self.conv_block(x, "conv1", train, lrn=True, pool=True)
-        x = self.conv_block(x, "conv2", train, lrn=True, pool=True)
+        x = self.conv_block(x, "conv2", train, groups=groups, lrn=True, pool=True)
         x = self.conv_block(x, "conv3", train)
-        x = self.conv_block(x, "conv4", train)
-        x = self.conv_block(x, "conv5", train, pool=True)
+        x = self.conv_block(x, "conv4", train, groups=groups)
+        x = self.conv_block(x, "conv5", train, groups=groups, pool=True)
         if self.spec.adaptive_pool:  # torchvision's AdaptiveAvgPool2d((6, 6)) (owt)
             x = adaptive_avg_pool(x, self.spec.adaptive_pool)
         x = self.fc(x, "fc6", dropout)
@@ -169,13 +168,13 @@ class AlexNet(nn.Module):
 
     @property
     def conv_layers(self) -> dict[str, ConvLayer]:
-        """conv1..conv5 as this model builds them (the variant's, with `widths` / `groups` applied)."""
-        v, widths, groups = self.spec, tuple(self.widths or self.spec.widths), self.conv_groups
-        return {"conv1": ConvLayer(widths[0], v.conv1_kernel, v.conv1_stride, v.conv1_padding, 1, False),
-                "conv2": ConvLayer(widths[1], v.conv2_kernel, 1, v.conv2_kernel // 2, groups, True),
-                "conv3": ConvLayer(widths[2], 3, 1, 1, 1, False),
-                "conv4": ConvLayer(widths[3], 3, 1, 1, groups, True),
-                "conv5": ConvLayer(widths[4], 3, 1, 1, groups, True)}
+        """conv1..conv5's kernels as this model builds them (the variant's, with `widths` applied)."""
+        v, widths = self.spec, tuple(self.widths or self.spec.widths)
+        return {"conv1": ConvLayer(widths[0], v.conv1_kernel, v.conv1_stride, v.conv1_padding, False),
+                "conv2": ConvLayer(widths[1], v.conv2_kernel, 1, v.conv2_kernel // 2, True),
+                "conv3": ConvLayer(widths[2], 3, 1, 1, False),
+                "conv4": ConvLayer(widths[3], 3, 1, 1, True),
+                "conv5": ConvLayer(widths[4], 3, 1, 1, True)}
 
     def layer_placement(self, name: str) -> sharding.LayerPlacement | None:
         """Layer `name`'s row of the placement table; None at init (a batch of 1 cannot be split, and the
@@ -187,8 +186,10 @@ class AlexNet(nn.Module):
         self.sow("intermediates", name, y, reduce_fn=lambda _, new: new)
         return y
 
-    def conv_block(self, x: jax.Array, name: str, train: bool, lrn: bool = False, pool: bool = False) -> jax.Array:
-        """Conv layer `name`, its norm (batchnorm before the ReLU, LRN after it) and the 3x3/2 max-pooling."""
+    def conv_block(self, x: jax.Array, name: str, train: bool, groups: int = 1, lrn: bool = False,
+                   pool: bool = False) -> jax.Array:
+        """Conv layer `name` (`groups` > 1: each group's kernels read only that group's maps), its norm (batchnorm
+        before the ReLU, LRN after it, within the groups of conv2) and the 3x3/2 max-pooling."""
         layer, kernels = self.conv_layers[name], resolve_kernels(self.kernels)
         norm = self.spec.default_norm if self.norm is None else self.norm
         if layer.padding == "cuda-convnet":
@@ -200,7 +201,7 @@ class AlexNet(nn.Module):
         with jax.named_scope(name):
             place = self.layer_placement(name)
             x = x if place is None else place.gather_batch(x)
-            x = Conv(layer.features, layer.kernel, layer.stride, padding, layer.groups, name=name, placement=place,
+            x = Conv(layer.features, layer.kernel, layer.stride, padding, groups, name=name, placement=place,
                      kernel_init=_kernel_init(self.init_scheme), bias_init=bias, dtype=self.dtype,
                      param_dtype=self.param_dtype)(x)
             x = self.stage(f"{name}_out", x)

@@ -126,17 +126,21 @@ class Dense(nn.Module):
             return jnp.dot(x.reshape(x.shape[0], -1), kernel) + bias
         if place.row_split and x.ndim > 2:
             raise ValueError(f"{self.name}: a row-split layer reads a flat input, got rank {x.ndim}")
-        m = place.model_size
-
-        def row(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-            if not place.split_in:  # the whole input arrived: keep the features these rows read
-                x = _this_device(x, m, axis=1)
-            return jax.lax.psum(jnp.dot(x, kernel), MODEL) + bias
-
-        def column(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-            if place.split_in:
-                x = jax.lax.all_gather(x, MODEL, axis=x.ndim - 1, tiled=True)
-            return jnp.dot(x.reshape(x.shape[0], -1), kernel) + bias
-
-        return jax.shard_map(row if place.row_split else column, mesh=place.mesh,
+        return jax.shard_map(self._rows if place.row_split else self._columns, mesh=place.mesh,
                              in_specs=(place.x, place.kernel, place.bias), out_specs=place.out)(x, kernel, bias)
+
+    def _rows(self, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+        """Row split: this device's rows read its slice of the input; the partial products are summed."""
+        place = self.placement
+        assert place is not None
+        if not place.split_in:  # the whole input arrived: keep the features these rows read
+            x = _this_device(x, place.model_size, axis=1)
+        return jax.lax.psum(jnp.dot(x, kernel), MODEL) + bias
+
+    def _columns(self, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+        """Column split (or replicated): this device's neurons, from the whole (gathered) input."""
+        place = self.placement
+        assert place is not None
+        if place.split_in:
+            x = jax.lax.all_gather(x, MODEL, axis=x.ndim - 1, tiled=True)
+        return jnp.dot(x.reshape(x.shape[0], -1), kernel) + bias
