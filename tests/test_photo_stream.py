@@ -88,9 +88,17 @@ def _params(workdir) -> dict[str, np.ndarray]:
             for p, v in jax.tree_util.tree_leaves_with_path(loaded.variables["params"])}
 
 
+# A leaf that barely moves from its zero initialisation (conv3's bias: norm 2.4e-8 after the 6 steps) differs between
+# process counts by float32 rounding of its tiny gradient sums (2e-10, relative 8e-3): compared with this floor on the
+# difference's norm, far below any real error (a process reading other rows moves kernels by ~1e-2 relative).
+ABSOLUTE_FLOOR = 1e-8
+
+
 def _worst_relative(a: dict, b: dict) -> float:
+    """The largest per-leaf norm of a - b, relative to b's norm plus `ABSOLUTE_FLOOR` / 1e-5 (a leaf within
+    1e-5 relative, or within ABSOLUTE_FLOOR absolute, scores below 1e-5)."""
     assert sorted(a) == sorted(b)
-    return max(float(np.linalg.norm(a[k] - b[k]) / max(np.linalg.norm(b[k]), 1e-12)) for k in a)
+    return max(float(np.linalg.norm(a[k] - b[k]) / (np.linalg.norm(b[k]) + ABSOLUTE_FLOOR / 1e-5)) for k in a)
 
 
 def test_the_same_batches_and_parameters_for_1_2_and_4_processes(datasets, tmp_path):
