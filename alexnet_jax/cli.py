@@ -100,7 +100,7 @@ def _cpu_backend() -> bool:
     return not any(importlib.util.find_spec(p) for p in ACCELERATOR_PLUGINS)
 
 
-def cpu_collective_timeouts(ynnpack: str = xla_cpu.YNNPACK_WITHOUT_CONVOLUTIONS) -> None:
+def set_xla_cpu_flags(ynnpack: str = xla_cpu.YNNPACK_WITHOUT_CONVOLUTIONS) -> None:
     """Add `CPU_COLLECTIVE_FLAGS` (the collective timeouts) and YNNPACK's share of the work (`ynnpack`; by default
     convolutions by XLA's own Eigen kernels, matmuls still by YNNPACK: YNNPACK's convolutions and their gradients
     ran 1.2-5.8x slower on the 2-core AVX2 machine, docs/performance.md) to XLA_FLAGS, those not set already,
@@ -165,7 +165,7 @@ def report_stuck_collectives() -> None:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a one-line message instead of a trace for a bad --config override; sets the
     CPU collective timeouts first (every entry point parses its flags before touching JAX)."""
-    cpu_collective_timeouts()
+    set_xla_cpu_flags()
     try:
         rest = FLAGS(argv)
     except flags.Error as e:

@@ -398,6 +398,6 @@ if __name__ == "__main__":
     flags.mark_flags_as_required(["workdir"])
     from alexnet_jax import cli, xla_cpu
 
-    cli.cpu_collective_timeouts(ynnpack=xla_cpu.YNNPACK_OFF)  # before parse_flags's default: passes of <= 50 images
+    cli.set_xla_cpu_flags(ynnpack=xla_cpu.YNNPACK_OFF)  # before parse_flags's default: passes of <= 50 images
 
     app.run(main, flags_parser=cli.parse_flags)

@@ -4,7 +4,7 @@ XLA:CPU hands matmuls and convolutions to YNNPACK by default. On the 2-core AVX2
 and above all their gradients, ran 1.2-5.8x slower than XLA's own Eigen convolution kernels, which in turn beat
 the Winograd and matmul formulations an earlier model used to work around YNNPACK (docs/performance.md,
 "XLA:CPU's convolution library"). YNNPACK's matmuls stay: they are faster than Eigen's. XLA reads XLA_FLAGS once,
-when its CPU backend starts, so the entry points add the flag before that (`cli.cpu_collective_timeouts`); library
+when its CPU backend starts, so the entry points add the flag before that (`cli.set_xla_cpu_flags`); library
 use (a notebook) calls the same function before its first JAX computation. The model is one program either way:
 the flag only says which library runs its convolutions.
 """

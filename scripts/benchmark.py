@@ -38,7 +38,7 @@
   same machine load, each --run-steps steps of --config (the FashionMNIST quick start by default) with no
   evaluation, and compares their `train_images_per_second` (save time included, compilation excluded).
 
-Every run sets the XLA:CPU flags the entry points set (`cli.cpu_collective_timeouts`: convolutions by XLA's Eigen
+Every run sets the XLA:CPU flags the entry points set (`cli.set_xla_cpu_flags`: convolutions by XLA's Eigen
 kernels, not YNNPACK; flags already in XLA_FLAGS win) and reports XLA_FLAGS and the machine's 1-minute load
 average at start and end (`load_avg_start`, `load_avg_end`) beside
 the core count: a figure taken while other work ran is not a measurement of this code (torch's OpenMP threads
@@ -121,7 +121,7 @@ def main() -> None:
             torch_alexnet.import_torch().set_num_threads(1)
     from alexnet_jax import cli
 
-    cli.cpu_collective_timeouts()  # the XLA:CPU flags every entry point sets (before jax starts its backend)
+    cli.set_xla_cpu_flags()  # the XLA:CPU flags every entry point sets (before jax starts its backend)
     out_flags = os.environ.get("XLA_FLAGS", "")
     if a.vs_torch and a.mode == "pipeline":
         a.mode = "train_step"

@@ -34,7 +34,7 @@ def main() -> None:
 
     xla_flags.add({"--xla_force_host_platform_device_count": str(max(x * y for x, y in meshes))},
                   {"--xla_force_host_platform_device_count": "one CPU device: the meshes above 1 device fail"})
-    cli.cpu_collective_timeouts()  # and the entry points' XLA:CPU flags: the kernels `main` runs
+    cli.set_xla_cpu_flags()  # and the entry points' XLA:CPU flags: the kernels `main` runs
     import ast
 
     import jax

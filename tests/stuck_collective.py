@@ -12,7 +12,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from alexnet_jax import cli  # noqa: E402
 
-cli.cpu_collective_timeouts()
+cli.set_xla_cpu_flags()
 cli.report_stuck_collectives()
 print("before the collective", file=sys.stderr, flush=True)
 

@@ -72,7 +72,7 @@ def test_predict_gives_the_cpu_matmuls_to_eigen_and_main_to_ynnpack(python):
                     "alexnet_jax.predict": ["--xla_cpu_experimental_ynn_fusion_type="]}, seen
 
 
-def test_entry_points_set_the_cpu_collective_timeouts(monkeypatch):
+def test_entry_points_set_the_xla_cpu_flags(monkeypatch):
     """The tests' XLA:CPU rendezvous timeouts for every command line on the CPU backend (a loaded machine's
     simulated devices no longer abort at XLA's 40 s), kept where the user set them, not added for a GPU."""
     from alexnet_jax import cli
@@ -80,14 +80,14 @@ def test_entry_points_set_the_cpu_collective_timeouts(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4 "
                                     "--xla_cpu_collective_call_warn_stuck_timeout_seconds=30")
-    cli.cpu_collective_timeouts()
+    cli.set_xla_cpu_flags()
     flags = os.environ["XLA_FLAGS"].split()
     assert "--xla_cpu_collective_call_terminate_timeout_seconds=600" in flags
     assert "--xla_cpu_collective_call_warn_stuck_timeout_seconds=30" in flags and len(flags) == 4
     assert "--xla_cpu_experimental_ynn_fusion_type=dot" in flags  # convolutions by XLA's Eigen kernels
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     monkeypatch.setenv("XLA_FLAGS", "")
-    cli.cpu_collective_timeouts()
+    cli.set_xla_cpu_flags()
     assert os.environ["XLA_FLAGS"] == ""
 
 

@@ -369,7 +369,7 @@ def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(tmp_path, python,
     the entry points choose (no test flags). SIGTERM after step 2 (saves step 3, exits 0); the rerun is SIGKILLed
     after step 10 (checkpoints 4 and 8 are on disk); the third run resumes from 8. Its step-12 parameters and
     optimiser state equal an uninterrupted run's bit for bit."""
-    env = {**os.environ, "XLA_FLAGS": ""}  # `main` adds its own (alexnet_jax.cli.cpu_collective_timeouts)
+    env = {**os.environ, "XLA_FLAGS": ""}  # `main` adds its own (alexnet_jax.cli.set_xla_cpu_flags)
 
     def run(workdir, signal_at=None):
         cmd = ([python, "tests/signal_after_step.py", *signal_at] if signal_at else

@@ -10,7 +10,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # XLA_FLAGS as the user's shell has them, before the harness adds the entry points' flags for its own process
-# (`cli.cpu_collective_timeouts`): the whole commands it times (`--mode predict`) start from these, as a user's do.
+# (`cli.set_xla_cpu_flags`): the whole commands it times (`--mode predict`) start from these, as a user's do.
 USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")
 
 
