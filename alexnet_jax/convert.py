@@ -36,6 +36,7 @@ from alexnet_jax.pretrained import (  # noqa: F401 - the conversion's pieces, al
     load_state_dict,
     to_flax_params,
 )
+from alexnet_jax.workdir_lock import WriterLock
 
 FLAGS = flags.FLAGS
 
@@ -117,10 +118,17 @@ def convert(path: str, workdir: str, *, image_size: int = 224,
     info = {"dataset": config.dataset, "image_shape": list(image_shape), "class_names": names,
             "normalisation": norm.to_json(), "source": os.path.abspath(path),
             "converted_from": "torchvision.models.alexnet state dict"}
-    ckpt = checkpointing.Checkpointer(workdir, config, trainer.abstract_state, trainer.state_sharding,
-                                      metadata=info)
-    ckpt.save(0, state)
-    ckpt.close()
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--workdir {workdir!r} cannot be created: {e.strerror}") from None
+    with WriterLock(workdir):  # a training run on this workdir meanwhile would race the save
+        if os.path.isdir(directory) and os.listdir(directory):
+            raise UserError(f"{directory} already holds checkpoints; give a new --workdir for the converted weights")
+        ckpt = checkpointing.Checkpointer(workdir, config, trainer.abstract_state, trainer.state_sharding,
+                                          metadata=info)
+        ckpt.save(0, state)
+        ckpt.close()
     from alexnet_jax.flops import count_params
 
     return {"checkpoint": ckpt.step_dir(0), "params": count_params(params), "widths": list(widths),

@@ -24,6 +24,7 @@ from alexnet_jax.config import check_config
 from alexnet_jax.errors import UserError
 from alexnet_jax.model import AlexNet, create_model, groups_of
 from alexnet_jax.preemption import SavePolicy
+from alexnet_jax.workdir_lock import WriterLock
 
 
 @flax.struct.dataclass
@@ -243,7 +244,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: da
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
         raise UserError(f"--workdir {workdir!r} cannot be created: {e.strerror}") from None
+    with WriterLock(workdir, jax.process_index()):  # one run per workdir: a second one stops here, in one line
+        return _train_and_evaluate(config, workdir, data, mesh, t_start)
 
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: datalib.Data | None, mesh: Any,
+                        t_start: float) -> dict[str, Any]:
     pre, normalisation = pretrained.for_run(config, workdir)
     if data is None:  # process 0 prepares what is missing, the others wait for it
         data = datalib.create_data(config, normalisation, jax.process_index(), jax.process_count())

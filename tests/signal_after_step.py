@@ -1,5 +1,6 @@
 """Run `alexnet_jax.main` and send this very process a signal right after the loop's checkpoint hook for a
-given step returns: `python tests/signal_after_step.py STEP SIGNAME --config ... --workdir ...`.
+given step returns: `python tests/signal_after_step.py STEP SIGNAME --config ... --workdir ...`; or, with
+`PAUSE=DIR` for SIGNAME, hold the run there (its checkpoints so far on disk, its workdir locked) until DIR/go exists.
 
 A deterministic stand-in for a kill or preemption "at step N": an external `kill` would race a tiny model's
 millisecond steps. Saves already started are let finish first, so the latest checkpoint before STEP is on disk
@@ -10,6 +11,7 @@ that `alexnet_jax.preemption` installs, as a real one would.
 import os
 import signal
 import sys
+import time
 
 from absl import app
 
@@ -17,7 +19,7 @@ from alexnet_jax import cli, main
 from alexnet_jax.preemption import SavePolicy
 
 STEP = int(sys.argv.pop(1))
-SIGNAL = getattr(signal, sys.argv.pop(1))
+ACTION = sys.argv.pop(1)  # a signal's name, or PAUSE=DIR: create DIR/paused, then wait until DIR/go exists
 _after_step = SavePolicy.after_step
 
 
@@ -25,7 +27,13 @@ def after_step(self, step, state, **kwargs):
     stop = _after_step(self, step, state, **kwargs)
     if step == STEP:
         self.ckpt.manager.wait_until_finished()
-        os.kill(os.getpid(), SIGNAL)
+        if ACTION.startswith("PAUSE="):
+            folder = ACTION.removeprefix("PAUSE=")
+            open(os.path.join(folder, "paused"), "w").close()
+            while not os.path.exists(os.path.join(folder, "go")):
+                time.sleep(0.05)
+        else:
+            os.kill(os.getpid(), getattr(signal, ACTION))
     return stop
 
 

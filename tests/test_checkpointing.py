@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import time
 
 import forkserver
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, needs_fmnist
+from conftest import REPO, needs_fmnist, require_fashion_mnist
 
 from alexnet_jax import checkpointing, evaluate, predict, sharding, train
 from alexnet_jax import config as config_lib
@@ -363,42 +364,113 @@ def test_sigterm_in_process_saves_after_eval_and_resumes_bitwise(run_4x2, tmp_pa
     _assert_bitwise(_final_arrays(work, 4), _final_arrays(workdir, 4), "resumed at 3")
 
 
+def _entry_point_run(cmd, python, repo, workdir, data_dir):
+    """`cmd` (`-m alexnet_jax.main`, or a script running it) as a user runs it: one CPU device and the XLA flags and
+    kernels the entry points choose (an empty XLA_FLAGS: `main` adds its own, alexnet_jax.cli.set_xla_cpu_flags)."""
+    return forkserver.run([python, *cmd, *_fmnist_args(workdir, data_dir)], capture_output=True, text=True,
+                          timeout=300, cwd=repo, env={**os.environ, "XLA_FLAGS": ""})
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory, fmnist_data_dir):
+    """An uninterrupted `main` run of RESUME_RUN as a user runs it, started over a stale lock file (a dead run's:
+    no OS lock behind it): the workdir every resumed or held run must end equal to."""
+    require_fashion_mnist()
+    workdir = tmp_path_factory.mktemp("undisturbed")
+    stale = {"pid": 2 ** 22 + 7, "host": "gone", "started": "2026-01-01 00:00:00 UTC", "command": ["python"]}
+    (workdir / ".writer.lock.0").write_text(json.dumps(stale))
+    r = _entry_point_run(["-m", "alexnet_jax.main"], sys.executable, REPO, str(workdir), fmnist_data_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((workdir / ".writer.lock.0").read_text())["pid"] != stale["pid"]  # it held the lock itself
+    return str(workdir)
+
+
 @needs_fmnist
-def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(tmp_path, python, repo, fmnist_data_dir):
+def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(tmp_path, python, repo, fmnist_data_dir, undisturbed):
     """The real command line on the real FashionMNIST, as a user runs it: one CPU device and the XLA flags and kernels
     the entry points choose (no test flags). SIGTERM after step 2 (saves step 3, exits 0); the rerun is SIGKILLed
-    after step 10 (checkpoints 4 and 8 are on disk); the third run resumes from 8. Its step-12 parameters and
-    optimiser state equal an uninterrupted run's bit for bit."""
-    env = {**os.environ, "XLA_FLAGS": ""}  # `main` adds its own (alexnet_jax.cli.set_xla_cpu_flags)
+    after step 10 (checkpoints 4 and 8 are on disk, and its lock file, now stale); the third run resumes from 8. Its
+    step-12 parameters and optimiser state equal an uninterrupted run's bit for bit."""
 
-    def run(workdir, signal_at=None):
-        cmd = ([python, "tests/signal_after_step.py", *signal_at] if signal_at else
-               [python, "-m", "alexnet_jax.main"])
-        return forkserver.run(cmd + _fmnist_args(workdir, fmnist_data_dir), capture_output=True, text=True,
-                              timeout=300, cwd=repo, env=env)
+    def run(signal_at=None):
+        cmd = ["tests/signal_after_step.py", *signal_at] if signal_at else ["-m", "alexnet_jax.main"]
+        return _entry_point_run(cmd, python, repo, workdir, fmnist_data_dir)
 
-    ref_dir = str(tmp_path / "ref")  # the uninterrupted run
-    ref = run(ref_dir)
-    assert ref.returncode == 0, ref.stderr[-3000:]
     workdir = str(tmp_path / "w")
     ckdir = os.path.join(workdir, "checkpoints")
-    term = run(workdir, ("2", "SIGTERM"))
+    term = run(("2", "SIGTERM"))
     assert term.returncode == 0, term.stderr[-3000:]
     assert f"preempted after step 3: checkpoint saved in {os.path.join(ckdir, '3')}" in term.stderr
     assert not os.path.exists(os.path.join(workdir, "summary.json"))
-    kill = run(workdir, ("10", "SIGKILL"))
+    kill = run(("10", "SIGKILL"))
     assert kill.returncode == -signal.SIGKILL, kill.stderr[-3000:]
     assert f"resumed from {os.path.join(ckdir, '3')}: step 3" in kill.stderr
-    last = run(workdir)
+    with open(os.path.join(workdir, ".writer.lock.0")) as f:
+        killed = json.load(f)["pid"]  # the dead run's lock file is left behind
+    last = run()
     assert last.returncode == 0, last.stderr[-3000:]
     assert f"resumed from {os.path.join(ckdir, '8')}: step 8" in last.stderr
-    _assert_bitwise(_final_arrays(workdir, 12), _final_arrays(ref_dir, 12), "term+kill+resume")
+    with open(os.path.join(workdir, ".writer.lock.0")) as f:
+        assert json.load(f)["pid"] != killed
+    _assert_bitwise(_final_arrays(workdir, 12), _final_arrays(undisturbed, 12), "term+kill+resume")
     summaries = []
-    for d in (workdir, ref_dir):
+    for d in (workdir, undisturbed):
         with open(os.path.join(d, "summary.json")) as f:
             summaries.append(json.load(f))
     assert summaries[0]["top1_accuracy"] == summaries[1]["top1_accuracy"]
     assert summaries[1]["mesh"] == {"data": 1, "model": 1}, summaries[1]
+
+
+@needs_fmnist
+def test_a_second_run_on_a_workdir_in_use_stops_in_one_line_and_readers_go_on(tmp_path, python, repo,
+                                                                               fmnist_data_dir, undisturbed):
+    """Two real `main` processes on one workdir: the first is held after step 8 (checkpoints 4 and 8 on disk, its
+    workdir locked). Meanwhile `predict` and `evaluate` read the workdir, and a second `main` on it exits 1 in one
+    line naming the first (pid, command) before writing anything. Released, the first finishes, and its checkpoints
+    equal an undisturbed run's bit for bit."""
+    import subprocess
+
+    from PIL import Image
+
+    env = {**os.environ, "XLA_FLAGS": ""}
+
+    workdir, hold = tmp_path / "w", tmp_path / "hold"
+    hold.mkdir()
+    # the held run as a plain subprocess: the fork server answers one command at a time
+    first = subprocess.Popen([python, "tests/signal_after_step.py", "8", f"PAUSE={hold}",
+                              *_fmnist_args(str(workdir), fmnist_data_dir)], cwd=repo, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not (hold / "paused").exists():
+            assert time.time() < deadline and first.poll() is None, first.communicate()[1][-3000:]
+            time.sleep(0.1)
+        holder = json.loads((workdir / ".writer.lock.0").read_text())
+        image = str(tmp_path / "shirt.png")
+        Image.fromarray(np.full((28, 28), 200, np.uint8)).save(image)
+        readers = [forkserver.run([python, "-m", "alexnet_jax.predict", "--workdir", str(workdir), image],
+                                  capture_output=True, text=True, timeout=300, cwd=repo, env=env),
+                   forkserver.run([python, "-m", "alexnet_jax.evaluate", "--workdir", str(workdir),
+                                   f"--config.data_dir={fmnist_data_dir}"],
+                                  capture_output=True, text=True, timeout=300, cwd=repo, env=env)]
+        for r in readers:
+            assert r.returncode == 0, r.stderr[-3000:]
+        assert "shirt.png" in readers[0].stdout and "top1" in readers[1].stderr
+        before = sorted(os.listdir(workdir / "checkpoints"))
+        second = _entry_point_run(["-m", "alexnet_jax.main"], python, repo, str(workdir), fmnist_data_dir)
+    finally:
+        (hold / "go").touch()
+        _, first_err = first.communicate(timeout=300)
+    assert second.returncode == 1
+    lines = [line for line in second.stderr.splitlines() if "alexnet_jax: error:" in line]
+    assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    assert (f"--workdir {workdir} is in use by another run (pid {holder['pid']} on {holder['host']}"
+            in lines[0]), lines[0]
+    assert "signal_after_step.py" in lines[0] and "choose another --workdir" in lines[0]
+    assert before == ["4", "8"]  # the second run wrote nothing
+    assert first.returncode == 0, first_err[-3000:]
+    for step in (4, 8, 12):
+        _assert_bitwise(_final_arrays(str(workdir), step), _final_arrays(undisturbed, step), f"step {step}")
 
 
 # A checkpoint written by the code before orbax's handler registry replaced its deprecated `item_handlers` (commit

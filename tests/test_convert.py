@@ -294,7 +294,9 @@ def test_predict_gives_torchvisions_probabilities(tmp_path):
                 row[names.index(name)] = prob
         return out
 
-    assert np.abs(probabilities(results) - want).max() * 100 < 0.1
+    points = np.abs(probabilities(results) - want).max() * 100
+    print(f"predict vs torchvision's transforms + torch: largest difference {points:.4f} points")
+    assert points < 0.1
     # the pipeline of the training run (centre square resized in float) is what the torchvision path replaced
     from alexnet_jax import inference
 
