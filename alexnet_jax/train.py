@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from alexnet_jax import checkpointing, optim, pretrained, scalars, sharding
+from alexnet_jax import checkpointing, optim, pretrained, scalars, sharding, xla_cpu
 from alexnet_jax import data as datalib
 from alexnet_jax.config import check_config
 from alexnet_jax.errors import UserError
@@ -240,6 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: da
     check_config(config, jax.process_count())
     mesh = sharding.make_mesh(config.mesh_shape)
     sharding.check_mesh(config, mesh, sharding.strategy_of(config), groups=groups_of(config))
+    if jax.default_backend() == "cpu" and xla_cpu.convolutions_in_ynnpack(os.environ.get("XLA_FLAGS", "")):
+        logging.warning(xla_cpu.SLOW_CONVOLUTIONS.format(flag=xla_cpu.YNNPACK_FLAG))
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:

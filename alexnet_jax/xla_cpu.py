@@ -11,6 +11,8 @@ the flag only says which library runs its convolutions.
 
 from __future__ import annotations
 
+from alexnet_jax import xla_flags
+
 YNNPACK_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 YNNPACK_WITHOUT_CONVOLUTIONS = "dot"  # YNNPACK keeps the matmuls (and what it fuses into them) only
 # Nothing for YNNPACK: `predict`'s forward passes of at most 50 images, where the fully connected layers' matmuls
@@ -18,3 +20,17 @@ YNNPACK_WITHOUT_CONVOLUTIONS = "dot"  # YNNPACK keeps the matmuls (and what it f
 # 41 against 95 ms; at 200 rows YNNPACK's is the faster, 127 against 266); the whole forward 7% faster
 # (docs/performance.md).
 YNNPACK_OFF = ""
+
+
+def convolutions_in_ynnpack(xla_flags_value: str) -> bool:
+    """Whether an XLA_FLAGS value leaves convolutions to YNNPACK: yes by default; no where it sets YNNPACK_FLAG to a
+    list without 'individual_convolution'."""
+    value = xla_flags.set_flags(xla_flags_value).get(YNNPACK_FLAG)
+    return value is None or "individual_convolution" in value
+
+
+# What library use without the entry points' flags costs (docs/performance.md): the paper net's train step, batch 32,
+# 227 px, on the 2-core AVX-512 EPYC.
+SLOW_CONVOLUTIONS = ("XLA:CPU runs this process's convolutions on YNNPACK (XLA_FLAGS does not set {flag}=dot), "
+                     "~1.4x slower than on the Eigen kernels the command lines choose: call "
+                     "alexnet_jax.cli.set_xla_cpu_flags() before JAX starts (as the notebook does) for their speed")

@@ -114,3 +114,27 @@ def test_the_model_is_one_program_whatever_xla_flags_say(monkeypatch):
         programs.add(program())
     assert len(programs) == 1
     assert programs.pop().count("conv_general_dilated") >= 5 * 3  # every conv: forward and its gradients
+
+
+def test_library_use_without_the_entry_points_flags_is_told_what_it_costs(monkeypatch, caplog, tmp_path):
+    """A run in a process whose XLA_FLAGS leave the convolutions to YNNPACK (a script or notebook that did not call
+    `cli.set_xla_cpu_flags`) logs one warning saying what to call; under the entry points' flags, none."""
+    import logging
+
+    import pytest
+
+    from alexnet_jax import default_config, train, xla_cpu
+    from alexnet_jax.errors import UserError
+
+    assert xla_cpu.convolutions_in_ynnpack("") and xla_cpu.convolutions_in_ynnpack(
+        "--xla_cpu_experimental_ynn_fusion_type=dot,individual_convolution")
+    assert not xla_cpu.convolutions_in_ynnpack("--xla_force_host_platform_device_count=8 "
+                                               "--xla_cpu_experimental_ynn_fusion_type=dot")
+    assert not xla_cpu.convolutions_in_ynnpack("--xla_cpu_experimental_ynn_fusion_type=")
+    (tmp_path / "file").write_text("")
+    for flags, warned in (("", True), ("--xla_cpu_experimental_ynn_fusion_type=dot", False)):
+        monkeypatch.setenv("XLA_FLAGS", flags)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), pytest.raises(UserError, match="cannot be created"):
+            train.train_and_evaluate(default_config.get_config(), str(tmp_path / "file" / "w"))  # stops right after
+        assert any("cli.set_xla_cpu_flags()" in r.getMessage() for r in caplog.records) is warned, flags
