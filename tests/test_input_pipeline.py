@@ -22,15 +22,20 @@ def write_idx(path, array):
         f.write(header + array.tobytes())
 
 
+def fake_fmnist_images() -> dict[str, np.ndarray]:
+    """The images `fake_fmnist` writes, by IDX split name: 96 train and 37 test images of random pixels."""
+    rng = np.random.default_rng(0)
+    return {split: rng.integers(0, 256, (n, 28, 28)) for split, n in (("train", 96), ("t10k", 37))}
+
+
 @pytest.fixture
 def fake_fmnist(tmp_path):
-    """A FashionMNIST folder in the original IDX format: 96 train and 37 test images."""
-    rng = np.random.default_rng(0)
+    """A FashionMNIST folder in the original IDX format: 96 train and 37 test images, labelled arange(n) % 10."""
     src = tmp_path / "fmnist"
     src.mkdir()
-    for split, n in (("train", 96), ("t10k", 37)):
-        write_idx(src / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(src / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    for split, images in fake_fmnist_images().items():
+        write_idx(src / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(src / f"{split}-labels-idx1-ubyte.gz", np.arange(len(images)) % 10)
     return src
 
 
@@ -163,18 +168,31 @@ def test_augmentation_crops_and_flips(fake_fmnist, tmp_path):
 
 @pytest.mark.parametrize("batch,processes", [(16, 1), (10, 1), (37, 1), (64, 1), (8, 2), (12, 4)])
 def test_eval_counts_every_example_exactly_once(fake_fmnist, tmp_path, batch, processes):
+    """Every test image is evaluated exactly once, identified by its pixels: each evaluated row is matched to the
+    source image (the array written to the IDX file) it correlates with perfectly; an affine normalisation keeps
+    the correlation at 1 whatever its constants, random images correlate near 0. The multiset of matches must be
+    the split, each with its own label (labels alone would pass with image 0 twice and image 10 skipped)."""
     c = small_config(fake_fmnist, tmp_path, eval_batch_size=batch)
     data = datalib.create_data(c)
-    seen, real, batches = [], 0, []
+    test_images = fake_fmnist_images()["t10k"].reshape(37, -1).astype(np.float64)
+    centred = test_images - test_images.mean(1, keepdims=True)
+    centred /= np.linalg.norm(centred, axis=1, keepdims=True)
+    matched, batches = [], []
     for p in range(processes):
         bs = list(data.eval(p, processes))
         batches.append(len(bs))
         for b in bs:
             assert b["image"].shape[0] == batch // processes
-            real += int(b["mask"].sum())
-            seen.extend(b["label"][b["mask"] == 1].tolist())
-    assert real == 37 and len(set(batches)) == 1
-    assert sorted(seen) == sorted((np.arange(37) % 10).tolist())
+            for row, label in zip(b["image"][b["mask"] == 1], b["label"][b["mask"] == 1], strict=True):
+                x = row.reshape(-1).astype(np.float64)
+                x = (x - x.mean()) / np.linalg.norm(x - x.mean())
+                corr = centred @ x
+                index = int(np.argmax(corr))
+                assert corr[index] > 1 - 1e-6 and np.sort(corr)[-2] < 0.5, np.sort(corr)[-2:]
+                assert label == index % 10  # the fixture's labels: arange(37) % 10
+                matched.append(index)
+    assert len(set(batches)) == 1
+    assert sorted(matched) == list(range(37))
 
 
 def test_eval_batches_have_one_shape(fake_fmnist, tmp_path):
