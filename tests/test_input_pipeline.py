@@ -54,14 +54,16 @@ def test_builder_prepares_idx_files_into_data_dir(fake_fmnist, tmp_path):
     test = small.load_in_memory(c, "test")
     assert train.images.shape == (96, 28, 28, 1) and test.images.shape == (37, 28, 28, 1)
     np.testing.assert_array_equal(test.labels, np.arange(37) % 10)
-    raw = small.read_idx(str(fake_fmnist / "train-images-idx3-ubyte.gz"))
+    source = fake_fmnist_images()  # the arrays written to the IDX files (not read back by the builder's reader)
+    raw = source["train"]
     np.testing.assert_array_equal(train.images[..., 0], raw)
+    np.testing.assert_array_equal(test.images[..., 0], source["t10k"])
     assert train.class_names[9] == "Ankle boot"
     assert os.path.isdir(tmp_path / "tfds" / "fashion_mnist_files" / "1.1.0")
     # the records as tfds itself decodes them (not the arrays kept beside them): the IDX files' pixels and labels,
     # in file order
     builder = small.FashionMnistFiles(source_dir=str(fake_fmnist), data_dir=str(tmp_path / "tfds"))
-    for split, array in (("train", raw), ("test", small.read_idx(str(fake_fmnist / "t10k-images-idx3-ubyte.gz")))):
+    for split, array in (("train", raw), ("test", source["t10k"])):
         records = small.tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
         np.testing.assert_array_equal(records["image"][..., 0], array)
         np.testing.assert_array_equal(records["label"], np.arange(len(array)) % 10)
@@ -71,7 +73,7 @@ def test_train_and_eval_splits_take_tfds_syntax(fake_fmnist, tmp_path):
     """--config.train_split / eval_split select rows as tfds would (e.g. a quick evaluation on test[:10])."""
     c = small_config(fake_fmnist, tmp_path, train_split="train[:50%]+test[-7:]", eval_split="test[:10]",
                      eval_batch_size=4)
-    raw = {s: small.read_idx(str(fake_fmnist / f"{s}-images-idx3-ubyte.gz")) for s in ("train", "t10k")}
+    raw = fake_fmnist_images()  # the arrays written to the IDX files
     train = small.load_in_memory(c, c.train_split)
     np.testing.assert_array_equal(train.images[..., 0], np.concatenate([raw["train"][:48], raw["t10k"][30:]]))
     np.testing.assert_array_equal(train.labels, np.concatenate([np.arange(48) % 10, np.arange(30, 37) % 10]))
@@ -228,6 +230,10 @@ def test_real_fashion_mnist_files():
     labels = small.read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
     assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
     assert np.bincount(labels).tolist() == [1000] * 10
+    with gzip.open("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz") as f:  # the format by hand: a
+        np.testing.assert_array_equal(images, np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28))
+    with gzip.open("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz") as f:  # 16 / 8-byte header
+        np.testing.assert_array_equal(labels, np.frombuffer(f.read(), np.uint8, offset=8))
 
 
 def test_eval_with_reflection_yields_image_and_mirror(fake_fmnist, tmp_path):
