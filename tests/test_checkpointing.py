@@ -280,18 +280,20 @@ def test_predict_matches_the_eval_pipeline(run_4x2, tmp_path):
     import tensorflow as tf
 
     workdir, config, _ = run_4x2
-    _, test = synthetic_splits()
+    train_split, test = synthetic_splits()
     paths = []
     for i in range(3):
         paths.append(str(tmp_path / f"img{i}.png"))
         tf.io.write_file(paths[-1], tf.io.encode_png(test.images[i]))
     results = predict.predict(workdir, paths)
-    # the reference: the same checkpoint applied to the eval pipeline's first batch
+    # the reference: the same checkpoint applied to the images normalised by hand, as the run's evaluation does:
+    # minus the training split's mean, over its standard deviation (one channel, 0-255 scale), in NumPy
     mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
     trainer = train.Trainer(config, mesh, (28, 28, 1), 4, 4)
     state = _reader(workdir, config, trainer).restore(4).state
-    batch = next(synthetic_data(config).eval(0, 1))
-    probs = np.asarray(jax.nn.softmax(trainer.model.apply({"params": state.params}, batch["image"][:3])))
+    pixels = train_split.images.astype(np.float64)
+    images = ((test.images[:3].astype(np.float64) - pixels.mean()) / pixels.std()).astype(np.float32)
+    probs = np.asarray(jax.nn.softmax(trainer.model.apply({"params": state.params}, images)))
     for (path, top), p in zip(results, probs, strict=True):
         assert len(top) == 5 and path.endswith(".png")
         order = np.argsort(-p, kind="stable")[:5]

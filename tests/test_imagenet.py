@@ -417,6 +417,76 @@ def test_random_resized_crop_is_deterministic_and_sized():
     assert not np.array_equal(a, c)
 
 
+def _drawn_boxes(area_range, aspect_range, draws: int, size=(240, 320), crop=32) -> np.ndarray:
+    """(area fraction, aspect w/h) of `draws` random-resized crops of an image whose pixels are their own
+    coordinates (R = column, G = row, lossless PNG), read back from each patch: its first and last columns and rows
+    hold the box's edges (as area-averaged by the resize, half a patch pixel inside each edge)."""
+    h, w = size
+    rows, cols = np.mgrid[0:h, 0:w]
+    image = np.stack([cols * 255.0 / (w - 1), rows * 255.0 / (h - 1), np.zeros((h, w))], -1)
+    png = tf.io.encode_png(np.round(image).astype(np.uint8))
+    args = dict(crop=crop, area_range=area_range, aspect_range=aspect_range, flip=False, pca_std=0.0,
+                normalization="channel", mean=np.zeros(3, np.float32), std=np.ones(3, np.float32), is_jpeg=False)
+    fn = tf.function(lambda key: augment.random_resized_crop(png, key, **args))
+    out = []
+    for i in range(draws):
+        patch = fn(tf.constant([7, i], tf.int64)).numpy()
+        x0, x1 = patch[:, 0, 0].mean() * (w - 1) / 255, patch[:, -1, 0].mean() * (w - 1) / 255
+        y0, y1 = patch[0, :, 1].mean() * (h - 1) / 255, patch[-1, :, 1].mean() * (h - 1) / 255
+        bw, bh = (x1 - x0) * crop / (crop - 1) + 1, (y1 - y0) * crop / (crop - 1) + 1  # centres -> edges
+        out.append((bw * bh / (h * w), bw / bh))
+    return np.asarray(out)
+
+
+def test_random_resized_crop_draws_boxes_as_its_ranges_say():
+    """The random-resized crop against its definition: over 1500 draws with a non-default area range 25-50% and
+    aspect 1/2-2, every box read back from its patch lies in the ranges (give or take the pixel rounding of the
+    box and of the patch), and they spread over them: a quarter below 31% area, a quarter above 44% (uniform:
+    31.25% and 43.75%), a third with aspect below 1 (TF draws the aspect uniformly; torchvision log-uniformly).
+    A crop that ignored `area_range` (the default
+    8-100%) or `aspect_range` fails here."""
+    boxes = _drawn_boxes((0.25, 0.5), (0.5, 2.0), 1500)
+    area, aspect = boxes[:, 0], boxes[:, 1]
+    assert area.min() > 0.25 - 0.02 and area.max() < 0.5 + 0.02, (area.min(), area.max())
+    assert aspect.min() > 0.5 * 0.93 and aspect.max() < 2.0 / 0.93, (aspect.min(), aspect.max())
+    q1, q3 = np.quantile(area, [0.25, 0.75])
+    assert abs(q1 - 0.3125) < 0.03 and abs(q3 - 0.4375) < 0.03, (q1, q3)
+    assert abs(np.mean(aspect < 1) - 1 / 3) < 0.05  # TF's sampler: aspect uniform on [1/2, 2], so 1/3 below 1
+    wide = _drawn_boxes((0.08, 1.0), (0.75, 4 / 3), 400)  # the defaults reach well below 25% and above 50%
+    assert wide[:, 0].min() < 0.15 and wide[:, 0].max() > 0.8
+
+
+def test_a_random_resized_patch_is_the_crop_and_resize_of_its_box():
+    """One patch equals PIL's crop of the drawn box resized to the patch (box filter, as TF's 'area'), within the
+    resize's rounding: the box comes from TF's sampler with the same key, the pixels from PIL."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (15, 20, 3), dtype=np.uint8)  # smooth at the patch's scale: 8 px per noise pixel
+    image = np.asarray(Image.fromarray(image).resize((160, 120), Image.Resampling.BILINEAR))
+    png = tf.io.encode_png(image)
+    key = tf.constant([3, 4], tf.int64)
+    patch = augment.random_resized_crop(png, key, crop=24, area_range=(0.3, 0.6), aspect_range=(0.75, 4 / 3),
+                                        flip=False, pca_std=0.0, normalization="channel",
+                                        mean=np.zeros(3, np.float32), std=np.ones(3, np.float32),
+                                        is_jpeg=False).numpy()
+    k_box = tf.unstack(tf.random.experimental.stateless_split(key, 3))[0]
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.constant([120, 160, 3]), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=k_box,
+        min_object_covered=0.0, aspect_ratio_range=(0.75, 4 / 3), area_range=(0.3, 0.6), max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    (top, left), (bh, bw) = begin.numpy()[:2], size.numpy()[:2]
+    assert 0.3 <= bh * bw / (120 * 160) <= 0.6 + 0.01
+    box = Image.fromarray(image[top: top + bh, left: left + bw])
+    want = np.asarray(box.resize((24, 24), Image.Resampling.BOX), np.float64)
+    # TF's 'area' and PIL's box filter weigh the box's fractional edge pixels differently: mean 1.6, max 8.5 here;
+    # the box moved down by one patch pixel (5 px) differs by more than twice that bound
+    assert np.abs(patch - want).mean() < 2.5 and np.abs(patch - want).max() < 12, np.abs(patch - want).max()
+    shifted = np.asarray(Image.fromarray(image[top + 5: top + 5 + bh, left: left + bw]).resize(
+        (24, 24), Image.Resampling.BOX), np.float64)
+    assert np.abs(patch - shifted).mean() > 2.5 * 2
+
+
 def test_mean_image_is_the_training_mean(prepared):
     builder = imagenet.open_prepared(_config(prepared[0]))
     stats = photos.dataset_stats(imagenet.source(builder), 256, 0)

@@ -22,15 +22,20 @@ def write_idx(path, array):
         f.write(header + array.tobytes())
 
 
+def fake_fmnist_images() -> dict[str, np.ndarray]:
+    """The images `fake_fmnist` writes, by IDX split name: 96 train and 37 test images of random pixels."""
+    rng = np.random.default_rng(0)
+    return {split: rng.integers(0, 256, (n, 28, 28)) for split, n in (("train", 96), ("t10k", 37))}
+
+
 @pytest.fixture
 def fake_fmnist(tmp_path):
-    """A FashionMNIST folder in the original IDX format: 96 train and 37 test images."""
-    rng = np.random.default_rng(0)
+    """A FashionMNIST folder in the original IDX format: 96 train and 37 test images, labelled arange(n) % 10."""
     src = tmp_path / "fmnist"
     src.mkdir()
-    for split, n in (("train", 96), ("t10k", 37)):
-        write_idx(src / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(src / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    for split, images in fake_fmnist_images().items():
+        write_idx(src / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(src / f"{split}-labels-idx1-ubyte.gz", np.arange(len(images)) % 10)
     return src
 
 
@@ -49,14 +54,16 @@ def test_builder_prepares_idx_files_into_data_dir(fake_fmnist, tmp_path):
     test = small.load_in_memory(c, "test")
     assert train.images.shape == (96, 28, 28, 1) and test.images.shape == (37, 28, 28, 1)
     np.testing.assert_array_equal(test.labels, np.arange(37) % 10)
-    raw = small.read_idx(str(fake_fmnist / "train-images-idx3-ubyte.gz"))
+    source = fake_fmnist_images()  # the arrays written to the IDX files (not read back by the builder's reader)
+    raw = source["train"]
     np.testing.assert_array_equal(train.images[..., 0], raw)
+    np.testing.assert_array_equal(test.images[..., 0], source["t10k"])
     assert train.class_names[9] == "Ankle boot"
     assert os.path.isdir(tmp_path / "tfds" / "fashion_mnist_files" / "1.1.0")
     # the records as tfds itself decodes them (not the arrays kept beside them): the IDX files' pixels and labels,
     # in file order
     builder = small.FashionMnistFiles(source_dir=str(fake_fmnist), data_dir=str(tmp_path / "tfds"))
-    for split, array in (("train", raw), ("test", small.read_idx(str(fake_fmnist / "t10k-images-idx3-ubyte.gz")))):
+    for split, array in (("train", raw), ("test", source["t10k"])):
         records = small.tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
         np.testing.assert_array_equal(records["image"][..., 0], array)
         np.testing.assert_array_equal(records["label"], np.arange(len(array)) % 10)
@@ -66,7 +73,7 @@ def test_train_and_eval_splits_take_tfds_syntax(fake_fmnist, tmp_path):
     """--config.train_split / eval_split select rows as tfds would (e.g. a quick evaluation on test[:10])."""
     c = small_config(fake_fmnist, tmp_path, train_split="train[:50%]+test[-7:]", eval_split="test[:10]",
                      eval_batch_size=4)
-    raw = {s: small.read_idx(str(fake_fmnist / f"{s}-images-idx3-ubyte.gz")) for s in ("train", "t10k")}
+    raw = fake_fmnist_images()  # the arrays written to the IDX files
     train = small.load_in_memory(c, c.train_split)
     np.testing.assert_array_equal(train.images[..., 0], np.concatenate([raw["train"][:48], raw["t10k"][30:]]))
     np.testing.assert_array_equal(train.labels, np.concatenate([np.arange(48) % 10, np.arange(30, 37) % 10]))
@@ -163,18 +170,31 @@ def test_augmentation_crops_and_flips(fake_fmnist, tmp_path):
 
 @pytest.mark.parametrize("batch,processes", [(16, 1), (10, 1), (37, 1), (64, 1), (8, 2), (12, 4)])
 def test_eval_counts_every_example_exactly_once(fake_fmnist, tmp_path, batch, processes):
+    """Every test image is evaluated exactly once, identified by its pixels: each evaluated row is matched to the
+    source image (the array written to the IDX file) it correlates with perfectly; an affine normalisation keeps
+    the correlation at 1 whatever its constants, random images correlate near 0. The multiset of matches must be
+    the split, each with its own label (labels alone would pass with image 0 twice and image 10 skipped)."""
     c = small_config(fake_fmnist, tmp_path, eval_batch_size=batch)
     data = datalib.create_data(c)
-    seen, real, batches = [], 0, []
+    test_images = fake_fmnist_images()["t10k"].reshape(37, -1).astype(np.float64)
+    centred = test_images - test_images.mean(1, keepdims=True)
+    centred /= np.linalg.norm(centred, axis=1, keepdims=True)
+    matched, batches = [], []
     for p in range(processes):
         bs = list(data.eval(p, processes))
         batches.append(len(bs))
         for b in bs:
             assert b["image"].shape[0] == batch // processes
-            real += int(b["mask"].sum())
-            seen.extend(b["label"][b["mask"] == 1].tolist())
-    assert real == 37 and len(set(batches)) == 1
-    assert sorted(seen) == sorted((np.arange(37) % 10).tolist())
+            for row, label in zip(b["image"][b["mask"] == 1], b["label"][b["mask"] == 1], strict=True):
+                x = row.reshape(-1).astype(np.float64)
+                x = (x - x.mean()) / np.linalg.norm(x - x.mean())
+                corr = centred @ x
+                index = int(np.argmax(corr))
+                assert corr[index] > 1 - 1e-6 and np.sort(corr)[-2] < 0.5, np.sort(corr)[-2:]
+                assert label == index % 10  # the fixture's labels: arange(37) % 10
+                matched.append(index)
+    assert len(set(batches)) == 1
+    assert sorted(matched) == list(range(37))
 
 
 def test_eval_batches_have_one_shape(fake_fmnist, tmp_path):
@@ -210,6 +230,10 @@ def test_real_fashion_mnist_files():
     labels = small.read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
     assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
     assert np.bincount(labels).tolist() == [1000] * 10
+    with gzip.open("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz") as f:  # the format by hand: a
+        np.testing.assert_array_equal(images, np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28))
+    with gzip.open("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz") as f:  # 16 / 8-byte header
+        np.testing.assert_array_equal(labels, np.frombuffer(f.read(), np.uint8, offset=8))
 
 
 def test_eval_with_reflection_yields_image_and_mirror(fake_fmnist, tmp_path):

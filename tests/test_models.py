@@ -171,7 +171,15 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert 1e-3 < err < 0.06, err
 
 
-def test_batchnorm_variant_replaces_lrn():
+def test_batchnorm_variant_replaces_lrn(monkeypatch):
+    """norm='batchnorm' has batch statistics in all five conv layers and runs no LRN at all: an LRN that raises
+    when called leaves it untouched, and stops the 'lrn' net (the intercept works)."""
+    from alexnet_jax.model import alexnet
+
+    def no_lrn(*args, **kwargs):
+        raise AssertionError("LRN ran")
+
+    monkeypatch.setattr(alexnet, "local_response_norm", no_lrn)
     model = AlexNet(num_classes=10, variant="small", norm="batchnorm", init_scheme="he", **NARROW)
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 28, 28, 1))
     variables = init(model, jax.random.PRNGKey(0), x)
@@ -179,6 +187,8 @@ def test_batchnorm_variant_replaces_lrn():
     _, updated = apply(model, variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)},
                              mutable=["batch_stats"])
     assert not np.allclose(updated["batch_stats"]["bn1"]["mean"], 0.0)
+    with pytest.raises(AssertionError, match="LRN ran"):
+        AlexNet(num_classes=10, variant="small", **NARROW).init(jax.random.PRNGKey(0), x)
 
 
 def test_groups_1_has_full_kernels():

@@ -49,9 +49,10 @@ def photos(tmp_path_factory) -> tuple[str, str]:
 
 
 def test_every_format_and_mode_becomes_rgb(tmp_path):
-    """Each kind of file is stored as an RGB JPEG of the same picture: pixel for pixel as PIL reads the file
-    (within JPEG-95 rounding), and with the source's colours (a CMYK JPEG's are not inverted, a 16-bit PNG is
-    scaled to 8 bits, a palette's colours are looked up)."""
+    """Each kind of file is stored as an RGB JPEG of the same picture: pixel for pixel the array it was written
+    from (the gray kinds: PIL's luminance of it), within what the file's own compression and the stored JPEG-95
+    lose (mean 2.4-8.6 here; another picture of the class: 20-77), with the source's colours (a CMYK JPEG's are not
+    inverted, a 16-bit PNG is scaled to 8 bits, a palette's colours are looked up); and as PIL reads the file."""
     rng = np.random.default_rng(1)
     for kind in photo_folder.KINDS:
         array = photo_folder.pixels(1, 3, (90, 60), rng)
@@ -64,6 +65,7 @@ def test_every_format_and_mode_becomes_rgb(tmp_path):
         want = array.astype(np.float64)
         if "gray" in kind:
             want = np.repeat(np.asarray(Image.fromarray(array).convert("L"), np.float64)[..., None], 3, -1)
+        assert np.abs(stored - want).mean() < 10.0, kind  # per pixel, against the source array
         np.testing.assert_allclose(stored.mean((0, 1)), want.mean((0, 1)), atol=3.0, err_msg=kind)
 
 
@@ -78,6 +80,78 @@ def test_folder_trains_to_90_percent_and_counts_held_out_once(photos, tmp_path):
     assert summary["top1_accuracy"] >= 0.9, summary
     meta = json.load(open(tmp_path / "run" / "summary.json"))
     assert meta["dataset"] == "folder"
+
+
+@pytest.mark.parametrize("nproc,batch", [(1, 4), (3, 6)])
+def test_folder_evaluation_counts_each_held_out_photo_once_by_identity(tmp_path, nproc, batch):
+    """Each held-out photo is evaluated exactly once, identified by its content: every photo is one flat colour
+    whose red value is its own (10 + 9 i), so an evaluated row's mean red over its 10 crops is an affine function
+    of that value, the same for all rows (the normalisation). The rows' values must be distinct, as many as the
+    held-out photos, and lie on one line against the held-out photos' red values in order: evaluating one photo
+    twice and skipping another of its class fails here (labels alone would not see it)."""
+    root = tmp_path / "flat"
+    red = {}
+    for c in range(3):
+        (root / f"class_{c}").mkdir(parents=True)
+        for k in range(8):
+            i = 8 * c + k
+            red[f"class_{c}/img_{k}.png"] = 10 + 9 * i
+            pixels = np.empty((40, 50, 3), np.uint8)
+            pixels[...] = (10 + 9 * i, 40 + 60 * c, 128)
+            Image.fromarray(pixels).save(root / f"class_{c}" / f"img_{k}.png")
+    config = _folder_config(str(root), str(tmp_path / "tfds"), eval_crops=10, eval_batch_size=batch,
+                            holdout_fraction=0.25)
+    data = datalib.create_data(config)
+    src = sources.open_source(config)
+    held = [red[ex["file_name"].decode()] for ex in examples(src.builder, src.eval_split)]
+    assert len(held) == data.num_eval == 6
+    values, lengths = [], []
+    for pid in range(nproc):
+        batches = list(data.eval(pid, nproc))
+        lengths.append(len(batches))
+        for b in batches:
+            values += [float(v) for v in b["image"][b["mask"] > 0][..., 0].mean(axis=(1, 2, 3))]
+    assert len(set(lengths)) == 1 and len(values) == 6
+    assert len(set(np.round(values, 3))) == 6, values  # no photo twice
+    slope, offset = np.polyfit(sorted(held), sorted(values), 1)
+    # within 3 red levels of the line (the stored JPEG's colour rounding: up to 1.2 here), a third of the spacing
+    assert slope > 0 and np.abs(np.polyval([slope, offset], sorted(held)) - sorted(values)).max() < 3 * slope
+
+
+def test_a_file_gets_its_folders_label_in_sorted_order(tmp_path):
+    """Class indices follow the sorted folder names, as torchvision's ImageFolder numbers them
+    (`sorted(entry.name for entry in os.scandir(root) if entry.is_dir())`), whatever order the folders were made
+    in and whatever their names hold (spaces, non-ASCII): every stored record's label is its folder's index; the
+    checkpoint's class names are in that order; and a net trained on the folder ranks each file as its own
+    folder's class, by name."""
+    from alexnet_jax import checkpointing, predict, train
+
+    root = tmp_path / "labelled"
+    made = ["zebra", "Äpfel grün", "apple pie"]  # made in this order; sorted: apple pie, zebra, Äpfel grün
+    rng, paths = np.random.default_rng(4), {}
+    for i, name in enumerate(made):  # each class its own stripe angle and colour: learnable in a few epochs
+        (root / name).mkdir(parents=True)
+        paths[name] = [photo_folder.save(photo_folder.pixels(i, 3, (64, 48), rng), str(root / name / f"p{k}"),
+                                         "rgb_jpeg") for k in range(16)]
+    order = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    assert order == ["apple pie", "zebra", "Äpfel grün"] and order != made
+    config = _folder_config(str(root), str(tmp_path / "tfds"), holdout_fraction=0.25, num_epochs=12.0)
+    src = sources.open_source(config)
+    labelled = 0
+    for split in (src.train_split, src.eval_split):
+        for ex in examples(src.builder, split):
+            folder = ex["file_name"].decode().split("/")[0]
+            assert ex["label"] == order.index(folder), (ex["file_name"], ex["label"])
+            labelled += 1
+    assert labelled == 48
+    workdir = str(tmp_path / "run")
+    summary = train.train_and_evaluate(config, workdir)
+    _, saved, meta = checkpointing.read_saved(workdir)
+    assert list(meta["class_names"]) == order and saved["num_classes"] == 3
+    assert summary["top1_accuracy"] == 1.0, summary
+    files = [(name, path) for name in made for path in paths[name][::4]]
+    for (name, _), (_, top) in zip(files, predict.predict(workdir, [p for _, p in files], top_k=1), strict=True):
+        assert top[0][0] == name, (name, top)
 
 
 @pytest.mark.parametrize("nproc,batch", [(1, 8), (3, 6)])

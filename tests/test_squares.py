@@ -139,19 +139,25 @@ def test_prepared_stream_resumes_and_is_deterministic(prepared, squares_of):
 
 
 def test_prepared_stream_rows_are_their_steps_drawn_patches(prepared, squares_of):
-    """End to end, without mean or lighting: row r of step s is a stored square's patch at the offset and
-    reflection `batch_draws` gives for (seed, s) and row r."""
+    """End to end, without mean or lighting: row r of step s is the patch, at the offset and reflection
+    `batch_draws` gives for (seed, s) and row r, of the very record the stream's definition puts there (its index
+    in the split, read through tfds's own reader), with that record's label."""
+    from alexnet_jax.data import photos
+
     config = _config(prepared[0], normalization="channel", channel_mean=(0.0, 0.0, 0.0), channel_std=(1.0, 1.0, 1.0),
                      pca_lighting=0.0, seed=3)
-    stored = [(ex["label"], ex["image"]) for ex in _by_name(squares_of["raw"], "train").values()]
+    stored = examples(squares_of["raw"], "train")  # in record order
+    indices = photos.train_indices(sources.open_source(config), photos.Spec.of(config), 0, 6)  # (6, 8)
     for step, batch in enumerate(datalib.create_data(config).train(0, 6, 0, 1)):
         key = tf.constant([3 * 1_000_003 + step, -1], tf.int64)
         yx, flips, _ = (t.numpy() for t in augment.batch_draws(key, tf.range(8), 8, 256, 224, 0.0))
         for r in range(8):
-            (y, x), label = yx[r], batch["label"][r]
-            patches = [im[y : y + 224, x : x + 224][:, ::-1] if flips[r] else im[y : y + 224, x : x + 224]
-                       for lab, im in stored if lab == label]
-            assert any(np.array_equal(batch["image"][r], p.astype(np.float32)) for p in patches), (step, r)
+            (y, x), record = yx[r], stored[int(indices[step, r])]
+            patch = record["image"][y : y + 224, x : x + 224]
+            patch = patch[:, ::-1] if flips[r] else patch
+            assert batch["label"][r] == record["label"], (step, r)
+            np.testing.assert_array_equal(batch["image"][r], patch.astype(np.float32), err_msg=f"{step}, {r}")
+    assert len(set(indices.ravel().tolist())) > 8  # several records, not one repeated
 
 
 @pytest.mark.parametrize("fmt,normalization", [("raw", "pixel"), ("jpeg", "pixel"), ("raw", "channel")])
