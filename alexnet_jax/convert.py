@@ -118,12 +118,8 @@ def convert(path: str, workdir: str, *, image_size: int = 224,
     info = {"dataset": config.dataset, "image_shape": list(image_shape), "class_names": names,
             "normalisation": norm.to_json(), "source": os.path.abspath(path),
             "converted_from": "torchvision.models.alexnet state dict"}
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--workdir {workdir!r} cannot be created: {e.strerror}") from None
     with WriterLock(workdir):  # a training run on this workdir meanwhile would race the save
-        if os.path.isdir(directory) and os.listdir(directory):
+        if os.path.isdir(directory) and os.listdir(directory):  # checked again: one may have finished meanwhile
             raise UserError(f"{directory} already holds checkpoints; give a new --workdir for the converted weights")
         ckpt = checkpointing.Checkpointer(workdir, config, trainer.abstract_state, trainer.state_sharding,
                                           metadata=info)

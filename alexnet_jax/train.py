@@ -241,12 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: da
     mesh = sharding.make_mesh(config.mesh_shape)
     sharding.check_mesh(config, mesh, sharding.strategy_of(config), groups=groups_of(config))
     if jax.default_backend() == "cpu" and xla_cpu.convolutions_in_ynnpack(os.environ.get("XLA_FLAGS", "")):
-        logging.warning(xla_cpu.SLOW_CONVOLUTIONS.format(flag=xla_cpu.YNNPACK_FLAG))
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--workdir {workdir!r} cannot be created: {e.strerror}") from None
-    with WriterLock(workdir, jax.process_index()):  # one run per workdir: a second one stops here, in one line
+        logging.warning(xla_cpu.SLOW_CONVOLUTIONS)
+    with WriterLock(workdir, jax.process_index()):  # makes the workdir; a second run on it stops here, in one line
         return _train_and_evaluate(config, workdir, data, mesh, t_start)
 
 

@@ -51,14 +51,18 @@ def _describe(path: str) -> str:
 
 
 class WriterLock:
-    """`with WriterLock(workdir, process_index):` the run's exclusive right to write `workdir`; a UserError in one
-    line when another live run holds it."""
+    """`with WriterLock(workdir, process_index):` the run's exclusive right to write `workdir` (made if missing); a
+    UserError in one line when another live run holds it or the workdir cannot be made."""
 
     def __init__(self, workdir: str, process_index: int = 0) -> None:
         self.workdir, self.path = workdir, lock_path(workdir, process_index)
         self._fd: int | None = None
 
     def __enter__(self) -> WriterLock:
+        try:
+            os.makedirs(self.workdir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--workdir {self.workdir!r} cannot be created: {e.strerror}") from None
         key = os.path.realpath(self.path)
         if key in _HELD_HERE:
             raise UserError(f"--workdir {self.workdir} is in use by another run in this same process; wait for it "

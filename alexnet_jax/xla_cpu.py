@@ -31,6 +31,7 @@ def convolutions_in_ynnpack(xla_flags_value: str) -> bool:
 
 # What library use without the entry points' flags costs (docs/performance.md): the paper net's train step, batch 32,
 # 227 px, on the 2-core AVX-512 EPYC.
-SLOW_CONVOLUTIONS = ("XLA:CPU runs this process's convolutions on YNNPACK (XLA_FLAGS does not set {flag}=dot), "
+SLOW_CONVOLUTIONS = ("XLA:CPU runs this process's convolutions on YNNPACK "
+                     f"(XLA_FLAGS does not set {YNNPACK_FLAG}=dot), "
                      "~1.4x slower than on the Eigen kernels the command lines choose: call "
                      "alexnet_jax.cli.set_xla_cpu_flags() before JAX starts (as the notebook does) for their speed")

@@ -78,6 +78,11 @@ NORMS = ("lrn", "batchnorm", "none")
 INITS = ("paper", "he")
 
 
+def _bias_init(init: str, one: bool) -> nn.initializers.Initializer:
+    """The paper's bias 1 where `one` (conv2/4/5, fc6/fc7: their ReLUs start in their linear part), else 0."""
+    return nn.initializers.ones if one and init == "paper" else nn.initializers.zeros
+
+
 def _kernel_init(init: str) -> nn.initializers.Initializer:
     if init == "paper":
         return nn.initializers.normal(stddev=0.01)
@@ -197,13 +202,12 @@ class AlexNet(nn.Module):
             padding = ((0, h), (0, w))
         else:
             padding = ((layer.padding, layer.padding),) * 2
-        bias = nn.initializers.ones if layer.bias_one and self.init_scheme == "paper" else nn.initializers.zeros
         with jax.named_scope(name):
             place = self.layer_placement(name)
             x = x if place is None else place.gather_batch(x)
             x = Conv(layer.features, layer.kernel, layer.stride, padding, groups, name=name, placement=place,
-                     kernel_init=_kernel_init(self.init_scheme), bias_init=bias, dtype=self.dtype,
-                     param_dtype=self.param_dtype)(x)
+                     kernel_init=_kernel_init(self.init_scheme), bias_init=_bias_init(self.init_scheme, layer.bias_one),
+                     dtype=self.dtype, param_dtype=self.param_dtype)(x)
             x = self.stage(f"{name}_out", x)
             if norm == "batchnorm":
                 x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
@@ -224,7 +228,6 @@ class AlexNet(nn.Module):
         kernel_init = _kernel_init(self.init_scheme)
         if not hidden and self.init_scheme == "he":  # no ReLU after fc8: LeCun scaling keeps the first logits
             kernel_init = nn.initializers.lecun_normal()  # near zero
-        bias = nn.initializers.ones if hidden and self.init_scheme == "paper" else nn.initializers.zeros
         with jax.named_scope(name):
             place = self.layer_placement(name)
             x = x if place is None else place.gather_batch(x)
@@ -232,8 +235,8 @@ class AlexNet(nn.Module):
                 x = x.reshape(x.shape[0], -1)
             if hidden and before:
                 x = dropout(x.reshape(x.shape[0], -1)).reshape(x.shape)
-            x = Dense(features, name=name, placement=place, kernel_init=kernel_init, bias_init=bias, dtype=self.dtype,
-                      param_dtype=self.param_dtype)(x)
+            x = Dense(features, name=name, placement=place, kernel_init=kernel_init,
+                      bias_init=_bias_init(self.init_scheme, hidden), dtype=self.dtype, param_dtype=self.param_dtype)(x)
             if not hidden:
                 return x if place is None else place.scatter_batch(x)
             x = self.stage(f"{name}_out", nn.relu(x))  # the paper's Figure 4 compares images by fc7's
