@@ -21,8 +21,8 @@ from jax.sharding import Mesh
 
 from alexnet_jax import train
 from alexnet_jax.errors import UserError
-from alexnet_jax.model import groups_of
-from alexnet_jax.sharding import AXES, CONV_LAYERS, FC_LAYERS, check_mesh, make_mesh, path_str, strategy_of
+from alexnet_jax.sharding import AXES, CONV_LAYERS, FC_LAYERS, make_mesh, path_str
+from alexnet_jax.specs import RunSpec
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
 LAYERS = CONV_LAYERS + FC_LAYERS
@@ -126,21 +126,22 @@ def collectives(hlo_text: str, mesh: Mesh) -> list[Collective]:
     return found
 
 
-def compiled_train_step(config: ml_collections.ConfigDict, mesh: Mesh, image_shape: Sequence[int]) -> Any:
-    """Lower and compile the trainer's train step for `config` on `mesh` from shapes only (no data, no init)."""
-    trainer = train.Trainer(config, mesh, tuple(image_shape), steps_per_epoch=100, total_steps=1000)
+def compiled_train_step(spec: RunSpec, mesh: Mesh, image_shape: Sequence[int]) -> Any:
+    """Lower and compile the trainer's train step for `spec` on `mesh` from shapes only (no data, no init)."""
+    batch_size = spec.loop.batch_size
+    trainer = train.Trainer(spec, mesh, tuple(image_shape), steps_per_epoch=100, total_steps=1000)
     state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                    trainer.abstract_state, trainer.state_sharding)
     batch = {
-        "image": jax.ShapeDtypeStruct((config.batch_size, *image_shape), np.float32, sharding=trainer.batch_sharding),
-        "label": jax.ShapeDtypeStruct((config.batch_size,), np.int32, sharding=trainer.batch_sharding),
+        "image": jax.ShapeDtypeStruct((batch_size, *image_shape), np.float32, sharding=trainer.batch_sharding),
+        "label": jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=trainer.batch_sharding),
     }
     return trainer, trainer.train_step.lower(state, batch).compile()
 
 
-def report(config: ml_collections.ConfigDict, mesh: Mesh, image_shape: Sequence[int]) -> dict[str, Any]:
+def report(spec: RunSpec, mesh: Mesh, image_shape: Sequence[int]) -> dict[str, Any]:
     """Partition spec and bytes per device of every parameter, and the compiled train step's collectives."""
-    trainer, compiled = compiled_train_step(config, mesh, image_shape)
+    trainer, compiled = compiled_train_step(spec, mesh, image_shape)
     params = []
     for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(trainer.abstract_state.params),
                                       jax.tree_util.tree_leaves(trainer.state_sharding.params), strict=True):
@@ -152,8 +153,8 @@ def report(config: ml_collections.ConfigDict, mesh: Mesh, image_shape: Sequence[
     total = sum(p["bytes"] for p in params)
     per_device = sum(p["bytes_per_device"] for p in params)
     return {
-        "mesh": dict(mesh.shape), "strategy": strategy_of(config), "variant": config.variant,
-        "image_shape": list(image_shape), "batch_size": config.batch_size,
+        "mesh": dict(mesh.shape), "strategy": spec.sharding.strategy, "variant": spec.model.variant,
+        "image_shape": list(image_shape), "batch_size": spec.loop.batch_size,
         "param_bytes": total, "param_bytes_per_device": per_device, "params": params,
         "collectives": [dataclasses.asdict(c) | {"axes": list(c.axes)} for c in ops],
     }
@@ -161,13 +162,12 @@ def report(config: ml_collections.ConfigDict, mesh: Mesh, image_shape: Sequence[
 
 def report_for(config: ml_collections.ConfigDict, mesh_shape: Sequence[int], channels: int = 0) -> dict[str, Any]:
     """What the command line reports for `config` on a mesh of `mesh_shape` (the tests call this too)."""
-    config = config.copy_and_resolve_references()
-    config.eval_batch_size = config.batch_size  # only the train step is compiled here
-    mesh = make_mesh(mesh_shape)
-    check_mesh(config, mesh, strategy_of(config), groups=groups_of(config))
+    spec = RunSpec.from_config(config)
+    spec = dataclasses.replace(spec, loop=dataclasses.replace(spec.loop, eval_batch_size=spec.loop.batch_size))
+    mesh = make_mesh(mesh_shape)  # only the train step is compiled here: its batch is the one checked
     size = config.image_size
     channels = channels or (1 if config.dataset == "fashion_mnist" else 3)
-    return report(config, mesh, (size, size, channels))
+    return report(spec, mesh, (size, size, channels))
 
 
 def format_report(rep: dict[str, Any]) -> str:

@@ -1,18 +1,17 @@
-"""The config checks that reject bad values with a message saying what to change, before any work starts,
-and the config's JSON round trip (checkpoints store it).
+"""The config's JSON round trip (checkpoints store it), the keys a resume may change, and the checks of the keys
+no one concern owns (batch sizes against processes, the run's length, logging).
 
-Separate from `alexnet_jax.errors` because they need the model, optimizer and sharding tables, which the data
-package must not import."""
+Each concern checks its own keys where the config is read into its spec (`ModelSpec.from_config`,
+`OptimizerSpec.from_config`, ...): this module imports none of them, so every layer may import it."""
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import ml_collections
 
-from alexnet_jax import default_config, model, optim, sharding
+from alexnet_jax import default_config
 from alexnet_jax.errors import UserError
 
 # Config keys that may change when a run is resumed: they do not change what the checkpoint holds
@@ -46,39 +45,9 @@ def check_config(config: ml_collections.ConfigDict, process_count: int = 1) -> N
         fail("num_train_steps", "must be a positive number of steps, or -1 to use num_epochs")
     if config.num_train_steps == -1 and config.num_epochs <= 0:
         fail("num_epochs", "must be positive (or set num_train_steps)")
-    if config.learning_rate <= 0:
-        fail("learning_rate", "must be positive")
     if config.get("prepare_wait_s", 1.0) <= 0:
         fail("prepare_wait_s", "must be a positive number of seconds (how long a process waits for process 0 "
                                "to prepare the data)")
-    if config.get("lr_reference_batch", 0) < 0:
-        fail("lr_reference_batch", "must be >= 0 (0: use learning_rate as given at any batch size)")
-    if not 0 <= config.momentum < 1:
-        fail("momentum", "must be in [0, 1)")
-    if config.weight_decay < 0:
-        fail("weight_decay", "must be >= 0")
-    if not 0 <= config.dropout_rate < 1:
-        fail("dropout_rate", "must be in [0, 1)")
-    if config.lr_schedule not in optim.SCHEDULES:
-        fail("lr_schedule", f"choose one of {optim.SCHEDULES}")
-    if config.variant not in model.VARIANTS:
-        fail("variant", f"choose one of {tuple(model.VARIANTS)}")
-    if config.norm and config.norm not in model.NORMS:
-        fail("norm", f"choose one of {model.NORMS} (or '' for the variant's own)")
-    if config.groups not in (0, 1, 2):
-        fail("groups", "choose 1, 2 (the paper's two-GPU split) or 0 for the variant's own")
-    if config.init_scheme not in model.INITS:
-        fail("init_scheme", f"choose one of {model.INITS}")
-    if config.get("sharding", "paper") not in sharding.STRATEGIES:
-        fail("sharding", f"choose one of {sharding.STRATEGIES}")
-    if config.dtype not in ("float32", "bfloat16", "float16"):
-        fail("dtype", "choose 'float32' or 'bfloat16'")
-    if config.get("kernels", "auto") not in model.KERNELS:
-        fail("kernels", f"choose one of {model.KERNELS} ('auto': cpu_tuned on CPU, native on GPU/TPU)")
-    if config.widths and len(config.widths) != 5:
-        fail("widths", "give five conv widths, e.g. (96, 256, 384, 384, 256)")
-    if config.num_classes < 2 and config.num_classes != 0:
-        fail("num_classes", "must be at least 2 (or 0: the dataset's class count)")
     if config.image_size < 16:
         fail("image_size", "must be at least 16 pixels")
     if config.log_every_steps <= 0:
@@ -90,13 +59,6 @@ def check_config(config: ml_collections.ConfigDict, process_count: int = 1) -> N
                                                        and config.get("prepared")):
         fail("augment_on_device", "needs the prepared 256x256 squares: --config.prepared=True (the source images "
                                   "and the small datasets augment on the host)")
-    if config.get("frozen", ""):
-        try:
-            re.compile(config.frozen)
-        except re.error as e:
-            fail("frozen", f"is not a regular expression ({e}); e.g. 'conv.*' or 'conv.*|fc6'")
-    if config.get("init_normalisation", "pretrained") not in ("pretrained", "data"):
-        fail("init_normalisation", "choose 'pretrained' (the weights' own) or 'data' (computed from your images)")
     if config.get("checkpoint_every_steps", 0) < 0:
         fail("checkpoint_every_steps", "must be >= 0 (0: save only at the end and on SIGTERM/preemption)")
     if config.get("checkpoint_keep", 1) < 1:

@@ -83,6 +83,7 @@ def convert(path: str, workdir: str, *, image_size: int = 224,
     import jax
 
     from alexnet_jax import checkpointing, sharding, train
+    from alexnet_jax.specs import RunSpec
 
     state_dict = load_state_dict(path)
     widths, fc_width, num_classes, channels = check_architecture(state_dict, f"--torchvision {path}")
@@ -102,7 +103,8 @@ def convert(path: str, workdir: str, *, image_size: int = 224,
     image_size = config.image_size
     mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
     image_shape = (image_size, image_size, 3)
-    trainer = train.Trainer(config, mesh, image_shape, 1, 1)
+    spec = RunSpec.from_config(config)
+    trainer = train.Trainer(spec, mesh, image_shape, 1, 1)
     template = trainer.init(jax.random.PRNGKey(0))
     diffs = checkpointing.tree_differences(params, template.params)
     if diffs:  # the converted tree must be exactly the model's (a bug here must not write a bad checkpoint)
@@ -121,7 +123,7 @@ def convert(path: str, workdir: str, *, image_size: int = 224,
     with WriterLock(workdir):  # a training run on this workdir meanwhile would race the save
         if os.path.isdir(directory) and os.listdir(directory):  # checked again: one may have finished meanwhile
             raise UserError(f"{directory} already holds checkpoints; give a new --workdir for the converted weights")
-        ckpt = checkpointing.Checkpointer(workdir, config, trainer.abstract_state, trainer.state_sharding,
+        ckpt = checkpointing.Checkpointer(workdir, spec.checkpoint, trainer.abstract_state, trainer.state_sharding,
                                           metadata=info)
         ckpt.save(0, state)
         ckpt.close()

@@ -6,6 +6,7 @@ meshes, models or data.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -28,26 +29,43 @@ def _multi_process_env() -> bool:
     return int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
 
 
-def initialize(config: ml_collections.ConfigDict) -> bool:
+@dataclasses.dataclass(frozen=True)
+class DistributedSpec:
+    """How this process joins the others (`--config.distributed` and its companions), read once."""
+
+    mode: str = "auto"
+    coordinator_address: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+    cpu_collectives: str = "gloo"
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> DistributedSpec:
+        mode = config.get("distributed", "auto")
+        if mode not in ("auto", "on", "off"):
+            raise UserError(f"--config.distributed={mode!r}: choose 'auto', 'on' or 'off'")
+        return cls(mode, config.get("coordinator_address", ""), config.get("num_processes", 0),
+                   config.get("process_id", -1), config.get("cpu_collectives", "gloo"))
+
+
+def initialize(spec: DistributedSpec) -> bool:
     """`jax.distributed.initialize` when the config or the environment asks for it; True if it ran.
 
-    Must run before any other JAX call. `config.distributed`: 'auto' (initialize when a coordinator is
+    Must run before any other JAX call. `spec.mode`: 'auto' (initialize when a coordinator is
     configured or the environment describes a multi-process job: JAX_COORDINATOR_ADDRESS, a multi-host Cloud
     TPU, SLURM with several tasks, Open MPI), 'on' (always; jax detects TPU pods, SLURM, Open MPI, k8s) or
     'off'. Unset `coordinator_address` / `num_processes` / `process_id` come from JAX_COORDINATOR_ADDRESS,
     JAX_NUM_PROCESSES, JAX_PROCESS_ID or jax's cluster detection. CPU devices talk over gloo.
     """
-    mode = config.get("distributed", "auto")
-    if mode not in ("auto", "on", "off"):
-        raise UserError(f"--config.distributed={mode!r}: choose 'auto', 'on' or 'off'")
-    address = config.get("coordinator_address", "") or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    mode = spec.mode
+    address = spec.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
     if mode == "off" or (mode == "auto" and address is None and not _multi_process_env()):
         return False
-    num = config.get("num_processes", 0) or int(os.environ.get("JAX_NUM_PROCESSES", "0") or 0) or None
-    pid = config.get("process_id", -1)
+    num = spec.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0") or 0) or None
+    pid = spec.process_id
     if pid < 0:
         pid = int(os.environ["JAX_PROCESS_ID"]) if os.environ.get("JAX_PROCESS_ID") else None
-    jax.config.update("jax_cpu_collectives_implementation", config.get("cpu_collectives", "gloo"))
+    jax.config.update("jax_cpu_collectives_implementation", spec.cpu_collectives)
     try:
         jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
     except (ValueError, RuntimeError) as e:

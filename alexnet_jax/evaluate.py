@@ -36,14 +36,13 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, mesh: Any = No
     import jax
 
     from alexnet_jax import data as datalib
-    from alexnet_jax import inference, sharding, train
+    from alexnet_jax import inference, train
     from alexnet_jax.errors import UserError
 
     loaded = inference.load(workdir, step, mesh, overrides)
     config = loaded.config
     data = data if data is not None else datalib.create_data(config, None, jax.process_index(), jax.process_count())
-    evaluator = train.Evaluator(loaded.model, loaded.mesh, sharding.strategy_of(config),
-                                jax.tree_util.tree_map(lambda a: a.sharding, loaded.variables))
+    evaluator = train.Evaluator(loaded.built, jax.tree_util.tree_map(lambda a: a.sharding, loaded.variables))
 
     def checked(batches):
         for i, batch in enumerate(batches):

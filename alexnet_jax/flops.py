@@ -24,7 +24,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from alexnet_jax.model import AlexNet, Conv, create_model
 
@@ -40,10 +39,10 @@ class LayerCost:
     macs: int  # forward multiply-adds per image
 
 
-def image_shape_of(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+def image_shape_of(dataset: str, image_size: int) -> tuple[int, int, int]:
     """The model's input: FashionMNIST is grayscale, the other datasets RGB."""
-    channels = 1 if config.dataset == "fashion_mnist" else 3
-    return (int(config.image_size), int(config.image_size), channels)
+    channels = 1 if dataset == "fashion_mnist" else 3
+    return (int(image_size), int(image_size), channels)
 
 
 def _abstract_run(model: AlexNet, image_shape: tuple[int, int, int]) -> tuple[Any, Any]:
@@ -204,13 +203,15 @@ def main(argv: list[str]) -> None:
     config = flags.FLAGS.config
     from alexnet_jax.config import check_config
     from alexnet_jax.errors import UserError
+    from alexnet_jax.model import ModelSpec
 
     try:
         check_config(config)
+        spec = ModelSpec.from_config(config)
     except UserError as e:
         sys.exit(f"alexnet_jax.flops: error: {e}")
-    model = create_model(config)
-    shape = image_shape_of(config)
+    model = create_model(spec.with_classes(1000))
+    shape = image_shape_of(config.dataset, config.image_size)
     rows = layer_costs(model, shape)
     groups = model.groups or model.spec.default_groups
     print(f"{config.variant} AlexNet, input {'x'.join(map(str, shape))}, {config.num_classes} classes, "

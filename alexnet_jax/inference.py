@@ -13,27 +13,34 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
 from alexnet_jax import checkpointing, sharding
+from alexnet_jax.build import Built, build
 from alexnet_jax.config import RESUMABLE_CHANGES, check_config, config_from_dict
 from alexnet_jax.data import Normalisation
 from alexnet_jax.errors import UserError
-from alexnet_jax.model import AlexNet, create_model, groups_of
+from alexnet_jax.model import AlexNet, ModelSpec
 
 
 @dataclasses.dataclass
 class Loaded:
     step: int
     config: ml_collections.ConfigDict  # the run's config with the overrides applied
-    model: AlexNet
+    built: Built  # the model on its mesh (`alexnet_jax.build`), as training builds it
     variables: dict[str, Any]  # {'params': ..., 'batch_stats': ...} placed on `mesh` (or their ShapeDtypeStructs)
     meta: dict[str, Any]
-    mesh: Mesh
     checkpoint: str  # the step's directory
+
+    @property
+    def model(self) -> AlexNet:
+        return self.built.model
+
+    @property
+    def mesh(self) -> Mesh:
+        return self.built.mesh
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -92,16 +99,11 @@ def load(workdir: str, step: int | None = None, mesh: Mesh | None = None,
         config.kernels = "native"
     if len(meta.get("image_shape") or ()) != 3:
         raise UserError(f"the checkpoint at step {step} does not record its input shape; retrain with this version")
-    mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh_shape)
-    strategy = sharding.strategy_of(config)
-    sharding.check_mesh(config, mesh, strategy, groups=groups_of(config))
-    model = create_model(config, mesh)
-    image_shape = tuple(meta["image_shape"])
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False))
-    shardings = sharding.tree_shardings(mesh, abstract, strategy)
-    targets = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                     abstract, shardings)
-    loaded = Loaded(step, config, model, dict(targets), meta, mesh,
+    spec, how = ModelSpec.from_config(config), sharding.ShardingSpec.from_config(config)
+    mesh = mesh if mesh is not None else how.make_mesh()
+    batch_sizes = {"batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size}
+    built = build(spec, mesh, how.strategy, tuple(meta["image_shape"]), batch_sizes)
+    loaded = Loaded(step, config, built, built.abstract_variables(), meta,
                     os.path.join(checkpointing.checkpoint_dir(workdir), str(step)))
     return restored(loaded) if restore else loaded
 

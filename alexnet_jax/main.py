@@ -28,7 +28,7 @@ def main(argv: list[str]) -> None:
 
     logging.get_absl_handler().use_absl_log_file = False
     try:
-        distributed.initialize(FLAGS.config)  # before any other JAX call
+        distributed.initialize(distributed.DistributedSpec.from_config(FLAGS.config))  # before any other JAX call
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (UserError, train.TrainingError) as e:
         sys.exit(f"alexnet_jax: error: {e}")

@@ -12,6 +12,7 @@ training loss every step); its scale is written into the injected `lr_scale`.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from alexnet_jax.errors import UserError
 
 SCHEDULES = ("plateau", "step", "cosine", "constant")
 
@@ -47,28 +50,74 @@ def paper_sgd(
     )
 
 
-def base_learning_rate(config: ml_collections.ConfigDict) -> float:
-    """`learning_rate`, scaled by batch_size / lr_reference_batch when a reference batch is set.
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """The optimiser's part of the config, read once (`from_config`): the paper's section 5 by default."""
 
-    Why: the paper's 0.01 belongs to its batch of 128. At batch 16 it diverges on a few-class set, in PyTorch
-    as in JAX (docs/recipe.md); the linear rule keeps the paper's rate at 128 and the step's noise in check
-    elsewhere.
-    """
-    ref = config.get("lr_reference_batch", 0)
-    return config.learning_rate * (config.batch_size / ref if ref > 0 else 1.0)
+    learning_rate: float = 0.01
+    batch_size: int = 128
+    lr_reference_batch: int = 0
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    lr_schedule: str = "plateau"
+    lr_decay_factor: float = 0.1
+    lr_step_epochs: tuple[float, ...] = (30.0, 60.0, 80.0)
+    warmup_epochs: float = 0.0
+    plateau_patience: int = 2
+    plateau_rtol: float = 1e-3
+    plateau_cooldown: int = 0
+    plateau_max_reductions: int = 3
+    frozen: str = ""
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> OptimizerSpec:
+        """The optimiser keys of a config, each refused in one line naming the flag when it cannot be used."""
+        def fail(key: str, msg: str) -> None:
+            raise UserError(f"--config.{key}={config.get(key)!r}: {msg}")
+
+        if config.learning_rate <= 0:
+            fail("learning_rate", "must be positive")
+        if config.get("lr_reference_batch", 0) < 0:
+            fail("lr_reference_batch", "must be >= 0 (0: use learning_rate as given at any batch size)")
+        if not 0 <= config.momentum < 1:
+            fail("momentum", "must be in [0, 1)")
+        if config.weight_decay < 0:
+            fail("weight_decay", "must be >= 0")
+        if config.lr_schedule not in SCHEDULES:
+            fail("lr_schedule", f"choose one of {SCHEDULES}")
+        if config.get("frozen", ""):
+            try:
+                re.compile(config.frozen)
+            except re.error as e:
+                fail("frozen", f"is not a regular expression ({e}); e.g. 'conv.*' or 'conv.*|fc6'")
+        keys = [f.name for f in dataclasses.fields(cls)]
+        values = {k: config.get(k, getattr(cls, k)) for k in keys}
+        return cls(**{**values, "lr_step_epochs": tuple(values["lr_step_epochs"])})
+
+    @property
+    def base_learning_rate(self) -> float:
+        """`learning_rate`, scaled by batch_size / lr_reference_batch when a reference batch is set.
+
+        Why: the paper's 0.01 belongs to its batch of 128. At batch 16 it diverges on a few-class set, in PyTorch
+        as in JAX (docs/recipe.md); the linear rule keeps the paper's rate at 128 and the step's noise in check
+        elsewhere.
+        """
+        ref = self.lr_reference_batch
+        return self.learning_rate * (self.batch_size / ref if ref > 0 else 1.0)
 
 
-def create_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+def create_schedule(spec: OptimizerSpec, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
     """The base learning rate as a function of the step (the plateau factor is applied on top)."""
-    lr = base_learning_rate(config)
-    name = config.lr_schedule
+    lr = spec.base_learning_rate
+    name = spec.lr_schedule
     if name in ("plateau", "constant"):
         return optax.constant_schedule(lr)
     if name == "step":
-        boundaries = {int(e * steps_per_epoch): config.lr_decay_factor for e in config.lr_step_epochs}
+        boundaries = {int(e * steps_per_epoch): spec.lr_decay_factor for e in spec.lr_step_epochs}
         return optax.piecewise_constant_schedule(lr, boundaries)
     if name == "cosine":
-        warmup = int(config.warmup_epochs * steps_per_epoch)
+        warmup = int(spec.warmup_epochs * steps_per_epoch)
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0 if warmup else lr, peak_value=lr, warmup_steps=warmup,
             decay_steps=max(total_steps, warmup + 1), end_value=0.0,
@@ -91,8 +140,6 @@ def frozen_labels(pattern: str) -> Callable[[Any], Any]:
 
 def frozen_paths(pattern: str, params: Any) -> list[str]:
     """'layer/param' of every parameter `pattern` freezes; a UserError if it freezes none (a typo)."""
-    from alexnet_jax.errors import UserError
-
     labels = jax.tree_util.tree_leaves_with_path(frozen_labels(pattern)(params))
     frozen = sorted({"/".join(str(getattr(k, "key", k)) for k in path) for path, label in labels if label == "frozen"})
     if not frozen:
@@ -101,23 +148,20 @@ def frozen_paths(pattern: str, params: Any) -> list[str]:
     return frozen
 
 
-def create_optimizer(
-    config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
-) -> optax.GradientTransformation:
-    """The paper's momentum SGD with the configured schedule, all hyperparameters injected. With
-    `config.frozen`, the matching parameters go through `optax.set_to_zero` instead (optax.multi_transform):
+def create_optimizer(spec: OptimizerSpec, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:
+    """The paper's momentum SGD with the specified schedule, all hyperparameters injected. With
+    `spec.frozen`, the matching parameters go through `optax.set_to_zero` instead (optax.multi_transform):
     no update, no weight decay, and no momentum buffer for them in the optimizer state."""
     tx = optax.inject_hyperparams(paper_sgd, static_args=("nesterov", "mask"))(
-        learning_rate=create_schedule(config, steps_per_epoch, total_steps),
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
+        learning_rate=create_schedule(spec, steps_per_epoch, total_steps),
+        momentum=spec.momentum,
+        weight_decay=spec.weight_decay,
         lr_scale=1.0,
-        nesterov=bool(config.get("nesterov", False)),
+        nesterov=bool(spec.nesterov),
     )
-    if not config.get("frozen", ""):
+    if not spec.frozen:
         return tx
-    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()},
-                                 frozen_labels(config.frozen))
+    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, frozen_labels(spec.frozen))
 
 
 def hyperparams_state(opt_state: Any) -> Any:
@@ -136,16 +180,16 @@ def _with_hyperparams(opt_state: Any, hyper: dict[str, Any]) -> Any:
     return opt_state._replace(inner_states={**opt_state.inner_states, "trained": inner})
 
 
-def create_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+def create_plateau(spec: OptimizerSpec) -> optax.GradientTransformationExtraArgs:
     """Divide the learning rate by `1/lr_decay_factor` when validation error stops improving."""
     return optax.contrib.reduce_on_plateau(
-        factor=config.lr_decay_factor,
-        patience=config.plateau_patience,
-        rtol=config.plateau_rtol,
+        factor=spec.lr_decay_factor,
+        patience=spec.plateau_patience,
+        rtol=spec.plateau_rtol,
         atol=0.0,
-        cooldown=config.plateau_cooldown,
+        cooldown=spec.plateau_cooldown,
         accumulation_size=1,
-        min_scale=config.lr_decay_factor ** config.plateau_max_reductions,
+        min_scale=spec.lr_decay_factor ** spec.plateau_max_reductions,
     )
 
 

@@ -224,23 +224,42 @@ def merge(init: dict[str, Any], pretrained: dict[str, Any]) -> tuple[dict[str, A
     return walk(init), loaded, initialised
 
 
-def for_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[Pretrained | None, Normalisation | None]:
-    """(`config.init_from`'s weights or None, the normalisation to use instead of the data's or None). A run
+@dataclasses.dataclass(frozen=True)
+class TransferSpec:
+    """The fine-tuning part of the config, read once: where the weights come from and whose normalisation."""
+
+    init_from: str = ""
+    init_normalisation: str = "pretrained"
+    resize_size: int = 256
+    architecture: tuple[tuple[str, Any], ...] = ()  # the config's ARCHITECTURE_KEYS, as the config spells them
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> TransferSpec:
+        how = config.get("init_normalisation", "pretrained")
+        if how not in ("pretrained", "data"):
+            raise UserError(f"--config.init_normalisation={how!r}: choose 'pretrained' (the weights' own) or 'data' "
+                            "(computed from your images)")
+        return cls(config.get("init_from", ""), how, int(config.get("resize_size", 256)),
+                   tuple((k, config[k]) for k in ARCHITECTURE_KEYS))
+
+
+def for_run(spec: TransferSpec, workdir: str) -> tuple[Pretrained | None, Normalisation | None]:
+    """(`spec.init_from`'s weights or None, the normalisation to use instead of the data's or None). A run
     resumed from its own checkpoint reads no pretrained file (it may have moved since) and keeps the
     normalisation it saved."""
-    if not config.init_from:
+    if not spec.init_from:
         return None, None
     if checkpointing.has_checkpoint(workdir):
         own = checkpointing.latest_normalisation(workdir)
-        use = own and config.init_normalisation == "pretrained"
+        use = own and spec.init_normalisation == "pretrained"
         return None, Normalisation.from_json(own) if use else None
-    pre = read(config.init_from, int(config.get("resize_size", 256)))
-    arch = {k: config[k] for k in ARCHITECTURE_KEYS}
+    pre = read(spec.init_from, spec.resize_size)
+    arch = dict(spec.architecture)
     if arch != pre.architecture:
         differ = ", ".join(f"{k}={pre.architecture[k]!r}" for k in arch if arch[k] != pre.architecture[k])
         logging.warning("the pretrained network (%s) differs from the config's: %s; only parameters whose name and "
                         "shape match are loaded (set those --config keys to load them all)", pre.source, differ)
-    return pre, pre.normalisation if config.init_normalisation == "pretrained" else None
+    return pre, pre.normalisation if spec.init_normalisation == "pretrained" else None
 
 
 def load_into(state: Any, pre: Pretrained, shardings: Any) -> Any:

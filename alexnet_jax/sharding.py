@@ -279,11 +279,22 @@ def make_mesh(requested: Sequence[int], devices: Sequence[jax.Device] | None = N
     return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
 
 
-def strategy_of(config: ml_collections.ConfigDict) -> str:
-    strategy = config.get("sharding", "paper")
-    if strategy not in STRATEGIES:
-        raise UserError(f"--config.sharding={strategy!r}: choose one of {STRATEGIES}")
-    return strategy
+@dataclasses.dataclass(frozen=True)
+class ShardingSpec:
+    """The parallelism part of the config, read once: the requested mesh shape and the strategy."""
+
+    mesh_shape: tuple[int, ...] = (-1, 1)
+    strategy: str = "paper"
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> ShardingSpec:
+        strategy = config.get("sharding", "paper")
+        if strategy not in STRATEGIES:
+            raise UserError(f"--config.sharding={strategy!r}: choose one of {STRATEGIES}")
+        return cls(tuple(config.mesh_shape), strategy)
+
+    def make_mesh(self, devices: Sequence[jax.Device] | None = None) -> Mesh:
+        return make_mesh(self.mesh_shape, devices)
 
 
 def path_str(path: Any) -> str:
@@ -331,14 +342,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def check_mesh(config: ml_collections.ConfigDict, mesh: Mesh, strategy: str, *, groups: int) -> None:
-    """Batch sizes and conv group counts (`groups`, the model's) the mesh can split, checked before compiling."""
+def check_mesh(mesh: Mesh, strategy: str, *, groups: int, batch_sizes: dict[str, int]) -> None:
+    """Batch sizes (`batch_sizes`: config key -> global batch) and conv group counts (`groups`, the model's) the
+    mesh can split, checked before compiling."""
     shards = math.prod(mesh.shape[a] for a in batch_axes(strategy))
     names = " x ".join(f"'{a}' ({mesh.shape[a]})" for a in batch_axes(strategy))
-    for key in ("batch_size", "eval_batch_size"):
-        if config[key] % shards:
-            raise UserError(f"--config.{key}={config[key]} must be divisible by the mesh's {names} = {shards} "
-                            f"batch shards (sharding={strategy!r}); try {max(shards, config[key] // shards * shards)}")
+    for key, size in batch_sizes.items():
+        if size % shards:
+            raise UserError(f"--config.{key}={size} must be divisible by the mesh's {names} = {shards} "
+                            f"batch shards (sharding={strategy!r}); try {max(shards, size // shards * shards)}")
     nproc = jax.process_count()
     if shards % nproc:  # each process feeds its own rows, so it must own whole batch shards
         raise UserError(f"--config.mesh_shape={tuple(mesh.shape.values())}: the batch is split into {shards} "

@@ -1,10 +1,14 @@
-"""The one trainer: state, jit-compiled train/eval steps, and the loop with logging and evaluation."""
+"""The one trainer: state, jit-compiled train/eval steps, and the loop with logging and evaluation.
+
+`train_and_evaluate(config, workdir)` is the door: it reads the config once into a `RunSpec` (alexnet_jax.specs)
+and everything after it takes specs. The loop's bookkeeping (when to log or evaluate, images/s, ETA) is
+`alexnet_jax.loop`'s; the model on its mesh is `alexnet_jax.build`'s, shared with evaluation and inference.
+"""
 
 from __future__ import annotations
 
 import collections
 import json
-import math
 import os
 import time
 from functools import partial
@@ -18,12 +22,13 @@ import numpy as np
 import optax
 from absl import logging
 
-from alexnet_jax import checkpointing, optim, pretrained, scalars, sharding, xla_cpu
+from alexnet_jax import checkpointing, loop, optim, pretrained, scalars, sharding, xla_cpu
 from alexnet_jax import data as datalib
-from alexnet_jax.config import check_config
+from alexnet_jax.build import Built, build
 from alexnet_jax.errors import UserError
-from alexnet_jax.model import AlexNet, create_model, groups_of
+from alexnet_jax.model import AlexNet
 from alexnet_jax.preemption import SavePolicy
+from alexnet_jax.specs import RunSpec
 from alexnet_jax.workdir_lock import WriterLock
 
 
@@ -140,23 +145,16 @@ class Evaluator:
     """The jit-compiled evaluation step on a mesh, for a model's variables alone (no optimizer): used by the
     training loop and by `alexnet_jax.evaluate` on restored parameters."""
 
-    def __init__(self, model: AlexNet, mesh: jax.sharding.Mesh, strategy: str, variables_sharding: Any):
-        self.batch_sharding = sharding.batch_sharding(mesh, strategy)
-        # A process's evaluation batch need only be a multiple of its share of the batch shards.
-        shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(strategy))
-        self.row_multiple = max(1, shards // jax.process_count())
-        self.step = jax.jit(partial(eval_step, model), in_shardings=(variables_sharding, self.batch_sharding),
-                            out_shardings=sharding.replicated(mesh))
-
-    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Assemble the global batch from this process's rows."""
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
+    def __init__(self, built: Built, variables_sharding: Any):
+        self.built, self.row_multiple = built, built.row_multiple
+        self.step = jax.jit(partial(eval_step, built.model), in_shardings=(variables_sharding, built.batch_sharding),
+                            out_shardings=sharding.replicated(built.mesh))
 
     def __call__(self, variables: dict[str, Any], batches) -> dict[str, float]:
         """Loss, top-1, top-5 over every real row of `batches` (this process's share of them), and the count."""
         totals = None
         for local in batches:
-            out = self.step(variables, self.global_batch(local))
+            out = self.step(variables, self.built.global_batch(local))
             totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
         totals = jax.device_get(totals)
         n = float(totals["count"])
@@ -165,39 +163,40 @@ class Evaluator:
 
 
 class Trainer:
-    """Holds the compiled steps for one config and mesh."""
+    """The compiled steps of one run on one mesh: `spec`'s model (`build`) with its optimizer."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, image_shape, steps_per_epoch,
-                 total_steps, augment: Any = None):
-        self.config, self.mesh = config, mesh
-        strategy = sharding.strategy_of(config)
-        sharding.check_mesh(config, mesh, strategy, groups=groups_of(config))
-        self.model = create_model(config, mesh)
-        self.tx = optim.create_optimizer(config, steps_per_epoch, total_steps)
-        self.plateau = optim.create_plateau(config)
-        self.image_shape = tuple(image_shape)
+    def __init__(self, spec: RunSpec, mesh: jax.sharding.Mesh, image_shape, steps_per_epoch, total_steps,
+                 augment: Any = None):
+        self.spec, self.mesh = spec, mesh
+        self.built = build(spec.model, mesh, spec.sharding.strategy, image_shape, spec.batch_sizes)
+        self.model, self.image_shape = self.built.model, self.built.image_shape
+        self.global_batch = self.built.global_batch
+        self.tx = optim.create_optimizer(spec.optimizer, steps_per_epoch, total_steps)
+        self.plateau = optim.create_plateau(spec.optimizer)
         init = partial(create_train_state, model=self.model, tx=self.tx, plateau=self.plateau,
                        image_shape=self.image_shape)
         self.abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
-        self.state_sharding = sharding.tree_shardings(mesh, self.abstract_state, strategy)
-        self.batch_sharding = sharding.batch_sharding(mesh, strategy)
-        self.evaluator = Evaluator(self.model, mesh, strategy, variables_of(self.state_sharding))
+        self.state_sharding = self.built.shardings(self.abstract_state)
+        self.batch_sharding = self.built.batch_sharding
+        self.evaluator = Evaluator(self.built, variables_of(self.state_sharding))
         self.eval_row_multiple = self.evaluator.row_multiple
-        rep = sharding.replicated(mesh)
         self.init = jax.jit(init, out_shardings=self.state_sharding)
         self.train_step = jax.jit(
             partial(train_step, self.model, self.tx, augment=augment),
             in_shardings=(self.state_sharding, self.batch_sharding),
-            out_shardings=(self.state_sharding, rep),
+            out_shardings=(self.state_sharding, sharding.replicated(mesh)),
             donate_argnums=0,
         )
 
-    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Assemble the global batch from this process's rows."""
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
-
-    def evaluate(self, state: TrainState, batches) -> dict[str, float]:
-        return self.evaluator(variables_of(state), batches)
+    def evaluate(self, state: TrainState, batches) -> tuple[TrainState, dict[str, float]]:
+        """Evaluate, then feed the validation error to the plateau schedule (the paper's divide-by-10) when it
+        is the one in use: the state to go on with, and the metrics."""
+        metrics = self.evaluator(variables_of(state), batches)
+        if self.spec.optimizer.lr_schedule == "plateau":
+            plateau, opt_state = optim.plateau_step(self.plateau, state.plateau, state.opt_state,
+                                                    1.0 - metrics["top1"])
+            state = state.replace(plateau=plateau, opt_state=opt_state)
+        return state, metrics
 
 
 def prefetch(batches: Any, put: Any, depth: int = 2) -> Any:
@@ -212,136 +211,25 @@ def prefetch(batches: Any, put: Any, depth: int = 2) -> Any:
         yield queue.popleft()
 
 
-def _fmt_seconds(s: float) -> str:
-    s = int(max(0, s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def run_metadata(config: ml_collections.ConfigDict, data: datalib.Data) -> dict[str, Any]:
+def run_metadata(spec: RunSpec, data: datalib.Data) -> dict[str, Any]:
     """What a checkpoint records beside the arrays so inference needs no training set: the input shape, the
     class names and the normalisation (the whole record: predict preprocesses exactly like evaluation)."""
     norm = data.normalisation
     return {
-        "dataset": config.dataset,
+        "dataset": spec.loop.dataset,
         "image_shape": list(data.image_shape),
         "class_names": list(data.class_names),
         "normalisation": None if norm is None else norm.to_json(),
         "num_train": data.num_train,
         "num_eval": data.num_eval,
-        "steps_per_epoch": datalib.steps_per_epoch(data.num_train, config.batch_size),
+        "steps_per_epoch": datalib.steps_per_epoch(data.num_train, spec.loop.batch_size),
     }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: datalib.Data | None = None
-                       ) -> dict[str, Any]:
-    """Train, evaluate every `eval_every_steps` (default: each epoch) and write `workdir/summary.json`.
-    `data`: the dataset to use instead of the configured one (e.g. the accelerator check's synthetic batches)."""
-    t_start = time.time()
-    check_config(config, jax.process_count())
-    mesh = sharding.make_mesh(config.mesh_shape)
-    sharding.check_mesh(config, mesh, sharding.strategy_of(config), groups=groups_of(config))
-    if jax.default_backend() == "cpu" and xla_cpu.convolutions_in_ynnpack(os.environ.get("XLA_FLAGS", "")):
-        logging.warning(xla_cpu.SLOW_CONVOLUTIONS)
-    with WriterLock(workdir, jax.process_index()):  # makes the workdir; a second run on it stops here, in one line
-        return _train_and_evaluate(config, workdir, data, mesh, t_start)
-
-
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: datalib.Data | None, mesh: Any,
-                        t_start: float) -> dict[str, Any]:
-    pre, normalisation = pretrained.for_run(config, workdir)
-    if data is None:  # process 0 prepares what is missing, the others wait for it
-        data = datalib.create_data(config, normalisation, jax.process_index(), jax.process_count())
-    if config.num_classes == 0:  # the dataset's count (a folder's class folders); saved with the checkpoint
-        config.num_classes = len(data.class_names)
-    per_epoch = datalib.steps_per_epoch(data.num_train, config.batch_size)
-    if per_epoch == 0:
-        raise UserError(f"--config.batch_size={config.batch_size} exceeds the {data.num_train} training images")
-    total = config.num_train_steps if config.num_train_steps > 0 else int(round(config.num_epochs * per_epoch))
-    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else per_epoch
-
-    trainer = Trainer(config, mesh, data.image_shape, per_epoch, total, augment=data.on_device)
-    state = trainer.init(jax.random.PRNGKey(config.seed))
-    # --- checkpointing: resume from WORKDIR/checkpoints if there is a checkpoint (alexnet_jax.checkpointing)
-    ckpt = checkpointing.Checkpointer(workdir, config, trainer.abstract_state, trainer.state_sharding,
-                                      metadata=run_metadata(config, data))
-    state, restored_eval = ckpt.restore_or(state)
-    # --- end checkpointing
-    start = int(state.step)
-    if pre is not None and start == 0:  # fine-tuning starts from the pretrained weights; a resumed run does not
-        state = pretrained.load_into(state, pre, trainer.state_sharding)
-    if config.frozen:
-        logging.info("frozen (no update, no weight decay, no optimizer state): %s",
-                     ", ".join(optim.frozen_paths(config.frozen, state.params)))
-    logging.info("%s on %s: %d train / %d test images, %d steps (%.2f epochs of %d), batch %d, learning rate "
-                 "%.4g, mesh %s", config.variant, config.dataset, data.num_train, data.num_eval, total,
-                 total / per_epoch, per_epoch, config.batch_size, optim.base_learning_rate(config),
-                 dict(mesh.shape))
-
-    # TensorBoard scalars (process 0), or WORKDIR/metrics.jsonl without TensorFlow; a failed write stops the run
-    writer = scalars.Scalars(workdir, on_error=ckpt.stop_after)
-    pid, nproc = jax.process_index(), jax.process_count()
-    batches = prefetch(data.train(start, total, pid, nproc), trainer.global_batch)
-    pending: list[dict[str, jax.Array]] = []
-    train_seconds, timed_images, last_eval = 0.0, 0, restored_eval
-    best_eval: dict[str, Any] = {}  # the highest validation top-1 of this run's evaluations, and its step
-    t_interval, interval_steps = time.time(), 0
-    with SavePolicy(ckpt, config) as policy:  # saves when due; SIGTERM: save, stop (alexnet_jax.preemption)
-        for step in range(start, total):
-            state, metrics = trainer.train_step(state, next(batches))
-            pending.append(metrics)
-            interval_steps += 1
-            done = step + 1
-            step_eval = None
-            if done % config.log_every_steps == 0 or done == total:
-                fetched = jax.device_get(pending)
-                now = time.time()
-                elapsed = now - t_interval
-                if step + 1 - interval_steps > start:  # not the first interval: it includes compilation
-                    train_seconds += elapsed
-                    timed_images += interval_steps * config.batch_size
-                means = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "top1", "top5")}
-                if not np.isfinite(means["loss"]):
-                    raise TrainingError(
-                        f"the training loss became {means['loss']} by step {done}: lower --config.learning_rate "
-                        f"(now {config.learning_rate}, {optim.base_learning_rate(config):.4g} at batch "
-                        f"{config.batch_size}) or check the input data (docs/recipe.md)"
-                    )
-                lr = float(fetched[-1]["lr"])
-                rate = interval_steps * config.batch_size / max(elapsed, 1e-9)
-                eta = (total - done) * config.batch_size / rate
-                logging.info("step %d/%d (epoch %.2f) | loss %.4f | top1 %.2f%% | top5 %.2f%% | lr %.4g | "
-                             "%.0f img/s | ETA %s", done, total, done / per_epoch, means["loss"],
-                             100 * means["top1"], 100 * means["top5"], lr, rate, _fmt_seconds(eta))
-                writer.write(done, {"train/loss": means["loss"], "train/top1": means["top1"],
-                                    "train/top5": means["top5"], "train/lr": lr, "train/images_per_second": rate})
-                pending.clear()
-                interval_steps, t_interval = 0, time.time()
-            if done % eval_every == 0 or done == total:
-                jax.block_until_ready(state)  # queued train steps are training time, not evaluation time
-                t_eval = time.time()
-                last_eval = step_eval = trainer.evaluate(state, data.eval(pid, nproc, trainer.eval_row_multiple))
-                if last_eval["top1"] > best_eval.get("top1", -1.0):
-                    best_eval = {**last_eval, "step": done}
-                if config.lr_schedule == "plateau":
-                    plateau, opt_state = optim.plateau_step(
-                        trainer.plateau, state.plateau, state.opt_state, 1.0 - last_eval["top1"])
-                    state = state.replace(plateau=plateau, opt_state=opt_state)
-                logging.info("eval at step %d: top1 %.2f%% | top5 %.2f%% | loss %.4f | %d images | %.1fs",
-                             done, 100 * last_eval["top1"], 100 * last_eval["top5"], last_eval["loss"],
-                             last_eval["count"], time.time() - t_eval)
-                writer.write(done, {"eval/top1": last_eval["top1"], "eval/top5": last_eval["top5"],
-                                    "eval/loss": last_eval["loss"]})
-                t_interval += time.time() - t_eval  # evaluation time is not training time
-            # --- checkpointing: save per policy; on SIGTERM/preemption save and stop
-            if policy.after_step(done, state, final=done == total, eval_metrics=step_eval, last_eval=last_eval):
-                break
-    ckpt.close()
-    writer.close()
-    if policy.preempted_at is not None:
-        return {"preempted": True, "step": policy.preempted_at, "checkpoint": ckpt.step_dir(policy.preempted_at)}
-    # --- end checkpointing
-
-    summary = {
+def summary(spec: RunSpec, mesh: Any, step: int, per_epoch: int, last_eval: dict[str, Any],
+            best_eval: dict[str, Any], meter: loop.Meter, t_start: float) -> dict[str, Any]:
+    """`summary.json`: the last and the best evaluation, the run's length, throughput and setting."""
+    return {
         "top1_accuracy": last_eval.get("top1"),
         "top5_accuracy": last_eval.get("top5"),
         "top1_error": None if not last_eval else 1 - last_eval["top1"],
@@ -351,25 +239,125 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: d
         "best_eval_loss": best_eval.get("loss"),
         "best_step": best_eval.get("step"),
         "num_eval_examples": last_eval.get("count"),
-        "step": int(state.step),
-        "epochs": int(state.step) / per_epoch,
-        "train_images_per_second": timed_images / train_seconds if train_seconds else None,
+        "step": step,
+        "epochs": step / per_epoch,
+        "train_images_per_second": meter.images_per_second,
         "wall_seconds": time.time() - t_start,
-        "dataset": config.dataset,
-        "variant": config.variant,
-        "batch_size": config.batch_size,
-        "learning_rate": optim.base_learning_rate(config),
+        "dataset": spec.loop.dataset,
+        "variant": spec.model.variant,
+        "batch_size": spec.loop.batch_size,
+        "learning_rate": spec.optimizer.base_learning_rate,
         "mesh": dict(mesh.shape),
     }
-    if jax.process_index() == 0:
-        path = os.path.join(workdir, "summary.json")
-        try:
-            with open(path + ".tmp", "w") as f:
-                json.dump(summary, f, indent=2)
-            os.replace(path + ".tmp", path)
-        except OSError as e:
-            raise UserError(f"cannot write {path} ({e.strerror}): free space or make {workdir} writable; training "
-                            f"finished and its checkpoint (step {summary['step']}) is saved: rerunning the same "
-                            "command writes the summary") from None
-    logging.info("done: %s", json.dumps(summary))
-    return summary
+
+
+def write_summary(workdir: str, result: dict[str, Any]) -> None:
+    """`WORKDIR/summary.json`, written whole or not at all (process 0)."""
+    path = os.path.join(workdir, "summary.json")
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror}): free space or make {workdir} writable; training "
+                        f"finished and its checkpoint (step {result['step']}) is saved: rerunning the same "
+                        "command writes the summary") from None
+
+
+def log_train(spec: RunSpec, writer: scalars.Scalars, done: int, total: int, per_epoch: int,
+              fetched: list[dict[str, Any]], rate: float, eta: float) -> None:
+    """The interval's mean loss and accuracy in the log and TensorBoard; a NaN loss stops the run in one line."""
+    means = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "top1", "top5")}
+    if not np.isfinite(means["loss"]):
+        raise TrainingError(
+            f"the training loss became {means['loss']} by step {done}: lower --config.learning_rate (now "
+            f"{spec.optimizer.learning_rate}, {spec.optimizer.base_learning_rate:.4g} at batch "
+            f"{spec.loop.batch_size}) or check the input data (docs/recipe.md)")
+    lr = float(fetched[-1]["lr"])
+    logging.info("step %d/%d (epoch %.2f) | loss %.4f | top1 %.2f%% | top5 %.2f%% | lr %.4g | %.0f img/s | ETA %s",
+                 done, total, done / per_epoch, means["loss"], 100 * means["top1"], 100 * means["top5"], lr, rate,
+                 loop.format_seconds(eta))
+    writer.write(done, {"train/loss": means["loss"], "train/top1": means["top1"], "train/top5": means["top5"],
+                        "train/lr": lr, "train/images_per_second": rate})
+
+
+def log_eval(writer: scalars.Scalars, done: int, metrics: dict[str, Any], seconds: float) -> None:
+    logging.info("eval at step %d: top1 %.2f%% | top5 %.2f%% | loss %.4f | %d images | %.1fs", done,
+                 100 * metrics["top1"], 100 * metrics["top5"], metrics["loss"], metrics["count"], seconds)
+    writer.write(done, {"eval/top1": metrics["top1"], "eval/top5": metrics["top5"], "eval/loss": metrics["loss"]})
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: datalib.Data | None = None
+                       ) -> dict[str, Any]:
+    """Train, evaluate every `eval_every_steps` (default: each epoch) and write `workdir/summary.json`.
+    `data`: the dataset to use instead of the configured one (e.g. the accelerator check's synthetic batches).
+    The config is read here, once, into specs: a bad value stops the run before data or devices are touched."""
+    t_start = time.time()
+    spec = RunSpec.from_config(config, jax.process_count())
+    mesh = spec.sharding.make_mesh()  # whether it splits the batches: `build`, once the data gives the input shape
+    if jax.default_backend() == "cpu" and xla_cpu.convolutions_in_ynnpack(os.environ.get("XLA_FLAGS", "")):
+        logging.warning(xla_cpu.SLOW_CONVOLUTIONS)
+    with WriterLock(workdir, jax.process_index()):  # makes the workdir; a second run on it stops here, in one line
+        return run(spec, workdir, mesh, data, t_start)
+
+
+def run(spec: RunSpec, workdir: str, mesh: Any, data: datalib.Data | None, t_start: float) -> dict[str, Any]:
+    """The training loop of `train_and_evaluate`, once the specs are read, the mesh made and the workdir ours."""
+    pid, nproc = jax.process_index(), jax.process_count()
+    pre, normalisation = pretrained.for_run(spec.transfer, workdir)
+    if data is None:  # process 0 prepares what is missing, the others wait for it
+        data = datalib.create_data(spec.data, normalisation, pid, nproc)
+    spec = spec.with_classes(len(data.class_names))
+    per_epoch = datalib.steps_per_epoch(data.num_train, spec.loop.batch_size)
+    if per_epoch == 0:
+        raise UserError(f"--config.batch_size={spec.loop.batch_size} exceeds the {data.num_train} training images")
+    total, eval_every = spec.loop.total_steps(per_epoch), spec.loop.eval_every(per_epoch)
+    trainer = Trainer(spec, mesh, data.image_shape, per_epoch, total, augment=data.on_device)
+    ckpt = checkpointing.Checkpointer(workdir, spec.checkpoint, trainer.abstract_state, trainer.state_sharding,
+                                      metadata=run_metadata(spec, data))
+    state, last_eval = ckpt.restore_or(trainer.init(jax.random.PRNGKey(spec.loop.seed)))  # resume if saved
+    start = int(state.step)
+    if pre is not None and start == 0:  # fine-tuning starts from the pretrained weights; a resumed run does not
+        state = pretrained.load_into(state, pre, trainer.state_sharding)
+    log_start(spec, data, mesh, state, total, per_epoch)
+    writer = scalars.Scalars(workdir, on_error=ckpt.stop_after)  # TensorBoard (or metrics.jsonl), process 0
+    batches = prefetch(data.train(start, total, pid, nproc), trainer.global_batch)
+    meter, pending, best_eval = loop.Meter(spec.loop.batch_size, total), [], {}
+    with SavePolicy(ckpt, spec.checkpoint) as policy:  # saves when due; SIGTERM: save, stop (preemption.py)
+        for done in range(start + 1, total + 1):
+            state, metrics = trainer.train_step(state, next(batches))
+            pending.append(metrics)
+            meter.step()
+            if loop.periodic(done, spec.loop.log_every_steps, total):
+                log_train(spec, writer, done, total, per_epoch, jax.device_get(pending), *meter.report(done))
+                pending.clear()
+            step_eval = None
+            if loop.periodic(done, eval_every, total):
+                jax.block_until_ready(state)  # queued train steps are training time, not evaluation time
+                t_eval = time.time()
+                state, step_eval = trainer.evaluate(state, data.eval(pid, nproc, trainer.eval_row_multiple))
+                last_eval, best_eval = step_eval, max(best_eval, {**step_eval, "step": done},
+                                                      key=lambda e: e.get("top1", -1.0))
+                log_eval(writer, done, step_eval, time.time() - t_eval)
+                meter.exclude(time.time() - t_eval)
+            if policy.after_step(done, state, final=done == total, eval_metrics=step_eval, last_eval=last_eval):
+                break
+    ckpt.close()
+    writer.close()
+    if policy.preempted_at is not None:
+        return {"preempted": True, "step": policy.preempted_at, "checkpoint": ckpt.step_dir(policy.preempted_at)}
+    result = summary(spec, mesh, int(state.step), per_epoch, last_eval, best_eval, meter, t_start)
+    if pid == 0:
+        write_summary(workdir, result)
+    logging.info("done: %s", json.dumps(result))
+    return result
+
+
+def log_start(spec: RunSpec, data: datalib.Data, mesh: Any, state: TrainState, total: int, per_epoch: int) -> None:
+    if spec.optimizer.frozen:
+        logging.info("frozen (no update, no weight decay, no optimizer state): %s",
+                     ", ".join(optim.frozen_paths(spec.optimizer.frozen, state.params)))
+    logging.info("%s on %s: %d train / %d test images, %d steps (%.2f epochs of %d), batch %d, learning rate "
+                 "%.4g, mesh %s", spec.model.variant, spec.loop.dataset, data.num_train, data.num_eval, total,
+                 total / per_epoch, per_epoch, spec.loop.batch_size, spec.optimizer.base_learning_rate,
+                 dict(mesh.shape))

@@ -91,7 +91,7 @@ def step_row(variant: str, dtype: str, kernels: str, batch: int, smoke: bool, pe
     device = jax.devices()[0]
     mesh = sharding.make_mesh((1, 1), devices=[device])
     shape = (config.image_size, config.image_size, 3)
-    trainer = train.Trainer(config, mesh, shape, 100, 1000)
+    trainer = train.Trainer(train.RunSpec.from_config(config), mesh, shape, 100, 1000)
     state = trainer.init(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     batch_arrays = trainer.global_batch({"image": rng.normal(0, 50, (batch, *shape)).astype(np.float32),
@@ -157,7 +157,7 @@ def correctness(smoke: bool) -> dict:
     params = None
     out = {}
     for name, device in (("cpu", cpu), ("device", jax.devices()[0])):
-        model = create_model(config, sharding.make_mesh((1, 1), devices=[device]))
+        model = create_model(ModelSpec.from_config(config), sharding.make_mesh((1, 1), devices=[device]))
         if params is None:
             with jax.default_device(cpu):
                 params = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)),
@@ -224,7 +224,8 @@ def loop_row(smoke: bool, steps: int) -> dict:
         wall = time.perf_counter() - t
         loaded = inference.load(workdir, None, inference.mesh_of_one_device())
         # the pure step, for the loop's host share: the same compiled step on one resident batch
-        trainer = train.Trainer(config, loaded.mesh, (config.image_size,) * 2 + (3,), 50, steps)
+        trainer = train.Trainer(train.RunSpec.from_config(config), loaded.mesh, (config.image_size,) * 2 + (3,), 50,
+                                steps)
         state = trainer.init(jax.random.PRNGKey(0))
         batch = trainer.global_batch(next(data.train(0, 1, 0, 1)))
         holder = {"state": state}

@@ -47,7 +47,8 @@ def main() -> None:
     sys.path.insert(0, REPO)
     from alexnet_jax import data as datalib
     from alexnet_jax import sharding, train
-    from alexnet_jax.model import alexnet
+    from alexnet_jax import build
+    from alexnet_jax.model import ModelSpec, alexnet
 
     spec = importlib.util.spec_from_file_location("config", a.config)
     module = importlib.util.module_from_spec(spec)
@@ -62,15 +63,16 @@ def main() -> None:
     data = datalib.create_data(config)
     per_epoch = datalib.steps_per_epoch(data.num_train, config.batch_size)
     if a.float64:  # float64 parameters and compute (the LRN follows its input: float64 too)
-        create = train.create_model
-        train.create_model = lambda c, mesh=None: create(c, mesh).clone(dtype=jnp.float64, param_dtype=jnp.float64)
+        create = build.create_model
+        build.create_model = lambda *args: create(*args).clone(dtype=jnp.float64, param_dtype=jnp.float64)
 
     def run(mesh_shape: tuple[int, int], kernels: str) -> tuple[float, dict[str, np.ndarray]]:
         config.kernels, config.mesh_shape = kernels, mesh_shape
         mesh = sharding.make_mesh(mesh_shape, jax.devices()[: mesh_shape[0] * mesh_shape[1]])
-        trainer = train.Trainer(config, mesh, data.image_shape, per_epoch, 100, augment=data.on_device)
+        trainer = train.Trainer(train.RunSpec.from_config(config), mesh, data.image_shape, per_epoch, 100,
+                                augment=data.on_device)
         with jax.default_device(jax.devices()[0]):  # the float32 initialisation, whatever --float64 says
-            init = train.create_train_state(jax.random.PRNGKey(config.seed), model=create_float32(config),
+            init = train.create_train_state(jax.random.PRNGKey(config.seed), model=create_float32(ModelSpec.from_config(config)),
                                             tx=trainer.tx, plateau=trainer.plateau, image_shape=data.image_shape)
         dtype = np.float64 if a.float64 else np.float32
         init = jax.tree_util.tree_map(lambda v: v.astype(dtype) if v.dtype == np.float32 else v, init)

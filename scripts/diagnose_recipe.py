@@ -141,7 +141,7 @@ def main() -> None:
     data = datalib.create_data(config)
     per_epoch = datalib.steps_per_epoch(data.num_train, config.batch_size)
     mesh = sharding.make_mesh((1, 1), jax.devices()[:1])
-    trainer = train.Trainer(config, mesh, data.image_shape, per_epoch, a.steps)
+    trainer = train.Trainer(train.RunSpec.from_config(config), mesh, data.image_shape, per_epoch, a.steps)
     state = trainer.init(jax.random.PRNGKey(config.seed))
     config.learning_rate_effective = float(train.optim.current_lr(state.opt_state))
     step = jax_side(trainer, config)

@@ -53,7 +53,7 @@ def run(config, pid: int, nproc: int, steps: int) -> tuple[dict[str, np.ndarray]
                                        rng.integers(0, 10, 64).astype(np.int32), tuple(map(str, range(10))))
     mean, std = datalib.channel_stats(data.images)
     mesh = sharding.make_mesh(config.mesh_shape)
-    trainer = train.Trainer(config, mesh, (20, 20, 1), steps_per_epoch=4, total_steps=steps)
+    trainer = train.Trainer(train.RunSpec.from_config(config), mesh, (20, 20, 1), steps_per_epoch=4, total_steps=steps)
     state = trainer.init(jax.random.PRNGKey(config.seed))
     seen = []
     for local in small.train_batches(data, config, mean, std, 0, steps, pid, nproc):
@@ -72,7 +72,8 @@ def worker(pid: int, nproc: int, port: int, out_dir: str, steps: int) -> None:
     from alexnet_jax import distributed
 
     config = config_for_test(pid, nproc, port)
-    assert distributed.initialize(config) == (nproc > 1)  # before any other JAX call
+    # before any other JAX call
+    assert distributed.initialize(distributed.DistributedSpec.from_config(config)) == (nproc > 1)
     params, seen = run(config, pid, nproc, steps)
     np.save(os.path.join(out_dir, f"labels_{pid}_of_{nproc}.npy"), seen)
     if pid == 0:

@@ -41,7 +41,8 @@ def worker(pid: int, nproc: int, port: int, devices: int, runs_json: str) -> Non
         config.coordinator_address = f"127.0.0.1:{port}" if nproc > 1 else ""
         config.num_processes, config.process_id = nproc, pid
         if not initialised:
-            assert distributed.initialize(config) == (nproc > 1)  # before any other JAX call
+            # before any other JAX call
+            assert distributed.initialize(distributed.DistributedSpec.from_config(config)) == (nproc > 1)
             initialised = True
         records.Records.split_logged = run["train_split"]
         reads.clear()

@@ -23,7 +23,7 @@ from alexnet_jax import config as config_lib
 from alexnet_jax import data as datalib
 from alexnet_jax.data import small
 from alexnet_jax.errors import UserError
-from alexnet_jax.model import create_model
+from alexnet_jax.model import ModelSpec, create_model
 from alexnet_jax.preemption import SavePolicy
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -125,7 +125,7 @@ def test_saving_replicated_state_on_8_devices_compiles_no_slices(tmp_path, caplo
     """orbax would have each of the 8 replicas write a slice of every replicated array, compiling a slicing program
     per array (~100, seconds, in the first save of every run): small arrays are written whole by one replica."""
     config = tiny_config(widths=(8, 16, 16, 16, 24), fc_width=40)  # shapes no other test saves (no cached program)
-    trainer = train.Trainer(config, train.sharding.make_mesh((8, 1)), (28, 28, 1), 4, 4)
+    trainer = train.Trainer(train.RunSpec.from_config(config), train.sharding.make_mesh((8, 1)), (28, 28, 1), 4, 4)
     state = trainer.init(jax.random.PRNGKey(0))
     ckpt = _reader(str(tmp_path), config, trainer, read_only=False)
     jax.config.update("jax_log_compiles", True)
@@ -180,7 +180,7 @@ def test_4x2_checkpoint_restores_on_1_device_and_2x2_with_same_accuracy(run_4x2)
         assert out["loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
         results[shape] = out
         # the full state lands on the target mesh with the strategy's shardings, values bitwise equal
-        trainer = train.Trainer(config, mesh, (28, 28, 1), 4, 4)
+        trainer = train.Trainer(train.RunSpec.from_config(config), mesh, (28, 28, 1), 4, 4)
         ckpt = _reader(workdir, config, trainer)
         state = ckpt.restore(4).state
         for leaf, target in zip(jax.tree.leaves(state), jax.tree.leaves(trainer.state_sharding), strict=True):
@@ -225,7 +225,7 @@ def test_plain_orbax_restores_the_parameter_tree(run_4x2, python):
                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    model = create_model(config)
+    model = create_model(ModelSpec.from_config(config))
     expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"])
     expected = {"/".join(k.key for k in p): list(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
     assert got["step"] == 4 and got["same"] and got["types"] == ["ndarray"]
@@ -234,7 +234,8 @@ def test_plain_orbax_restores_the_parameter_tree(run_4x2, python):
 
 # ------------------------------------------------------------------------------- unreadable / mismatched
 def _trainer(config):
-    return train.Trainer(config, sharding.make_mesh((1, 1), devices=jax.devices()[:1]), (28, 28, 1), 4, 4)
+    return train.Trainer(train.RunSpec.from_config(config), sharding.make_mesh((1, 1), devices=jax.devices()[:1]),
+                         (28, 28, 1), 4, 4)
 
 
 def test_truncated_latest_is_skipped_and_previous_restored(run_4x2, tmp_path, caplog):
@@ -289,7 +290,7 @@ def test_predict_matches_the_eval_pipeline(run_4x2, tmp_path):
     # the reference: the same checkpoint applied to the images normalised by hand, as the run's evaluation does:
     # minus the training split's mean, over its standard deviation (one channel, 0-255 scale), in NumPy
     mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
-    trainer = train.Trainer(config, mesh, (28, 28, 1), 4, 4)
+    trainer = train.Trainer(train.RunSpec.from_config(config), mesh, (28, 28, 1), 4, 4)
     state = _reader(workdir, config, trainer).restore(4).state
     pixels = train_split.images.astype(np.float64)
     images = ((test.images[:3].astype(np.float64) - pixels.mean()) / pixels.std()).astype(np.float32)

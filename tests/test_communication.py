@@ -30,7 +30,7 @@ import jax
 import pytest
 
 from alexnet_jax import collectives, flops
-from alexnet_jax.model import create_model
+from alexnet_jax.model import ModelSpec, create_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(REPO, "docs", "sharding.md")
@@ -71,7 +71,7 @@ def analytic(config, strategy: str) -> dict[tuple[str, str, str, str], int]:
     d, m = MESH
     B = config.batch_size
     b = B // d
-    model = create_model(config)
+    model = create_model(ModelSpec.from_config(config))
     params, inter = flops._abstract_run(model, (config.image_size, config.image_size, 3))
     classes, fc_in = config.num_classes, {"fc6": math.prod(inter["pool5"].shape[1:]),
                                            "fc7": params["fc7"]["kernel"].shape[0],

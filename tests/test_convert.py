@@ -11,7 +11,7 @@ from conftest import examples
 
 from alexnet_jax import convert
 from alexnet_jax.errors import UserError
-from alexnet_jax.model import create_model
+from alexnet_jax.model import ModelSpec, create_model
 
 sys.path.insert(0, os.path.dirname(__file__))
 try:
@@ -90,7 +90,7 @@ def converted(narrow_pth, tmp_path_factory) -> str:
 def _flax_logits(state_dict, images_nhwc: np.ndarray) -> np.ndarray:
     widths, fc_width, classes, _ = convert.check_architecture(state_dict)
     config = convert.torchvision_config(widths, fc_width, classes, images_nhwc.shape[1])
-    model = create_model(config)
+    model = create_model(ModelSpec.from_config(config))
     return np.asarray(model.apply({"params": convert.to_flax_params(state_dict)}, images_nhwc, train=False))
 
 

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from alexnet_jax.flops import count_params, feature_shapes
-from alexnet_jax.model import AlexNet, Conv, conv1_edge_padding, create_model, local_response_norm, max_pool
+from alexnet_jax.model import AlexNet, Conv, ModelSpec, conv1_edge_padding, create_model, local_response_norm, max_pool
 
 PAPER_LAYER_PARAMS = {  # REFERENCE.md section 1
     "conv1": 34_944, "conv2": 307_456, "conv3": 885_120, "conv4": 663_936, "conv5": 442_624,
@@ -248,17 +248,17 @@ def load_config(name):
 
 def test_config_files_build_the_intended_models():
     imagenet = load_config("imagenet.py")
-    model = create_model(imagenet)
+    model = create_model(ModelSpec.from_config(imagenet))
     params = abstract_params(model, (imagenet.image_size, imagenet.image_size, 3))
     assert count_params(params) == 60_965_224 and imagenet.batch_size == 128
     assert (imagenet.learning_rate, imagenet.momentum, imagenet.weight_decay) == (0.01, 0.9, 5e-4)
     assert imagenet.lr_schedule == "plateau" and imagenet.init_scheme == "paper"
 
     blog = load_config("fashion_mnist_224.py")  # the paper's net on 1-channel 224 px inputs, 10 classes
-    params = abstract_params(create_model(blog), (224, 224, 1))
+    params = abstract_params(create_model(ModelSpec.from_config(blog)), (224, 224, 1))
     assert count_params(params) == 60_965_224 - 34_944 + (11 * 11 * 96 + 96) - 4_097_000 + (4096 * 10 + 10)
-    assert feature_shapes(create_model(blog), (224, 224, 1))["pool5"] == (6, 6, 256)
+    assert feature_shapes(create_model(ModelSpec.from_config(blog)), (224, 224, 1))["pool5"] == (6, 6, 256)
 
     quick = load_config("fashion_mnist.py")
-    shapes = feature_shapes(create_model(quick), (28, 28, 1))
+    shapes = feature_shapes(create_model(ModelSpec.from_config(quick)), (28, 28, 1))
     assert shapes["pool5"] == (2, 2, quick.widths[-1]) and quick.num_classes == 10

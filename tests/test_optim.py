@@ -19,7 +19,7 @@ def test_paper_update_rule_against_numpy_with_changing_lr():
     """v <- 0.9 v - wd*eps*w - eps*g; w <- w + v, with eps changing mid-run (step schedule)."""
     c = config(learning_rate=0.1, momentum=0.9, weight_decay=5e-4, lr_schedule="step", lr_step_epochs=(2.0,),
                lr_decay_factor=0.1)
-    tx = optim.create_optimizer(c, steps_per_epoch=1, total_steps=6)
+    tx = optim.create_optimizer(optim.OptimizerSpec.from_config(c), steps_per_epoch=1, total_steps=6)
     rng = np.random.default_rng(0)
     params = {"fc": {"kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
                      "bias": jnp.asarray(rng.normal(size=(2,)), jnp.float32)}}
@@ -44,7 +44,7 @@ def test_velocity_carries_the_learning_rate():
     """After a drop, the old velocity keeps its size: unlike sgd(lr, momentum), which rescales it."""
     c = config(learning_rate=1.0, momentum=0.9, weight_decay=0.0, lr_schedule="step", lr_step_epochs=(1.0,),
                lr_decay_factor=0.1)
-    tx = optim.create_optimizer(c, steps_per_epoch=1, total_steps=3)
+    tx = optim.create_optimizer(optim.OptimizerSpec.from_config(c), steps_per_epoch=1, total_steps=3)
     p = {"w": {"kernel": jnp.zeros(())}}
     s = tx.init(p)
     g = {"w": {"kernel": jnp.ones(())}}
@@ -56,8 +56,8 @@ def test_velocity_carries_the_learning_rate():
 
 def test_plateau_divides_by_ten_after_patience_and_stops_after_three():
     c = config(learning_rate=0.01, lr_schedule="plateau", plateau_patience=2, plateau_cooldown=0)
-    tx = optim.create_optimizer(c, 10, 100)
-    plateau = optim.create_plateau(c)
+    tx = optim.create_optimizer(optim.OptimizerSpec.from_config(c), 10, 100)
+    plateau = optim.create_plateau(optim.OptimizerSpec.from_config(c))
     params = {"w": {"kernel": jnp.zeros((2,))}}
     opt_state, pstate = tx.init(params), plateau.init(params)
     lrs = []
@@ -74,11 +74,13 @@ def test_plateau_divides_by_ten_after_patience_and_stops_after_three():
 
 
 def test_cosine_warmup_and_constant_schedules():
-    cos = optim.create_schedule(config(learning_rate=0.1, lr_schedule="cosine", warmup_epochs=1.0), 10, 100)
+    cos = optim.create_schedule(
+        optim.OptimizerSpec.from_config(config(learning_rate=0.1, lr_schedule="cosine", warmup_epochs=1.0)), 10, 100)
     assert float(cos(0)) == 0.0
     np.testing.assert_allclose(float(cos(10)), 0.1, rtol=1e-6)
     assert float(cos(100)) < 1e-6
-    const = optim.create_schedule(config(learning_rate=0.1, lr_schedule="constant"), 10, 100)
+    const = optim.create_schedule(optim.OptimizerSpec.from_config(config(learning_rate=0.1, lr_schedule="constant")),
+                                  10, 100)
     assert float(const(0)) == float(const(99)) == np.float32(0.1)
 
 

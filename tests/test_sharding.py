@@ -15,7 +15,7 @@ from conftest import FAST_COMPILE
 
 from alexnet_jax import collectives, default_config, distributed, optim, sharding, train
 from alexnet_jax.errors import UserError
-from alexnet_jax.model import create_model
+from alexnet_jax.model import ModelSpec, create_model
 
 IMAGE = (20, 20, 1)
 
@@ -61,9 +61,9 @@ def reference_for(kernels: str):
     """The initial state and STEPS train steps on one device, no mesh at all: what every mesh must reproduce."""
     if kernels not in _REFERENCES:
         config = tiny_config(kernels=kernels)
-        model = create_model(config)
-        tx = optim.create_optimizer(config, 10, 100)
-        plateau = optim.create_plateau(config)
+        model = create_model(ModelSpec.from_config(config))
+        tx = optim.create_optimizer(optim.OptimizerSpec.from_config(config), 10, 100)
+        plateau = optim.create_plateau(optim.OptimizerSpec.from_config(config))
         with jax.default_device(jax.devices()[0]):
             init = jax.jit(partial(train.create_train_state, model=model, tx=tx, plateau=plateau, image_shape=IMAGE))
             state = state0 = init(jax.random.PRNGKey(config.seed))
@@ -92,7 +92,8 @@ def test_train_steps_match_single_device(shape, strategy, kernels):
     every leaf within 1e-5 of its largest value (docs/sharding.md: a 1.1e-4 difference in conv1's bias seen on
     FashionMNIST was one ReLU input within float32 rounding of zero, not the split)."""
     config = tiny_config(mesh_shape=shape, sharding=strategy, kernels=kernels)
-    trainer = train.Trainer(config, mesh_of(shape), IMAGE, steps_per_epoch=10, total_steps=100)
+    trainer = train.Trainer(train.RunSpec.from_config(config), mesh_of(shape), IMAGE, steps_per_epoch=10,
+                            total_steps=100)
     state0, ref_params, ref_losses = reference_for(kernels)
     state = jax.device_put(state0, trainer.state_sharding)
     losses = []
@@ -114,7 +115,8 @@ def assert_same_leaves(got, want, rtol):
 def test_state_is_created_sharded(reference):
     """Trainer.init builds params and momentum directly in their shardings, equal to the unsharded init."""
     config = tiny_config(mesh_shape=(4, 2))
-    trainer = train.Trainer(config, mesh_of((4, 2)), IMAGE, steps_per_epoch=10, total_steps=100)
+    trainer = train.Trainer(train.RunSpec.from_config(config), mesh_of((4, 2)), IMAGE, steps_per_epoch=10,
+                            total_steps=100)
     state = trainer.init(jax.random.PRNGKey(config.seed))
     kernel = state.params["conv2"]["kernel"]  # (5, 5, 8, 32): 16 of conv2's 32 kernels per device
     assert {s.data.shape for s in kernel.addressable_shards} == {(5, 5, 8, 16)}
@@ -139,7 +141,8 @@ def _at(tree, path):
 def test_per_device_parameter_bytes_on_model_2():
     config = default_config.get_config()  # the paper's net on ImageNet, 60,965,224 parameters
     mesh = mesh_of((4, 2))
-    trainer = train.Trainer(config, mesh, (224, 224, 3), steps_per_epoch=100, total_steps=1000)
+    trainer = train.Trainer(train.RunSpec.from_config(config), mesh, (224, 224, 3), steps_per_epoch=100,
+                            total_steps=1000)
     params = trainer.abstract_state.params
     shardings = trainer.state_sharding.params
     total = sum(p.size * p.dtype.itemsize for p in jax.tree_util.tree_leaves(params))
@@ -154,7 +157,7 @@ def test_per_device_parameter_bytes_on_model_2():
 
 def test_owt_splits_only_the_fc_layers():
     config = tiny_config(sharding="owt")
-    trainer = train.Trainer(config, mesh_of((4, 2)), IMAGE, 10, 100)
+    trainer = train.Trainer(train.RunSpec.from_config(config), mesh_of((4, 2)), IMAGE, 10, 100)
     specs = jax.tree_util.tree_map(lambda s: s.spec, trainer.state_sharding.params)
     assert specs["conv2"]["kernel"] == jax.sharding.PartitionSpec()
     assert specs["fc7"]["kernel"] == jax.sharding.PartitionSpec(None, "model")
@@ -169,17 +172,19 @@ def test_mesh_size_must_match_devices():
 def test_model_axis_must_divide_widths():
     config = tiny_config(widths=(16, 32, 48, 48, 30), mesh_shape=(2, 4))
     with pytest.raises(UserError, match=r"'model' axis \(4 devices\) does not divide .*conv5"):
-        train.Trainer(config, mesh_of((2, 4)), IMAGE, 10, 100)
+        train.Trainer(train.RunSpec.from_config(config), mesh_of((2, 4)), IMAGE, 10, 100)
 
 
 def test_batch_must_divide_data_axis():
     config = tiny_config(batch_size=6)
     with pytest.raises(UserError, match=r"batch_size=6 must be divisible by the mesh's 'data' \(4\)"):
-        train.Trainer(config, mesh_of((4, 2)), IMAGE, 10, 100)
+        train.Trainer(train.RunSpec.from_config(config), mesh_of((4, 2)), IMAGE, 10, 100)
     # The paper split needs only 'data' to divide the batch; the other strategies split it over both axes.
-    train.Trainer(tiny_config(batch_size=12, eval_batch_size=12), mesh_of((4, 2)), IMAGE, 10, 100)
+    train.Trainer(train.RunSpec.from_config(tiny_config(batch_size=12, eval_batch_size=12)), mesh_of((4, 2)), IMAGE,
+                  10, 100)
     with pytest.raises(UserError, match=r"'data' \(4\) x 'model' \(2\) = 8 batch shards"):
-        train.Trainer(tiny_config(batch_size=12, sharding="owt"), mesh_of((4, 2)), IMAGE, 10, 100)
+        train.Trainer(train.RunSpec.from_config(tiny_config(batch_size=12, sharding="owt")), mesh_of((4, 2)), IMAGE,
+                      10, 100)
 
 
 def test_main_rejects_a_bad_mesh_before_compiling(repo, tmp_path):
@@ -290,13 +295,15 @@ def test_distributed_start_up_follows_config_and_environment(monkeypatch):
                 "OMPI_COMM_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     config = default_config.get_config()
-    assert distributed.initialize(config) is False  # one process: nothing asked for it
+    # one process: nothing asked for it
+    assert distributed.initialize(distributed.DistributedSpec.from_config(config)) is False
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     monkeypatch.setenv("SLURM_NTASKS", "1")
-    assert distributed.initialize(config) is False  # a one-task SLURM job is one process
+    # a one-task SLURM job is one process
+    assert distributed.initialize(distributed.DistributedSpec.from_config(config)) is False
     config.distributed = "sometimes"
     with pytest.raises(UserError, match=r"--config.distributed='sometimes': choose 'auto', 'on' or 'off'"):
-        distributed.initialize(config)
+        distributed.initialize(distributed.DistributedSpec.from_config(config))
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host-0,host-1")
     assert distributed._multi_process_env()

@@ -64,7 +64,7 @@ def test_training_is_deterministic(tmp_path):
     labels = np.arange(16) % 4
     images = rng.normal(size=(16, 28, 28, 1)).astype(np.float32)
     mesh = sharding.make_mesh((1, 1), jax.devices()[:1])
-    trainer = train.Trainer(c, mesh, (28, 28, 1), steps_per_epoch=1, total_steps=3)
+    trainer = train.Trainer(train.RunSpec.from_config(c), mesh, (28, 28, 1), steps_per_epoch=1, total_steps=3)
     results = []
     for _ in range(2):
         state = trainer.init(jax.random.PRNGKey(0))

@@ -78,7 +78,8 @@ def test_finetune_from_an_imagenet_run_with_frozen_convs(prepared, folder3, tmp_
     for k in ("fc6/kernel", "fc7/kernel"):
         assert not np.array_equal(after[k], before[k]), k  # trained from the pretrained values
     # the optimizer state holds momentum only for the trained layers
-    trainer = train.Trainer(fine, train.sharding.make_mesh((1, 1), jax.devices()[:1]), (32, 32, 3), 4, 40)
+    trainer = train.Trainer(train.RunSpec.from_config(fine), train.sharding.make_mesh((1, 1), jax.devices()[:1]),
+                            (32, 32, 3), 4, 40)
     paths = ["/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
              for path, _ in jax.tree_util.tree_leaves_with_path(trainer.abstract_state.opt_state)]
     assert not [p for p in paths if "conv" in p], paths

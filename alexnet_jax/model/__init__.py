@@ -1,10 +1,10 @@
 """AlexNet in Flax, as a package: numeric kernels (`ops`), mesh-aware layers (`layers`), the network (`alexnet`).
 
-`from alexnet_jax.model import AlexNet, create_model, ...` gives the public names of all three; the shape and
+`from alexnet_jax.model import AlexNet, ModelSpec, create_model, ...` gives the public names of all three; the shape and
 multiply-add analysis of a built model is in `alexnet_jax.flops`.
 """
 
-from alexnet_jax.model.alexnet import INITS, NORMS, VARIANTS, AlexNet, Variant, create_model, groups_of
+from alexnet_jax.model.alexnet import INITS, NORMS, VARIANTS, AlexNet, ModelSpec, Variant, create_model
 from alexnet_jax.model.layers import Conv, Dense
 from alexnet_jax.model.ops import (
     KERNELS,
@@ -37,12 +37,12 @@ __all__ = [
     "AlexNet",
     "Conv",
     "Dense",
+    "ModelSpec",
     "Variant",
     "adaptive_avg_pool",
     "conv1_edge_padding",
     "create_model",
     "grouped_conv",
-    "groups_of",
     "local_response_norm",
     "max_pool",
     "pool",

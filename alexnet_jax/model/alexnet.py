@@ -35,6 +35,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from alexnet_jax import sharding
+from alexnet_jax.errors import UserError
 from alexnet_jax.model.layers import Conv, Dense, Dtype
 from alexnet_jax.model.ops import (
     KERNELS,
@@ -243,23 +244,66 @@ class AlexNet(nn.Module):
             return x if before else dropout(x)
 
 
-def create_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> AlexNet:
-    """The configured AlexNet; with a mesh, its layers run split as `config.sharding` says (sharding.py)."""
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The model's part of the config, read once (`from_config`): what `create_model` builds."""
+
+    num_classes: int = 1000  # 0: the dataset's class count, set with `with_classes` once the data is open
+    variant: str = "paper"
+    norm: str | None = None  # None: the variant's own
+    groups: int | None = None  # None: the variant's own
+    init_scheme: str = "paper"
+    dropout_rate: float = 0.5
+    widths: tuple[int, ...] | None = None
+    fc_width: int | None = None
+    dtype: str = "float32"
+    kernels: str = "auto"
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> ModelSpec:
+        """The model keys of a config, each refused in one line naming the flag when it cannot be built."""
+        def fail(key: str, msg: str) -> None:
+            raise UserError(f"--config.{key}={config.get(key)!r}: {msg}")
+
+        if not 0 <= config.dropout_rate < 1:
+            fail("dropout_rate", "must be in [0, 1)")
+        if config.variant not in VARIANTS:
+            fail("variant", f"choose one of {tuple(VARIANTS)}")
+        if config.norm and config.norm not in NORMS:
+            fail("norm", f"choose one of {NORMS} (or '' for the variant's own)")
+        if config.groups not in (0, 1, 2):
+            fail("groups", "choose 1, 2 (the paper's two-GPU split) or 0 for the variant's own")
+        if config.init_scheme not in INITS:
+            fail("init_scheme", f"choose one of {INITS}")
+        if config.dtype not in ("float32", "bfloat16", "float16"):
+            fail("dtype", "choose 'float32' or 'bfloat16'")
+        if config.get("kernels", "auto") not in KERNELS:
+            fail("kernels", f"choose one of {KERNELS} ('auto': cpu_tuned on CPU, native on GPU/TPU)")
+        if config.widths and len(config.widths) != 5:
+            fail("widths", "give five conv widths, e.g. (96, 256, 384, 384, 256)")
+        if config.num_classes < 2 and config.num_classes != 0:
+            fail("num_classes", "must be at least 2 (or 0: the dataset's class count)")
+        return cls(num_classes=config.num_classes, variant=config.variant, norm=config.norm or None,
+                   groups=config.groups or None, init_scheme=config.init_scheme, dropout_rate=config.dropout_rate,
+                   widths=tuple(config.widths) or None, fc_width=config.fc_width or None, dtype=config.dtype,
+                   kernels=config.get("kernels", "auto"))
+
+    @property
+    def conv_groups(self) -> int:
+        """The conv group count this builds (`sharding.check_mesh` needs it before the model exists)."""
+        return self.groups or VARIANTS[self.variant].default_groups
+
+    def with_classes(self, count: int) -> ModelSpec:
+        """This spec with fc8 sized for `count` classes where the config left it to the dataset (0)."""
+        return self if self.num_classes else dataclasses.replace(self, num_classes=count)
+
+
+def create_model(spec: ModelSpec, mesh: Mesh | None = None, strategy: str = "paper") -> AlexNet:
+    """The specified AlexNet; with a mesh, its layers run split as `strategy` says (sharding.py)."""
+    if not spec.num_classes:
+        raise ValueError("num_classes=0 is the dataset's class count: call spec.with_classes(count) first")
     return AlexNet(
-        num_classes=config.num_classes,
-        variant=config.variant,
-        norm=config.norm or None,
-        groups=config.groups or None,
-        init_scheme=config.init_scheme,
-        dropout_rate=config.dropout_rate,
-        widths=tuple(config.widths) or None,
-        fc_width=config.fc_width or None,
-        dtype=jnp.dtype(config.dtype),
-        kernels=config.get("kernels", "auto"),
-        placement=sharding.placement(mesh, config.get("sharding", "paper")),
+        num_classes=spec.num_classes, variant=spec.variant, norm=spec.norm, groups=spec.groups,
+        init_scheme=spec.init_scheme, dropout_rate=spec.dropout_rate, widths=spec.widths, fc_width=spec.fc_width,
+        dtype=jnp.dtype(spec.dtype), kernels=spec.kernels, placement=sharding.placement(mesh, strategy),
     )
-
-
-def groups_of(config: ml_collections.ConfigDict) -> int:
-    """The conv group count a config builds (`sharding.check_mesh` needs it)."""
-    return config.get("groups", 0) or VARIANTS[config.variant].default_groups

@@ -19,11 +19,11 @@ def bench_forward(config_path: str, batch: int, steps: int, overrides: list[str]
     import jax.numpy as jnp
 
     from alexnet_jax import torch_alexnet
-    from alexnet_jax.model import create_model
+    from alexnet_jax.model import ModelSpec, create_model
 
     config = load_config(config_path, batch, overrides)
     shape = image_shape(config)
-    model = create_model(config)
+    model = create_model(ModelSpec.from_config(config))
     x = np.random.default_rng(0).normal(0, 1, (batch, *shape)).astype(np.float32)
     variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))()
     forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False).astype(jnp.float32)))

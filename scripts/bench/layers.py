@@ -72,7 +72,8 @@ def bench_layers(config_path: str, batch: int, steps: int, overrides: list[str])
     config = load_config(config_path, batch, overrides)
     channels = 1 if config.dataset == "fashion_mnist" else 3
     shape = (config.image_size, config.image_size, channels)
-    model = train.Trainer(config, sharding.make_mesh(config.mesh_shape), shape, 1000, 100_000).model
+    model = train.Trainer(train.RunSpec.from_config(config), sharding.make_mesh(config.mesh_shape), shape, 1000,
+                          100_000).model
     try:
         from alexnet_jax import torch_alexnet
 

@@ -255,10 +255,10 @@ def _cores_needed(per_core: dict[str, float]) -> dict[str, dict[str, float]]:
     """Images/s a device's train step takes at MFU of its bf16 peak (configs/imagenet.py's net, training FLOP =
     3 x forward), and the host cores each pipeline needs to keep up."""
     from alexnet_jax import flops
-    from alexnet_jax.model import create_model
+    from alexnet_jax.model import ModelSpec, create_model
 
     config = load_config("configs/imagenet.py", 128, [])
-    flop = 6 * sum(flops.forward_macs(create_model(config), (224, 224, 3)).values())
+    flop = 6 * sum(flops.forward_macs(create_model(ModelSpec.from_config(config)), (224, 224, 3)).values())
     table = {}
     for device, peak in ACCELERATORS.items():
         demand = MFU * peak * 1e12 / flop

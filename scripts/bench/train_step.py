@@ -18,7 +18,7 @@ from bench.common import cost_flops, load_config, peak_rss_mib
 def image_shape(config) -> tuple[int, int, int]:
     from alexnet_jax import flops
 
-    return flops.image_shape_of(config)
+    return flops.image_shape_of(config.dataset, config.image_size)
 
 
 def random_batch(config, batch: int) -> dict[str, np.ndarray]:
@@ -34,7 +34,8 @@ def jax_step(config, batch_np: dict[str, np.ndarray]) -> tuple[Callable[[], None
 
     from alexnet_jax import sharding, train
 
-    trainer = train.Trainer(config, sharding.make_mesh(config.mesh_shape), image_shape(config), 1000, 100_000)
+    trainer = train.Trainer(train.RunSpec.from_config(config), sharding.make_mesh(config.mesh_shape),
+                            image_shape(config), 1000, 100_000)
     state = trainer.init(jax.random.PRNGKey(0))
     device_batch = trainer.global_batch(batch_np)  # data already on the device: the step alone is timed
     t0 = time.perf_counter()
