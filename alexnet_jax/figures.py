@@ -52,12 +52,11 @@ def read_params(workdir: str, step: int | None = None) -> tuple[int, dict[str, A
     return step, ckptr.restore(item, target), config, meta
 
 
-def conv1_groups(config: dict[str, Any]) -> int:
-    """How many groups conv1's output channels form in this config (the paper net: 2, one per GPU)."""
+def conv1_groups(variant: str, groups: int) -> int:
+    """How many groups conv1's output channels form in a checkpoint's net (the paper net: 2, one per GPU)."""
     from alexnet_jax.model import VARIANTS
 
-    groups = int(config.get("groups") or 0)
-    return groups or VARIANTS[config.get("variant", "paper")].default_groups
+    return int(groups or 0) or VARIANTS[variant].default_groups
 
 
 def filter_grid(kernel: np.ndarray, groups: int, cols: int | None = None) -> np.ndarray:
@@ -87,7 +86,7 @@ def plot_filters(workdir: str, out: str | None = None, step: int | None = None) 
     """conv1's kernels of the latest (or `step`) checkpoint as `WORKDIR/conv1_filters.png`."""
     step, params, config, _ = read_params(workdir, step)
     kernel = np.asarray(params["conv1"]["kernel"])
-    groups = conv1_groups(config)
+    groups = conv1_groups(config.get("variant", "paper"), config.get("groups"))
     grid = filter_grid(kernel, groups)
     kh, kw, cin, cout = kernel.shape
     plt = _pyplot()

@@ -233,3 +233,86 @@ def test_the_model_checks_find_what_they_guard(tmp_path):
                     f"{body}\n        return conv(x)\n")
     assert method_lines(str(path), "AlexNet", "__call__") == 53 > CALL_BUDGET
     assert mutable_closures(str(path)) == ["alexnet.py:7 nonlocal spec", "alexnet.py:6 def conv inside __call__"]
+
+
+# The code flows one way (issue #46): the config is read once, at the door, into each concern's frozen spec; no
+# function below the doors takes the whole ConfigDict, none is over a screen, and config.py sits at the bottom.
+MAX_FUNCTION_LINES = 60  # flax's ImageNet `train_and_evaluate` is ~100; a screen is ~60
+LONG_FUNCTIONS_ALLOWED = {"alexnet_jax.default_config:get_config"}  # a table of every key and its default
+# Modules run as commands (`python -m alexnet_jax.X`), the library's door `train.train_and_evaluate(config, ...)`,
+# the config's own module and the spec builders (`X.from_config`) read the config; nothing else does.
+CONFIG_DOORS = {"alexnet_jax.train:train_and_evaluate"}
+CONFIG_MODULES = {"alexnet_jax.config", "alexnet_jax.default_config"}
+CONFIG_ALLOWED_IMPORTS = {"alexnet_jax.errors", "alexnet_jax.default_config"}
+
+
+def _functions(tree: ast.AST):
+    return (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef))
+
+
+def is_command(tree: ast.Module) -> bool:
+    """A module with an `if __name__ == "__main__":` block: run as `python -m ...`, a door of its own."""
+    return any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body)
+
+
+def config_takers(name: str, source: str) -> list[str]:
+    """`module:function(arg)` for every parameter named `config` or annotated as a ConfigDict, outside the doors."""
+    tree = ast.parse(source)
+    if name in CONFIG_MODULES or is_command(tree):
+        return []
+    out = []
+    for fn in _functions(tree):
+        if fn.name == "from_config" or f"{name}:{fn.name}" in CONFIG_DOORS:
+            continue
+        a = fn.args
+        for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs]:
+            hint = ast.unparse(arg.annotation) if arg.annotation is not None else ""
+            if arg.arg == "config" or "ConfigDict" in hint:
+                out.append(f"{name}:{fn.name}({arg.arg})")
+    return out
+
+
+def long_functions(name: str, source: str, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """`module:function N lines` for every function (method, nested function) longer than `limit` lines."""
+    return [f"{name}:{fn.name} {fn.end_lineno - fn.lineno + 1} lines" for fn in _functions(ast.parse(source))
+            if fn.end_lineno - fn.lineno + 1 > limit and f"{name}:{fn.name}" not in LONG_FUNCTIONS_ALLOWED]
+
+
+def _sources() -> dict[str, str]:
+    return {name: open(path).read() for name, path in _modules().items()}
+
+
+def test_nothing_below_the_doors_takes_the_whole_config():
+    found = [hit for name, source in sorted(_sources().items()) for hit in config_takers(name, source)]
+    assert found == [], "read the config into a spec at the door (X.from_config) and pass that: " + ", ".join(found)
+
+
+def test_no_function_is_over_a_screen():
+    found = [hit for name, source in sorted(_sources().items()) for hit in long_functions(name, source)]
+    assert found == [], f"split into named parts (<= {MAX_FUNCTION_LINES} lines): " + ", ".join(found)
+
+
+def test_config_imports_nothing_above_it():
+    mods = _modules()
+    found = imports_of("alexnet_jax.config", mods["alexnet_jax.config"], set(mods))
+    assert found <= CONFIG_ALLOWED_IMPORTS, f"config.py imports {sorted(found - CONFIG_ALLOWED_IMPORTS)}"
+
+
+def test_the_flow_checks_find_what_they_guard(tmp_path):
+    """Each of the three rules above, broken once: a leaf taking the config (by name and by annotation, and the
+    doors that may), a 61-line function, and config.py importing the model."""
+    leaf = ("import ml_collections\ndef strategy_of(config):\n    return config.sharding\n"
+            "def groups(c: ml_collections.ConfigDict) -> int:\n    return c.groups\n"
+            "class Spec:\n    @classmethod\n    def from_config(cls, config):\n        return cls()\n")
+    assert config_takers("alexnet_jax.sharding", leaf) == ["alexnet_jax.sharding:strategy_of(config)",
+                                                           "alexnet_jax.sharding:groups(c)"]
+    assert config_takers("alexnet_jax.main", leaf + "if __name__ == '__main__':\n    pass\n") == []
+    long = "def f():\n" + "\n".join(f"    x{i} = {i}" for i in range(59)) + "\n    return 0\n"
+    assert long_functions("alexnet_jax.m", long) == ["alexnet_jax.m:f 61 lines"]
+    assert long_functions("alexnet_jax.m", long.replace("    x0 = 0\n", "")) == []
+    pkg = tmp_path / "alexnet_jax"
+    pkg.mkdir()
+    (pkg / "config.py").write_text("from alexnet_jax import default_config, model\nfrom alexnet_jax.errors import E\n")
+    known = {"alexnet_jax.config", "alexnet_jax.default_config", "alexnet_jax.model", "alexnet_jax.errors"}
+    found = imports_of("alexnet_jax.config", str(pkg / "config.py"), known)
+    assert found - CONFIG_ALLOWED_IMPORTS == {"alexnet_jax.model"}
