@@ -97,12 +97,6 @@ def check_config(config: ml_collections.ConfigDict, process_count: int = 1) -> N
             fail("frozen", f"is not a regular expression ({e}); e.g. 'conv.*' or 'conv.*|fc6'")
     if config.get("init_normalisation", "pretrained") not in ("pretrained", "data"):
         fail("init_normalisation", "choose 'pretrained' (the weights' own) or 'data' (computed from your images)")
-    if config.get("checkpoint_every_steps", 0) < 0:
-        fail("checkpoint_every_steps", "must be >= 0 (0: save only at the end and on SIGTERM/preemption)")
-    if config.get("checkpoint_keep", 1) < 1:
-        fail("checkpoint_keep", "must be at least 1 (the latest checkpoint is what a rerun resumes from)")
-    if config.get("checkpoint_keep_best", 0) < 0:
-        fail("checkpoint_keep_best", "must be >= 0")
 
 
 def _absent(saved: dict[str, Any], key: str, default: Any) -> Any:

@@ -121,8 +121,8 @@ def convert(path: str, workdir: str, *, image_size: int = 224,
     with WriterLock(workdir):  # a training run on this workdir meanwhile would race the save
         if os.path.isdir(directory) and os.listdir(directory):  # checked again: one may have finished meanwhile
             raise UserError(f"{directory} already holds checkpoints; give a new --workdir for the converted weights")
-        ckpt = checkpointing.Checkpointer(workdir, config, trainer.abstract_state, trainer.state_sharding,
-                                          metadata=info)
+        ckpt = checkpointing.Checkpointer(workdir, checkpointing.CheckpointSpec.from_config(config),
+                                          trainer.abstract_state, trainer.state_sharding, metadata=info)
         ckpt.save(0, state)
         ckpt.close()
     from alexnet_jax.flops import count_params

@@ -262,8 +262,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: d
     trainer = Trainer(config, mesh, data.image_shape, per_epoch, total, augment=data.on_device)
     state = trainer.init(jax.random.PRNGKey(config.seed))
     # --- checkpointing: resume from WORKDIR/checkpoints if there is a checkpoint (alexnet_jax.checkpointing)
-    ckpt = checkpointing.Checkpointer(workdir, config, trainer.abstract_state, trainer.state_sharding,
-                                      metadata=run_metadata(config, data))
+    ckpt = checkpointing.Checkpointer(workdir, checkpointing.CheckpointSpec.from_config(config), trainer.abstract_state,
+                                      trainer.state_sharding, metadata=run_metadata(config, data))
     state, restored_eval = ckpt.restore_or(state)
     # --- end checkpointing
     start = int(state.step)
@@ -278,14 +278,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: d
                  dict(mesh.shape))
 
     # TensorBoard scalars (process 0), or WORKDIR/metrics.jsonl without TensorFlow; a failed write stops the run
-    writer = scalars.Scalars(workdir, on_error=ckpt.stop_after)
+    writer = scalars.Scalars(workdir)
     pid, nproc = jax.process_index(), jax.process_count()
     batches = prefetch(data.train(start, total, pid, nproc), trainer.global_batch)
     pending: list[dict[str, jax.Array]] = []
     train_seconds, timed_images, last_eval = 0.0, 0, restored_eval
     best_eval: dict[str, Any] = {}  # the highest validation top-1 of this run's evaluations, and its step
     t_interval, interval_steps = time.time(), 0
-    with SavePolicy(ckpt, config) as policy:  # saves when due; SIGTERM: save, stop (alexnet_jax.preemption)
+    with SavePolicy(ckpt, every_steps=ckpt.spec.every_steps, keep_best=ckpt.spec.keep_best) as policy:  # saves, SIGTERM
         for step in range(start, total):
             state, metrics = trainer.train_step(state, next(batches))
             pending.append(metrics)
