@@ -51,7 +51,6 @@ from alexnet_jax.checkpoint_recovery import (  # noqa: F401 - as above
     REJECTED_SUBDIR,
     CheckpointUnreadable,
     CheckpointWriteError,
-    write_failure_cause,
 )
 from alexnet_jax.config import config_to_dict
 from alexnet_jax.errors import UserError
@@ -133,6 +132,39 @@ def _train_part(state: Any) -> dict[str, Any]:
     return {"step": state.step, "opt_state": state.opt_state, "plateau": state.plateau, "rng": state.rng}
 
 
+def _save_args(spec: CheckpointSpec, run_metadata: dict[str, Any], step: int, state: Any,
+               last_eval: dict[str, float] | None) -> dict[str, Any]:
+    """orbax's save arguments for each item of the checkpoint of `state` at `step`."""
+    per_epoch = run_metadata.get("steps_per_epoch") or 0
+    run = spec.run_config
+    data = {"next_step": step, "epoch": step / per_epoch if per_epoch else None, "seed": run.get("seed"),
+            "batch_size": run.get("batch_size"), "steps_per_epoch": per_epoch or None, "dataset": run.get("dataset")}
+    items: dict[str, Any] = {
+        "params": ocp.args.StandardSave(state.params),
+        "train_state": ocp.args.StandardSave(_train_part(state)),
+        "data": ocp.args.JsonSave(data),
+        "meta": ocp.args.JsonSave({**run_metadata, "last_eval": last_eval or None}),
+        "config": ocp.args.JsonSave(run),
+    }
+    if jax.tree_util.tree_leaves(state.batch_stats):
+        items["batch_stats"] = ocp.args.StandardSave(state.batch_stats)
+    return items
+
+
+def _restored_state(step: int, out: Any, base: Any, *, batch_stats: bool, model_only: bool) -> Any:
+    """`base` with the restored items `out` of checkpoint `step`; CheckpointUnreadable where they disagree on it."""
+    state = base.replace(params=out["params"])
+    if batch_stats:
+        state = state.replace(batch_stats=out["batch_stats"])
+    if not model_only:
+        ts = out["train_state"]
+        state = state.replace(step=ts["step"], opt_state=ts["opt_state"], plateau=ts["plateau"], rng=ts["rng"])
+        if int(ts["step"]) != step or int(out["data"].get("next_step", -1)) != step:
+            raise CheckpointUnreadable(f"its step ({int(ts['step'])}) or data position "
+                                       f"({out['data'].get('next_step')}) is not {step}")
+    return state
+
+
 @dataclasses.dataclass
 class Restored:
     step: int
@@ -171,30 +203,12 @@ class Checkpointer:
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def _items(self, step: int, state: Any, last_eval: dict[str, float] | None) -> dict[str, Any]:
-        """orbax's save arguments for each item of the checkpoint of `state` at `step`."""
-        per_epoch = self.run_metadata.get("steps_per_epoch") or 0
-        run = self.spec.run_config
-        data = {"next_step": step, "epoch": step / per_epoch if per_epoch else None, "seed": run.get("seed"),
-                "batch_size": run.get("batch_size"), "steps_per_epoch": per_epoch or None,
-                "dataset": run.get("dataset")}
-        items: dict[str, Any] = {
-            "params": ocp.args.StandardSave(state.params),
-            "train_state": ocp.args.StandardSave(_train_part(state)),
-            "data": ocp.args.JsonSave(data),
-            "meta": ocp.args.JsonSave({**self.run_metadata, "last_eval": last_eval or None}),
-            "config": ocp.args.JsonSave(run),
-        }
-        if self.has_batch_stats:
-            items["batch_stats"] = ocp.args.StandardSave(state.batch_stats)
-        return items
-
     def save(self, step: int, state: Any, eval_metrics: dict[str, float] | None = None,
              last_eval: dict[str, float] | None = None) -> bool:
         """Start an (async) save of `state` at `step`; returns False when that step is already on disk."""
         if step in self._saved_steps or step in self._manager.all_steps():
             return False
-        items = self._items(step, state, last_eval)
+        items = _save_args(self.spec, self.run_metadata, step, state, last_eval)
         metrics = {k: float(eval_metrics[k]) for k in ("top1", "top5", "loss")} if eval_metrics else {}
         try:  # orbax would wait for the previous save here anyway; done first, its size and the free space are known
             self._manager.wait_until_finished()
@@ -295,21 +309,9 @@ class Checkpointer:
             out = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - a truncated or half-written item fails in many ways
             raise CheckpointUnreadable(f"{type(e).__name__}: {e}") from e
-        state = self._state_of(step, out, template if template is not None else self.abstract_state, model_only)
+        state = _restored_state(step, out, template if template is not None else self.abstract_state,
+                                batch_stats=self.has_batch_stats, model_only=model_only)
         return Restored(step, state, dict(out["data"]), dict(out["meta"]), saved_config)
-
-    def _state_of(self, step: int, out: Any, base: Any, model_only: bool) -> Any:
-        """`base` with the restored items of checkpoint `step`; CheckpointUnreadable where they disagree on it."""
-        state = base.replace(params=out["params"])
-        if self.has_batch_stats:
-            state = state.replace(batch_stats=out["batch_stats"])
-        if not model_only:
-            ts = out["train_state"]
-            state = state.replace(step=ts["step"], opt_state=ts["opt_state"], plateau=ts["plateau"], rng=ts["rng"])
-            if int(ts["step"]) != step or int(out["data"].get("next_step", -1)) != step:
-                raise CheckpointUnreadable(f"its step ({int(ts['step'])}) or data position "
-                                           f"({out['data'].get('next_step')}) is not {step}")
-        return state
 
     def latest(self, template: Any | None = None, model_only: bool = False,
                set_aside: bool = True) -> Restored | None:
