@@ -93,6 +93,11 @@ class CheckpointSpec:
                    keep=int(values["checkpoint_keep"]), keep_best=int(values["checkpoint_keep_best"]),
                    async_save=bool(config.get("checkpoint_async", True)))
 
+    def with_run_value(self, key: str, value: Any) -> CheckpointSpec:
+        """This spec with `key` of the stored config set to `value`: what the run resolved after reading its config
+        (e.g. `num_classes` from the dataset), so that a resume compares and inference rebuilds what ran."""
+        return dataclasses.replace(self, run_config={**self.run_config, key: value})
+
 
 def _split_only_large_replicated_arrays() -> None:
     """Register orbax's jax.Array handler with MIN_REPLICA_SLICE_BYTES (orbax's handler registry is global: this

@@ -18,19 +18,18 @@ from typing import Any
 import jax
 from absl import logging
 
+from alexnet_jax.checkpointing import Checkpointer, CheckpointSpec
 from alexnet_jax.scalars import WriteFailed
 
 
 class SavePolicy:
-    """Wraps one run's Checkpointer; use as a context manager so the SIGTERM handler is always removed.
+    """Wraps one run's Checkpointer; use as a context manager so the SIGTERM handler is always removed. `spec`
+    says how often to save (`every_steps`, 0: only at the end) and whether after each evaluation (`keep_best`)."""
 
-    `every_steps` and `keep_best` are the run's `CheckpointSpec`'s (0: only at the end / no save after each
-    evaluation)."""
-
-    def __init__(self, ckpt: Any, *, every_steps: int = 0, keep_best: int = 0, handle_sigterm: bool = True):
+    def __init__(self, ckpt: Checkpointer, spec: CheckpointSpec, *, handle_sigterm: bool = True):
         self.ckpt = ckpt
-        self.every = int(every_steps)
-        self.keep_best = int(keep_best)
+        self.every = spec.every_steps
+        self.keep_best = spec.keep_best
         self.preempted_at: int | None = None
         self._signalled = threading.Event()
         self._previous: Any = None

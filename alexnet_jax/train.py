@@ -285,7 +285,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: d
     train_seconds, timed_images, last_eval = 0.0, 0, restored_eval
     best_eval: dict[str, Any] = {}  # the highest validation top-1 of this run's evaluations, and its step
     t_interval, interval_steps = time.time(), 0
-    with SavePolicy(ckpt, every_steps=ckpt.spec.every_steps, keep_best=ckpt.spec.keep_best) as policy:  # saves, SIGTERM
+    with SavePolicy(ckpt, ckpt.spec) as policy:  # saves when due; SIGTERM: save, stop (alexnet_jax.preemption)
         for step in range(start, total):
             state, metrics = trainer.train_step(state, next(batches))
             pending.append(metrics)
