@@ -16,13 +16,16 @@ holds these items, so a user with only orbax installed can read any of them:
 Saves are asynchronous: `save` copies the arrays to host memory and returns; a background thread writes
 them to a temporary directory and renames it to `<step>/` once complete. Old checkpoints are deleted by that
 thread only after the new one is finalised, so the last complete checkpoint always survives a crash.
+
+This module wraps orbax's manager; what happens when a checkpoint cannot be written or read back (disk space,
+half-written steps, unreadable checkpoints set aside) is `alexnet_jax.checkpoint_recovery`'s. The run's config
+reaches it only as a `CheckpointSpec`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from typing import Any
 
 import jax
@@ -30,6 +33,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from alexnet_jax import checkpoint_recovery as recovery
 from alexnet_jax.checkpoint_files import (  # noqa: F401 - one door for the loop, inference and tests
     CHECKPOINT_SUBDIR,
     checkpoint_dir,
@@ -43,17 +47,56 @@ from alexnet_jax.checkpoint_files import (  # noqa: F401 - one door for the loop
     restore_as_saved,
     tree_differences,
 )
-from alexnet_jax.config import config_differences, config_to_dict
+from alexnet_jax.checkpoint_recovery import (  # noqa: F401 - as above
+    REJECTED_SUBDIR,
+    CheckpointUnreadable,
+    CheckpointWriteError,
+)
+from alexnet_jax.config import config_to_dict
 from alexnet_jax.errors import UserError
 
-REJECTED_SUBDIR = "checkpoints.unreadable"  # where unreadable checkpoints are moved (never deleted)
 ITEMS = ("params", "batch_stats", "train_state", "data", "meta", "config")
 ARRAY_ITEMS = ("params", "batch_stats", "train_state")
+JSON_ITEMS = ("data", "meta", "config")
 # orbax's "replica-parallel" save (its default off GPU) has each replica of a replicated array write a slice of it,
 # which costs one compiled slicing program per array and shape: ~100 programs (3-6 s of compilation) for the first
 # save of a run on 8 CPU devices, for arrays of kilobytes. Only arrays whose slices would be at least this large are
 # split; the rest are written whole by one replica (the same files either way).
 MIN_REPLICA_SLICE_BYTES = 4 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    """What checkpointing needs of a run's config, so nothing below the entry points holds the whole ConfigDict:
+    the save cadence (the loop's `SavePolicy`), retention and async writes (orbax's options), and the run's config
+    as plain JSON (`run_config`), stored in each checkpoint's `config` item and compared with it on resume."""
+
+    run_config: dict[str, Any] = dataclasses.field(hash=False)
+    every_steps: int = 0  # 0: save only at the end and on SIGTERM/preemption
+    keep: int = 3  # the latest K checkpoints
+    keep_best: int = 0  # and the best K by validation top-1 (0: off)
+    async_save: bool = True  # orbax writes in a background thread
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> CheckpointSpec:
+        """The spec of `config`; a UserError naming the key for a bad `checkpoint_*` value."""
+        checks = (("checkpoint_every_steps", 0, 0, "must be >= 0 (0: save only at the end and on "
+                                                   "SIGTERM/preemption)"),
+                  ("checkpoint_keep", 3, 1, "must be at least 1 (the latest checkpoint is what a rerun resumes from)"),
+                  ("checkpoint_keep_best", 0, 0, "must be >= 0"))
+        values = {}
+        for key, default, least, msg in checks:
+            values[key] = config.get(key, default)
+            if values[key] < least:
+                raise UserError(f"--config.{key}={values[key]!r}: {msg}")
+        return cls(run_config=config_to_dict(config), every_steps=int(values["checkpoint_every_steps"]),
+                   keep=int(values["checkpoint_keep"]), keep_best=int(values["checkpoint_keep_best"]),
+                   async_save=bool(config.get("checkpoint_async", True)))
+
+    def with_run_value(self, key: str, value: Any) -> CheckpointSpec:
+        """This spec with `key` of the stored config set to `value`: what the run resolved after reading its config
+        (e.g. `num_classes` from the dataset), so that a resume compares and inference rebuilds what ran."""
+        return dataclasses.replace(self, run_config={**self.run_config, key: value})
 
 
 def _split_only_large_replicated_arrays() -> None:
@@ -62,6 +105,26 @@ def _split_only_large_replicated_arrays() -> None:
     ocp.type_handlers.register_type_handler(
         jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
         override=True)
+
+
+def _options(spec: CheckpointSpec, read_only: bool) -> ocp.CheckpointManagerOptions:
+    """orbax's options for `spec`: keep the latest `keep` and, if asked, the best `keep_best` by top-1."""
+    policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=spec.keep)]
+    if spec.keep_best:
+        policies.append(ocp.checkpoint_managers.BestN(
+            get_metric_fn=lambda m: m.get("top1", float("-inf")), reverse=False, n=spec.keep_best,
+            keep_checkpoints_without_metrics=False))
+    return ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        # orbax 0.12 writes the `metrics` item (which BestN reads back after a restart) only when
+        # `best_fn` is set; the preservation policy above decides what is kept.
+        best_fn=(lambda m: m.get("top1", float("-inf"))) if spec.keep_best else None,
+        best_mode="max",
+        enable_async_checkpointing=spec.async_save,
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
+        read_only=read_only,
+    )
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -74,6 +137,39 @@ def _train_part(state: Any) -> dict[str, Any]:
     return {"step": state.step, "opt_state": state.opt_state, "plateau": state.plateau, "rng": state.rng}
 
 
+def _save_args(spec: CheckpointSpec, run_metadata: dict[str, Any], step: int, state: Any,
+               last_eval: dict[str, float] | None) -> dict[str, Any]:
+    """orbax's save arguments for each item of the checkpoint of `state` at `step`."""
+    per_epoch = run_metadata.get("steps_per_epoch") or 0
+    run = spec.run_config
+    data = {"next_step": step, "epoch": step / per_epoch if per_epoch else None, "seed": run.get("seed"),
+            "batch_size": run.get("batch_size"), "steps_per_epoch": per_epoch or None, "dataset": run.get("dataset")}
+    items: dict[str, Any] = {
+        "params": ocp.args.StandardSave(state.params),
+        "train_state": ocp.args.StandardSave(_train_part(state)),
+        "data": ocp.args.JsonSave(data),
+        "meta": ocp.args.JsonSave({**run_metadata, "last_eval": last_eval or None}),
+        "config": ocp.args.JsonSave(run),
+    }
+    if jax.tree_util.tree_leaves(state.batch_stats):
+        items["batch_stats"] = ocp.args.StandardSave(state.batch_stats)
+    return items
+
+
+def _restored_state(step: int, out: Any, base: Any, *, batch_stats: bool, model_only: bool) -> Any:
+    """`base` with the restored items `out` of checkpoint `step`; CheckpointUnreadable where they disagree on it."""
+    state = base.replace(params=out["params"])
+    if batch_stats:
+        state = state.replace(batch_stats=out["batch_stats"])
+    if not model_only:
+        ts = out["train_state"]
+        state = state.replace(step=ts["step"], opt_state=ts["opt_state"], plateau=ts["plateau"], rng=ts["rng"])
+        if int(ts["step"]) != step or int(out["data"].get("next_step", -1)) != step:
+            raise CheckpointUnreadable(f"its step ({int(ts['step'])}) or data position "
+                                       f"({out['data'].get('next_step')}) is not {step}")
+    return state
+
+
 @dataclasses.dataclass
 class Restored:
     step: int
@@ -83,73 +179,30 @@ class Restored:
     config: dict[str, Any]
 
 
-class CheckpointUnreadable(Exception):
-    """A checkpoint directory that exists but cannot be read back (truncated, half-written, corrupted)."""
-
-
-class CheckpointWriteError(UserError):
-    """A checkpoint could not be written (full disk, read-only or vanished directory, quota): the message names
-    the directory, the step, the cause and what to do; the half-written step is removed."""
-
-
-_CAUSES = (("no space left", "the disk is full"), ("resource_exhausted", "the disk is full"),
-           ("enospc", "the disk is full"), ("quota", "the disk quota is exceeded"),
-           ("read-only file system", "the file system is read-only"), ("permission denied", "permission is denied"),
-           ("no such file or directory", "the directory vanished"), ("not_found", "the directory vanished"))
-
-
-def write_failure_cause(e: BaseException) -> str:
-    """What a failed write says, in words, from the exception and its causes."""
-    texts, seen = [], set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        texts.append(f"{type(e).__name__} {e} {getattr(e, 'strerror', '') or ''}".lower())
-        e = e.__cause__ or e.__context__
-    text = " ".join(texts)
-    return next((cause for key, cause in _CAUSES if key in text), texts[0].split("\n")[0][:160])
-
-
 class Checkpointer:
-    """Saves and restores one run's TrainState items plus the metadata dict handed to it; when to save, and
-    SIGTERM, are the training loop's (`alexnet_jax.preemption`). The loop calls `restore_or`, `save`, `close`.
+    """Saves and restores one run's TrainState items plus the metadata dict handed to it, through orbax's
+    CheckpointManager (nothing else touches the manager); when to save, and SIGTERM, are the training loop's
+    (`alexnet_jax.preemption`). The loop calls `restore_or`, `save`, `close`.
 
     `abstract_state` is the TrainState as `jax.ShapeDtypeStruct`s and `state_sharding` the shardings the
     current mesh wants: restores land directly on that mesh, whatever mesh wrote the checkpoint.
     """
 
-    def __init__(self, workdir: str, config: ml_collections.ConfigDict, abstract_state: Any, state_sharding: Any,
+    def __init__(self, workdir: str, spec: CheckpointSpec, abstract_state: Any, state_sharding: Any,
                  *, metadata: dict[str, Any] | None = None, read_only: bool = False):
-        self.config = config
+        self.spec = spec
         self.directory = checkpoint_dir(workdir)
         self.workdir = os.path.dirname(self.directory)
         self.abstract_state = abstract_state
         self.state_sharding = state_sharding
-        self.metadata = dict(metadata or {})
+        self.run_metadata = dict(metadata or {})  # stored in each checkpoint's `meta` item
         self.has_batch_stats = bool(jax.tree_util.tree_leaves(abstract_state.batch_stats))
-        self.keep = int(config.get("checkpoint_keep", 3))
-        self.keep_best = int(config.get("checkpoint_keep_best", 0))
         self._saved_steps: set[int] = set()
         if read_only and not os.path.isdir(self.directory):
             raise UserError(f"no checkpoints in {self.directory}: train with --workdir {self.workdir} first")
-        policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=self.keep)]
-        if self.keep_best:
-            policies.append(ocp.checkpoint_managers.BestN(
-                get_metric_fn=lambda m: m.get("top1", float("-inf")), reverse=False, n=self.keep_best,
-                keep_checkpoints_without_metrics=False))
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-            # orbax 0.12 writes the `metrics` item (which BestN reads back after a restart) only when
-            # `best_fn` is set; the preservation policy above decides what is kept.
-            best_fn=(lambda m: m.get("top1", float("-inf"))) if self.keep_best else None,
-            best_mode="max",
-            enable_async_checkpointing=bool(config.get("checkpoint_async", True)),
-            cleanup_tmp_directories=not read_only,
-            create=not read_only,
-            read_only=read_only,
-        )
         _split_only_large_replicated_arrays()
         quiet_orbax_logs()
-        self.manager = manager(self.directory, options, arrays=ARRAY_ITEMS, json_items=("data", "meta", "config"))
+        self._manager = manager(self.directory, _options(spec, read_only), arrays=ARRAY_ITEMS, json_items=JSON_ITEMS)
 
     # ------------------------------------------------------------------------------------------------- save
     def step_dir(self, step: int) -> str:
@@ -158,123 +211,80 @@ class Checkpointer:
     def save(self, step: int, state: Any, eval_metrics: dict[str, float] | None = None,
              last_eval: dict[str, float] | None = None) -> bool:
         """Start an (async) save of `state` at `step`; returns False when that step is already on disk."""
-        if step in self._saved_steps or step in self.manager.all_steps():
+        if step in self._saved_steps or step in self._manager.all_steps():
             return False
-        per_epoch = self.metadata.get("steps_per_epoch") or 0
-        data = {"next_step": step, "epoch": step / per_epoch if per_epoch else None, "seed": self.config.seed,
-                "batch_size": self.config.batch_size, "steps_per_epoch": per_epoch or None,
-                "dataset": self.config.dataset}
-        meta = {**self.metadata, "last_eval": last_eval or None}
-        items: dict[str, Any] = {
-            "params": ocp.args.StandardSave(state.params),
-            "train_state": ocp.args.StandardSave(_train_part(state)),
-            "data": ocp.args.JsonSave(data),
-            "meta": ocp.args.JsonSave(meta),
-            "config": ocp.args.JsonSave(config_to_dict(self.config)),
-        }
-        if self.has_batch_stats:
-            items["batch_stats"] = ocp.args.StandardSave(state.batch_stats)
+        items = _save_args(self.spec, self.run_metadata, step, state, last_eval)
         metrics = {k: float(eval_metrics[k]) for k in ("top1", "top5", "loss")} if eval_metrics else {}
         try:  # orbax would wait for the previous save here anyway; done first, its size and the free space are known
-            self.manager.wait_until_finished()
+            self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - the previous asynchronous save failed
             raise self._write_failed(step, e) from None
-        need, free = self._space(state)
-        if free is not None and free < need:  # refused before orbax's writers start (and fail noisily)
-            raise self._write_failed(step, OSError(
-                28, f"No space left on device: about {need / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free"))
+        arrays = sum(getattr(x, "nbytes", 0) for x in jax.tree_util.tree_leaves((state.params, _train_part(state))))
+        short = recovery.space_shortfall(self.directory, arrays)
+        if short is not None:
+            raise self._write_failed(step, short)
         try:  # also where the previous asynchronous save's failure surfaces
-            saved = self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+            saved = self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for a failed write
             raise self._write_failed(step, e) from None
         if saved:
             self._saved_steps.add(step)
         return saved
 
-    def _space(self, state: Any) -> tuple[int, int | None]:
-        """(bytes a checkpoint takes: the largest one on disk, else the state's arrays plus a margin, free bytes
-        where the checkpoints go, or None if unknown)."""
-        sizes = [sum(os.stat(os.path.join(r, f)).st_blocks * 512 for r, _, fs in os.walk(self.step_dir(s))
-                     for f in fs) for s in self._finished_steps()]  # blocks: a small file takes a whole one
-        arrays = sum(getattr(x, "nbytes", 0) for x in jax.tree_util.tree_leaves((state.params, _train_part(state))))
-        try:
-            free = shutil.disk_usage(self.directory).free
-        except OSError:
-            free = None
-        return (max(sizes) if sizes else int(1.1 * arrays)) + (1 << 16), free
-
     def _write_failed(self, step: int, e: BaseException) -> CheckpointWriteError:
-        failed = [s for s in sorted(self._saved_steps | {step}) if s not in self._finished_steps()] or [step]
-        return self.stop_after(f"saving the checkpoint of step {failed[0]} in {self.directory}", e)
+        failed = recovery.first_unfinished(self.directory, self._saved_steps | {step}, default=step)
+        return self.stop_after(f"saving the checkpoint of step {failed} in {self.directory}", e)
 
     def stop_after(self, what: str, e: BaseException) -> CheckpointWriteError:
         """`what` failed with `e` (this checkpointer's write, or another write of the run: its curves, its
         summary): finish or cancel orbax's writers, remove half-written steps, and say in one line what happened,
         what to do and which checkpoints the same command resumes from."""
         self.abandon()
-        removed = self._remove_partial()
-        intact = self._finished_steps()
-        cause = write_failure_cause(e)
-        todo = ("free space or move --workdir" if "full" in cause or "quota" in cause else
-                "make the directory writable or move --workdir")
-        held = (f"checkpoints {', '.join(map(str, intact))} are" if len(intact) > 1 else f"checkpoint {intact[-1]} is"
-                ) if intact else ""
-        where = (f"{held} intact and the same command resumes from {intact[-1]}" if intact
-                 else "no earlier checkpoint exists; the same command starts again")
-        return CheckpointWriteError(
-            f"{what} failed: {cause}. {todo.capitalize()}; {where}"
-            + (f" (the half-written {', '.join(removed)} was removed)" if removed else "") + ".")
+        return recovery.write_failed(self.directory, what, e)
 
     def abandon(self) -> None:
         """Let an asynchronous save finish (or fail) and close the manager, raising nothing: the run is stopping
         for another reason, and no orbax thread may outlive it (a save still writing at interpreter exit printed
         dozens of tracebacks)."""
-        for stop in (self.manager.wait_until_finished, self.manager.close):
+        for stop in (self._manager.wait_until_finished, self._manager.close):
             try:
                 stop()
             except Exception:  # noqa: BLE001, S110 - the run already failed; only the cleanup is left
                 pass
 
-    def _finished_steps(self) -> list[int]:
-        """Steps whose directory is complete on disk (orbax renames a step's tmp directory when it is done)."""
+    def wait_until_finished(self) -> None:
+        """Block until the last asynchronous save is on disk; a CheckpointWriteError if it failed."""
         try:
-            names = os.listdir(self.directory)
-        except OSError:
-            return []
-        return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
-
-    def _remove_partial(self) -> list[str]:
-        try:
-            names = os.listdir(self.directory)
-        except OSError:
-            return []
-        partial = [n for n in names if ".orbax-checkpoint-tmp" in n]
-        for n in partial:
-            shutil.rmtree(os.path.join(self.directory, n), ignore_errors=True)
-        return partial
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - see save
+            raise self._write_failed(max(self._saved_steps, default=0), e) from None
 
     def reached_preemption(self, step: int) -> bool:
         """Whether JAX's preemption service (multi-process jobs) asks for a checkpoint at `step`."""
-        return self.manager.reached_preemption(step)
+        return self._manager.reached_preemption(step)
 
     def close(self) -> None:
         """Wait for the last save to be finalised; a CheckpointWriteError if a save failed."""
         try:
-            self.manager.wait_until_finished()
-            self.manager.check_for_errors()
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
         except Exception as e:  # noqa: BLE001 - see save
             raise self._write_failed(max(self._saved_steps, default=0), e) from None
-        self.manager.close()
+        self._manager.close()
         if self._saved_steps:
-            logging.info("checkpoints in %s: steps %s", self.directory, self.manager.all_steps())
+            logging.info("checkpoints in %s: steps %s", self.directory, self._manager.all_steps())
 
     # ---------------------------------------------------------------------------------------------- restore
     def all_steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
+        return sorted(self._manager.all_steps())
+
+    def metadata(self, step: int) -> Any:
+        """The items' metadata of checkpoint `step` (shapes and dtypes of the saved trees)."""
+        return metadata_of(self._manager, step)
 
     def _read_json(self, step: int, item: str) -> dict[str, Any]:
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+            out = self._manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
         except Exception as e:  # noqa: BLE001 - any failure to read means the checkpoint is unusable
             raise CheckpointUnreadable(f"its {item!r} item cannot be read ({type(e).__name__}: {e})") from e
         if not isinstance(out, dict):
@@ -282,34 +292,17 @@ class Checkpointer:
         return out
 
     def read_config(self, step: int) -> dict[str, Any]:
+        """The config checkpoint `step` was written with, as plain JSON."""
         return self._read_json(step, "config")
-
-    def _check_compatible(self, step: int, saved_config: dict[str, Any]) -> None:
-        """Refuse (UserError) a checkpoint of another model/config; never restore part of it silently."""
-        diffs = config_differences(saved_config, config_to_dict(self.config))
-        if diffs:
-            raise UserError(
-                f"the checkpoints in {self.directory} (step {step}) were written with a different config: "
-                + "; ".join(diffs) + ". Rerun with those values, or use a new --workdir to start a new run.")
-        try:
-            metadata = metadata_of(self.manager, step)
-            saved_params = metadata["params"]
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointUnreadable(f"its metadata cannot be read ({type(e).__name__}: {e})") from e
-        if saved_params is None:
-            raise CheckpointUnreadable("it has no 'params' item")
-        diffs = tree_differences(saved_params, self.abstract_state.params)
-        if diffs:
-            raise UserError(f"the checkpoint at step {step} in {self.directory} holds parameters of a different "
-                            "model: " + "; ".join(diffs) + ". Use a new --workdir to start a new run.")
 
     def restore(self, step: int, template: Any | None = None, model_only: bool = False) -> Restored:
         """Restore `step` onto the current mesh. `model_only` reads params (and batch stats) only, for
         evaluation and prediction, taking the rest of the state from `template`."""
-        if step not in self.manager.all_steps():
+        if step not in self._manager.all_steps():
             raise UserError(f"no checkpoint for step {step} in {self.directory}; available: {self.all_steps()}")
         saved_config = self.read_config(step)
-        self._check_compatible(step, saved_config)
+        recovery.check_compatible(self.directory, step, saved_config, self.spec.run_config,
+                                  lambda: self.metadata(step)["params"], self.abstract_state.params)
         abstract = _abstract(self.abstract_state, self.state_sharding)
         items: dict[str, Any] = {"params": ocp.args.StandardRestore(abstract.params),
                                  "data": ocp.args.JsonRestore(), "meta": ocp.args.JsonRestore()}
@@ -318,54 +311,20 @@ class Checkpointer:
         if not model_only:
             items["train_state"] = ocp.args.StandardRestore(_train_part(abstract))
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(**items))
+            out = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - a truncated or half-written item fails in many ways
             raise CheckpointUnreadable(f"{type(e).__name__}: {e}") from e
-        base = template if template is not None else self.abstract_state
-        state = base.replace(params=out["params"])
-        if self.has_batch_stats:
-            state = state.replace(batch_stats=out["batch_stats"])
-        if not model_only:
-            ts = out["train_state"]
-            state = state.replace(step=ts["step"], opt_state=ts["opt_state"], plateau=ts["plateau"], rng=ts["rng"])
-            if int(ts["step"]) != step or int(out["data"].get("next_step", -1)) != step:
-                raise CheckpointUnreadable(f"its step ({int(ts['step'])}) or data position "
-                                           f"({out['data'].get('next_step')}) is not {step}")
+        state = _restored_state(step, out, template if template is not None else self.abstract_state,
+                                batch_stats=self.has_batch_stats, model_only=model_only)
         return Restored(step, state, dict(out["data"]), dict(out["meta"]), saved_config)
-
-    def _set_aside(self, step: int, reason: str) -> None:
-        """Move an unreadable checkpoint out of the manager's way (kept for inspection, never deleted)."""
-        target = os.path.join(self.workdir, REJECTED_SUBDIR, str(step))
-        if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            if os.path.exists(target):
-                shutil.rmtree(target)
-            shutil.move(self.step_dir(step), target)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"alexnet_jax:set_aside:{step}")
-        logging.warning("the checkpoint at step %d is unreadable (%s): moved it to %s and trying the one before",
-                        step, reason, target)
-        self.manager.reload()
 
     def latest(self, template: Any | None = None, model_only: bool = False,
                set_aside: bool = True) -> Restored | None:
         """The newest checkpoint that reads back whole; unreadable ones are skipped with a warning (and, when
         `set_aside`, moved to `WORKDIR/checkpoints.unreadable/`). None when there is no checkpoint."""
-        steps = self.all_steps()
-        for step in reversed(steps):
-            try:
-                return self.restore(step, template, model_only)
-            except CheckpointUnreadable as e:
-                if set_aside:
-                    self._set_aside(step, str(e))
-                else:
-                    logging.warning("the checkpoint at step %d is unreadable (%s): trying the one before", step, e)
-        if steps:
-            raise UserError(f"none of the checkpoints in {self.directory} (steps {steps}) can be read back: move "
-                            "the folder aside to start over, or give another --workdir")
-        return None
+        return recovery.first_readable(self.directory, self.all_steps(),
+                                       lambda step: self.restore(step, template, model_only),
+                                       set_aside=set_aside, after_set_aside=self._manager.reload)
 
     def restore_or(self, state: Any) -> tuple[Any, dict[str, float]]:
         """Resume: the latest readable checkpoint's state and last evaluation, or `state` when there is none."""

@@ -59,12 +59,6 @@ def check_config(config: ml_collections.ConfigDict, process_count: int = 1) -> N
                                                        and config.get("prepared")):
         fail("augment_on_device", "needs the prepared 256x256 squares: --config.prepared=True (the source images "
                                   "and the small datasets augment on the host)")
-    if config.get("checkpoint_every_steps", 0) < 0:
-        fail("checkpoint_every_steps", "must be >= 0 (0: save only at the end and on SIGTERM/preemption)")
-    if config.get("checkpoint_keep", 1) < 1:
-        fail("checkpoint_keep", "must be at least 1 (the latest checkpoint is what a rerun resumes from)")
-    if config.get("checkpoint_keep_best", 0) < 0:
-        fail("checkpoint_keep_best", "must be >= 0")
 
 
 def _absent(saved: dict[str, Any], key: str, default: Any) -> Any:

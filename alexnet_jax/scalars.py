@@ -34,40 +34,48 @@ class JsonlWriter:
             self._file.close()
 
 
+class WriteFailed(UserError):
+    """A write of the training curves that cannot succeed, as one line naming the step, the directory and the cause.
+    `what` and `cause` let whoever holds the run's other writers say more: the training loop's `SavePolicy` stops
+    the checkpoint saves and names the checkpoints a rerun resumes from."""
+
+    def __init__(self, what: str, cause: BaseException):
+        super().__init__(f"{what}: {(str(cause).splitlines() or [type(cause).__name__])[0][:200]}")
+        self.what = what
+        self.cause = cause
+
+
 class Scalars:
     """One run's scalar writer: `write` writes and flushes (so a full disk shows at the step that hit it, not
-    at exit). A failure raises `on_error(what, exception)` (the training loop passes its checkpointer's
-    `stop_after`, which finishes the saves and says which checkpoints are intact) instead of TensorFlow's or
-    Python's many exception types."""
+    at exit). A failure raises `WriteFailed` instead of TensorFlow's or Python's many exception types. The writer
+    is opened by the first `write`, so that a failure to open it is met inside the loop, as any other write's."""
 
-    def __init__(self, workdir: str, on_error: Callable[[str, BaseException], Exception] | None = None):
+    def __init__(self, workdir: str):
         self.workdir = workdir
-        self._on_error = on_error or (lambda what, e: UserError(f"{what}: {str(e).splitlines()[0][:200]}"))
-        self._writer: Any = JsonlWriter(None)
+        self._writer: Any = None
+        self._open: Callable[[], Any] = lambda: JsonlWriter(None)
         if jax.process_index() != 0:  # process 0 writes; the others write nothing
             return
         try:
             from clu import metric_writers
         except ImportError as e:  # clu's SummaryWriter needs TensorFlow
             logging.warning("TensorBoard scalars off (%s): writing them to %s/metrics.jsonl", e, workdir)
-            self._writer = self._guard(0, lambda: JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
+            self._open = lambda: JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
             return
-        self._writer = self._guard(0, lambda: metric_writers.SummaryWriter(workdir))
-
-    def _guard(self, step: int, fn: Any) -> Any:
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - tf.errors.*, OSError, ...: a write that cannot succeed
-            raise self._on_error(f"writing the training curves of step {step} in {self.workdir}", e) from None
+        self._open = lambda: metric_writers.SummaryWriter(workdir)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
-        def write_and_flush() -> None:
+        try:
+            if self._writer is None:
+                self._writer = self._open()
             self._writer.write_scalars(step, scalars)
             self._writer.flush()
-
-        self._guard(step, write_and_flush)
+        except Exception as e:  # noqa: BLE001 - tf.errors.*, OSError, ...: a write that cannot succeed
+            raise WriteFailed(f"writing the training curves of step {step} in {self.workdir}", e) from None
 
     def close(self) -> None:
+        if self._writer is None:
+            return
         try:
             self._writer.close()
         except Exception as e:  # noqa: BLE001 - the last events could not be flushed

@@ -58,7 +58,7 @@ class RunSpec:
     optimizer: optim.OptimizerSpec
     sharding: sharding.ShardingSpec
     data: Any  # datalib.DataSpec
-    checkpoint: Any  # checkpointing.CheckpointSpec
+    checkpoint: checkpointing.CheckpointSpec
     transfer: pretrained.TransferSpec
     loop: LoopSpec
 
@@ -68,8 +68,8 @@ class RunSpec:
         check_config(config, process_count)
         return cls(model=ModelSpec.from_config(config), optimizer=optim.OptimizerSpec.from_config(config),
                    sharding=sharding.ShardingSpec.from_config(config), data=_data_spec(config),
-                   checkpoint=_checkpoint_spec(config), transfer=pretrained.TransferSpec.from_config(config),
-                   loop=LoopSpec.from_config(config))
+                   checkpoint=checkpointing.CheckpointSpec.from_config(config),
+                   transfer=pretrained.TransferSpec.from_config(config), loop=LoopSpec.from_config(config))
 
     @property
     def batch_sizes(self) -> dict[str, int]:
@@ -80,22 +80,12 @@ class RunSpec:
         """fc8 sized for the dataset's `count` classes where the config said 0. Nothing is written back into the
         config; the checkpoint records the count the model was built with (inference rebuilds it from there)."""
         model = self.model.with_classes(count)
-        return dataclasses.replace(self, model=model, checkpoint=_with_run_value(self.checkpoint, "num_classes",
-                                                                                 model.num_classes))
+        checkpoint = self.checkpoint.with_run_value("num_classes", model.num_classes)
+        return dataclasses.replace(self, model=model, checkpoint=checkpoint)
 
 
 def _data_spec(config: ml_collections.ConfigDict) -> Any:
     return config  # interim until data.DataSpec lands
-
-
-def _with_run_value(spec: Any, key: str, value: Any) -> Any:
-    spec = spec.copy_and_resolve_references()  # interim
-    spec[key] = value
-    return spec
-
-
-def _checkpoint_spec(config: ml_collections.ConfigDict) -> Any:
-    return config  # interim until checkpointing.CheckpointSpec lands
 
 
 __all__ = ["LoopSpec", "RunSpec", "checkpointing", "datalib"]

@@ -320,7 +320,7 @@ def run(spec: RunSpec, workdir: str, mesh: Any, data: datalib.Data | None, t_sta
     if pre is not None and start == 0:  # fine-tuning starts from the pretrained weights; a resumed run does not
         state = pretrained.load_into(state, pre, trainer.state_sharding)
     log_start(spec, data, mesh, state, total, per_epoch)
-    writer = scalars.Scalars(workdir, on_error=ckpt.stop_after)  # TensorBoard (or metrics.jsonl), process 0
+    writer = scalars.Scalars(workdir)  # TensorBoard (or metrics.jsonl), process 0
     batches = prefetch(data.train(start, total, pid, nproc), trainer.global_batch)
     meter, pending, best_eval = loop.Meter(spec.loop.batch_size, total), [], {}
     with SavePolicy(ckpt, spec.checkpoint) as policy:  # saves when due; SIGTERM: save, stop (preemption.py)

@@ -26,7 +26,7 @@ _after_step = SavePolicy.after_step
 def after_step(self, step, state, **kwargs):
     stop = _after_step(self, step, state, **kwargs)
     if step == STEP:
-        self.ckpt.manager.wait_until_finished()
+        self.ckpt.wait_until_finished()
         if ACTION.startswith("PAUSE="):
             folder = ACTION.removeprefix("PAUSE=")
             open(os.path.join(folder, "paused"), "w").close()

@@ -32,8 +32,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 def _reader(workdir, config, trainer, read_only=True):
     """The run's Checkpointer, restoring onto `trainer`'s mesh."""
-    return checkpointing.Checkpointer(workdir, config, trainer.abstract_state, trainer.state_sharding,
-                                      read_only=read_only)
+    return checkpointing.Checkpointer(workdir, checkpointing.CheckpointSpec.from_config(config),
+                                      trainer.abstract_state, trainer.state_sharding, read_only=read_only)
 
 def fashion_mnist_config():
     import importlib.util

@@ -95,7 +95,7 @@ def test_training_curves_on_a_full_disk_stop_in_one_line_and_the_run_resumes(sma
         stop = original(self, step, state, **kwargs)
         if step < 2:
             return stop
-        self.ckpt.manager.wait_until_finished()  # checkpoint 2 is on disk: take every block left
+        self.ckpt.wait_until_finished()  # checkpoint 2 is on disk: take every block left
         with open(filler, "wb", buffering=0) as f:
             try:
                 while True:

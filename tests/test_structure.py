@@ -27,6 +27,8 @@ RULES = [
                                    "alexnet_jax.inference")),
     ("alexnet_jax.checkpoint_files", ("alexnet_jax.train", "alexnet_jax.data", "alexnet_jax.model",
                                       "alexnet_jax.inference", "alexnet_jax.checkpointing")),
+    ("alexnet_jax.checkpoint_recovery", ("alexnet_jax.train", "alexnet_jax.data", "alexnet_jax.model",
+                                         "alexnet_jax.inference", "alexnet_jax.checkpointing")),
     ("alexnet_jax.sharding", ("alexnet_jax.train", "alexnet_jax.data", "alexnet_jax.checkpointing",
                               "alexnet_jax.collectives", "alexnet_jax.inference")),
     ("alexnet_jax.preemption", ("alexnet_jax.train", "alexnet_jax.data", "alexnet_jax.model")),
