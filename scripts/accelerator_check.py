@@ -146,7 +146,7 @@ def correctness(smoke: bool) -> dict:
     parameters and batch."""
     import optax
 
-    from alexnet_jax.model import create_model
+    from alexnet_jax.model import ModelSpec, create_model
 
     config = config_for("paper", "float32", "auto", 8, smoke)
     shape = (config.image_size, config.image_size, 3)

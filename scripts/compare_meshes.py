@@ -45,9 +45,8 @@ def main() -> None:
     import numpy as np
 
     sys.path.insert(0, REPO)
+    from alexnet_jax import build, sharding, train
     from alexnet_jax import data as datalib
-    from alexnet_jax import sharding, train
-    from alexnet_jax import build
     from alexnet_jax.model import ModelSpec, alexnet
 
     spec = importlib.util.spec_from_file_location("config", a.config)
@@ -72,8 +71,8 @@ def main() -> None:
         trainer = train.Trainer(train.RunSpec.from_config(config), mesh, data.image_shape, per_epoch, 100,
                                 augment=data.on_device)
         with jax.default_device(jax.devices()[0]):  # the float32 initialisation, whatever --float64 says
-            init = train.create_train_state(jax.random.PRNGKey(config.seed), model=create_float32(ModelSpec.from_config(config)),
-                                            tx=trainer.tx, plateau=trainer.plateau, image_shape=data.image_shape)
+            init = train.create_train_state(jax.random.PRNGKey(config.seed),
+                                            model=create_float32(ModelSpec.from_config(config)), tx=trainer.tx, plateau=trainer.plateau, image_shape=data.image_shape)
         dtype = np.float64 if a.float64 else np.float32
         init = jax.tree_util.tree_map(lambda v: v.astype(dtype) if v.dtype == np.float32 else v, init)
         state = jax.device_put(init, trainer.state_sharding)
