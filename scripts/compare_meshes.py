@@ -72,7 +72,8 @@ def main() -> None:
                                 augment=data.on_device)
         with jax.default_device(jax.devices()[0]):  # the float32 initialisation, whatever --float64 says
             init = train.create_train_state(jax.random.PRNGKey(config.seed),
-                                            model=create_float32(ModelSpec.from_config(config)), tx=trainer.tx, plateau=trainer.plateau, image_shape=data.image_shape)
+                                            model=create_float32(ModelSpec.from_config(config)), tx=trainer.tx,
+                                            plateau=trainer.plateau, image_shape=data.image_shape)
         dtype = np.float64 if a.float64 else np.float32
         init = jax.tree_util.tree_map(lambda v: v.astype(dtype) if v.dtype == np.float32 else v, init)
         state = jax.device_put(init, trainer.state_sharding)
