@@ -250,7 +250,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: d
                         t_start: float) -> dict[str, Any]:
     pre, normalisation = pretrained.for_run(config, workdir)
     if data is None:  # process 0 prepares what is missing, the others wait for it
-        data = datalib.create_data(config, normalisation, jax.process_index(), jax.process_count())
+        data = datalib.create_data(datalib.DataSpec.from_config(config), normalisation, jax.process_index(),
+                                   jax.process_count())
     if config.num_classes == 0:  # the dataset's count (a folder's class folders); saved with the checkpoint
         config.num_classes = len(data.class_names)
     per_epoch = datalib.steps_per_epoch(data.num_train, config.batch_size)
