@@ -1,5 +1,6 @@
 """FashionMNIST through a tfds builder, a deterministic resumable stream, and exact-once evaluation."""
 
+import dataclasses
 import gzip
 import json
 import os
@@ -254,11 +255,12 @@ def test_eval_with_reflection_yields_image_and_mirror(fake_fmnist, tmp_path):
 def test_normalisation_is_decided_once_and_survives_json(tmp_path):
     c = small_config(tmp_path, tmp_path)
     stats = {"mean": np.array([33.3, 1.0, 2.0], np.float32), "std": np.array([70.1, 2.0, 3.0], np.float32)}
-    norm = datalib.normalisation_for(DataSpec.from_config(c), stats)
+    spec = DataSpec.from_config(c)
+    norm = datalib.normalisation_for(spec, stats)
     assert (norm.kind, norm.resize_size, norm.mean_image) == ("channel", 28, None)
-    c.update(dict(dataset="imagenet2012", normalization="pixel", resize_size=8))
+    spec = dataclasses.replace(spec, dataset="imagenet2012", normalization="pixel", resize_size=8)
     mean_image = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32) * 255
-    pixel = datalib.normalisation_for(DataSpec.from_config(c), {**stats, "mean_image": mean_image})
+    pixel = datalib.normalisation_for(spec, {**stats, "mean_image": mean_image})
     assert pixel.arrays(per_pixel=True)[0] is mean_image and pixel.arrays(per_pixel=False)[0] is pixel.mean
     np.testing.assert_array_equal(pixel.std, np.ones(3, np.float32))
     for n in (norm, pixel):
