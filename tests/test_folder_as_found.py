@@ -242,7 +242,7 @@ for k, v in spec["config"].items():
     config[k] = v
 start = time.time()
 try:
-    d = datalib.create_data(DataSpec.from_config(config), None, spec["pid"], 2)
+    d = datalib.create_data(datalib.DataSpec.from_config(config), None, spec["pid"], 2)
     print(json.dumps({"num_train": d.num_train, "num_eval": d.num_eval, "s": time.time() - start}))
 except Exception as e:
     print(f"error: {e}", file=sys.stderr)
