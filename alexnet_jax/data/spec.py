@@ -75,14 +75,16 @@ class DataSpec:
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> DataSpec:
-        """The config's data keys, checked (a UserError naming the key and what to change)."""
-        check_config(config)
+        """The config's data keys, checked (a UserError naming the key and what to change): the only function
+        of the data package that reads a ConfigDict."""
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             if field.name in config:
                 value = config[field.name]
                 values[field.name] = tuple(value) if isinstance(value, list | tuple) else value
-        return cls(**values)
+        spec = cls(**values)
+        check(spec)
+        return spec
 
 
 def is_photos(spec: Any) -> bool:
@@ -91,67 +93,66 @@ def is_photos(spec: Any) -> bool:
     return spec.dataset not in SMALL_DATASETS
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """The data keys of `config`: the ones every dataset reads, then the small datasets' or the photos'."""
+def check(spec: DataSpec) -> None:
+    """The data keys: the ones every dataset reads, then the small datasets' or the photos'."""
     def fail(key: str, msg: str) -> None:
-        raise UserError(f"--config.{key}={config.get(key)!r}: {msg}")
+        raise UserError(f"--config.{key}={getattr(spec, key)!r}: {msg}")
 
-    if not config.dataset:
+    if not spec.dataset:
         raise UserError(f"--config.dataset is empty: choose one of {DATASETS}, 'folder' or a tfds dataset's name")
-    if config.get("eval_crops", 1) not in (1, 2, 10):
+    if spec.eval_crops not in (1, 2, 10):
         fail("eval_crops", "choose 1 (centre), 2 (whole image and its reflection, small datasets) or 10 (four "
                            "corners and centre, and their reflections, photo datasets)")
-    if config.get("augment_on_device", False) and not (config.dataset not in SMALL_DATASETS
-                                                       and config.get("prepared")):
+    if spec.augment_on_device and not (spec.dataset not in SMALL_DATASETS and spec.prepared):
         fail("augment_on_device", "needs the prepared 256x256 squares: --config.prepared=True (the source images "
                                   "and the small datasets augment on the host)")
-    if config.get("prepare_wait_s", 1.0) <= 0:
+    if spec.prepare_wait_s <= 0:
         fail("prepare_wait_s", "must be a positive number of seconds (how long a process waits for process 0 "
                                "to prepare the data)")
-    if config.dataset in SMALL_DATASETS:
-        if config.get("eval_crops", 1) not in (1, 2):
-            raise UserError(f"--config.eval_crops={config.eval_crops}: {config.dataset} images are evaluated "
+    if spec.dataset in SMALL_DATASETS:
+        if spec.eval_crops not in (1, 2):
+            raise UserError(f"--config.eval_crops={spec.eval_crops}: {spec.dataset} images are evaluated "
                             "whole (they are no larger than the crop): use 1, or 2 to add the reflection; 10-crop "
                             "evaluation is for imagenet2012")
         return
-    _check_photos(config, fail)
-    if config.get("prepared", False):
-        _check_squares(config, fail)
+    _check_photos(spec, fail)
+    if spec.prepared:
+        _check_squares(spec, fail)
 
 
-def _check_photos(config: ml_collections.ConfigDict, fail: Any) -> None:
+def _check_photos(spec: DataSpec, fail: Any) -> None:
     """The augmentation, evaluation and normalisation keys of the photo pipelines."""
-    if config.train_crop not in TRAIN_CROPS:
+    if spec.train_crop not in TRAIN_CROPS:
         fail("train_crop", f"choose one of {TRAIN_CROPS}")
-    if config.normalization not in NORMALIZATIONS:
+    if spec.normalization not in NORMALIZATIONS:
         fail("normalization", f"choose one of {NORMALIZATIONS}")
-    if config.resize_method not in RESIZE_METHODS:
+    if spec.resize_method not in RESIZE_METHODS:
         fail("resize_method", f"choose one of {RESIZE_METHODS}")
-    if config.eval_crops not in (1, 10):
+    if spec.eval_crops not in (1, 10):
         fail("eval_crops", "choose 1 (centre crop) or 10 (the paper's corners + centre and reflections)")
-    if not 0 < config.image_size <= config.resize_size:
-        fail("image_size", f"must be a crop of the {config.resize_size} px square (--config.resize_size)")
-    if config.pca_lighting < 0:
+    if not 0 < spec.image_size <= spec.resize_size:
+        fail("image_size", f"must be a crop of the {spec.resize_size} px square (--config.resize_size)")
+    if spec.pca_lighting < 0:
         fail("pca_lighting", "is the std of the PCA lighting alpha (paper: 0.1); use 0 to turn it off")
-    if config.pca not in PCA_SOURCES:
+    if spec.pca not in PCA_SOURCES:
         fail("pca", f"choose one of {PCA_SOURCES}: the training pixels' own RGB PCA (the paper) or "
                     "fb.resnet.torch's")
-    lo, hi = config.rrc_area_range
+    lo, hi = spec.rrc_area_range
     if not 0 < lo <= hi <= 1:
         fail("rrc_area_range", "must be (low, high) fractions of the image area with 0 < low <= high <= 1")
-    mean, std = tuple(config.get("channel_mean", ())), tuple(config.get("channel_std", ()))
-    if (mean or std) and (config.normalization != "channel" or len(mean) != 3 or len(std) != 3 or min(std) <= 0):
+    mean, std = spec.channel_mean, spec.channel_std
+    if (mean or std) and (spec.normalization != "channel" or len(mean) != 3 or len(std) != 3 or min(std) <= 0):
         raise UserError(f"--config.channel_mean={mean} / channel_std={std}: give three values each (0-255 scale, "
                         "std > 0) with --config.normalization=channel, or () to use the training set's")
 
 
-def _check_squares(config: ml_collections.ConfigDict, fail: Any) -> None:
-    """What reading (or preparing) the squares adds (`config.prepared=True`)."""
-    if config.prepared_format not in PREPARED_FORMATS:
+def _check_squares(spec: DataSpec, fail: Any) -> None:
+    """What reading (or preparing) the squares adds (`--config.prepared=True`)."""
+    if spec.prepared_format not in PREPARED_FORMATS:
         fail("prepared_format", f"choose one of {PREPARED_FORMATS}")
-    if not 1 <= config.prepared_quality <= 100:
+    if not 1 <= spec.prepared_quality <= 100:
         fail("prepared_quality", "a JPEG quality, 1-100")
-    if config.train_crop != "paper":
-        raise UserError(f"--config.train_crop={config.train_crop!r} with --config.prepared=True: prepared squares "
+    if spec.train_crop != "paper":
+        raise UserError(f"--config.train_crop={spec.train_crop!r} with --config.prepared=True: prepared squares "
                         "serve the paper's crops; use the source images (--config.prepared=False) for random "
                         "resized crops")
