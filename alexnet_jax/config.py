@@ -28,7 +28,8 @@ RESUMABLE_CHANGES = frozenset({
 
 
 def check_config(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
-    """Reject bad values with a message that says what to change, before data or devices are touched."""
+    """Reject bad values with a message that says what to change, before data or devices are touched. The data
+    keys are checked where the data package reads them (`data.DataSpec.from_config`)."""
 
     def fail(key: str, msg: str) -> None:
         raise UserError(f"--config.{key}={config.get(key)!r}: {msg}")
@@ -45,20 +46,10 @@ def check_config(config: ml_collections.ConfigDict, process_count: int = 1) -> N
         fail("num_train_steps", "must be a positive number of steps, or -1 to use num_epochs")
     if config.num_train_steps == -1 and config.num_epochs <= 0:
         fail("num_epochs", "must be positive (or set num_train_steps)")
-    if config.get("prepare_wait_s", 1.0) <= 0:
-        fail("prepare_wait_s", "must be a positive number of seconds (how long a process waits for process 0 "
-                               "to prepare the data)")
     if config.image_size < 16:
         fail("image_size", "must be at least 16 pixels")
     if config.log_every_steps <= 0:
         fail("log_every_steps", "must be positive")
-    if config.get("eval_crops", 1) not in (1, 2, 10):
-        fail("eval_crops", "choose 1 (centre), 2 (whole image and its reflection, small datasets) or 10 (four "
-                           "corners and centre, and their reflections, photo datasets)")
-    if config.get("augment_on_device", False) and not (config.dataset not in ("fashion_mnist", "cifar10")
-                                                       and config.get("prepared")):
-        fail("augment_on_device", "needs the prepared 256x256 squares: --config.prepared=True (the source images "
-                                  "and the small datasets augment on the host)")
 
 
 def _absent(saved: dict[str, Any], key: str, default: Any) -> Any:

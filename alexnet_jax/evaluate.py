@@ -2,7 +2,8 @@
 
 Reads the run's config from the checkpoint, restores only the parameters (`alexnet_jax.inference`) onto the
 mesh the config asks for (any device count, whatever mesh trained them) and reports top-1/top-5 accuracy and
-loss over the whole configured evaluation split. The same `--config.key=value` overrides as `main`, for the keys
+loss over the whole configured evaluation split, normalised by the checkpoint's normalisation record (the
+training set is not read for it). The same `--config.key=value` overrides as `main`, for the keys
 that do not change the model: `--config.eval_crops=10` (the paper's 10-patch test: the pipeline yields
 (B, 10, H, W, C) and the eval step averages each image's softmax; 1: centre, 2: with its reflection),
 `--config.data_dir`, `--config.mesh_shape='(2,2)'`, `--config.eval_batch_size`.
@@ -41,7 +42,9 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, mesh: Any = No
 
     loaded = inference.load(workdir, step, mesh, overrides)
     config = loaded.config
-    data = data if data is not None else datalib.create_data(config, None, jax.process_index(), jax.process_count())
+    if data is None:  # normalised as the checkpoint's images were (its record; only a checkpoint without one: the data)
+        data = datalib.create_data(datalib.DataSpec.from_config(config), inference.recorded_normalisation(loaded.meta),
+                                   jax.process_index(), jax.process_count())
     evaluator = train.Evaluator(loaded.built, jax.tree_util.tree_map(lambda a: a.sharding, loaded.variables))
 
     def checked(batches):

@@ -16,6 +16,7 @@ drawn as a PNG, one query per row. Takes the same `--config.key=value` overrides
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -82,8 +83,8 @@ def of_split(extractor: Extractor, split: str, layer: str) -> dict[str, np.ndarr
     from alexnet_jax.errors import UserError
 
     config = extractor.loaded.config
-    config.eval_crops = 1
-    data = datalib.create_data(config, extractor.loaded.normalisation)
+    spec = dataclasses.replace(datalib.DataSpec.from_config(config), eval_crops=1)  # one view per image
+    data = datalib.create_data(spec, extractor.loaded.normalisation)
     if data.views is None:
         raise UserError(f"features of {config.dataset} with --config.prepared=True: use the source images "
                         "(--config.prepared=False)")

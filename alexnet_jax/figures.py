@@ -184,7 +184,7 @@ def predictions(workdir: str, step: int | None = None, max_images: int | None = 
     config, meta, variables = loaded.config, loaded.meta, loaded.variables
     if config.dataset not in ("fashion_mnist", "cifar10"):
         raise UserError(f"prediction grids are for the small datasets (fashion_mnist, cifar10), not {config.dataset}")
-    data = datalib.create_data(config)
+    data = datalib.create_data(datalib.DataSpec.from_config(config))
     apply = jax.jit(lambda v, x: jax.numpy.argmax(loaded.model.apply(v, x, train=False), -1))
     images, preds, labels = [], [], []
     count = 0

@@ -51,18 +51,26 @@ class Loaded:
         return normalisation_of(self.meta, self.step)
 
 
-def normalisation_of(meta: dict[str, Any], step: int) -> Normalisation:
-    """The checkpoint's normalisation record; checkpoints written before it have `mean`/`std` (a 3-D mean
-    is the paper's per-pixel mean image)."""
+def recorded_normalisation(meta: dict[str, Any]) -> Normalisation | None:
+    """The normalisation the checkpoint's images had, from its record (`train.run_metadata`); checkpoints written
+    before the record have `mean`/`std` (a 3-D mean is the paper's per-pixel mean image); None without either."""
     if meta.get("normalisation"):
         return Normalisation.from_json(meta["normalisation"])
     if meta.get("mean") is None or meta.get("std") is None:
-        raise UserError(f"the checkpoint at step {step} does not record the normalisation its images had; "
-                        "evaluate it with alexnet_jax.evaluate (which reads the training set) instead")
+        return None
     mean, std = np.asarray(meta["mean"], np.float32), np.asarray(meta["std"], np.float32)
     if mean.ndim == 3:
         return Normalisation("pixel", mean.mean((0, 1)), np.ones(3, np.float32), mean, mean.shape[0])
     return Normalisation("channel", mean, std)
+
+
+def normalisation_of(meta: dict[str, Any], step: int) -> Normalisation:
+    """`recorded_normalisation`, or a UserError for a checkpoint that recorded none."""
+    norm = recorded_normalisation(meta)
+    if norm is None:
+        raise UserError(f"the checkpoint at step {step} does not record the normalisation its images had; "
+                        "evaluate it with alexnet_jax.evaluate (which reads the training set) instead")
+    return norm
 
 
 def read_config(workdir: str, step: int | None = None, overrides: dict[str, Any] | None = None

@@ -6,11 +6,11 @@ status is 1 when any failed. `--output FILE.csv|.json` writes the same as one ro
 through the network in batches of `eval_batch_size`. ImageNet classes print as `n01440764 tench`: the WordNet
 id with its first WordNet lemma (alexnet_jax/resources/imagenet_names.txt).
 
-Preprocessing is the evaluation's single view, from the normalisation record the checkpoint saved (no training
-set needed). Every file is read as the pipelines read it (`pixels`: CMYK, grayscale, RGBA, 16-bit and palette
-images become RGB, as `data.folder` stores them; EXIF-rotated photos upright), then: photos (ImageNet, a
-folder, a tfds dataset): centre square resized to `resize_size`, normalised, centre crop; small datasets:
-resized to the input size, normalised per channel.
+Preprocessing is the evaluation's single view, through the function evaluation uses (`data.views.of_square`),
+with the normalisation record the checkpoint saved (no training set needed). Every file is read as the pipelines
+read it (`pixels`: CMYK, grayscale, RGBA, 16-bit and palette images become RGB, as `data.folder` stores them;
+EXIF-rotated photos upright), then its centre square: photos (ImageNet, a folder, a tfds dataset) resized to
+`resize_size`, normalised, centre crop; small datasets resized to the input size, normalised per channel.
 A checkpoint converted from torchvision (`alexnet_jax.convert`) preprocesses exactly as torchvision's transforms:
 the whole image's shorter side to 256 with PIL's antialiased bilinear, rounded to uint8, the centre 224 crop,
 mean/std. Takes the same `--config.key=value` overrides as `evaluate`.
@@ -159,7 +159,7 @@ def preprocess(path: str, image_shape: tuple[int, int, int], norm: Any, dataset:
     import tensorflow as tf
 
     from alexnet_jax import data as datalib
-    from alexnet_jax.data import augment
+    from alexnet_jax.data import views
 
     datalib.tensorflow_on_cpu()
     try:
@@ -169,14 +169,19 @@ def preprocess(path: str, image_shape: tuple[int, int, int], norm: Any, dataset:
     h, w = int(image.shape[0]), int(image.shape[1])
     side = min(h, w)
     square = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
-    if dataset in datalib.SMALL_DATASETS:  # the whole (square) image, resized as the eval pipeline does
-        return np.asarray(datalib.resize_and_normalise(square, norm.mean, norm.std, size), np.float32)
-    # photos (ImageNet, a folder, a tfds dataset), as augment.eval_image with one view: the square at
-    # resize_size, normalised, its centre crop
-    resize = norm.resize_size or round(size * 256 / 224)
-    mean, std = norm.arrays()
-    square = (augment.resize(square, resize, resize_method) - mean) / std
-    return np.asarray(augment.centre_crop(square, size), np.float32)
+    return np.asarray(views.of_square(square, view_of(image_shape, norm, dataset, resize_method), norm), np.float32)
+
+
+def view_of(image_shape: tuple[int, int, int], norm: Any, dataset: str, resize_method: str = "area") -> Any:
+    """The evaluation's single view (`data.views.View`) of a checkpoint's images: the small datasets whole,
+    photos' centre square at the normalisation's `resize_size` (a checkpoint older than it: the paper's
+    256/224 of the crop), its centre crop."""
+    from alexnet_jax.data import SMALL_DATASETS, views
+
+    size = image_shape[0]
+    if dataset in SMALL_DATASETS:
+        return views.View(size)
+    return views.View(size, norm.resize_size or round(size * 256 / 224), resize_method, 1)
 
 
 @dataclasses.dataclass

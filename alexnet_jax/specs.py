@@ -11,7 +11,6 @@ they are.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import ml_collections
 
@@ -57,7 +56,7 @@ class RunSpec:
     model: ModelSpec
     optimizer: optim.OptimizerSpec
     sharding: sharding.ShardingSpec
-    data: Any  # datalib.DataSpec
+    data: datalib.DataSpec
     checkpoint: checkpointing.CheckpointSpec
     transfer: pretrained.TransferSpec
     loop: LoopSpec
@@ -67,7 +66,7 @@ class RunSpec:
         """Read and check every key before data or devices are touched; a bad value is one line naming its flag."""
         check_config(config, process_count)
         return cls(model=ModelSpec.from_config(config), optimizer=optim.OptimizerSpec.from_config(config),
-                   sharding=sharding.ShardingSpec.from_config(config), data=_data_spec(config),
+                   sharding=sharding.ShardingSpec.from_config(config), data=datalib.DataSpec.from_config(config),
                    checkpoint=checkpointing.CheckpointSpec.from_config(config),
                    transfer=pretrained.TransferSpec.from_config(config), loop=LoopSpec.from_config(config))
 
@@ -82,10 +81,6 @@ class RunSpec:
         model = self.model.with_classes(count)
         checkpoint = self.checkpoint.with_run_value("num_classes", model.num_classes)
         return dataclasses.replace(self, model=model, checkpoint=checkpoint)
-
-
-def _data_spec(config: ml_collections.ConfigDict) -> Any:
-    return config  # interim until data.DataSpec lands
 
 
 __all__ = ["LoopSpec", "RunSpec", "checkpointing", "datalib"]

@@ -59,7 +59,7 @@ def main() -> None:
             config[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             config[key] = value
-    data = datalib.create_data(config)
+    data = datalib.create_data(datalib.DataSpec.from_config(config))
     per_epoch = datalib.steps_per_epoch(data.num_train, config.batch_size)
     if a.float64:  # float64 parameters and compute (the LRN follows its input: float64 too)
         create = build.create_model

@@ -138,7 +138,7 @@ def main() -> None:
     config.data_dir = a.data_dir
     config.eval_crops = 1
     _set(config, a.set)
-    data = datalib.create_data(config)
+    data = datalib.create_data(datalib.DataSpec.from_config(config))
     per_epoch = datalib.steps_per_epoch(data.num_train, config.batch_size)
     mesh = sharding.make_mesh((1, 1), jax.devices()[:1])
     trainer = train.Trainer(train.RunSpec.from_config(config), mesh, data.image_shape, per_epoch, a.steps)

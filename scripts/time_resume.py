@@ -48,7 +48,7 @@ def main() -> None:
         config.data_dir, config.batch_size = data_dir, a.batch
         stats = {"mean_image": np.full((256, 256, 3), 115.0, np.float32), "mean": np.full(3, 115.0, np.float32),
                  "std": np.ones(3, np.float32)}
-        norm = base.normalisation_for(config, stats)
+        norm = base.normalisation_for(config, stats)  # (the config reads as a DataSpec here)
         n = builder.info.splits["train"].num_examples
         per_epoch = n // a.batch
 
@@ -57,9 +57,10 @@ def main() -> None:
                 config.shuffle_buffer = 1000
                 ds = imagenet.train_dataset(builder, config, norm, start, start + 1)
             else:
-                from alexnet_jax.data import photos
+                from alexnet_jax.data import DataSpec, photos, sources
 
-                ds = photos.train_dataset(imagenet.source(builder), photos.Spec.of(config), norm, start, start + 1)
+                ds = photos.train_dataset(sources.imagenet_source(builder), DataSpec.from_config(config), norm, start,
+                                          start + 1)
             t0 = time.perf_counter()
             next(iter(ds))
             return time.perf_counter() - t0

@@ -238,13 +238,13 @@ def run_once(name: str, make) -> str:
 
 def _prepare_fashion_mnist(path: str) -> None:
     from alexnet_jax import default_config
-    from alexnet_jax.data import small
+    from alexnet_jax.data import DataSpec, small
 
     if small.fashion_mnist_files_present(FASHION_MNIST_DIR):
         config = default_config.get_config()
         config.dataset, config.data_dir, config.fashion_mnist_dir = "fashion_mnist", path, FASHION_MNIST_DIR
         for split in ("train", "test"):
-            small.load_in_memory(config, split)
+            small.load_in_memory(DataSpec.from_config(config), split)
 
 
 @pytest.fixture(scope="session")

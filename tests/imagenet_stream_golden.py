@@ -48,14 +48,14 @@ def _grid(images: np.ndarray) -> np.ndarray:
 def fingerprints(data_dir: str) -> dict[str, np.ndarray]:
     """{case/what: array} for every case on the prepared tiny archive in `data_dir`."""
     from alexnet_jax import data as datalib
-    from alexnet_jax.data import squares
+    from alexnet_jax.data import DataSpec, squares
 
     out = {}
     for name, kw in CASES.items():
         config = _config(data_dir, **kw)
         if kw.get("prepared"):
-            squares.prepare(config)
-        data = datalib.create_data(config)
+            squares.prepare(DataSpec.from_config(config))
+        data = datalib.create_data(DataSpec.from_config(config))
         train = list(data.train(0, STEPS, 0, 1))
         out[f"{name}/train_labels"] = np.concatenate([b["label"] for b in train])
         out[f"{name}/train_pixels"] = np.concatenate([_grid(b["image"]) for b in train])

@@ -45,7 +45,7 @@ def run(config, pid: int, nproc: int, steps: int) -> tuple[dict[str, np.ndarray]
 
     from alexnet_jax import data as datalib
     from alexnet_jax import sharding, train
-    from alexnet_jax.data import small
+    from alexnet_jax.data import DataSpec, small
 
     assert jax.process_count() == nproc and jax.local_device_count() * nproc == 8
     rng = np.random.default_rng(0)  # the same synthetic dataset in every process
@@ -56,7 +56,7 @@ def run(config, pid: int, nproc: int, steps: int) -> tuple[dict[str, np.ndarray]
     trainer = train.Trainer(train.RunSpec.from_config(config), mesh, (20, 20, 1), steps_per_epoch=4, total_steps=steps)
     state = trainer.init(jax.random.PRNGKey(config.seed))
     seen = []
-    for local in small.train_batches(data, config, mean, std, 0, steps, pid, nproc):
+    for local in small.train_batches(data, DataSpec.from_config(config), mean, std, 0, steps, pid, nproc):
         seen.append(local["label"])
         state, _ = trainer.train_step(state, trainer.global_batch(local))
     params = multihost_utils.process_allgather(state.params, tiled=True)

@@ -15,7 +15,7 @@ from tensorflow_datasets.image_classification import cifar
 
 from alexnet_jax import data as datalib
 from alexnet_jax import default_config
-from alexnet_jax.data import small
+from alexnet_jax.data import DataSpec, small
 from alexnet_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +68,7 @@ def prepared(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cifar.Cifar10, "url_infos", {small.CIFAR10_URL: checksums.compute_url_info(archive)})
         mp.setattr(small, "_reachable", lambda url: False)  # never the network
-        train = small.load_in_memory(_config(str(root / "tfds"), str(manual)), "train")
+        train = small.load_in_memory(DataSpec.from_config(_config(str(root / "tfds"), str(manual))), "train")
     return str(root / "tfds"), expected, train
 
 
@@ -78,7 +78,7 @@ def test_real_builder_prepares_archive_from_manual_dir(prepared):
     assert train.class_names == datalib.CIFAR10_CLASSES
     got = sorted((int(label), image.tobytes()) for label, image in zip(train.labels, train.images, strict=True))
     assert got == sorted(expected["train"])  # every record once, planes decoded to HWC
-    test = small.load_in_memory(_config(data_dir), "test")  # prepared: no archive needed any more
+    test = small.load_in_memory(DataSpec.from_config(_config(data_dir)), "test")  # prepared: no archive needed any more
     got = sorted((int(lb), im.tobytes()) for lb, im in zip(test.labels, test.images, strict=True))
     assert got == sorted(expected["test"])
 
@@ -103,7 +103,7 @@ def test_archive_with_another_checksum_is_refused(tmp_path):
     manual.mkdir()
     write_archive(str(manual / small.CIFAR10_ARCHIVE))  # not the real file: tfds's checksum differs
     with pytest.raises(UserError, match="checksum differs") as e:
-        small.load_in_memory(_config(str(tmp_path / "tfds"), str(manual)), "train")
+        small.load_in_memory(DataSpec.from_config(_config(str(tmp_path / "tfds"), str(manual))), "train")
     assert small.CIFAR10_URL in str(e.value)
     assert not (tmp_path / "tfds" / "cifar10").exists() or not any((tmp_path / "tfds" / "cifar10").rglob("*.tfrecord*"))
 
@@ -111,7 +111,7 @@ def test_archive_with_another_checksum_is_refused(tmp_path):
 def test_missing_archive_offline_names_file_and_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(small, "_reachable", lambda url: False)
     with pytest.raises(UserError) as e:
-        small.load_in_memory(_config(str(tmp_path / "tfds")), "train")
+        small.load_in_memory(DataSpec.from_config(_config(str(tmp_path / "tfds"))), "train")
     message = str(e.value)
     assert "unreachable" in message and small.CIFAR10_URL in message
     assert os.path.join(str(tmp_path / "tfds"), "downloads", "manual") in message  # tfds's default manual folder

@@ -186,7 +186,7 @@ def test_evaluate_uses_torchvision_normalisation_on_imagenet(narrow_model, conve
     from alexnet_jax import checkpointing, evaluate
     from alexnet_jax import config as config_lib
     from alexnet_jax import data as datalib
-    from alexnet_jax.data import imagenet
+    from alexnet_jax.data import DataSpec, imagenet
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location("make_tiny_imagenet",
@@ -202,7 +202,7 @@ def test_evaluate_uses_torchvision_normalisation_on_imagenet(narrow_model, conve
     config = config_lib.config_from_dict(saved)
     config.data_dir = data_dir
     config.eval_batch_size = 8
-    data = datalib.create_data(config)
+    data = datalib.create_data(DataSpec.from_config(config))
     np.testing.assert_allclose(data.mean, [123.675, 116.28, 103.53], rtol=1e-6)
     batches = list(data.eval(0, 1))
     images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
@@ -223,7 +223,7 @@ def test_evaluate_uses_torchvision_normalisation_on_imagenet(narrow_model, conve
     mine = {n.decode(): im for b in views for n, im, m in zip(b["file_name"], b["image"], b["mask"], strict=True)
             if m > 0}
     reference = {}
-    for ex in examples(imagenet.open_prepared(config), "validation", {"image": tfds.decode.SkipDecoding()}):
+    for ex in examples(imagenet.open_prepared(config.data_dir), "validation", {"image": tfds.decode.SkipDecoding()}):
         path = tmp_path / ex["file_name"].decode()
         path.write_bytes(ex["image"])
         reference[path.name] = _torchvision_transforms(str(path)).transpose(1, 2, 0)

@@ -127,9 +127,9 @@ def test_training_counts_what_torchvisions_rules_select_and_predict_ranks_the_sa
     assert "3 Thumbs.db" in line and "1 desktop.ini" in line and "1 notes.txt" in line, line
     assert "1 folder __MACOSX/" in line, line
     assert summary["num_eval_examples"] == round(0.2 * len(want)), summary  # the held-out 20%, each once
-    from alexnet_jax.data import sources
+    from alexnet_jax.data import DataSpec, sources
 
-    builder = sources.open_source(config).builder
+    builder = sources.open_source(DataSpec.from_config(config)).builder
     stored = {ex["file_name"].decode() for ex in examples(builder, "train")}
     assert stored == want
     paths = predict.image_files([found])
@@ -242,7 +242,7 @@ for k, v in spec["config"].items():
     config[k] = v
 start = time.time()
 try:
-    d = datalib.create_data(config, None, spec["pid"], 2)
+    d = datalib.create_data(datalib.DataSpec.from_config(config), None, spec["pid"], 2)
     print(json.dumps({"num_train": d.num_train, "num_eval": d.num_eval, "s": time.time() - start}))
 except Exception as e:
     print(f"error: {e}", file=sys.stderr)

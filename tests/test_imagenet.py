@@ -20,7 +20,8 @@ from PIL import Image
 
 from alexnet_jax import data as datalib
 from alexnet_jax import default_config
-from alexnet_jax.data import augment, imagenet, photos
+from alexnet_jax.data import DataSpec, augment, imagenet, photos, sources
+from alexnet_jax.data import stats as statistics
 from alexnet_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +57,7 @@ def _keys(n: int) -> tf.Tensor:
 
 def test_real_builder_prepares_tiny_archive(prepared):
     data_dir, _ = prepared
-    builder = imagenet.open_prepared(_config(data_dir))
+    builder = imagenet.open_prepared(data_dir)
     assert builder.info.splits["train"].num_examples == 32
     assert builder.info.splits["validation"].num_examples == 8
     synsets = tiny.validation_labels(8)
@@ -115,7 +116,7 @@ def test_predict_preprocesses_like_the_eval_pipeline(prepared, tmp_path):
     paper's per-pixel mean image from the normalisation record (any size: shorter side 300 and 180 here)."""
     from alexnet_jax import predict
 
-    data = datalib.create_data(_config(prepared[0], normalization="pixel"))
+    data = datalib.create_data(DataSpec.from_config(_config(prepared[0], normalization="pixel")))
     norm = data.normalisation
     assert norm.kind == "pixel" and norm.mean_image.shape == (256, 256, 3)
     for w, h in ((400, 300), (180, 260)):
@@ -146,7 +147,7 @@ def test_predict_preprocesses_like_the_eval_pipeline(prepared, tmp_path):
 
 
 def test_resumed_stream_equals_uninterrupted(prepared):
-    data = datalib.create_data(_config(prepared[0]))
+    data = datalib.create_data(DataSpec.from_config(_config(prepared[0])))
     assert data.num_train == 32  # 4 steps per epoch at batch 8: the stream below crosses two epochs
     full = list(data.train(0, 10, 0, 1))
     resumed = list(data.train(5, 10, 0, 1))
@@ -158,7 +159,7 @@ def test_resumed_stream_equals_uninterrupted(prepared):
     epoch0 = np.concatenate([b["label"] for b in full[:4]])
     epoch1 = np.concatenate([b["label"] for b in full[4:8]])
     assert sorted(epoch0) == sorted(epoch1) and not np.array_equal(epoch0, epoch1)
-    other_seed = list(datalib.create_data(_config(prepared[0], seed=1)).train(0, 1, 0, 1))
+    other_seed = list(datalib.create_data(DataSpec.from_config(_config(prepared[0], seed=1))).train(0, 1, 0, 1))
     assert not np.array_equal(other_seed[0]["image"], full[0]["image"])
 
 
@@ -167,9 +168,9 @@ def test_processes_read_their_rows_of_the_same_global_batches(prepared):
     count, process p reading rows [pB/P, (p+1)B/P) of it; over an epoch every training image once; each process's
     batches are made of exactly its own records, row for row."""
     config = _config(prepared[0])
-    src = imagenet.source(imagenet.open_prepared(config))
-    spec = photos.Spec.of(config)
-    parse = photos.parser(src)
+    src = sources.imagenet_source(imagenet.open_prepared(config.data_dir))
+    spec = DataSpec.from_config(config)
+    parse = sources.parser(src)
     recs = src.records("train")
 
     def names(indices):
@@ -183,7 +184,7 @@ def test_processes_read_their_rows_of_the_same_global_batches(prepared):
     epoch = names(one)
     split = {ex["file_name"].decode() for ex in examples(src.builder, "train")}
     assert len(epoch) == len(set(epoch)) == 32 and set(epoch) == split
-    data = datalib.create_data(_config(prepared[0], pca_lighting=0.0))
+    data = datalib.create_data(DataSpec.from_config(_config(prepared[0], pca_lighting=0.0)))
     labels = [int(parse(r)["label"]) for r in recs.read(one.reshape(-1))]
     for pid in (0, 1):
         batches = list(data.train(0, steps, pid, 2))
@@ -195,7 +196,7 @@ def test_processes_read_their_rows_of_the_same_global_batches(prepared):
 @pytest.mark.parametrize("crops", [1, 10])
 @pytest.mark.parametrize("nproc,batch", [(1, 8), (1, 3), (3, 6)])
 def test_eval_counts_every_image_once(prepared, crops, nproc, batch):
-    data = datalib.create_data(_config(prepared[0], eval_crops=crops, eval_batch_size=batch))
+    data = datalib.create_data(DataSpec.from_config(_config(prepared[0], eval_crops=crops, eval_batch_size=batch)))
     labels, lengths = [], []
     for pid in range(nproc):
         batches = list(data.eval(pid, nproc))
@@ -204,7 +205,7 @@ def test_eval_counts_every_image_once(prepared, crops, nproc, batch):
             assert b["image"].shape[1:] == ((224, 224, 3) if crops == 1 else (10, 224, 224, 3))
             labels += list(b["label"][b["mask"] > 0])
     assert len(set(lengths)) == 1  # processes step together
-    builder = imagenet.open_prepared(_config(prepared[0]))
+    builder = imagenet.open_prepared(prepared[0])
     reference = [ex["label"] for ex in examples(builder, "validation")]
     assert sorted(labels) == sorted(reference) and len(labels) == 8
 
@@ -349,7 +350,7 @@ def test_data_pca_recovers_a_known_colour_covariance(tmp_path):
     manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "data")
     tiny.write_tiny_imagenet(manual, classes=2, train_per_class=4, train_image=image)
     builder = imagenet.prepare(data_dir, manual, verify=False)
-    stats = photos.dataset_stats(imagenet.source(builder), 256, 0)
+    stats = statistics.dataset_stats(sources.imagenet_source(builder), 256, 0)
     pixels = np.concatenate(written).astype(np.float64) / 255.0  # every block is the same number of pixels
     known = np.cov(pixels.T, bias=True)
     val, vec = np.linalg.eigh(known)
@@ -363,9 +364,9 @@ def test_data_pca_recovers_a_known_colour_covariance(tmp_path):
     # the 'data' shift is V_data (alpha * l_data) where the 'published' one is V_pub (alpha * l_pub)
     shifts = {}
     for pca in ("data", "published"):
-        lit, dark = (next(iter(datalib.create_data(_config(
+        lit, dark = (next(iter(datalib.create_data(DataSpec.from_config(_config(
             data_dir, pca=pca, pca_lighting=std, image_size=32, random_flip=False, normalization="channel")
-        ).train(0, 1, 0, 1))) for std in (0.1, 0.0))
+        )).train(0, 1, 0, 1))) for std in (0.1, 0.0))
         shifts[pca] = (lit["image"] - dark["image"])[:, 0, 0] * stats["std"]  # undo the channel std
     # alpha of row r of step 0, drawn here from the stream's key (seed * 1_000_003 + step, row), split as
     # (crop, flip, lighting): not solved from the shifts, so a lighting that drops a component fails
@@ -488,14 +489,15 @@ def test_a_random_resized_patch_is_the_crop_and_resize_of_its_box():
 
 
 def test_mean_image_is_the_training_mean(prepared):
-    builder = imagenet.open_prepared(_config(prepared[0]))
-    stats = photos.dataset_stats(imagenet.source(builder), 256, 0)
+    builder = imagenet.open_prepared(prepared[0])
+    stats = statistics.dataset_stats(sources.imagenet_source(builder), 256, 0)
     squares = [augment.decode_square(tf.constant(ex["image"]), 256).numpy() for ex in
                examples(builder, "train", {"image": tfds.decode.SkipDecoding()})]
     squares = np.asarray(squares, np.float64)
     np.testing.assert_allclose(stats["mean_image"], squares.mean(0), atol=1e-3)
     np.testing.assert_allclose(stats["std"], squares.std(axis=(0, 1, 2)), rtol=1e-4)
-    batch = next(iter(datalib.create_data(_config(prepared[0], pca_lighting=0.0)).train(0, 1, 0, 1)))
+    batch = next(iter(datalib.create_data(DataSpec.from_config(_config(prepared[0], pca_lighting=0.0))).train(
+        0, 1, 0, 1)))
     assert abs(batch["image"].mean()) < 20  # mean-subtracted pixels centre on zero
 
 
@@ -513,11 +515,12 @@ def test_corrupt_jpeg_in_archive_is_named_and_never_trained_on(tmp_path):
     imagenet.prepare(data, manual, verify=False)
     c = _config(data, batch_size=2)
     with pytest.raises(UserError, match="does not decode"):  # computing the mean image meets it first
-        datalib.create_data(c)
-    src = imagenet.source(imagenet.open_prepared(c))
-    norm = datalib.normalisation_for(c, {"mean_image": np.zeros((256, 256, 3), np.float32),
+        datalib.create_data(DataSpec.from_config(c))
+    src = sources.imagenet_source(imagenet.open_prepared(c.data_dir))
+    norm = datalib.normalisation_for(DataSpec.from_config(c), {"mean_image": np.zeros((256, 256, 3), np.float32),
                                          "mean": np.zeros(3, np.float32), "std": np.ones(3, np.float32)})
-    batches = photos.guard(tfds.as_numpy(photos.train_dataset(src, photos.Spec.of(c), norm, 0, 3)), src, "train")
+    batches = sources.guard(tfds.as_numpy(photos.train_dataset(src, DataSpec.from_config(c), norm, 0, 3)), src,
+                            "train")
     with pytest.raises(UserError, match="does not decode.*prepare_imagenet.py --verify_only"):
         list(batches)
 
@@ -534,16 +537,16 @@ def test_unprepared_dataset_says_what_to_do(tmp_path):
     c = _config(str(tmp_path / "data"), manual_dir=str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match=r"not prepared.*ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar not "
                                         r"found in .*nowhere.*scripts/prepare_imagenet.py"):
-        datalib.create_data(c)
+        datalib.create_data(DataSpec.from_config(c))
 
 
 def test_unknown_dataset_and_bad_values_are_rejected(tmp_path):
     with pytest.raises(UserError, match=r"dataset='imagenet' is unknown; choose one of"):
-        datalib.create_data(_config(str(tmp_path), dataset="imagenet"))
+        datalib.create_data(DataSpec.from_config(_config(str(tmp_path), dataset="imagenet")))
     with pytest.raises(UserError, match="eval_crops"):
-        photos.check_config(_config(str(tmp_path), eval_crops=5))
+        DataSpec.from_config(_config(str(tmp_path), eval_crops=5))
     with pytest.raises(UserError, match="train_crop"):
-        photos.check_config(_config(str(tmp_path), train_crop="inception"))
+        DataSpec.from_config(_config(str(tmp_path), train_crop="inception"))
 
 
 def test_a_tfrecord_copy_is_refused_in_one_line_then_converted_by_the_script(tmp_path):
@@ -557,10 +560,10 @@ def test_a_tfrecord_copy_is_refused_in_one_line_then_converted_by_the_script(tmp
     before = [r for fi in builder.info.splits["train"].file_instructions
               for r in tf.data.TFRecordDataset(fi.filename).as_numpy_iterator()]
     with pytest.raises(UserError, match=r"stored as TFRecord only.*run `python scripts/prepare_imagenet.py"):
-        datalib.create_data(_config(data, manual_dir=manual))
+        datalib.create_data(DataSpec.from_config(_config(data, manual_dir=manual)))
     os.rename(manual, manual + "_gone")  # the conversion needs no archive
     proc = forkserver.run([sys.executable, os.path.join(REPO, "scripts", "prepare_imagenet.py"), "--data_dir", data,
                            "--manual_dir", manual, "--skip_verify"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    src = imagenet.source(imagenet.open_prepared(_config(data, manual_dir=manual)))
+    src = sources.imagenet_source(imagenet.open_prepared(data, manual))
     assert list(src.records("train").read(np.arange(len(before)))) == before

@@ -1,5 +1,6 @@
 """FashionMNIST through a tfds builder, a deterministic resumable stream, and exact-once evaluation."""
 
+import dataclasses
 import gzip
 import json
 import os
@@ -11,7 +12,7 @@ from conftest import needs_fmnist
 
 from alexnet_jax import data as datalib
 from alexnet_jax import default_config
-from alexnet_jax.data import small
+from alexnet_jax.data import DataSpec, small
 from alexnet_jax.errors import UserError
 
 
@@ -50,8 +51,8 @@ def small_config(src, tmp_path, **kw):
 
 def test_builder_prepares_idx_files_into_data_dir(fake_fmnist, tmp_path):
     c = small_config(fake_fmnist, tmp_path)
-    train = small.load_in_memory(c, "train")
-    test = small.load_in_memory(c, "test")
+    train = small.load_in_memory(DataSpec.from_config(c), "train")
+    test = small.load_in_memory(DataSpec.from_config(c), "test")
     assert train.images.shape == (96, 28, 28, 1) and test.images.shape == (37, 28, 28, 1)
     np.testing.assert_array_equal(test.labels, np.arange(37) % 10)
     source = fake_fmnist_images()  # the arrays written to the IDX files (not read back by the builder's reader)
@@ -74,36 +75,36 @@ def test_train_and_eval_splits_take_tfds_syntax(fake_fmnist, tmp_path):
     c = small_config(fake_fmnist, tmp_path, train_split="train[:50%]+test[-7:]", eval_split="test[:10]",
                      eval_batch_size=4)
     raw = fake_fmnist_images()  # the arrays written to the IDX files
-    train = small.load_in_memory(c, c.train_split)
+    train = small.load_in_memory(DataSpec.from_config(c), c.train_split)
     np.testing.assert_array_equal(train.images[..., 0], np.concatenate([raw["train"][:48], raw["t10k"][30:]]))
     np.testing.assert_array_equal(train.labels, np.concatenate([np.arange(48) % 10, np.arange(30, 37) % 10]))
-    data = datalib.create_data(c)
+    data = datalib.create_data(DataSpec.from_config(c))
     assert (data.num_train, data.num_eval) == (55, 10)
     seen = np.concatenate([b["image"][b["mask"] > 0] for b in data.eval(0, 1)])
     assert seen.shape[0] == 10
     for bad, message in (("test[:0]", "holds no images"), ("validation", "it has splits")):
         with pytest.raises(UserError, match=message):
-            small.load_in_memory(c, bad)
+            small.load_in_memory(DataSpec.from_config(c), bad)
 
 
 def test_decoded_splits_are_kept_and_rebuilt_when_unreadable(fake_fmnist, tmp_path, monkeypatch):
     """The second load reads the arrays kept beside the records (no tfds decoding), equal to the first; a
     truncated array file is decoded again and rewritten."""
     c = small_config(fake_fmnist, tmp_path)
-    first = small.load_in_memory(c, "train")
+    first = small.load_in_memory(DataSpec.from_config(c), "train")
     folder = tmp_path / "tfds" / "fashion_mnist_files" / "1.1.0"
     assert sorted(p.name for p in folder.glob("*.npy")) == [  # kept when the IDX files were prepared
         "test.images.npy", "test.labels.npy", "train.images.npy", "train.labels.npy"]
     decoded = []
     original = small.tfds.as_numpy
     monkeypatch.setattr(small.tfds, "as_numpy", lambda *a, **k: decoded.append(1) or original(*a, **k))
-    again = small.load_in_memory(c, "train")
+    again = small.load_in_memory(DataSpec.from_config(c), "train")
     assert decoded == []
     np.testing.assert_array_equal(again.images, first.images)
     np.testing.assert_array_equal(again.labels, first.labels)
     assert again.images.dtype == np.uint8 and again.labels.dtype == np.int32
     (folder / "train.images.npy").write_bytes((folder / "train.images.npy").read_bytes()[:1000])
-    rebuilt = small.load_in_memory(c, "train")
+    rebuilt = small.load_in_memory(DataSpec.from_config(c), "train")
     assert decoded == [1]
     np.testing.assert_array_equal(rebuilt.images, first.images)
     np.testing.assert_array_equal(np.load(folder / "train.images.npy"), first.images)
@@ -112,7 +113,7 @@ def test_decoded_splits_are_kept_and_rebuilt_when_unreadable(fake_fmnist, tmp_pa
 def test_channel_stats_equal_the_float64_formula():
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (500, 9, 9, 3), dtype=np.uint8)
-    mean, std = small.channel_stats(images)
+    mean, std = datalib.channel_stats(images)
     x = images.reshape(-1, 3).astype(np.float64)
     np.testing.assert_array_equal(mean, x.mean(0).astype(np.float32))
     np.testing.assert_allclose(std, x.std(0).astype(np.float32), rtol=1e-7)
@@ -123,7 +124,7 @@ def collect(it, n):
 
 def test_stream_is_a_function_of_seed_and_step(fake_fmnist, tmp_path):
     c = small_config(fake_fmnist, tmp_path)
-    data = datalib.create_data(c)
+    data = datalib.create_data(DataSpec.from_config(c))
     full = collect(data.train(0, 12, 0, 1), 12)  # 12 steps = 2 epochs of 6
     resumed = collect(data.train(7, 12, 0, 1), 5)
     for a, b in zip(full[7:], resumed, strict=True):
@@ -132,13 +133,13 @@ def test_stream_is_a_function_of_seed_and_step(fake_fmnist, tmp_path):
     # each epoch is a permutation: every example once, in a new order the next epoch
     epoch0 = np.concatenate([b["label"] for b in full[:6]])
     assert sorted(epoch0.tolist()) == sorted((np.arange(96) % 10).tolist())
-    other_seed = datalib.create_data(small_config(fake_fmnist, tmp_path, seed=4))
+    other_seed = datalib.create_data(DataSpec.from_config(small_config(fake_fmnist, tmp_path, seed=4)))
     assert not np.array_equal(next(other_seed.train(0, 1, 0, 1))["image"], full[0]["image"])
 
 
 def test_processes_read_disjoint_rows_of_each_global_batch(fake_fmnist, tmp_path):
     c = small_config(fake_fmnist, tmp_path)
-    data = datalib.create_data(c)
+    data = datalib.create_data(DataSpec.from_config(c))
     whole = collect(data.train(0, 3, 0, 1), 3)
     parts = [collect(data.train(0, 3, p, 2), 3) for p in range(2)]
     for step in range(3):
@@ -150,9 +151,10 @@ def test_processes_read_disjoint_rows_of_each_global_batch(fake_fmnist, tmp_path
 
 def test_augmentation_crops_and_flips(fake_fmnist, tmp_path):
     c = small_config(fake_fmnist, tmp_path, crop_padding=0, random_flip=True)
-    data = datalib.create_data(c)
+    data = datalib.create_data(DataSpec.from_config(c))
     flipped = same = 0
-    plain = datalib.create_data(small_config(fake_fmnist, tmp_path, crop_padding=0, random_flip=False))
+    plain = datalib.create_data(DataSpec.from_config(small_config(fake_fmnist, tmp_path, crop_padding=0,
+                                                                  random_flip=False)))
     for a, b in zip(collect(data.train(0, 6, 0, 1), 6), collect(plain.train(0, 6, 0, 1), 6), strict=True):
         for x, y in zip(a["image"], b["image"], strict=True):
             if np.array_equal(x, y):
@@ -161,7 +163,8 @@ def test_augmentation_crops_and_flips(fake_fmnist, tmp_path):
                 np.testing.assert_array_equal(x, y[:, ::-1])
                 flipped += 1
     assert flipped + same == 96 and 30 <= flipped <= 66  # about half
-    padded = datalib.create_data(small_config(fake_fmnist, tmp_path, crop_padding=2, random_flip=False))
+    padded = datalib.create_data(DataSpec.from_config(small_config(fake_fmnist, tmp_path, crop_padding=2,
+                                                                   random_flip=False)))
     shifted = sum(not np.array_equal(x, y) for a, b in zip(collect(padded.train(0, 6, 0, 1), 6),
                                                            collect(plain.train(0, 6, 0, 1), 6), strict=True)
                   for x, y in zip(a["image"], b["image"], strict=True))
@@ -175,7 +178,7 @@ def test_eval_counts_every_example_exactly_once(fake_fmnist, tmp_path, batch, pr
     the correlation at 1 whatever its constants, random images correlate near 0. The multiset of matches must be
     the split, each with its own label (labels alone would pass with image 0 twice and image 10 skipped)."""
     c = small_config(fake_fmnist, tmp_path, eval_batch_size=batch)
-    data = datalib.create_data(c)
+    data = datalib.create_data(DataSpec.from_config(c))
     test_images = fake_fmnist_images()["t10k"].reshape(37, -1).astype(np.float64)
     centred = test_images - test_images.mean(1, keepdims=True)
     centred /= np.linalg.norm(centred, axis=1, keepdims=True)
@@ -200,9 +203,11 @@ def test_eval_counts_every_example_exactly_once(fake_fmnist, tmp_path, batch, pr
 def test_eval_batches_have_one_shape(fake_fmnist, tmp_path):
     """One compiled evaluation step: every batch has the same rows (37 images in batches of 16: 3 x 16, the last
     padded); a set that fits in one batch is padded only to the row multiple (37 -> 40 for 8 devices, not 64)."""
-    shapes = [b["image"].shape[0] for b in datalib.create_data(small_config(fake_fmnist, tmp_path)).eval(0, 1, 8)]
+    shapes = [b["image"].shape[0]
+              for b in datalib.create_data(DataSpec.from_config(small_config(fake_fmnist, tmp_path))).eval(0, 1, 8)]
     assert shapes == [16, 16, 16]
-    one = list(datalib.create_data(small_config(fake_fmnist, tmp_path, eval_batch_size=64)).eval(0, 1, 8))
+    one = list(datalib.create_data(DataSpec.from_config(small_config(fake_fmnist, tmp_path, eval_batch_size=64))).eval(
+        0, 1, 8))
     assert [b["image"].shape[0] for b in one] == [40] and one[0]["mask"].sum() == 37
     assert (datalib.padded_rows(37, 16, 8), datalib.padded_rows(37, 64, 8), datalib.padded_rows(37, 64)) == (48, 40, 64)
 
@@ -221,7 +226,7 @@ def test_data_dir_that_is_a_file_is_refused(fake_fmnist, tmp_path):
     bad = tmp_path / "file"
     bad.write_text("x")
     with pytest.raises(UserError, match="is a file, not a directory"):
-        small.load_in_memory(small_config(fake_fmnist, tmp_path, data_dir=str(bad)), "train")
+        small.load_in_memory(DataSpec.from_config(small_config(fake_fmnist, tmp_path, data_dir=str(bad))), "train")
 
 
 @needs_fmnist
@@ -238,23 +243,24 @@ def test_real_fashion_mnist_files():
 
 def test_eval_with_reflection_yields_image_and_mirror(fake_fmnist, tmp_path):
     c = small_config(fake_fmnist, tmp_path, eval_batch_size=16, eval_crops=2)
-    batches = list(datalib.create_data(c).eval(0, 1))
+    batches = list(datalib.create_data(DataSpec.from_config(c)).eval(0, 1))
     assert batches[0]["image"].shape == (16, 2, 28, 28, 1)
     for b in batches:
         np.testing.assert_array_equal(b["image"][:, 1], b["image"][:, 0, :, ::-1])
     assert sum(int(b["mask"].sum()) for b in batches) == 37
     with pytest.raises(UserError, match="10-crop evaluation is for imagenet2012"):
-        datalib.create_data(small_config(fake_fmnist, tmp_path, eval_crops=10))
+        datalib.create_data(DataSpec.from_config(small_config(fake_fmnist, tmp_path, eval_crops=10)))
 
 
 def test_normalisation_is_decided_once_and_survives_json(tmp_path):
     c = small_config(tmp_path, tmp_path)
     stats = {"mean": np.array([33.3, 1.0, 2.0], np.float32), "std": np.array([70.1, 2.0, 3.0], np.float32)}
-    norm = datalib.normalisation_for(c, stats)
+    spec = DataSpec.from_config(c)
+    norm = datalib.normalisation_for(spec, stats)
     assert (norm.kind, norm.resize_size, norm.mean_image) == ("channel", 28, None)
-    c.update(dict(dataset="imagenet2012", normalization="pixel", resize_size=8))
+    spec = dataclasses.replace(spec, dataset="imagenet2012", normalization="pixel", resize_size=8)
     mean_image = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32) * 255
-    pixel = datalib.normalisation_for(c, {**stats, "mean_image": mean_image})
+    pixel = datalib.normalisation_for(spec, {**stats, "mean_image": mean_image})
     assert pixel.arrays(per_pixel=True)[0] is mean_image and pixel.arrays(per_pixel=False)[0] is pixel.mean
     np.testing.assert_array_equal(pixel.std, np.ones(3, np.float32))
     for n in (norm, pixel):

@@ -19,7 +19,7 @@ from conftest import COLLECTIVE_TIMEOUT, FAST_COMPILE, REPO, load_script
 
 from alexnet_jax import data as datalib
 from alexnet_jax import default_config, inference
-from alexnet_jax.data import augment, photos, records, sources
+from alexnet_jax.data import DataSpec, augment, photos, records, sources
 
 # (processes, devices each): 4 devices in all, one ('data', 'model') mesh; the 2-process group runs first
 TOPOLOGIES = ((2, 2), (1, 4), (4, 1))
@@ -50,8 +50,9 @@ def datasets(prepared, tmp_path_factory) -> dict[str, dict]:
            "imagenet": dict(dataset="imagenet2012", data_dir=prepared[0], num_classes=1000)}
     for overrides in out.values():
         config = _config(overrides)
-        datalib.create_data(config)
-        overrides["logged_split"] = sources.open_source(config).train_split  # (what the workers log the reads of)
+        datalib.create_data(DataSpec.from_config(config))
+        # (what the workers log the reads of)
+        overrides["logged_split"] = sources.open_source(DataSpec.from_config(config)).train_split
     return out
 
 
@@ -115,8 +116,8 @@ def test_the_same_batches_and_parameters_for_1_2_and_4_processes(datasets, tmp_p
                 for name, o in datasets.items() if nproc in PROCESSES[name]]
         _train(nproc, devices, runs + ([extra[nproc]] if nproc in extra else []), tmp_path)
     for name, overrides in datasets.items():
-        src = sources.open_source(_config(overrides))
-        spec = photos.Spec.of(_config(overrides))
+        src = sources.open_source(DataSpec.from_config(_config(overrides)))
+        spec = DataSpec.from_config(_config(overrides))
         batches = photos.train_indices(src, spec, 0, STEPS)  # (steps, 8): the stream's definition
         for nproc in PROCESSES[name]:
             local = 8 // nproc
@@ -141,9 +142,9 @@ def test_a_resume_reads_no_record_before_its_step(datasets):
     """Started at step 5 (mid-epoch: 3 steps per epoch), the stream reads step 5's rows first and never a record of
     an earlier step; its batches are the uninterrupted stream's."""
     config = _config({**datasets["folder"], "pca_lighting": 0.0})  # (the Data's lighting PCA is not handed out)
-    src = sources.open_source(config)
-    spec = photos.Spec.of(config)
-    data = datalib.create_data(config)
+    src = sources.open_source(DataSpec.from_config(config))
+    spec = DataSpec.from_config(config)
+    data = datalib.create_data(DataSpec.from_config(config))
     norm = data.normalisation
     logged: list[list[int]] = []
 
@@ -215,11 +216,11 @@ def test_augmentation_statistics_of_the_stream_follow_their_definitions(prepared
     config = _config(dict(dataset="imagenet2012", data_dir=prepared[0], num_classes=1000, normalization="channel",
                           channel_mean=(0.0, 0.0, 0.0), channel_std=(1.0, 1.0, 1.0), pca_lighting=0.0, seed=7,
                           resize_size=256, image_size=224, random_flip=True))
-    src = sources.open_source(config)
-    data = datalib.create_data(config)
+    src = sources.open_source(DataSpec.from_config(config))
+    data = datalib.create_data(DataSpec.from_config(config))
     batch = next(data.train(0, 1, 0, 1))
-    index = photos.train_indices(src, photos.Spec.of(config), 0, 1)[0]
-    parse = photos.parser(src)
+    index = photos.train_indices(src, DataSpec.from_config(config), 0, 1)[0]
+    parse = sources.parser(src)
     for r, record in enumerate(src.records(src.train_split).read(index)):
         square = augment.decode_square(parse(tf.constant(record))["image"], 256).numpy()
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from alexnet_jax import data as datalib
 from alexnet_jax import default_config
-from alexnet_jax.data import images, records, sources
+from alexnet_jax.data import DataSpec, images, records, sources
 from alexnet_jax.data import photos as photos_lib
 from alexnet_jax.errors import UserError
 
@@ -101,8 +101,8 @@ def test_folder_evaluation_counts_each_held_out_photo_once_by_identity(tmp_path,
             Image.fromarray(pixels).save(root / f"class_{c}" / f"img_{k}.png")
     config = _folder_config(str(root), str(tmp_path / "tfds"), eval_crops=10, eval_batch_size=batch,
                             holdout_fraction=0.25)
-    data = datalib.create_data(config)
-    src = sources.open_source(config)
+    data = datalib.create_data(DataSpec.from_config(config))
+    src = sources.open_source(DataSpec.from_config(config))
     held = [red[ex["file_name"].decode()] for ex in examples(src.builder, src.eval_split)]
     assert len(held) == data.num_eval == 6
     values, lengths = [], []
@@ -136,7 +136,7 @@ def test_a_file_gets_its_folders_label_in_sorted_order(tmp_path):
     order = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     assert order == ["apple pie", "zebra", "Äpfel grün"] and order != made
     config = _folder_config(str(root), str(tmp_path / "tfds"), holdout_fraction=0.25, num_epochs=12.0)
-    src = sources.open_source(config)
+    src = sources.open_source(DataSpec.from_config(config))
     labelled = 0
     for split in (src.train_split, src.eval_split):
         for ex in examples(src.builder, split):
@@ -158,8 +158,8 @@ def test_a_file_gets_its_folders_label_in_sorted_order(tmp_path):
 def test_folder_ten_crop_eval_counts_every_held_out_image_once(photos, nproc, batch):
     root, data_dir = photos
     config = _folder_config(root, data_dir, eval_crops=10, eval_batch_size=batch)
-    data = datalib.create_data(config)
-    src = sources.open_source(config)
+    data = datalib.create_data(DataSpec.from_config(config))
+    src = sources.open_source(DataSpec.from_config(config))
     assert (src.train_split, src.eval_split) == ("train[:72]", "train[72:]")
     assert data.class_names == ("class_a", "class_b", "class_c") and data.num_eval == 18
     labels, lengths = [], []
@@ -182,11 +182,11 @@ def test_split_folders_and_a_changed_folder(tmp_path):
     root = str(tmp_path / "split")
     photo_folder.write_photo_folder(root, classes=2, per_class=8, split_dirs=True, val_per_class=3)
     config = _folder_config(root, str(tmp_path / "tfds"), batch_size=8)
-    data = datalib.create_data(config)
+    data = datalib.create_data(DataSpec.from_config(config))
     assert (data.num_train, data.num_eval) == (16, 6)
     photo_folder.save(photo_folder.pixels(0, 2, (50, 40), np.random.default_rng(0)),
                       os.path.join(root, "train", "class_a", "extra"), "rgb_jpeg")
-    assert datalib.create_data(config).num_train == 17
+    assert datalib.create_data(DataSpec.from_config(config)).num_train == 17
 
 
 def test_unreadable_files_stop_before_training_in_one_line(tmp_path, python):
@@ -207,14 +207,14 @@ def test_unreadable_files_stop_before_training_in_one_line(tmp_path, python):
 
 def test_folder_errors_say_what_to_do(tmp_path):
     with pytest.raises(UserError, match="needs --config.folder"):
-        sources.open_source(_folder_config("", str(tmp_path)))
+        sources.open_source(DataSpec.from_config(_folder_config("", str(tmp_path))))
     with pytest.raises(UserError, match="is not a directory"):
-        sources.open_source(_folder_config(str(tmp_path / "nowhere"), str(tmp_path)))
+        sources.open_source(DataSpec.from_config(_folder_config(str(tmp_path / "nowhere"), str(tmp_path))))
     one = tmp_path / "one_class" / "cats"
     one.mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(one / "a.png")
     with pytest.raises(UserError, match="at least 2"):
-        sources.open_source(_folder_config(str(tmp_path / "one_class"), str(tmp_path)))
+        sources.open_source(DataSpec.from_config(_folder_config(str(tmp_path / "one_class"), str(tmp_path))))
 
 
 class LocalTestPhotos(tfds.core.GeneratorBasedBuilder):
@@ -246,9 +246,9 @@ def test_a_tfds_dataset_by_name_with_split_keys(tmp_path, python):
                      eval_split="train[16:]", num_classes=0, image_size=32, resize_size=36, batch_size=8,
                      eval_batch_size=8, eval_crops=10).items():
         config[k] = v
-    src = sources.open_source(config)
+    src = sources.open_source(DataSpec.from_config(config))
     assert (src.image_key, src.label_key, src.is_jpeg) == ("picture", "kind", False)
-    data = datalib.create_data(config)
+    data = datalib.create_data(DataSpec.from_config(config))
     assert (data.num_train, data.num_eval, data.class_names) == (16, 8, ("stripes_a", "stripes_b"))
     batch = next(data.train(0, 1, 0, 1))
     assert batch["image"].shape == (8, 32, 32, 3) and np.isfinite(batch["image"]).all()
@@ -265,7 +265,7 @@ def test_a_tfds_dataset_by_name_with_split_keys(tmp_path, python):
     summary = json.load(open(tmp_path / "run" / "summary.json"))
     assert summary["dataset"] == "local_test_photos" and summary["num_eval_examples"] == 8 and summary["step"] == 2
     with pytest.raises(UserError, match="split 'nope' of local_test_photos"):
-        sources.open_source(_with(config, eval_split="nope"))
+        sources.open_source(DataSpec.from_config(_with(config, eval_split="nope")))
 
 
 def _with(config, **kw):
@@ -326,12 +326,13 @@ def test_a_folder_prepared_as_squares_by_the_command_trains_on_host_and_device(p
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train: 72 images" in proc.stdout and "validation: 18 images" in proc.stdout
     source_config = _folder_config(root, data_dir)
-    src = sources.open_source(source_config)
-    host = datalib.create_data(_folder_config(root, data_dir, prepared=True))
-    device = datalib.create_data(_folder_config(root, data_dir, prepared=True, augment_on_device=True))
+    src = sources.open_source(DataSpec.from_config(source_config))
+    host = datalib.create_data(DataSpec.from_config(_folder_config(root, data_dir, prepared=True)))
+    device = datalib.create_data(DataSpec.from_config(_folder_config(root, data_dir, prepared=True,
+                                                                     augment_on_device=True)))
     assert host.num_train == 72 and host.num_eval == 18 and host.on_device is None and device.on_device is not None
     source_labels = [int(ex["label"]) for ex in examples(src.builder, src.train_split)]
-    rows = photos_lib.train_indices(src, photos_lib.Spec.of(source_config), 0, 3)
+    rows = photos_lib.train_indices(src, DataSpec.from_config(source_config), 0, 3)
     on_device = jax.jit(device.on_device)
     for step, (a, b) in enumerate(zip(host.train(0, 3, 0, 1), device.train(0, 3, 0, 1), strict=True)):
         assert a["image"].shape == (16, 32, 32, 3) and b["image"].shape == (16, 36, 36, 3)
@@ -356,12 +357,12 @@ def test_a_tfds_dataset_prepared_in_tfrecord_is_read_by_index_and_squared(tmp_pa
                      eval_split="train[16:]", num_classes=0, image_size=32, resize_size=36, batch_size=8,
                      eval_batch_size=8, normalization="channel").items():
         config[k] = v
-    src = sources.open_source(config)
+    src = sources.open_source(DataSpec.from_config(config))
     assert src.builder.info.file_format == records.ARRAY_RECORD
     assert list(records.Records(src.builder, "train").read(np.arange(24))) == tfrecords
     for kw in (dict(prepared=True), dict(prepared=True, augment_on_device=True)):
         c = _with(config, **kw)
-        data = datalib.create_data(c)
+        data = datalib.create_data(DataSpec.from_config(c))
         batch = next(data.train(0, 1, 0, 1))
         assert batch["image"].shape == ((8, 36, 36, 3) if kw.get("augment_on_device") else (8, 32, 32, 3))
         assert (data.num_train, data.num_eval) == (16, 8)

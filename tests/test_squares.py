@@ -19,8 +19,7 @@ from conftest import FAST_COMPILE, REPO, examples, load_script
 
 from alexnet_jax import data as datalib
 from alexnet_jax import default_config
-from alexnet_jax.config import check_config
-from alexnet_jax.data import augment, imagenet, sources, squares
+from alexnet_jax.data import DataSpec, augment, imagenet, sources, squares
 from alexnet_jax.errors import UserError
 
 
@@ -38,7 +37,8 @@ def _config(data_dir: str, **kw) -> ml_collections.ConfigDict:
 @pytest.fixture(scope="module")
 def squares_of(prepared) -> dict[str, squares.PhotoSquares]:
     """The tiny archive's squares, raw and JPEG (quality 95), prepared through the API."""
-    return {fmt: squares.prepare(_config(prepared[0], prepared_format=fmt)) for fmt in squares.FORMATS}
+    return {fmt: squares.prepare(DataSpec.from_config(_config(prepared[0], prepared_format=fmt)))
+            for fmt in squares.FORMATS}
 
 
 def _by_name(builder, split: str) -> dict[str, dict]:
@@ -58,7 +58,7 @@ def test_squares_are_the_rescaled_centre_crops_of_their_sources(prepared, square
     """Every stored square equals the source JPEG's centre square resized to 256 and rounded, computed here
     from the whole decoded JPEG, a NumPy slice and TF's area resize (raw: exactly; JPEG 95: up to compression
     error); and the source pipeline's `augment.decode_square` (which decodes only the square) gives the same."""
-    source = _by_name(imagenet.open_prepared(_config(prepared[0])), split)
+    source = _by_name(imagenet.open_prepared(prepared[0]), split)
     raw, jpeg = (_by_name(squares_of[f], split) for f in ("raw", "jpeg"))
     assert set(raw) == set(jpeg) == set(source) and len(source) == (32 if split == "train" else 8)
     for name, ex in source.items():
@@ -113,7 +113,7 @@ def test_batch_patches_are_the_drawn_slices_minus_their_mean_reflected():
 
 
 def test_prepared_stream_resumes_and_is_deterministic(prepared, squares_of):
-    data = datalib.create_data(_config(prepared[0]))
+    data = datalib.create_data(DataSpec.from_config(_config(prepared[0])))
     assert data.num_train == 32 and data.normalisation.kind == "pixel"
     stored = np.asarray([ex["image"] for ex in _by_name(squares_of["raw"], "train").values()], np.float64)
     np.testing.assert_allclose(data.normalisation.mean_image, stored.mean(0), atol=1e-3)  # the squares' mean
@@ -123,15 +123,16 @@ def test_prepared_stream_resumes_and_is_deterministic(prepared, squares_of):
     for a, b in zip(full[5:], resumed, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
-    again = list(datalib.create_data(_config(prepared[0])).train(0, 2, 0, 1))
+    again = list(datalib.create_data(DataSpec.from_config(_config(prepared[0]))).train(0, 2, 0, 1))
     np.testing.assert_array_equal(again[1]["image"], full[1]["image"])
     epoch0 = np.concatenate([b["label"] for b in full[:4]])
     epoch1 = np.concatenate([b["label"] for b in full[4:8]])
     assert sorted(epoch0) == sorted(epoch1) and not np.array_equal(epoch0, epoch1)
-    other_seed = next(iter(datalib.create_data(_config(prepared[0], seed=1)).train(0, 1, 0, 1)))
+    other_seed = next(iter(datalib.create_data(DataSpec.from_config(_config(prepared[0], seed=1))).train(0, 1, 0, 1)))
     assert not np.array_equal(other_seed["image"], full[0]["image"])
     # the JPEG squares give the same stream up to compression error (same records order, same keys)
-    jpeg = next(iter(datalib.create_data(_config(prepared[0], prepared_format="jpeg")).train(0, 1, 0, 1)))
+    jpeg = next(iter(datalib.create_data(DataSpec.from_config(_config(prepared[0], prepared_format="jpeg"))).train(
+        0, 1, 0, 1)))
     np.testing.assert_array_equal(jpeg["label"], full[0]["label"])
     assert np.abs(jpeg["image"] - full[0]["image"]).mean() < 3.0
     rows = [next(iter(data.train(0, 1, pid, 2))) for pid in (0, 1)]
@@ -147,8 +148,9 @@ def test_prepared_stream_rows_are_their_steps_drawn_patches(prepared, squares_of
     config = _config(prepared[0], normalization="channel", channel_mean=(0.0, 0.0, 0.0), channel_std=(1.0, 1.0, 1.0),
                      pca_lighting=0.0, seed=3)
     stored = examples(squares_of["raw"], "train")  # in record order
-    indices = photos.train_indices(sources.open_source(config), photos.Spec.of(config), 0, 6)  # (6, 8)
-    for step, batch in enumerate(datalib.create_data(config).train(0, 6, 0, 1)):
+    spec = DataSpec.from_config(config)
+    indices = photos.train_indices(sources.open_source(spec), spec, 0, 6)  # (6, 8)
+    for step, batch in enumerate(datalib.create_data(spec).train(0, 6, 0, 1)):
         key = tf.constant([3 * 1_000_003 + step, -1], tf.int64)
         yx, flips, _ = (t.numpy() for t in augment.batch_draws(key, tf.range(8), 8, 256, 224, 0.0))
         for r in range(8):
@@ -172,8 +174,8 @@ def test_on_device_augmentation_gives_the_host_batches(prepared, squares_of, fmt
     kw = dict(prepared_format=fmt, normalization=normalization, seed=5)
     if normalization == "channel":
         kw.update(channel_mean=(120.0, 110.0, 100.0), channel_std=(60.0, 55.0, 50.0))
-    host = datalib.create_data(_config(prepared[0], **kw))
-    device = datalib.create_data(_config(prepared[0], augment_on_device=True, **kw))
+    host = datalib.create_data(DataSpec.from_config(_config(prepared[0], **kw)))
+    device = datalib.create_data(DataSpec.from_config(_config(prepared[0], augment_on_device=True, **kw)))
     assert host.on_device is None and device.image_shape == host.image_shape == (224, 224, 3)
     batch_sharding = sharding.batch_sharding(sharding.make_mesh((8, 1)))
     step = jax.jit(device.on_device, in_shardings=(batch_sharding,))
@@ -193,7 +195,8 @@ def test_on_device_augmentation_gives_the_host_batches(prepared, squares_of, fmt
 @pytest.mark.parametrize("fmt", squares.FORMATS)
 @pytest.mark.parametrize("nproc,batch", [(1, 8), (1, 3), (3, 6)])
 def test_prepared_eval_counts_every_image_once(prepared, squares_of, fmt, nproc, batch):
-    data = datalib.create_data(_config(prepared[0], prepared_format=fmt, eval_crops=10, eval_batch_size=batch))
+    data = datalib.create_data(DataSpec.from_config(_config(prepared[0], prepared_format=fmt, eval_crops=10,
+                                                            eval_batch_size=batch)))
     labels, lengths = [], []
     for pid in range(nproc):
         batches = list(data.eval(pid, nproc))
@@ -227,10 +230,10 @@ def test_interrupted_preparation_resumes(prepared, monkeypatch):
 
     monkeypatch.setattr(squares.PhotoSquares, "_convert", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        squares.prepare(config)
-    builder = squares.builder_for(config, sources.open_source(config))
+        squares.prepare(DataSpec.from_config(config))
+    builder = squares.builder_for(DataSpec.from_config(config), sources.open_source(DataSpec.from_config(config)))
     assert not builder.is_prepared() and os.listdir(os.path.join(builder.work_dir(), "train"))
-    builder = squares.prepare(config)
+    builder = squares.prepare(DataSpec.from_config(config))
     assert calls == ["train", "validation", "validation"]
     assert builder.info.splits["train"].num_examples == 32 and builder.info.splits["validation"].num_examples == 8
     assert not os.path.exists(builder.work_dir())
@@ -244,22 +247,23 @@ def test_truncated_source_jpeg_is_named(tmp_path):
     synset = tiny.validation_labels(1)[0]
     with pytest.raises(UserError, match=rf"1 image\(s\) of imagenet2012's train split .* do not decode: "
                                         rf"{synset}_1.JPEG\. Run `python scripts/prepare_imagenet.py --verify_only"):
-        squares.prepare(_config(data))
-    assert not squares.builder_for(_config(data), sources.open_source(_config(data))).is_prepared()
+        squares.prepare(DataSpec.from_config(_config(data)))
+    spec = DataSpec.from_config(_config(data))
+    assert not squares.builder_for(spec, sources.open_source(spec)).is_prepared()
 
 
 def test_unprepared_squares_and_bad_values_say_what_to_do(prepared, tmp_path):
     with pytest.raises(UserError, match=r"256px_area_jpeg42 .* is not in .*: run `python -m alexnet_jax.data.prepare "
                                         r"--config configs/imagenet.py --config.data_dir=.*prepared_format=jpeg`"):
-        datalib.create_data(_config(prepared[0], prepared_format="jpeg", prepared_quality=42))
+        datalib.create_data(DataSpec.from_config(_config(prepared[0], prepared_format="jpeg", prepared_quality=42)))
     with pytest.raises(UserError, match="prepared_format"):
-        squares.check_config(_config(prepared[0], prepared_format="png"))
+        DataSpec.from_config(_config(prepared[0], prepared_format="png"))
     with pytest.raises(UserError, match="train_crop"):
-        squares.check_config(_config(prepared[0], train_crop="random_resized"))
+        DataSpec.from_config(_config(prepared[0], train_crop="random_resized"))
     with pytest.raises(UserError, match=r"--config.augment_on_device=True: needs the prepared .* "
                                         r"--config.prepared=True"):
-        check_config(_config(prepared[0], prepared=False, augment_on_device=True))
-    check_config(_config(prepared[0], augment_on_device=True))
+        DataSpec.from_config(_config(prepared[0], prepared=False, augment_on_device=True))
+    DataSpec.from_config(_config(prepared[0], augment_on_device=True))
 
 
 def test_prepare_command_then_main_trains_and_evaluates(prepared, tmp_path):
@@ -284,7 +288,8 @@ def test_prepare_command_then_main_trains_and_evaluates(prepared, tmp_path):
     assert summary["step"] == 2 and summary["num_eval_examples"] == 8  # configs/imagenet.py: 10 crops
     # main read the squares: their mean image was computed (and cached) beside them by this run
     jpeg90 = _config(data_dir, prepared_format="jpeg", prepared_quality=90)
-    squares_dir = squares.builder_for(jpeg90, sources.open_source(jpeg90)).data_dir
+    squares_dir = squares.builder_for(DataSpec.from_config(jpeg90), sources.open_source(DataSpec.from_config(jpeg90))
+                                      ).data_dir
     assert [f for f in os.listdir(squares_dir) if f.startswith("alexnet_jax_stats_256px_area_32")]
     assert 0.0 <= summary["top1_error"] <= 1.0 and summary["top5_error"] <= summary["top1_error"]
     # resumed for a step with the augmentation in the jitted step, on 2 devices (the uint8 squares sharded): the

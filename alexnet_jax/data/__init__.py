@@ -1,13 +1,17 @@
-"""The data package: every dataset the trainer can read, behind one door, `create_data(config)`.
+"""The data package: every dataset the trainer can read, behind one door, `create_data(DataSpec.from_config(config))`.
 
+- `spec`: `DataSpec`, every config value the package reads, read and checked once (`DataSpec.from_config`, the
+  only function here that takes a ConfigDict); everything below takes the spec and plain arguments.
 - `base`: the `Data` interface, the `Normalisation` record and the helpers the pipelines share.
 - `small`: FashionMNIST and CIFAR-10, prepared by tfds and held in memory.
-- Photos, streamed. Where they come from (`sources`): ILSVRC-2012 from its manual tars (`imagenet`), any tfds
-  dataset by name, a folder of the user's images (`folder`), each prepared in array_record and read by index
-  (`records`: index -> bytes, the training stream's rows). What is done to them (`photos`: the paper's
-  augmentations from `augment`, the 10-crop test, the (seed, step) stream, the statistics).
-- `squares`: any of those sources prepared once more as the paper's 256x256 squares (`config.prepared=True`);
-  `prepare`: its command, `python -m alexnet_jax.data.prepare --config CONFIG`.
+- Photos, streamed, one way: source -> records -> decode -> augment -> batches. Where they come from (`sources`:
+  the `Source` type; ILSVRC-2012 from its manual tars, `imagenet`; any tfds dataset by name; a folder of the user's
+  images, `folder`), each prepared in array_record and read by index (`records`: index -> bytes, the training
+  stream's rows); optionally preprocessed once more as the paper's 256x256 squares (`squares`,
+  `config.prepared=True`: a source like the others; its command `prepare`). What is done to them (`photos`: the
+  paper's augmentations from `augment`, batch-wide for squares in `square_batches`, the 10-crop test, the (seed,
+  step) stream). The training statistics and the normalisation chosen from them: `stats`, one pass.
+- `views`: how evaluation sees an image (`views.of_square`), which `predict` and `features` apply to files.
 
 Callers import from here (`from alexnet_jax import data`), not from the modules, except for dataset-specific
 tools (e.g. `scripts/prepare_imagenet.py` uses `data.imagenet`). Importing the package costs no TensorFlow: the
@@ -20,36 +24,23 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-import ml_collections
-
-from alexnet_jax.data.base import (
-    DATASETS,
-    SMALL_DATASETS,
-    Data,
-    Normalisation,
-    check_data_dir,
-    is_photos,
-    normalisation_for,
-    padded_rows,
-    steps_per_epoch,
-)
-from alexnet_jax.errors import UserError
+from alexnet_jax.data.base import Data, Normalisation, check_data_dir, normalisation_for, padded_rows, steps_per_epoch
+from alexnet_jax.data.spec import DATASETS, SMALL_DATASETS, DataSpec, is_photos
 
 # Names served from the modules that import TensorFlow, loaded on first use (PEP 562).
 _LAZY = {
     "augment": None, "folder": None, "imagenet": None, "photos": None, "records": None, "small": None,
-    "sources": None,
-    "squares": None,
-    "CIFAR10_CLASSES": "small", "FASHION_MNIST_CLASSES": "small", "InMemoryData": "small", "channel_stats": "small",
-    "fashion_mnist_files_present": "small", "resize_and_normalise": "small",
+    "sources": None, "square_batches": None, "squares": None, "stats": None, "views": None,
+    "CIFAR10_CLASSES": "small", "FASHION_MNIST_CLASSES": "small", "InMemoryData": "small", "channel_stats": "stats",
+    "fashion_mnist_files_present": "small", "resize_and_normalise": "views", "Source": "sources", "View": "views",
 }
 
 __all__ = [
-    "CIFAR10_CLASSES", "DATASETS", "FASHION_MNIST_CLASSES", "SMALL_DATASETS", "Data", "InMemoryData",
-    "Normalisation", "augment", "channel_stats", "check_data_dir", "create_data", "fashion_mnist_files_present",
-    "folder", "imagenet", "is_photos", "normalisation_for", "padded_rows", "photos", "records", "resize_and_normalise",
-    "small",
-    "sources", "squares", "steps_per_epoch", "tensorflow_on_cpu",
+    "CIFAR10_CLASSES", "DATASETS", "FASHION_MNIST_CLASSES", "SMALL_DATASETS", "Data", "DataSpec", "InMemoryData",
+    "Normalisation", "Source", "View", "augment", "channel_stats", "check_data_dir", "create_data",
+    "fashion_mnist_files_present", "folder", "imagenet", "is_photos", "normalisation_for", "padded_rows", "photos",
+    "records", "resize_and_normalise", "small", "sources", "square_batches", "squares", "stats", "steps_per_epoch",
+    "tensorflow_on_cpu", "views",
 ]
 
 
@@ -77,22 +68,19 @@ def tensorflow_on_cpu() -> None:
         _TENSORFLOW_ON_CPU = True
 
 
-def create_data(config: ml_collections.ConfigDict, normalisation: Normalisation | None = None,
+def create_data(spec: DataSpec, normalisation: Normalisation | None = None,
                 process_index: int = 0, process_count: int = 1) -> Data:
-    """Prepare (if needed) and open the configured dataset: the small ones in memory, photos streaming.
-    `normalisation`: use this one (e.g. pretrained weights') instead of the training set's statistics. In a run
-    of `process_count` processes, process 0 prepares what is missing and the others wait for it (`once`)."""
+    """Prepare (if needed) and open the spec's dataset: the small ones in memory, photos streaming (their squares
+    prepared once with `spec.prepared`). `normalisation`: use this one (pretrained weights', a checkpoint's)
+    instead of the training set's statistics. In a run of `process_count` processes, process 0 prepares what is
+    missing and the others wait for it (`once`)."""
     tensorflow_on_cpu()
     from alexnet_jax.data import once, photos, small, sources, squares
 
-    if not config.dataset:
-        raise UserError(f"--config.dataset is empty: choose one of {DATASETS}, 'folder' or a tfds dataset's name")
-    if not is_photos(config):
-        return small.create_data(config, normalisation)
-    (squares if config.get("prepared", False) else photos).check_config(config)  # a bad key before preparing
-    processes = once.Processes(process_index, process_count, float(config.get("prepare_wait_s", 7200.0)))
-    source = sources.open_source(config, processes)
-    if not config.get("prepared", False):
-        return photos.create_data(config, source, normalisation, processes)
-    stored = squares.open_prepared(config, source, processes)
-    return photos.create_data(config, stored.source, normalisation, processes, stored=stored)
+    if not spec.is_photos:
+        return small.create_data(spec, normalisation)
+    processes = once.Processes(process_index, process_count, float(spec.prepare_wait_s))
+    source = sources.open_source(spec, processes)
+    if spec.prepared:
+        source = squares.open_prepared(spec, source, processes)
+    return photos.create_data(spec, source, normalisation, processes)

@@ -28,9 +28,6 @@ PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045], np.float32)
 PCA_EIGVEC = np.array(
     [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]], np.float32
 )
-TRAIN_CROPS = ("paper", "random_resized")
-NORMALIZATIONS = ("pixel", "channel")
-RESIZE_METHODS = ("area", "bilinear", "antialias")
 
 
 def resize(image: tf.Tensor, size: int, method: str) -> tf.Tensor:
@@ -253,16 +250,29 @@ def corner_offsets(size: int, crop: int) -> list[tuple[int, int]]:
     return [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
 
 
+def centre_square(jpeg: tf.Tensor, is_jpeg: bool = True) -> tf.Tensor:
+    """An image's uint8 centre square at its own size, decoding only that square of a JPEG."""
+    top, left, side, width = _square(jpeg, is_jpeg)
+    return decode_window(jpeg, top, left, side, width, is_jpeg)
+
+
+def eval_view(square: tf.Tensor, *, resize_to: int, crop: int, crops: int, normalization: str, mean: np.ndarray,
+              std: np.ndarray, method: str = "area") -> tf.Tensor:
+    """A uint8 centre square (any side) resized to `resize_to`, normalised, then its centre crop (crops=1, shape
+    (crop, crop, 3)) or the paper's 10 patches (crops=10, (10, crop, crop, 3)): 4 corners + centre, reflected."""
+    image = normalise(resize(square, resize_to, method), normalization, mean, std)
+    if crops == 1:
+        return centre_crop(image, crop)
+    return ten_crops(image, crop)
+
+
 def eval_image(
     jpeg: tf.Tensor, *, resize: int, crop: int, crops: int, normalization: str, mean: np.ndarray, std: np.ndarray,
     method: str = "area", is_jpeg: bool = True,
 ) -> tf.Tensor:
-    """The centre crop (crops=1, shape (crop, crop, 3)) or the paper's 10 patches (crops=10, (10, crop, crop, 3)):
-    4 corners + centre of the 256 square, then the same 5 reflected."""
-    square = normalise(decode_square(jpeg, resize, method, is_jpeg), normalization, mean, std)
-    if crops == 1:
-        return centre_crop(square, crop)
-    return ten_crops(square, crop)
+    """`eval_view` of an encoded image's centre square (decode_square's pixels, then the same ops)."""
+    return eval_view(centre_square(jpeg, is_jpeg), resize_to=resize, crop=crop, crops=crops,
+                     normalization=normalization, mean=mean, std=std, method=method)
 
 
 def eval_batch(squares: tf.Tensor, *, crop: int, crops: int, normalization: str, mean: np.ndarray,

@@ -18,14 +18,11 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import ml_collections
 import numpy as np
-from absl import logging
 
+from alexnet_jax.data.spec import DataSpec, is_photos
 from alexnet_jax.errors import UserError
 
-DATASETS = ("fashion_mnist", "cifar10", "imagenet2012")  # by name; besides them: 'folder' and any tfds dataset
-SMALL_DATASETS = ("fashion_mnist", "cifar10")  # held in memory at their own size; all others are photos
 NORMALISATION_KINDS = ("pixel", "channel")
 
 
@@ -80,21 +77,15 @@ class Normalisation:
         )
 
 
-def is_photos(config: ml_collections.ConfigDict) -> bool:
-    """Photos (ImageNet, a folder, a tfds dataset): resized squares, crops, the paper's augmentations; the small
-    datasets are used at their own size."""
-    return config.dataset not in SMALL_DATASETS
-
-
-def normalisation_for(config: ml_collections.ConfigDict, stats: Mapping[str, np.ndarray | None]) -> Normalisation:
+def normalisation_for(spec: DataSpec, stats: Mapping[str, np.ndarray | None]) -> Normalisation:
     """The one place the normalisation is chosen. `stats`: the training set's per-channel `mean` and `std`
-    (0-255 scale) and, for ImageNet, its `mean_image` (or the config's fixed `channel_mean` / `channel_std`).
+    (0-255 scale) and, for photos, its `mean_image` (or the spec's fixed `channel_mean` / `channel_std`).
 
-    Small datasets: per channel, at the crop size. Photos: `config.normalization` at `config.resize_size`."""
-    if is_photos(config):
-        kind, resize = config.normalization, int(config.resize_size)
+    Small datasets: per channel, at the crop size. Photos: `spec.normalization` at `spec.resize_size`."""
+    if is_photos(spec):
+        kind, resize = spec.normalization, int(spec.resize_size)
     else:
-        kind, resize = "channel", int(config.image_size)
+        kind, resize = "channel", int(spec.image_size)
     mean = np.asarray(stats["mean"], np.float32)
     if kind == "pixel":
         return Normalisation("pixel", mean, np.ones(3, np.float32), stats["mean_image"], resize)
@@ -188,44 +179,3 @@ def data_options(threads: int | None = None) -> Any:
     if threads == 1:
         opts.threading.max_intra_op_parallelism = 1
     return opts
-
-
-def lighting_for(config: ml_collections.ConfigDict, stats: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The PCA the lighting augmentation uses: `config.pca` 'data' (the training pixels', from `dataset_stats`)
-    or 'published' (fb.resnet.torch's constants)."""
-    from alexnet_jax.data import augment
-
-    if config.pca == "published" or config.pca_lighting == 0:  # (off: nothing to compute for it)
-        return augment.PUBLISHED
-    logging.info("PCA lighting from the training pixels: eigenvalues %s, eigenvectors (columns) %s",
-                 np.round(stats["pca_eigval"], 4).tolist(), np.round(stats["pca_eigvec"], 4).tolist())
-    return np.asarray(stats["pca_eigval"], np.float32), np.asarray(stats["pca_eigvec"], np.float32)
-
-
-def fixed_stats(config: ml_collections.ConfigDict) -> dict[str, np.ndarray] | None:
-    """`channel_mean`/`channel_std` when the config fixes them (e.g. converted torchvision weights), else None."""
-    mean, std = tuple(config.get("channel_mean", ())), tuple(config.get("channel_std", ()))
-    if not mean and not std:
-        return None
-    if config.normalization != "channel" or len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise UserError(f"--config.channel_mean={mean} / channel_std={std}: give three values each (0-255 scale, "
-                        "std > 0) with --config.normalization=channel, or () to use the training set's")
-    return {"mean": np.asarray(mean, np.float32), "std": np.asarray(std, np.float32), "mean_image": None}
-
-
-def stats_for(config: ml_collections.ConfigDict, computed: Callable[[], dict]) -> tuple[dict, Any]:
-    """The statistics the normalisation uses (fixed ones, or the training set's) and the lighting's PCA
-    (`lighting_for`)."""
-    stats = fixed_stats(config) or computed()
-    if config.pca == "data" and config.pca_lighting > 0 and "pca_eigval" not in stats:  # fixed mean/std
-        stats = {**computed(), **stats}
-    return stats, lighting_for(config, stats)
-
-
-def given_normalisation(config: ml_collections.ConfigDict, norm: Normalisation) -> Normalisation:
-    """A normalisation handed in (pretrained weights'), checked against the crops this config makes."""
-    if norm.kind == "pixel" and norm.mean_image is not None and norm.mean_image.shape[0] != config.resize_size:
-        raise UserError(f"the pretrained weights' mean image is {norm.mean_image.shape[0]} px, the config resizes "
-                        f"to --config.resize_size={config.resize_size}: use the same size, or "
-                        "--config.init_normalisation=data to compute the normalisation from these images")
-    return norm

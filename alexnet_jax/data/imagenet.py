@@ -8,8 +8,8 @@ damaged archive is reported by file name before training instead of failing (or 
 It is prepared in tfds's array_record format (read record by record: `records`); a copy prepared before in
 TFRecord (tfds's default) is converted once by the same script, beside its files.
 
-`source(builder)` is the `photos.Source` the pipelines read (train / validation, JPEG images); what is done to
-the images (the paper's augmentations, 10-crop test, resumable stream) lives in `photos`.
+`sources.imagenet_source(builder)` is the `Source` the pipelines read (train / validation, JPEG images); what is
+done to the images (the paper's augmentations, 10-crop test, resumable stream) lives in `photos`.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import os
 import shutil
 import tarfile
 
-import ml_collections
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from alexnet_jax.data import photos, records
-from alexnet_jax.data.base import check_data_dir, data_options
+from alexnet_jax.data import records
+from alexnet_jax.data.base import data_options
 from alexnet_jax.errors import UserError
 
 NAME = "imagenet2012"
@@ -64,9 +63,11 @@ def missing_archives(manual: str) -> list[str]:
 
 def find_undecodable(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
     """File names of the prepared images of `split` that do not decode as JPEG (all cores, one pass)."""
-    src = source(builder)
-    parsed = src.records(split).in_order(0, src.num_examples(split)).map(
-        photos.parser(src), num_parallel_calls=tf.data.AUTOTUNE).with_options(data_options())
+    features = builder.info.features
+    recs = records.Records(builder, split)
+    parsed = recs.in_order(0, len(recs)).map(
+        lambda record: features.deserialize_example(record, decoders={"image": tfds.decode.SkipDecoding()}),
+        num_parallel_calls=tf.data.AUTOTUNE).with_options(data_options())
     names = {n.decode() for n in parsed.map(lambda ex: ex["file_name"]).as_numpy_iterator()}
     decoded = parsed.map(
         lambda ex: (ex["file_name"], tf.shape(tf.io.decode_jpeg(ex["image"], channels=3))),
@@ -108,11 +109,12 @@ def prepare(data_dir: str | None, manual_dir: str = "", verify: bool = True) -> 
     return builder
 
 
-def open_prepared(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    """The prepared builder, or a UserError naming the exact files, where they go and the command to run."""
-    data_dir = _data_dir(config.data_dir)
+def open_prepared(config_data_dir: str, manual_dir: str = "") -> tfds.core.DatasetBuilder:
+    """The prepared builder (in `--config.data_dir`, `~` allowed), or a UserError naming the exact files, where
+    they go and the command to run."""
+    data_dir = _data_dir(config_data_dir)
     builder = open_builder(data_dir)
-    manual = manual_dir_for(builder, config.get("manual_dir", ""))
+    manual = manual_dir_for(builder, manual_dir)
     if not builder.is_prepared():
         missing = missing_archives(manual)
         if missing:
@@ -130,17 +132,3 @@ def open_prepared(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder
                         f"array_record: run `{prepare_command(data_dir, manual)}` once, which writes its array_record "
                         "copy beside it (about as long as reading the dataset once), then train.")
     return records.random_access(builder)
-
-
-def source(builder: tfds.core.DatasetBuilder, data_dir: str | None = None) -> photos.Source:
-    """The prepared builder as the photo pipelines read it."""
-    dd = f" --data_dir {data_dir}" if data_dir else ""
-    return photos.Source(builder, "train", "validation", repair=(
-        f"run `python scripts/prepare_imagenet.py --verify_only{dd}` to list the damaged files, replace them in "
-        "the archive and prepare again"))
-
-
-def open_source(config: ml_collections.ConfigDict) -> photos.Source:
-    """ImageNet as a photos source, prepared (or a UserError saying how to prepare it)."""
-    check_data_dir(config.data_dir)
-    return source(open_prepared(config), config.data_dir)

@@ -20,6 +20,7 @@ from absl import app, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from alexnet_jax.data import squares  # noqa: E402
+from alexnet_jax.data.spec import DataSpec  # noqa: E402
 from alexnet_jax.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/imagenet.py or configs/folder.py",
@@ -37,7 +38,8 @@ def main(argv: list[str]) -> None:
     if config is None:
         sys.exit("alexnet_jax.data.prepare: error: give --config configs/imagenet.py")
     try:
-        builder = squares.prepare(config)
+        config.prepared = True  # (what is prepared is what --config.prepared=True reads: its keys are checked)
+        builder = squares.prepare(DataSpec.from_config(config))
     except UserError as e:
         sys.exit(f"alexnet_jax.data.prepare: error: {e}")
     for split, info in builder.info.splits.items():

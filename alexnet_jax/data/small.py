@@ -1,6 +1,6 @@
 """The small datasets (FashionMNIST, CIFAR-10): preparation with tfds, and in-memory training and evaluation.
 
-They are prepared by a tfds builder into `config.data_dir` (FashionMNIST from the local IDX files when
+They are prepared by a tfds builder into `data_dir` (FashionMNIST from the local IDX files when
 present) and held in memory. The training stream is a pure function of (seed, step): step s of epoch e takes rows
 [s*B, (s+1)*B) of a stateless permutation seeded by (seed, e), and each image's augmentation is seeded by
 (seed, step, row). So a run restarted at step N yields exactly the batches an uninterrupted run would,
@@ -21,7 +21,6 @@ import struct
 import urllib.parse
 from collections.abc import Iterator
 
-import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -30,7 +29,6 @@ from PIL import Image
 
 from alexnet_jax.data import records
 from alexnet_jax.data.base import (
-    DATASETS,
     Data,
     Normalisation,
     check_data_dir,
@@ -39,6 +37,9 @@ from alexnet_jax.data.base import (
     normalisation_for,
     steps_per_epoch,
 )
+from alexnet_jax.data.spec import DATASETS, DataSpec
+from alexnet_jax.data.stats import channel_stats
+from alexnet_jax.data.views import View, of_square, resize_and_normalise
 from alexnet_jax.errors import UserError
 
 FASHION_MNIST_CLASSES = (
@@ -158,9 +159,8 @@ def _download_url(builder: tfds.core.DatasetBuilder) -> str | None:
     return url if isinstance(url, str) else None
 
 
-def _fashion_mnist_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    data_dir = check_data_dir(config.data_dir)
-    source = os.path.expanduser(config.fashion_mnist_dir)
+def _fashion_mnist_builder(data_dir: str | None, fashion_mnist_dir: str) -> tfds.core.DatasetBuilder:
+    source = os.path.expanduser(fashion_mnist_dir)
     if fashion_mnist_files_present(source):
         builder = FashionMnistFiles(source_dir=source, data_dir=data_dir)
         if not builder.is_prepared():
@@ -190,17 +190,16 @@ CIFAR10_ARCHIVE = "cifar-10-binary.tar.gz"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 
 
-def _cifar10_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+def _cifar10_builder(data_dir: str | None, manual_dir: str) -> tfds.core.DatasetBuilder:
     """tfds's own cifar10 builder; offline it reads `cifar-10-binary.tar.gz` from the manual folder.
 
     tfds checks a manually placed archive against the checksum it registers for the download, so a
     truncated or different file is refused rather than prepared.
     """
-    data_dir = check_data_dir(config.data_dir)
     builder = tfds.builder("cifar10", data_dir=data_dir)
     if builder.is_prepared():
         return builder
-    manual = (os.path.expanduser(config.manual_dir) if config.manual_dir
+    manual = (os.path.expanduser(manual_dir) if manual_dir
               else os.path.join(os.fspath(builder.data_dir_root), "downloads", "manual"))
     archive = os.path.join(manual, CIFAR10_ARCHIVE)
     todo = (f"download {CIFAR10_URL} (163 MB) where there is internet, put it in {manual} "
@@ -221,28 +220,28 @@ def _cifar10_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuil
     return builder
 
 
-def load_in_memory(config: ml_collections.ConfigDict, split: str) -> InMemoryData:
+def load_in_memory(spec: DataSpec, split: str) -> InMemoryData:
     """Prepare (once) and load a split of a small dataset, in tfds's split syntax ('test', 'test[:1000]',
     'train[:90%]', 'train[-5000:]+test'), in that order."""
-    if config.dataset == "fashion_mnist":
-        builder = _fashion_mnist_builder(config)
-    elif config.dataset == "cifar10":
-        builder = _cifar10_builder(config)
-    elif config.dataset == "imagenet2012":
+    if spec.dataset == "fashion_mnist":
+        builder = _fashion_mnist_builder(check_data_dir(spec.data_dir), spec.fashion_mnist_dir)
+    elif spec.dataset == "cifar10":
+        builder = _cifar10_builder(check_data_dir(spec.data_dir), spec.manual_dir)
+    elif spec.dataset == "imagenet2012":
         raise UserError("imagenet2012 is not held in memory; it needs the streaming ImageNet pipeline.")
     else:
-        raise UserError(f"unknown dataset {config.dataset!r}; choose one of {DATASETS}")
+        raise UserError(f"unknown dataset {spec.dataset!r}; choose one of {DATASETS}")
     names = tuple(builder.info.features["label"].names)
     try:
         parts = tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
     except (KeyError, ValueError, AssertionError) as e:
-        raise UserError(f"split {split!r} of {config.dataset}: {str(e).splitlines()[0][:160]}; it has splits "
+        raise UserError(f"split {split!r} of {spec.dataset}: {str(e).splitlines()[0][:160]}; it has splits "
                         f"{sorted(builder.info.splits)} (tfds syntax: 'test', 'test[:1000]', 'train[:90%]')") from None
     arrays = [(images[part.from_:part.to], labels[part.from_:part.to])
               for part in parts for images, labels in [_decoded(builder, part.splitname)]]
     images, labels = (arrays[0][k] if len(arrays) == 1 else np.concatenate([a[k] for a in arrays]) for k in (0, 1))
     if not len(labels):
-        raise UserError(f"split {split!r} of {config.dataset} holds no images: choose another "
+        raise UserError(f"split {split!r} of {spec.dataset} holds no images: choose another "
                         "(--config.train_split / --config.eval_split)")
     return InMemoryData(images, labels, names)
 
@@ -281,30 +280,9 @@ def _kept_paths(builder: tfds.core.DatasetBuilder, split: str) -> tuple[str, str
     return tuple(os.path.join(os.fspath(builder.data_dir), f"{split}.{k}.npy") for k in ("images", "labels"))
 
 
-def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std of uint8 images, on the 0-255 scale (computed on the training split): from exact
-    integer sums (no float64 copy of the whole split: 4 s for FashionMNIST's 47M pixels before)."""
-    x = images.reshape(-1, images.shape[-1])
-    n = x.shape[0]
-    total = x.sum(0, dtype=np.int64)
-    squares = np.einsum("ic,ic->c", x, x, dtype=np.int64)
-    mean = total / n
-    var = (squares - total.astype(np.float64) * mean) / n
-    return mean.astype(np.float32), np.sqrt(np.maximum(var, 0.0)).astype(np.float32)
-
-
-def resize_and_normalise(image: tf.Tensor, mean: np.ndarray, std: np.ndarray, size: int) -> tf.Tensor:
-    """uint8 image(s) (..., H, W, C) to float32 (..., size, size, C), bilinear when the size differs, then
-    `(image - mean) / std`: what the small datasets' pipelines (and `predict`) feed the model."""
-    image = tf.cast(image, tf.float32)
-    if image.shape[-3] != size or image.shape[-2] != size:
-        image = tf.image.resize(image, (size, size), method="bilinear")
-    return (image - mean) / std
-
-
 def train_batches(
     data: InMemoryData,
-    config: ml_collections.ConfigDict,
+    spec: DataSpec,
     mean: np.ndarray,
     std: np.ndarray,
     start_step: int,
@@ -313,15 +291,15 @@ def train_batches(
     process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's rows of global batches `start_step .. num_steps-1`, augmented and normalised."""
-    n, bs = len(data), config.batch_size
+    n, bs = len(data), spec.batch_size
     per_epoch = steps_per_epoch(n, bs)
     if per_epoch == 0:
         raise UserError(f"batch_size {bs} is larger than the {n} training examples")
     local = bs // process_count
     images = tf.constant(data.images)
     labels = tf.constant(data.labels)
-    seed = int(config.seed)
-    pad, flip, size = int(config.crop_padding), bool(config.random_flip), int(config.image_size)
+    seed = int(spec.seed)
+    pad, flip, size = int(spec.crop_padding), bool(spec.random_flip), int(spec.image_size)
     h, w = data.images.shape[1:3]
 
     @tf.autograph.experimental.do_not_convert  # plain Python branching only: AutoGraph only slows the start
@@ -346,20 +324,21 @@ def train_batches(
 
 def eval_batches(
     data: InMemoryData,
-    config: ml_collections.ConfigDict,
+    spec: DataSpec,
     mean: np.ndarray,
     std: np.ndarray,
     process_index: int = 0,
     process_count: int = 1,
     row_multiple: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """This process's share of the test set in local batches; padded rows have mask 0.
+    """This process's share of the test set in local batches, each image seen as `predict` sees a file
+    (`views.of_square`, normalised by `mean` / `std` per channel); padded rows have mask 0.
 
     Every process yields the same number of batches of the same shapes, so collective eval steps line up;
     together the processes cover each example exactly once.
     """
     n = len(data)
-    local = config.eval_batch_size // process_count
+    local = spec.eval_batch_size // process_count
     lo, hi, per_process = eval_slice(n, local, process_index, process_count, row_multiple)
     images, labels = data.images[lo:hi], data.labels[lo:hi]
     mask = np.ones(hi - lo, np.float32)
@@ -368,12 +347,12 @@ def eval_batches(
         images = np.concatenate([images, np.zeros((fill, *images.shape[1:]), images.dtype)])
         labels = np.concatenate([labels, np.zeros(fill, labels.dtype)])
         mask = np.concatenate([mask, np.zeros(fill, np.float32)])
-    size = int(config.image_size)
-    reflect = int(config.get("eval_crops", 1)) == 2
+    view, reflect = View(int(spec.image_size)), int(spec.eval_crops) == 2
+    norm = Normalisation("channel", mean, std, None, view.crop)
 
     @tf.autograph.experimental.do_not_convert  # plain Python branching only; spares AutoGraph's warning
     def prepare(b):
-        image = resize_and_normalise(b["image"], mean, std, size)
+        image = of_square(b["image"], view, norm)
         if reflect:  # (B, 2, H, W, C): the image and its mirror; eval_step averages their softmax
             image = tf.stack([image, tf.reverse(image, axis=[2])], axis=1)
         return {**b, "image": image}
@@ -383,36 +362,31 @@ def eval_batches(
     return iter(tfds.as_numpy(ds.prefetch(2).with_options(data_options())))
 
 
-def create_data(config: ml_collections.ConfigDict, normalisation: Normalisation | None = None) -> Data:
+def create_data(spec: DataSpec, normalisation: Normalisation | None = None) -> Data:
     """Prepare (if needed) and load FashionMNIST or CIFAR-10; normalised per channel by the training set (or by
-    `normalisation`, e.g. pretrained weights')."""
-    if config.get("eval_crops", 1) not in (1, 2):
-        raise UserError(f"--config.eval_crops={config.eval_crops}: {config.dataset} images are evaluated whole "
-                        "(they are no larger than the crop): use 1, or 2 to add the reflection; 10-crop "
-                        "evaluation is for imagenet2012")
-    train_data = load_in_memory(config, config.get("train_split") or "train")
-    test_data = load_in_memory(config, config.get("eval_split") or "test")
+    `normalisation`, e.g. pretrained weights' or a checkpoint's)."""
+    train_data = load_in_memory(spec, spec.train_split or "train")
+    test_data = load_in_memory(spec, spec.eval_split or "test")
     if normalisation is not None and normalisation.kind == "channel" and normalisation.mean.shape == (
             train_data.images.shape[-1],):
         norm = normalisation
     else:
         if normalisation is not None:
             logging.warning("the pretrained normalisation does not fit %s's %d channel(s): computed from the data",
-                            config.dataset, train_data.images.shape[-1])
+                            spec.dataset, train_data.images.shape[-1])
         mean, std = channel_stats(train_data.images)
-        norm = normalisation_for(config, {"mean": mean, "std": std})
+        norm = normalisation_for(spec, {"mean": mean, "std": std})
     mean, std = norm.arrays()
     return Data(
         num_train=len(train_data),
         num_eval=len(test_data),
-        image_shape=(config.image_size, config.image_size, train_data.images.shape[-1]),
+        image_shape=(spec.image_size, spec.image_size, train_data.images.shape[-1]),
         class_names=train_data.class_names,
-        train=lambda start, stop, pid, nproc: train_batches(train_data, config, mean, std, start, stop, pid, nproc),
-        eval=lambda pid, nproc, row_multiple=0: eval_batches(test_data, config, mean, std, pid, nproc,
-                                                              row_multiple),
+        train=lambda start, stop, pid, nproc: train_batches(train_data, spec, mean, std, start, stop, pid, nproc),
+        eval=lambda pid, nproc, row_multiple=0: eval_batches(test_data, spec, mean, std, pid, nproc, row_multiple),
         mean=mean,
         std=std,
         normalisation=norm,
-        views=lambda split, pid, nproc: eval_batches(train_data if split == "train" else test_data, config, mean,
+        views=lambda split, pid, nproc: eval_batches(train_data if split == "train" else test_data, spec, mean,
                                                      std, pid, nproc),
     )

@@ -1,4 +1,9 @@
-"""Where photos come from: one `photos.Source` per kind, whatever is done to them afterwards.
+"""Where photos come from: the `Source` type and one per kind, whatever is done to them afterwards.
+
+A `Source` names a prepared tfds builder, its training and evaluation splits (tfds split syntax, e.g.
+'train[:90%]'), the image and label features and whether the images are JPEGs (only those are partially decoded),
+or, for the paper's squares prepared once (`squares`), their side. `parser` reads its records, `guard` turns a
+record that does not decode into one UserError saying how to repair it.
 
 - `imagenet2012`: tfds's builder over the two manual ILSVRC-2012 tars (`imagenet`), train / validation;
 - `folder` (`--config.folder=ROOT`): the user's images, `ROOT/<split>/<class>/*` or `ROOT/<class>/*` (`folder`);
@@ -13,17 +18,74 @@ images are a fixed random sample) for evaluation and trains on the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable, Iterator
 
-import ml_collections
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from alexnet_jax.data import folder, imagenet, once, records
-from alexnet_jax.data.base import DATASETS, check_data_dir
-from alexnet_jax.data.photos import Source
+from alexnet_jax.data.base import check_data_dir
+from alexnet_jax.data.spec import DATASETS, DataSpec
 from alexnet_jax.errors import UserError
 
 EVAL_SPLITS = ("validation", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A prepared tfds dataset of photos and how to read it."""
+
+    builder: tfds.core.DatasetBuilder
+    train_split: str = "train"
+    eval_split: str = "validation"
+    image_key: str = "image"
+    label_key: str = "label"
+    is_jpeg: bool = True  # JPEG images are decoded only where a crop needs them
+    # what a user does when a prepared image does not decode (one sentence)
+    repair: str = "prepare the dataset again"
+    # the side of the paper's squares stored once (`squares`: raw uint8, or JPEG with `is_jpeg`); 0: photos as found
+    square: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.builder.name
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.builder.info.features[self.label_key].names)
+
+    def num_examples(self, split: str) -> int:
+        return self.builder.info.splits[split].num_examples
+
+    def records(self, split: str) -> records.Records:
+        return records.Records(self.builder, split)
+
+
+def parser(source: Source) -> Callable[[tf.Tensor], dict]:
+    """Serialized example -> features, the image left encoded."""
+    features = source.builder.info.features
+    decoders = {source.image_key: tfds.decode.SkipDecoding()}
+    return lambda record: features.deserialize_example(record, decoders=decoders)
+
+
+def guard(batches: Iterator, source: Source, split: str) -> Iterator:
+    """Decode failures stop training with a UserError; a broken image never becomes a silent zero example."""
+    try:
+        yield from batches
+    except tf.errors.InvalidArgumentError as e:
+        first = str(getattr(e, "message", e)).strip().splitlines()[0][:200]
+        raise UserError(f"an image of {source.name}'s {split} split in {source.builder.data_dir} does not decode "
+                        f"({first}): {source.repair}.") from None
+
+
+def imagenet_source(builder: tfds.core.DatasetBuilder, data_dir: str = "") -> Source:
+    """ImageNet's prepared builder (`imagenet.open_prepared`) as the photo pipelines read it."""
+    dd = f" --data_dir {data_dir}" if data_dir else ""
+    return Source(builder, "train", "validation", repair=(
+        f"run `python scripts/prepare_imagenet.py --verify_only{dd}` to list the damaged files, replace them in "
+        "the archive and prepare again"))
 
 
 def holdout(builder: tfds.core.DatasetBuilder, train: str, fraction: float) -> tuple[str, str]:
@@ -43,13 +105,12 @@ def holdout(builder: tfds.core.DatasetBuilder, train: str, fraction: float) -> t
     return f"{train}[:{n - held}]", f"{train}[{n - held}:]"
 
 
-def _splits(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
-            default_eval: str | None) -> tuple[str, str]:
-    train = config.train_split or "train"
-    if config.eval_split:
-        return train, config.eval_split
+def _splits(spec: DataSpec, builder: tfds.core.DatasetBuilder, default_eval: str | None) -> tuple[str, str]:
+    train = spec.train_split or "train"
+    if spec.eval_split:
+        return train, spec.eval_split
     if default_eval is None:
-        return holdout(builder, train, float(config.holdout_fraction))
+        return holdout(builder, train, float(spec.holdout_fraction))
     return train, default_eval
 
 
@@ -66,11 +127,11 @@ def _check_splits(builder: tfds.core.DatasetBuilder, splits: tuple[str, ...]) ->
                             "(--config.train_split / --config.eval_split)")
 
 
-def _keys(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
+def _keys(image_key: str, label_key: str, builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
     features = builder.info.features
     supervised = tuple(builder.info.supervised_keys or ())
-    image = config.image_key or (supervised[0] if len(supervised) == 2 else "image")
-    label = config.label_key or (supervised[1] if len(supervised) == 2 else "label")
+    image = image_key or (supervised[0] if len(supervised) == 2 else "image")
+    label = label_key or (supervised[1] if len(supervised) == 2 else "label")
     for key, what in ((image, "image"), (label, "label")):
         if key not in features:
             raise UserError(f"{builder.name} has no feature {key!r}: its features are {sorted(features)}; name "
@@ -82,9 +143,8 @@ def _keys(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) 
     return image, label
 
 
-def _tfds_builder(config: ml_collections.ConfigDict, data_dir: str | None,
+def _tfds_builder(name: str, data_dir: str | None, manual_dir: str,
                   processes: once.Processes = once.ONE) -> tfds.core.DatasetBuilder:
-    name = config.dataset
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError:
@@ -101,7 +161,7 @@ def _tfds_builder(config: ml_collections.ConfigDict, data_dir: str | None,
             return
         try:
             builder.download_and_prepare(file_format=records.FORMAT, download_config=tfds.download.DownloadConfig(
-                manual_dir=os.path.expanduser(config.manual_dir) if config.manual_dir else None))
+                manual_dir=os.path.expanduser(manual_dir) if manual_dir else None))
         except Exception as e:  # noqa: BLE001 - any download or preparation failure means the same to the user
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise UserError(f"tfds could not download and prepare {name} into {os.fspath(builder.data_dir_root)} "
@@ -115,30 +175,30 @@ def _tfds_builder(config: ml_collections.ConfigDict, data_dir: str | None,
     return records.random_access(tfds.builder(name, data_dir=data_dir))
 
 
-def open_source(config: ml_collections.ConfigDict, processes: once.Processes = once.ONE) -> Source:
-    """The configured dataset of photos, prepared (by process 0 of a multi-process run: `once`); its splits and
+def open_source(spec: DataSpec, processes: once.Processes = once.ONE) -> Source:
+    """The spec's dataset of photos, prepared (by process 0 of a multi-process run: `once`); its splits and
     features checked."""
-    data_dir = check_data_dir(config.data_dir)
-    if config.dataset == "imagenet2012":
-        src = imagenet.open_source(config)
-        if config.train_split or config.eval_split:
-            src = Source(src.builder, config.train_split or "train", config.eval_split or "validation",
+    data_dir = check_data_dir(spec.data_dir)
+    if spec.dataset == imagenet.NAME:
+        src = imagenet_source(imagenet.open_prepared(spec.data_dir, spec.manual_dir), spec.data_dir)
+        if spec.train_split or spec.eval_split:
+            src = Source(src.builder, spec.train_split or "train", spec.eval_split or "validation",
                          repair=src.repair)
         _check_splits(src.builder, (src.train_split, src.eval_split))
         return src
-    if config.dataset == "folder":
-        if not config.folder:
+    if spec.dataset == "folder":
+        if not spec.folder:
             raise UserError("--config.dataset=folder needs --config.folder=ROOT (ROOT/<split>/<class>/*.jpg or "
                             "ROOT/<class>/*.jpg)")
-        builder, folder_eval = folder.prepare(config.folder, data_dir, processes)
-        train, evaluation = _splits(config, builder, folder_eval)
+        builder, folder_eval = folder.prepare(spec.folder, data_dir, processes)
+        train, evaluation = _splits(spec, builder, folder_eval)
         repair = f"delete {builder.data_dir} and run again (the folder is prepared anew)"
     else:
-        builder = _tfds_builder(config, data_dir, processes)
+        builder = _tfds_builder(spec.dataset, data_dir, spec.manual_dir, processes)
         known = builder.info.splits
-        train, evaluation = _splits(config, builder, next((s for s in EVAL_SPLITS if s in known), None))
+        train, evaluation = _splits(spec, builder, next((s for s in EVAL_SPLITS if s in known), None))
         repair = f"delete {builder.data_dir} and run again (tfds prepares it anew)"
     _check_splits(builder, (train, evaluation))
-    image, label = _keys(config, builder)
+    image, label = _keys(spec.image_key, spec.label_key, builder)
     is_jpeg = getattr(builder.info.features[image], "encoding_format", None) == "jpeg"
     return Source(builder, train, evaluation, image, label, is_jpeg, repair)

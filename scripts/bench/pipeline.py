@@ -127,7 +127,7 @@ def bench_sources(classes: int, train_per_class: int, threads: int, repeats: int
     import tensorflow as tf
 
     from alexnet_jax import default_config
-    from alexnet_jax.data import augment, base, imagenet, photos, squares
+    from alexnet_jax.data import DataSpec, base, imagenet, photos, sources, square_batches, squares
 
     tf.config.set_visible_devices([], "GPU")
     tiny = load_script("make_tiny_imagenet")
@@ -142,36 +142,33 @@ def bench_sources(classes: int, train_per_class: int, threads: int, repeats: int
             source = imagenet.prepare(data_dir, manual, verify=False)
         config = default_config.get_config()
         config.update(dict(data_dir=data_dir, batch_size=batch, eval_batch_size=batch, eval_crops=10, seed=0))
-        norm = base.normalisation_for(config, stats)
-        spec = photos.Spec.of(config)
-        builders = {"today": (imagenet.source(source), (None, None))}
+        spec = DataSpec.from_config(config)
+        norm = base.normalisation_for(spec, stats)
+        srcs = {"today": sources.imagenet_source(source)}
         sizes = {"today": source.info.splits["train"].num_bytes / source.info.splits["train"].num_examples}
         stored = {}
+        config.prepared = True
         for fmt in squares.FORMATS:
             config.prepared_format = fmt
             with contextlib.redirect_stdout(sys.stderr):
-                stored[fmt] = squares.Prepared(squares.prepare(config))
-            builders[f"prepared_{fmt}"] = (stored[fmt].source, stored[fmt].pipelines(spec, norm, augment.PUBLISHED))
+                stored[fmt] = srcs[f"prepared_{fmt}"] = squares.source_of(squares.prepare(DataSpec.from_config(config)))
             b = stored[fmt].builder
             sizes[f"prepared_{fmt}"] = b.info.splits["train"].num_bytes / b.info.splits["train"].num_examples
         steps = source.info.splits["train"].num_examples // batch  # one epoch per pass
         datasets = {}
-        for name, (src, (train, evaluation)) in builders.items():
-            datasets[f"{name}_train"] = photos.train_dataset(src, spec, norm, 0, steps, threads=threads,
-                                                             squares=train)
-            datasets[f"{name}_eval_10crop"] = photos.eval_dataset(src, spec, norm, threads=threads,
-                                                                  squares=evaluation)
+        for name, src in srcs.items():
+            datasets[f"{name}_train"] = photos.train_dataset(src, spec, norm, 0, steps, threads=threads)
+            datasets[f"{name}_eval_10crop"] = photos.eval_dataset(src, spec, norm, threads=threads)
         # Issue #14 item 3: --config.augment_on_device=True, the host's part (raw squares to the uint8 squares of
         # the batch and their draws; crop, reflection, mean image and lighting in the jitted step), and, measured
         # only, a middle way: uint8 224 patches (crop and reflection on the host, the rest in the step).
         raw = stored["raw"]
         device_spec = dataclasses.replace(spec, augment_on_device=True)
-        datasets["prepared_raw_on_device_train"] = photos.train_dataset(
-            raw.source, device_spec, norm, 0, steps, threads=threads,
-            squares=raw.pipelines(device_spec, norm, augment.PUBLISHED)[0])
-        on_device = squares.on_device(device_spec, norm)
-        datasets["prepared_raw_uint8_patches_host_part_train"] = photos.train_dataset(
-            raw.source, spec, norm, 0, steps, threads=threads, squares=_uint8_patches(spec, raw.size))
+        datasets["prepared_raw_on_device_train"] = photos.train_dataset(raw, device_spec, norm, 0, steps,
+                                                                        threads=threads)
+        on_device = square_batches.on_device(device_spec, norm)
+        datasets["prepared_raw_uint8_patches_host_part_train"] = _whole_batches(
+            raw, spec, steps, threads, _uint8_patches(spec, raw.square))
         totals = {k: [0, 0.0, 0.0] for k in datasets}
         for ds in datasets.values():  # warm-up: tracing, XLA compilation, thread pools, file caches
             list(ds.as_numpy_iterator())
@@ -229,12 +226,30 @@ def _device_augment_ms(on_device, example: dict, repeats: int = 20) -> dict[str,
     return out
 
 
+def _whole_batches(src, spec, steps: int, threads: int, batch_fn):
+    """`photos.train_dataset`'s stream of stored squares (one process) with `batch_fn(records, key, rows)` in place
+    of its augmentation."""
+    import tensorflow as tf
+
+    from alexnet_jax.data import base, photos, records
+
+    recs = src.records(src.train_split)
+    stream = records.train_steps(len(recs), spec.batch_size, spec.seed, 0, steps, 0, 1)
+
+    def whole_batch(step, indices, rows):
+        key = tf.stack([tf.constant(spec.seed, tf.int64) * photos.KEY_STRIDE + step, tf.constant(-1, tf.int64)])
+        return batch_fn(recs.read_tf(indices), key, rows)
+
+    ds = stream.map(whole_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(base.data_options(threads))
+
+
 def _uint8_patches(spec, size: int):
-    """A `squares=` hook that stops at uint8 patches (crop and reflection gathered in one XLA function), with the
+    """A batch function that stops at uint8 patches (crop and reflection gathered in one XLA function), with the
     step's lighting draws beside them."""
     import tensorflow as tf
 
-    from alexnet_jax.data import augment, squares
+    from alexnet_jax.data import augment, square_batches
 
     @tf.function(jit_compile=True)
     def cut(images, yx, flips):
@@ -243,7 +258,7 @@ def _uint8_patches(spec, size: int):
         return tf.gather(tf.gather(images, ys, axis=1, batch_dims=1), xs, axis=2, batch_dims=1)
 
     def hook(records, key, rows):
-        ex = tf.io.parse_example(records, squares.RECORD_SPEC)
+        ex = tf.io.parse_example(records, square_batches.RECORD_SPEC)
         yx, flips, alpha = augment.batch_draws(key, rows, spec.batch_size, size, 224, 0.1)
         images = tf.reshape(tf.io.decode_raw(ex["image"], tf.uint8), (-1, size, size, 3))
         return {"image": cut(images, yx, flips), "lighting": alpha, "label": ex["label"]}
