@@ -246,10 +246,7 @@ def _classify(workdir: str, paths: list[str], step: int | None, top_k: int, over
               batch_size: int | None, progress: bool | None, pool: Any, futures: dict[int, Any],
               guess: tuple[int, dict[str, Any], dict[str, Any]] | None) -> list[Result]:
     """`classify` once JAX is imported: `futures` are the reads started before, with the checkpoint `guess`."""
-    import concurrent.futures
-
     import jax
-    import jax.numpy as jnp
     from tqdm import tqdm
 
     from alexnet_jax import inference
@@ -282,33 +279,51 @@ def _classify(workdir: str, paths: list[str], step: int | None, top_k: int, over
                                 restore=False, saved=saved)
         names = class_names(config.dataset, loaded.meta, config.num_classes)
         k = min(top_k, len(names))
-
-        @jax.jit
-        def forward(v, x):
-            return jax.nn.softmax(loaded.model.apply(v, x, train=False))
-
-        # traced and compiled (or found in the compilation cache) while the checkpoint is read
-        abstract, x_shape = loaded.variables, jax.ShapeDtypeStruct((batch, *loaded.image_shape), jnp.float32)
-        with concurrent.futures.ThreadPoolExecutor(1) as compiler:
-            compiling = compiler.submit(lambda: forward.lower(abstract, x_shape).compile())
-            loaded = inference.restored(loaded)
-            forward = compiling.result()
-
+        loaded, forward = _restored_and_compiled(loaded, batch)
         for start in range(0, len(paths), batch):
             chunk = list(range(start, min(start + batch, len(paths))))
             read_now = [futures.pop(i).result() for i in chunk]
             read_up_to(start + (READ_AHEAD + 1) * batch)
-            good = [(paths[i], x) for i, x in zip(chunk, read_now, strict=True) if not isinstance(x, str)]
             results += [Result(paths[i], None, x) for i, x in zip(chunk, read_now, strict=True) if isinstance(x, str)]
-            if good:
-                images = np.stack([x for _, x in good])
-                images = np.concatenate([images, np.zeros((batch - len(good), *images.shape[1:]), images.dtype)])
-                probs = np.asarray(jax.device_get(forward(loaded.variables, jnp.asarray(images))))[: len(good)]
-                for (path, _), p in zip(good, probs, strict=True):
-                    results.append(Result(path, [(names[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]]))
+            good = [(paths[i], x) for i, x in zip(chunk, read_now, strict=True) if not isinstance(x, str)]
+            results += _ranked(good, batch, lambda x: forward(loaded.variables, x), names, k)
             bar.update(len(chunk))
     order = {p: i for i, p in enumerate(paths)}
     return sorted(results, key=lambda r: order[r.path])
+
+
+def _restored_and_compiled(loaded: Any, batch: int) -> tuple[Any, Any]:
+    """(`loaded` with its variables read, the softmax forward pass compiled for `batch` images): the program is
+    traced and compiled (or found in the compilation cache) while the checkpoint is read."""
+    import concurrent.futures
+
+    import jax
+    import jax.numpy as jnp
+
+    from alexnet_jax import inference
+
+    @jax.jit
+    def forward(v, x):
+        return jax.nn.softmax(loaded.model.apply(v, x, train=False))
+
+    abstract, x_shape = loaded.variables, jax.ShapeDtypeStruct((batch, *loaded.image_shape), jnp.float32)
+    with concurrent.futures.ThreadPoolExecutor(1) as compiler:
+        compiling = compiler.submit(lambda: forward.lower(abstract, x_shape).compile())
+        return inference.restored(loaded), compiling.result()
+
+
+def _ranked(good: list[tuple[str, np.ndarray]], batch: int, probabilities: Any, names: list[str],
+            k: int) -> list[Result]:
+    """The top `k` classes of each read image, in one forward pass over a batch padded to `batch` rows."""
+    if not good:
+        return []
+    import jax
+
+    images = np.stack([x for _, x in good])
+    images = np.concatenate([images, np.zeros((batch - len(good), *images.shape[1:]), images.dtype)])
+    probs = np.asarray(jax.device_get(probabilities(images)))[: len(good)]
+    return [Result(path, [(names[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]])
+            for (path, _), p in zip(good, probs, strict=True)]
 
 
 def predict(workdir: str, paths: list[str], *, step: int | None = None, top_k: int = 5,

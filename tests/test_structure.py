@@ -241,9 +241,10 @@ def test_the_model_checks_find_what_they_guard(tmp_path):
 # function below the doors takes the whole ConfigDict, none is over a screen, and config.py sits at the bottom.
 MAX_FUNCTION_LINES = 60  # flax's ImageNet `train_and_evaluate` is ~100; a screen is ~60
 LONG_FUNCTIONS_ALLOWED = {"alexnet_jax.default_config:get_config"}  # a table of every key and its default
-# Modules run as commands (`python -m alexnet_jax.X`), the library's door `train.train_and_evaluate(config, ...)`,
-# the config's own module and the spec builders (`X.from_config`) read the config; nothing else does.
-CONFIG_DOORS = {"alexnet_jax.train:train_and_evaluate"}
+# Modules run as commands (`python -m alexnet_jax.X`), the library's doors (a training run's
+# `train.train_and_evaluate(config, ...)`; a checkpoint's `inference.load`, which reads its saved config into the
+# same specs), the config's own module and the spec builders (`X.from_config`) read the config; nothing else does.
+CONFIG_DOORS = {"alexnet_jax.train:train_and_evaluate", "alexnet_jax.inference:load"}
 CONFIG_MODULES = {"alexnet_jax.config", "alexnet_jax.default_config"}
 CONFIG_ALLOWED_IMPORTS = {"alexnet_jax.errors", "alexnet_jax.default_config"}
 
