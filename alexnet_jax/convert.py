@@ -112,9 +112,9 @@ def convert(path: str, workdir: str, *, image_size: int = 224,
     state = template.replace(params=jax.device_put(params, trainer.state_sharding.params))
     names = None
     if num_classes == 1000:
-        from alexnet_jax import predict
+        from alexnet_jax.labels import class_names
 
-        names = predict.class_names("imagenet2012", {}, num_classes)
+        names = class_names("imagenet2012", {}, num_classes)
     norm = Normalisation("channel", np.asarray(MEAN_255, np.float32), np.asarray(STD_255, np.float32),
                          resize_size=config.resize_size)
     info = {"dataset": config.dataset, "image_shape": list(image_shape), "class_names": names,

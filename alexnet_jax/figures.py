@@ -177,7 +177,8 @@ def predictions(workdir: str, step: int | None = None, max_images: int | None = 
     import jax
 
     from alexnet_jax import data as datalib
-    from alexnet_jax import inference, predict
+    from alexnet_jax import inference
+    from alexnet_jax.labels import class_names
 
     # the grid shows each test image once, as the model sees it
     loaded = inference.load(workdir, step, inference.mesh_of_one_device(), {"eval_crops": 1})
@@ -199,7 +200,7 @@ def predictions(workdir: str, step: int | None = None, max_images: int | None = 
     x = np.concatenate(images)[:max_images]
     mean, std = np.asarray(data.mean, np.float32), np.asarray(data.std, np.float32)
     x = np.clip(x * std + mean, 0, 255)
-    names = predict.class_names(config.dataset, meta, config.num_classes)
+    names = class_names(config.dataset, meta, config.num_classes)
     return x, np.concatenate(preds)[:max_images], np.concatenate(labels)[:max_images], names, meta
 
 

@@ -19,7 +19,6 @@ mean/std. Takes the same `--config.key=value` overrides as `evaluate`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import sys
 from collections.abc import Callable
@@ -28,13 +27,14 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
+from alexnet_jax.labels import class_names, readable_names
+
 FLAGS = flags.FLAGS
 # Batches read ahead of the network (the first ones while the checkpoint is restored and compiled).
 READ_AHEAD = 4
 # At most this many images per forward pass on the CPU backend, whatever --batch_size says: no slower per image
 # there than 200 at once, and the first pass starts once 50 images are read, not 200 (docs/performance.md).
 FORWARD_CHUNK = 50
-NAMES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources", "imagenet_names.txt")
 
 
 def define_flags() -> None:
@@ -51,36 +51,6 @@ def define_flags() -> None:
     flags.DEFINE_string("output", None, "Write the results to this .csv or .json file (one row per file: the top-k "
                         "classes and probabilities, or the reason it could not be read) instead of printing them.")
     cli.define_config_overrides()
-
-
-def class_names(dataset: str, meta: dict[str, Any], num_classes: int) -> list[str]:
-    """The checkpoint's class names; else the dataset's (ImageNet: tfds's imagenet2012 synset labels)."""
-    from alexnet_jax import data as datalib
-
-    names = meta.get("class_names")
-    if names and len(names) == num_classes:
-        return list(names)
-    if dataset == "fashion_mnist":
-        return list(datalib.FASHION_MNIST_CLASSES)
-    if dataset == "cifar10":
-        return list(datalib.CIFAR10_CLASSES)
-    if dataset == "imagenet2012":
-        with open(NAMES_FILE) as f:
-            return [line.split("\t")[0] for line in f.read().splitlines()]
-    return [str(i) for i in range(num_classes)]
-
-
-@functools.cache
-def _lemmas() -> dict[str, str]:
-    """WordNet id -> its first lemma, read once per process (not once per printed image)."""
-    with open(NAMES_FILE) as f:
-        return {w: rest.split(", ")[0] for w, rest in (line.split("\t") for line in f.read().splitlines())}
-
-
-def readable_names(names: list[str]) -> list[str]:
-    """WordNet ids with their first lemma beside them ('n01440764 tench'); other names as they are."""
-    lemma = _lemmas()
-    return [f"{n} {lemma[n]}" if n in lemma else n for n in names]
 
 
 def image_files(args: list[str]) -> list[str]:

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import config as config_lib
 from alexnet_jax import default_config
 from alexnet_jax.errors import UserError
 from alexnet_jax.model import AlexNet, grouped_conv, ops, resolve_kernels
+from alexnet_jax.specs import RunSpec
 
 
 def _value_and_grads(f, *args, seed=3):
@@ -81,4 +81,4 @@ def test_bad_kernels_value_is_refused_with_the_choices():
     config = default_config.get_config()
     config.kernels = "fastest"
     with pytest.raises(UserError, match=r"--config.kernels='fastest': choose one of \('auto', 'native', 'cpu_tuned'\)"):
-        config_lib.check_config(config)
+        RunSpec.from_config(config)  # every key checked where the config is read

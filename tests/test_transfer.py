@@ -78,7 +78,8 @@ def test_finetune_from_an_imagenet_run_with_frozen_convs(prepared, folder3, tmp_
     for k in ("fc6/kernel", "fc7/kernel"):
         assert not np.array_equal(after[k], before[k]), k  # trained from the pretrained values
     # the optimizer state holds momentum only for the trained layers
-    trainer = train.Trainer(train.RunSpec.from_config(fine), train.sharding.make_mesh((1, 1), jax.devices()[:1]),
+    spec = train.RunSpec.from_config(fine).with_classes(3)  # the 3 class folders (the config keeps its 0)
+    trainer = train.Trainer(spec, train.sharding.make_mesh((1, 1), jax.devices()[:1]),
                             (32, 32, 3), 4, 40)
     paths = ["/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
              for path, _ in jax.tree_util.tree_leaves_with_path(trainer.abstract_state.opt_state)]
@@ -92,12 +93,10 @@ def test_frozen_labels_and_bad_patterns():
         "conv1": {"kernel": "frozen", "bias": "frozen"}, "fc6": {"kernel": "frozen", "bias": "frozen"},
         "fc8": {"kernel": "trained", "bias": "trained"}}
     assert optim.frozen_labels("fc8/bias")(params)["fc8"] == {"kernel": "trained", "bias": "frozen"}
-    from alexnet_jax.config import check_config
-
     c = _config_file("finetune")
     c.frozen = "conv[("
     with pytest.raises(UserError, match="frozen.*not a regular expression"):
-        check_config(c)
+        train.RunSpec.from_config(c)  # every key checked where the config is read
 
 
 def _torchvision_state_dict(torch, path: str, widths=(8, 16, 16, 16, 8), fc=32, classes=10) -> None:
