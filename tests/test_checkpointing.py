@@ -277,11 +277,45 @@ def test_checkpoint_of_another_config_is_refused_with_the_differing_fields(run_4
 
 
 # ----------------------------------------------------------------------------------------------- predict
+def _reference_logits(run_4x2, images: np.ndarray) -> np.ndarray:
+    """The step-4 checkpoint of `run_4x2` applied to uint8 images normalised by hand, as the run's evaluation does:
+    minus the training split's mean, over its standard deviation (one channel, 0-255 scale), in NumPy float64."""
+    workdir, config, _ = run_4x2
+    mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
+    trainer = train.Trainer(train.RunSpec.from_config(config), mesh, (28, 28, 1), 4, 4)
+    state = _reader(workdir, config, trainer).restore(4).state
+    pixels = synthetic_splits()[0].images.astype(np.float64)
+    x = ((images.astype(np.float64) - pixels.mean()) / pixels.std()).astype(np.float32)
+    return np.asarray(trainer.model.apply({"params": state.params}, x), np.float64)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_run_summary_metrics_equal_a_numpy_ranking_of_the_checkpoint(run_4x2):
+    """The summary's last evaluation (step 4, all 40 eval images) recomputed independently: the checkpoint's logits
+    on the images normalised by hand, top-1 / top-5 by NumPy's ranking of each row (its label among the 1 / 5
+    largest logits), the loss as the mean cross-entropy of a float64 log-softmax."""
+    _, _, summary = run_4x2
+    _, test = synthetic_splits()
+    logits = _reference_logits(run_4x2, test.images)
+    rank = (logits > logits[np.arange(40), test.labels][:, None]).sum(1)  # classes scoring above the label
+    top1, top5 = float(np.mean(rank < 1)), float(np.mean(rank < 5))
+    assert 0 < top1 < top5 < 1  # the data make top-1 and top-5 differ, so a swap or a wrong k shows
+    assert (summary["num_eval_examples"], summary["step"]) == (40, 4)
+    assert summary["top1_accuracy"] == pytest.approx(top1, abs=1e-6)
+    assert summary["top5_accuracy"] == pytest.approx(top5, abs=1e-6)
+    loss = -np.mean(np.log(_softmax(logits))[np.arange(40), test.labels])
+    assert summary["eval_loss"] == pytest.approx(loss, rel=1e-4)
+
+
 def test_predict_matches_the_eval_pipeline(run_4x2, tmp_path):
     import tensorflow as tf
 
     workdir, config, _ = run_4x2
-    train_split, test = synthetic_splits()
+    _, test = synthetic_splits()
     paths = []
     for i in range(3):
         paths.append(str(tmp_path / f"img{i}.png"))
@@ -289,12 +323,7 @@ def test_predict_matches_the_eval_pipeline(run_4x2, tmp_path):
     results = predict.predict(workdir, paths)
     # the reference: the same checkpoint applied to the images normalised by hand, as the run's evaluation does:
     # minus the training split's mean, over its standard deviation (one channel, 0-255 scale), in NumPy
-    mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
-    trainer = train.Trainer(train.RunSpec.from_config(config), mesh, (28, 28, 1), 4, 4)
-    state = _reader(workdir, config, trainer).restore(4).state
-    pixels = train_split.images.astype(np.float64)
-    images = ((test.images[:3].astype(np.float64) - pixels.mean()) / pixels.std()).astype(np.float32)
-    probs = np.asarray(jax.nn.softmax(trainer.model.apply({"params": state.params}, images)))
+    probs = _softmax(_reference_logits(run_4x2, test.images[:3]))
     for (path, top), p in zip(results, probs, strict=True):
         assert len(top) == 5 and path.endswith(".png")
         order = np.argsort(-p, kind="stable")[:5]
@@ -314,7 +343,13 @@ def test_predict_cli_prints_top5(run_4x2, tmp_path, python, repo):
     lines = out.stdout.strip().splitlines()
     assert lines[0] == image and len(lines) == 6
     assert all(line.strip().startswith(f"{k}. ") and line.endswith("%") for k, line in enumerate(lines[1:], 1))
-    assert sum(float(line.split()[-1].rstrip("%")) for line in lines[1:]) <= 100.01
+    # the printed classes and percentages: the 5 largest of an independent softmax of the checkpoint's logits
+    p = _softmax(_reference_logits(run_4x2, test.images[:1]))[0]
+    order = np.argsort(-p, kind="stable")[:5]
+    assert [line.split(". ", 1)[1].rsplit(" ", 1)[0].strip() for line in lines[1:]] == [
+        datalib.FASHION_MNIST_CLASSES[j] for j in order]
+    np.testing.assert_allclose([float(line.split()[-1].rstrip("%")) for line in lines[1:]], 100 * p[order],
+                               atol=0.0051)  # printed with 2 decimals
 
 
 # ------------------------------------------------------------------------------- kill / preempt / resume
