@@ -162,8 +162,8 @@ def test_torchvision_state_dict_then_resume_after_a_kill(folder3, tmp_path, torc
 
 def test_features_of_a_split_and_the_figure_4_neighbours(folder3, tmp_path, python):
     """fc7 features of the training split: one row per image, equal to the network's fc7 activations (flax's
-    own capture of the Dense output, after the ReLU); a training image's nearest neighbour is itself; the CLI
-    writes the npz and the Figure 4 PNG."""
+    own capture of the Dense output, after the ReLU); `nearest` ranks as float64 distances do and finds a planted
+    near-duplicate; the CLI writes the npz and the Figure 4 PNG."""
     from alexnet_jax import features
 
     root, data_dir = folder3
@@ -182,8 +182,18 @@ def test_features_of_a_split_and_the_figure_4_neighbours(folder3, tmp_path, pyth
     fc7 = np.maximum(np.asarray(state["intermediates"]["fc7"]["__call__"][0]), 0)
     np.testing.assert_allclose(got["features"][:16], fc7, rtol=1e-5, atol=1e-6)
     assert (got["features"] > 0).any()
-    index = features.nearest(got["features"][:5], got["features"], 3)
-    assert index[:, 0].tolist() == [0, 1, 2, 3, 4]
+    # neighbours against an independent ranking: float64 Euclidean distances by broadcasting (not the Gram
+    # expansion `nearest` uses), on queries that are not pool rows; a planted near-duplicate of the pool's most
+    # isolated row (moved by 1% of its distance to the next row) must come first
+    pool = got["features"].astype(np.float64)
+    apart = np.sqrt(((pool[:, None] - pool[None]) ** 2).sum(-1)) + np.diag(np.full(72, np.inf))
+    i = int(np.argmax(apart.min(1)))
+    assert apart[i].min() > 0
+    queries = np.stack([pool[i] + 0.01 * apart[i].min() / np.sqrt(32), pool[:9].mean(0), pool[60:].mean(0)])
+    index = features.nearest(queries.astype(np.float32), got["features"], 3)
+    assert index[0, 0] == i
+    dist = np.sqrt(((queries[:, None] - pool[None]) ** 2).sum(-1))
+    np.testing.assert_allclose(np.take_along_axis(dist, index, 1), np.sort(dist, 1)[:, :3], rtol=1e-4, atol=1e-6)
     pool5 = features.of_split(extractor, "eval", "pool5")["features"]
     assert pool5.shape[0] == 18
     out, png = str(tmp_path / "f.npz"), str(tmp_path / "n.png")
