@@ -95,7 +95,6 @@ def test_main_trains_and_evaluates_on_cifar10(prepared, tmp_path):
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["dataset"] == "cifar10" and summary["step"] == 3
     assert summary["num_eval_examples"] == NUM_TEST  # 10 = two full batches of 4 and one padded, counted once
-    assert 0.0 <= summary["top1_accuracy"] <= summary["top5_accuracy"] <= 1.0
 
 
 def test_archive_with_another_checksum_is_refused(tmp_path):

@@ -291,7 +291,6 @@ def test_prepare_command_then_main_trains_and_evaluates(prepared, tmp_path):
     squares_dir = squares.builder_for(DataSpec.from_config(jpeg90), sources.open_source(DataSpec.from_config(jpeg90))
                                       ).data_dir
     assert [f for f in os.listdir(squares_dir) if f.startswith("alexnet_jax_stats_256px_area_32")]
-    assert 0.0 <= summary["top1_error"] <= 1.0 and summary["top5_error"] <= summary["top1_error"]
     # resumed for a step with the augmentation in the jitted step, on 2 devices (the uint8 squares sharded): the
     # same batches, so the checkpoint's config allows the switch
     cmd = [*(c for c in cmd if "num_train_steps" not in c), "--config.num_train_steps=3",
