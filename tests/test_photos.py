@@ -300,13 +300,45 @@ def load_script_from_tests(name: str):
     return module
 
 
-def _counted_once(data, reference_labels: list[int], nproc: int = 2) -> None:
-    labels, lengths = [], []
+def _centre_square(picture: np.ndarray, resize: int, size: int) -> np.ndarray:
+    """The reference evaluation view of a source picture, by PIL (not the pipelines' TensorFlow): the shorter side
+    rescaled to `resize`, the centre `resize` square, its centre `size` square; float64."""
+    h, w = picture.shape[:2]
+    scale = resize / min(h, w)
+    image = Image.fromarray(picture).resize((max(resize, round(w * scale)), max(resize, round(h * scale))),
+                                            Image.BILINEAR, reducing_gap=None)
+    x = np.asarray(image, np.float64)
+    top, left = (x.shape[0] - size) // 2, (x.shape[1] - size) // 2
+    return x[top : top + size, left : left + size]
+
+
+def _standardised(x: np.ndarray) -> np.ndarray:
+    """Each channel to mean 0, norm 1 (over the image): what any per-channel affine normalisation leaves."""
+    x = x - x.mean((-3, -2), keepdims=True)
+    return x / np.sqrt((x**2).sum((-3, -2), keepdims=True))
+
+
+def _counted_once(data, pictures: list[np.ndarray], labels: list[int], nproc: int = 2, resize: int = 36) -> None:
+    """Every held-out record evaluated exactly once, each identified by its pixels: an evaluated row (any of its
+    crops) is matched to the source picture whose reference view (`_centre_square`) it is nearest to, after a
+    per-channel standardisation of both; the match must be clear (a quarter of the runner-up's distance at most)
+    and carry the record's label, and the multiset of matches must be the split (labels alone would pass with
+    one record twice and another of its class skipped)."""
+    matched, lengths = [], []
     for pid in range(nproc):
         batches = list(data.eval(pid, nproc))
         lengths.append(len(batches))
-        labels += [int(x) for b in batches for x in b["label"][b["mask"] > 0]]
-    assert len(set(lengths)) == 1 and sorted(labels) == sorted(reference_labels)
+        for b in batches:
+            size = b["image"].shape[-2]
+            refs = _standardised(np.stack([_centre_square(p, resize, size) for p in pictures]))
+            for row, label in zip(b["image"][b["mask"] > 0], b["label"][b["mask"] > 0], strict=True):
+                crops = _standardised(np.asarray(row, np.float64).reshape(-1, size, size, row.shape[-1]))
+                dist = ((crops[:, None] - refs[None]) ** 2).sum((-3, -2, -1)).min(0)  # (references,)
+                first, second = np.sort(dist)[:2]
+                assert first < 0.25 * second, (first, second)
+                matched.append(int(np.argmin(dist)))
+                assert int(label) == labels[matched[-1]]
+    assert len(set(lengths)) == 1 and sorted(matched) == list(range(len(pictures)))
 
 
 def test_a_folder_prepared_as_squares_by_the_command_trains_on_host_and_device(photos, tmp_path, python):
@@ -341,7 +373,9 @@ def test_a_folder_prepared_as_squares_by_the_command_trains_on_host_and_device(p
         out = jax.device_get(on_device(b))
         np.testing.assert_array_equal(out["label"], a["label"])
         np.testing.assert_allclose(out["image"], a["image"], atol=2e-3, rtol=0)
-    _counted_once(host, [int(ex["label"]) for ex in examples(src.builder, src.eval_split)])
+    held_out = examples(src.builder, src.eval_split)
+    _counted_once(host, [tf.io.decode_image(ex["image"], channels=3).numpy() if isinstance(ex["image"], bytes)
+                         else ex["image"] for ex in held_out], [int(ex["label"]) for ex in held_out])
 
 
 def test_a_tfds_dataset_prepared_in_tfrecord_is_read_by_index_and_squared(tmp_path):
@@ -367,4 +401,5 @@ def test_a_tfds_dataset_prepared_in_tfrecord_is_read_by_index_and_squared(tmp_pa
         batch = next(data.train(0, 1, 0, 1))
         assert batch["image"].shape == ((8, 36, 36, 3) if kw.get("augment_on_device") else (8, 32, 32, 3))
         assert (data.num_train, data.num_eval) == (16, 8)
-        _counted_once(data, [int(ex["kind"]) for ex in examples(src.builder, "train[16:]")])
+        held_out = examples(src.builder, "train[16:]")
+        _counted_once(data, [ex["picture"] for ex in held_out], [int(ex["kind"]) for ex in held_out])
