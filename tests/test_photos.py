@@ -321,9 +321,9 @@ def _standardised(x: np.ndarray) -> np.ndarray:
 def _counted_once(data, pictures: list[np.ndarray], labels: list[int], nproc: int = 2, resize: int = 36) -> None:
     """Every held-out record evaluated exactly once, each identified by its pixels: an evaluated row (any of its
     crops) is matched to the source picture whose reference view (`_centre_square`) it is nearest to, after a
-    per-channel standardisation of both; the match must be clear (a quarter of the runner-up's distance at most)
-    and carry the record's label, and the multiset of matches must be the split (labels alone would pass with
-    one record twice and another of its class skipped)."""
+    per-channel standardisation of both; the match must be clear (half the runner-up's distance at most; 0.17 at
+    worst here) and carry the record's label, and the multiset of matches must be the split (labels alone would
+    pass with one record twice and another of its class skipped)."""
     matched, lengths = [], []
     for pid in range(nproc):
         batches = list(data.eval(pid, nproc))
@@ -335,7 +335,7 @@ def _counted_once(data, pictures: list[np.ndarray], labels: list[int], nproc: in
                 crops = _standardised(np.asarray(row, np.float64).reshape(-1, size, size, row.shape[-1]))
                 dist = ((crops[:, None] - refs[None]) ** 2).sum((-3, -2, -1)).min(0)  # (references,)
                 first, second = np.sort(dist)[:2]
-                assert first < 0.25 * second, (first, second)
+                assert first < 0.5 * second, (first, second)
                 matched.append(int(np.argmin(dist)))
                 assert int(label) == labels[matched[-1]]
     assert len(set(lengths)) == 1 and sorted(matched) == list(range(len(pictures)))
