@@ -1,15 +1,18 @@
 """The trainer end to end: a few real steps, the summary, and one-line errors for bad input."""
 
+import gzip
 import importlib.util
 import json
 import os
+import struct
 import sys
+from collections import Counter
 
 import forkserver
 import jax
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE, needs_fmnist
+from conftest import FASHION_MNIST_DIR, FAST_COMPILE, needs_fmnist
 
 from alexnet_jax import default_config, train
 
@@ -24,9 +27,14 @@ def load_config(path):
     return module.get_config()
 
 
-def run_main(workdir, *overrides, config="configs/fashion_mnist.py", timeout=300, xla_flags=FAST_COMPILE):
+def run_main(workdir, *overrides, config="configs/fashion_mnist.py", timeout=300, xla_flags=FAST_COMPILE,
+             record_eval_to=None):
+    """`python -m alexnet_jax.main`; `record_eval_to`: an .npz for the rows each evaluation saw
+    (tests/recording_main.py)."""
     env = dict(os.environ, XLA_FLAGS=f"{xla_flags} --xla_force_host_platform_device_count=8")
-    cmd = [sys.executable, "-m", "alexnet_jax.main", f"--config={config}", f"--workdir={workdir}", *overrides]
+    main = ["-m", "alexnet_jax.main"] if record_eval_to is None else [
+        os.path.join(REPO, "tests", "recording_main.py"), str(record_eval_to)]
+    cmd = [sys.executable, *main, f"--config={config}", f"--workdir={workdir}", *overrides]
     return forkserver.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -37,12 +45,30 @@ def test_trains_on_real_fashion_mnist_and_counts_every_test_image(tmp_path, fmni
     workdir = tmp_path / "run"
     result = run_main(workdir, "--config.num_train_steps=50", "--config.batch_size=128", "--config.log_every_steps=10",
                       "--config.eval_batch_size=1008", "--config.eval_crops=1", f"--config.data_dir={fmnist_data_dir}",
-                      "--config.lr_schedule=constant", "--config.learning_rate=0.05", xla_flags="")  # 8 devices
+                      "--config.lr_schedule=constant", "--config.learning_rate=0.05", xla_flags="",  # 8 devices
+                      record_eval_to=tmp_path / "eval_rows.npz")
     assert result.returncode == 0, result.stderr[-3000:]
     done = [line for line in result.stderr.splitlines() if "] done: {" in line]
     assert len(done) == 1, result.stderr[-3000:]
     summary = json.loads(done[0].split("] done: ", 1)[1])  # what the run reports
     assert summary["num_eval_examples"] == 10000  # 10000 = 9 * 1008 + 928: the padded last batch counts once
+    # ... and each test image exactly once, identified by its pixels: every real row the evaluation consumed, its
+    # normalisation undone with the training file's mean and std (float64 NumPy; the run's are these in float32)
+    # and rounded, is a test record's uint8 pixels; the multiset of (pixels, label) must be the test file's (the
+    # count alone would pass with one image twice and another skipped; the file has duplicate images, hence a
+    # multiset)
+    with np.load(tmp_path / "eval_rows.npz") as rows:
+        assert sorted(rows.files) == ["images_0", "labels_0"]  # one evaluation, at the end
+        images, labels = rows["images_0"], rows["labels_0"]
+    source = {name: _read_idx(os.path.join(FASHION_MNIST_DIR, f"{name}-ubyte.gz"))
+              for name in ("train-images-idx3", "t10k-images-idx3", "t10k-labels-idx1")}
+    train_pixels = source["train-images-idx3"].astype(np.float64)
+    undone = np.round(images.astype(np.float64).reshape(-1, 28, 28) * train_pixels.std() + train_pixels.mean())
+    assert np.abs(undone - np.clip(undone, 0, 255)).max() == 0
+    got = Counter((row.astype(np.uint8).tobytes(), int(label)) for row, label in zip(undone, labels, strict=True))
+    want = Counter((image.tobytes(), int(label)) for image, label in zip(source["t10k-images-idx3"],
+                                                                         source["t10k-labels-idx1"], strict=True))
+    assert got == want, (sum((got - want).values()), sum((want - got).values()))
     assert summary["step"] == 50 and summary["mesh"] == {"data": 8, "model": 1}
     assert summary["top1_accuracy"] > 0.35  # 50 steps (49% here) already learn far above chance (10%)
     on_disk = json.load(open(workdir / "summary.json"))
@@ -50,6 +76,16 @@ def test_trains_on_real_fashion_mnist_and_counts_every_test_image(tmp_path, fmni
                 "wall_seconds"):
         assert on_disk[key] == summary[key]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+
+
+def _read_idx(path: str) -> np.ndarray:
+    """An IDX file by its format (not alexnet_jax's reader): a 4-byte magic whose last byte is the rank, one
+    big-endian uint32 per dimension, then the uint8 data."""
+    with gzip.open(path) as f:
+        data = f.read()
+    rank = data[3]
+    shape = struct.unpack(f">{rank}I", data[4 : 4 + 4 * rank])
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * rank).reshape(shape)
 
 
 def test_training_is_deterministic(tmp_path):
