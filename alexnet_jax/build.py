@@ -1,6 +1,6 @@
 """One model on one mesh, built the same way for training, evaluation and inference: `build(spec, mesh, ...)`.
 
-It checks the mesh can split the batches and the conv groups, builds the model with its layers placed
+It builds the model with its layers placed
 (`sharding.placement`) and knows the batch's sharding: how a process's rows become the global batch
 (`global_batch`) and what multiple of rows an evaluation batch must have (`row_multiple`). The trainer adds
 the optimizer to it; `inference.load` adds restored parameters.
@@ -52,10 +52,9 @@ class Built:
                                            abstract, self.shardings(abstract)))
 
 
-def build(spec: ModelSpec, mesh: Mesh, strategy: str, image_shape: Sequence[int],
-          batch_sizes: dict[str, int]) -> Built:
-    """`spec`'s model on `mesh` under `strategy` for `image_shape` inputs, once the mesh is known to split the
-    global batches (`batch_sizes`: config key -> size) and the conv groups: a one-line UserError otherwise."""
-    sharding.check_mesh(mesh, strategy, groups=spec.conv_groups, batch_sizes=batch_sizes)
+def build(spec: ModelSpec, mesh: Mesh, strategy: str, image_shape: Sequence[int]) -> Built:
+    """`spec`'s model on `mesh` under `strategy` for `image_shape` inputs. Whether the mesh can split the batches
+    and the conv groups is checked once, at the door, before any data is read (`RunSpec.check_mesh`,
+    `inference.load`)."""
     return Built(create_model(spec, mesh, strategy), mesh, strategy, tuple(image_shape),
                  sharding.batch_sharding(mesh, strategy))

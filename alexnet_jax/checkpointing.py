@@ -72,9 +72,9 @@ class CheckpointSpec:
     as plain JSON (`run_config`), stored in each checkpoint's `config` item and compared with it on resume."""
 
     run_config: dict[str, Any] = dataclasses.field(hash=False)
-    every_steps: int = 0  # 0: save only at the end and on SIGTERM/preemption
+    every_steps: int = 1000  # 0: save only at the end and on SIGTERM/preemption
     keep: int = 3  # the latest K checkpoints
-    keep_best: int = 0  # and the best K by validation top-1 (0: off)
+    keep_best: int = 1  # and the best K by validation top-1 (0: off)
     async_save: bool = True  # orbax writes in a background thread
 
     @classmethod

@@ -163,8 +163,12 @@ def report(spec: RunSpec, mesh: Mesh, image_shape: Sequence[int]) -> dict[str, A
 def report_for(config: ml_collections.ConfigDict, mesh_shape: Sequence[int], channels: int = 0) -> dict[str, Any]:
     """What the command line reports for `config` on a mesh of `mesh_shape` (the tests call this too)."""
     spec = RunSpec.from_config(config)
+    if not spec.model.num_classes:
+        raise UserError("--config.num_classes=0 (the dataset's count): give the count the report is for, e.g. "
+                        "--config.num_classes=1000")
     spec = dataclasses.replace(spec, loop=dataclasses.replace(spec.loop, eval_batch_size=spec.loop.batch_size))
     mesh = make_mesh(mesh_shape)  # only the train step is compiled here: its batch is the one checked
+    spec.check_mesh(mesh)
     size = config.image_size
     channels = channels or (1 if config.dataset == "fashion_mnist" else 3)
     return report(spec, mesh, (size, size, channels))

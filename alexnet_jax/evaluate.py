@@ -40,11 +40,13 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, mesh: Any = No
     from alexnet_jax import inference, train
     from alexnet_jax.errors import UserError
 
-    loaded = inference.load(workdir, step, mesh, overrides)
+    saved = inference.read_config(workdir, step, overrides)
+    data_spec = datalib.DataSpec.from_config(saved[1])  # a bad data key stops here, before anything is restored
+    loaded = inference.load(workdir, step, mesh, overrides, saved=saved)
     config = loaded.config
     if data is None:  # normalised as the checkpoint's images were (its record; only a checkpoint without one: the data)
-        data = datalib.create_data(datalib.DataSpec.from_config(config), inference.recorded_normalisation(loaded.meta),
-                                   jax.process_index(), jax.process_count())
+        data = datalib.create_data(data_spec, inference.recorded_normalisation(loaded.meta), jax.process_index(),
+                                   jax.process_count())
     evaluator = train.Evaluator(loaded.built, jax.tree_util.tree_map(lambda a: a.sharding, loaded.variables))
 
     def checked(batches):

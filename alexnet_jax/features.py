@@ -16,7 +16,6 @@ drawn as a PNG, one query per row. Takes the same `--config.key=value` overrides
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from typing import Any
@@ -82,8 +81,9 @@ def of_split(extractor: Extractor, split: str, layer: str) -> dict[str, np.ndarr
     from alexnet_jax import data as datalib
     from alexnet_jax.errors import UserError
 
-    config = extractor.loaded.config
-    spec = dataclasses.replace(datalib.DataSpec.from_config(config), eval_crops=1)  # one view per image
+    config = extractor.loaded.config.copy_and_resolve_references()
+    config.eval_crops = 1  # one view per image (whatever the run evaluated with)
+    spec = datalib.DataSpec.from_config(config)
     data = datalib.create_data(spec, extractor.loaded.normalisation)
     if data.views is None:
         raise UserError(f"features of {config.dataset} with --config.prepared=True: use the source images "

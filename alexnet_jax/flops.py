@@ -201,20 +201,18 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = flags.FLAGS.config
-    from alexnet_jax.config import check_config
     from alexnet_jax.errors import UserError
-    from alexnet_jax.model import ModelSpec
+    from alexnet_jax.specs import RunSpec
 
     try:
-        check_config(config)
-        spec = ModelSpec.from_config(config)
+        spec = RunSpec.from_config(config)  # every key checked, as a training run would
     except UserError as e:
         sys.exit(f"alexnet_jax.flops: error: {e}")
-    model = create_model(spec.with_classes(1000))
+    model = create_model(spec.model.with_classes(1000))  # num_classes=0 (the dataset's): counted at 1000
     shape = image_shape_of(config.dataset, config.image_size)
     rows = layer_costs(model, shape)
     groups = model.groups or model.spec.default_groups
-    print(f"{config.variant} AlexNet, input {'x'.join(map(str, shape))}, {config.num_classes} classes, "
+    print(f"{config.variant} AlexNet, input {'x'.join(map(str, shape))}, {model.num_classes} classes, "
           f"{groups} group(s) in conv2/4/5")
     print(format_table(rows))
     act = activation_floats(model, shape)

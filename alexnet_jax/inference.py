@@ -109,8 +109,9 @@ def load(workdir: str, step: int | None = None, mesh: Mesh | None = None,
         raise UserError(f"the checkpoint at step {step} does not record its input shape; retrain with this version")
     spec, how = ModelSpec.from_config(config), sharding.ShardingSpec.from_config(config)
     mesh = mesh if mesh is not None else how.make_mesh()
-    batch_sizes = {"batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size}
-    built = build(spec, mesh, how.strategy, tuple(meta["image_shape"]), batch_sizes)
+    sharding.check_mesh(mesh, how.strategy, groups=spec.conv_groups,
+                        batch_sizes={"batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size})
+    built = build(spec, mesh, how.strategy, tuple(meta["image_shape"]))
     loaded = Loaded(step, config, built, built.abstract_variables(), meta,
                     os.path.join(checkpointing.checkpoint_dir(workdir), str(step)))
     return restored(loaded) if restore else loaded

@@ -37,15 +37,20 @@ class Meter:
         self.interval_steps += 1
 
     def report(self, done: int) -> tuple[float, float]:
-        """(images/s over the interval that ends after `done` steps, seconds left at that rate); starts the next."""
+        """(images/s over the interval that ends after `done` steps, seconds left at that rate). The next interval
+        starts at `restart()`, once the report is logged: writing it is not training time."""
         elapsed = self.clock() - self.interval_start
         if not self.first:
             self.train_seconds += elapsed
             self.timed_images += self.interval_steps * self.batch_size
         rate = self.interval_steps * self.batch_size / max(elapsed, 1e-9)
         eta = (self.total - done) * self.batch_size / rate
-        self.interval_start, self.interval_steps, self.first = self.clock(), 0, False
+        self.interval_steps, self.first = 0, False
         return rate, eta
+
+    def restart(self) -> None:
+        """Start the next interval now (after a report is logged)."""
+        self.interval_start = self.clock()
 
     def exclude(self, seconds: float) -> None:
         """Leave `seconds` (e.g. an evaluation's) out of the current interval."""

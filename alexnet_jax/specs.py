@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
+from jax.sharding import Mesh
 
 from alexnet_jax import checkpointing, optim, pretrained, sharding
 from alexnet_jax import data as datalib
@@ -32,7 +33,6 @@ class LoopSpec:
     log_every_steps: int = 100
     seed: int = 0
     dataset: str = ""
-    variant: str = "paper"
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> LoopSpec:
@@ -75,12 +75,14 @@ class RunSpec:
         """The global batches the mesh must split, by config key (`sharding.check_mesh`)."""
         return {"batch_size": self.loop.batch_size, "eval_batch_size": self.loop.eval_batch_size}
 
+    def check_mesh(self, mesh: Mesh) -> None:
+        """Refuse (one line naming the flag) a mesh that cannot split the global batches or the conv groups."""
+        sharding.check_mesh(mesh, self.sharding.strategy, groups=self.model.conv_groups,
+                            batch_sizes=self.batch_sizes)
+
     def with_classes(self, count: int) -> RunSpec:
         """fc8 sized for the dataset's `count` classes where the config said 0. Nothing is written back into the
         config; the checkpoint records the count the model was built with (inference rebuilds it from there)."""
         model = self.model.with_classes(count)
         checkpoint = self.checkpoint.with_run_value("num_classes", model.num_classes)
         return dataclasses.replace(self, model=model, checkpoint=checkpoint)
-
-
-__all__ = ["LoopSpec", "RunSpec", "checkpointing", "datalib"]

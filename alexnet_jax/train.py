@@ -168,7 +168,7 @@ class Trainer:
     def __init__(self, spec: RunSpec, mesh: jax.sharding.Mesh, image_shape, steps_per_epoch, total_steps,
                  augment: Any = None):
         self.spec, self.mesh = spec, mesh
-        self.built = build(spec.model, mesh, spec.sharding.strategy, image_shape, spec.batch_sizes)
+        self.built = build(spec.model, mesh, spec.sharding.strategy, image_shape)
         self.model, self.image_shape = self.built.model, self.built.image_shape
         self.global_batch = self.built.global_batch
         self.tx = optim.create_optimizer(spec.optimizer, steps_per_epoch, total_steps)
@@ -294,7 +294,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: da
     The config is read here, once, into specs: a bad value stops the run before data or devices are touched."""
     t_start = time.time()
     spec = RunSpec.from_config(config, jax.process_count())
-    mesh = spec.sharding.make_mesh()  # whether it splits the batches: `build`, once the data gives the input shape
+    mesh = spec.sharding.make_mesh()
+    spec.check_mesh(mesh)  # the batches and conv groups it can split, before any data is read
     if jax.default_backend() == "cpu" and xla_cpu.convolutions_in_ynnpack(os.environ.get("XLA_FLAGS", "")):
         logging.warning(xla_cpu.SLOW_CONVOLUTIONS)
     with WriterLock(workdir, jax.process_index()):  # makes the workdir; a second run on it stops here, in one line
@@ -331,6 +332,7 @@ def run(spec: RunSpec, workdir: str, mesh: Any, data: datalib.Data | None, t_sta
             if loop.periodic(done, spec.loop.log_every_steps, total):
                 log_train(spec, writer, done, total, per_epoch, jax.device_get(pending), *meter.report(done))
                 pending.clear()
+                meter.restart()  # the log and TensorBoard writes are not training time
             step_eval = None
             if loop.periodic(done, eval_every, total):
                 jax.block_until_ready(state)  # queued train steps are training time, not evaluation time

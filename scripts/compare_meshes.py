@@ -47,7 +47,7 @@ def main() -> None:
     sys.path.insert(0, REPO)
     from alexnet_jax import build, sharding, train
     from alexnet_jax import data as datalib
-    from alexnet_jax.model import ModelSpec, alexnet
+    from alexnet_jax.model import alexnet
 
     spec = importlib.util.spec_from_file_location("config", a.config)
     module = importlib.util.module_from_spec(spec)
@@ -68,11 +68,11 @@ def main() -> None:
     def run(mesh_shape: tuple[int, int], kernels: str) -> tuple[float, dict[str, np.ndarray]]:
         config.kernels, config.mesh_shape = kernels, mesh_shape
         mesh = sharding.make_mesh(mesh_shape, jax.devices()[: mesh_shape[0] * mesh_shape[1]])
-        trainer = train.Trainer(train.RunSpec.from_config(config), mesh, data.image_shape, per_epoch, 100,
-                                augment=data.on_device)
+        spec = train.RunSpec.from_config(config).with_classes(len(data.class_names))
+        trainer = train.Trainer(spec, mesh, data.image_shape, per_epoch, 100, augment=data.on_device)
         with jax.default_device(jax.devices()[0]):  # the float32 initialisation, whatever --float64 says
             init = train.create_train_state(jax.random.PRNGKey(config.seed),
-                                            model=create_float32(ModelSpec.from_config(config)), tx=trainer.tx,
+                                            model=create_float32(spec.model), tx=trainer.tx,
                                             plateau=trainer.plateau, image_shape=data.image_shape)
         dtype = np.float64 if a.float64 else np.float32
         init = jax.tree_util.tree_map(lambda v: v.astype(dtype) if v.dtype == np.float32 else v, init)

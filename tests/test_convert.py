@@ -262,7 +262,7 @@ def test_predict_gives_torchvisions_probabilities(tmp_path):
     within 0.1 points (not just the same top-5); the square-first float pipeline is further off."""
     from PIL import Image
 
-    from alexnet_jax import predict
+    from alexnet_jax import labels, predict
 
     narrow_model = _torchvision_like(fc_width=256)
     with torch.no_grad():
@@ -281,7 +281,7 @@ def test_predict_gives_torchvisions_probabilities(tmp_path):
         paths.append(str(tmp_path / f"photo_{w}x{h}.jpg"))
         Image.fromarray(image).save(paths[-1], quality=92)
     results = predict.classify(converted, paths, top_k=1000)
-    names = predict.class_names("imagenet2012", {}, 1000)
+    names = labels.class_names("imagenet2012", {}, 1000)
     with torch.no_grad():
         want = torch.softmax(narrow_model(torch.from_numpy(np.stack([_torchvision_transforms(p) for p in paths]))),
                              -1).numpy()

@@ -178,13 +178,11 @@ def test_model_axis_must_divide_widths():
 def test_batch_must_divide_data_axis():
     config = tiny_config(batch_size=6)
     with pytest.raises(UserError, match=r"batch_size=6 must be divisible by the mesh's 'data' \(4\)"):
-        train.Trainer(train.RunSpec.from_config(config), mesh_of((4, 2)), IMAGE, 10, 100)
+        train.RunSpec.from_config(config).check_mesh(mesh_of((4, 2)))  # what a run checks before reading data
     # The paper split needs only 'data' to divide the batch; the other strategies split it over both axes.
-    train.Trainer(train.RunSpec.from_config(tiny_config(batch_size=12, eval_batch_size=12)), mesh_of((4, 2)), IMAGE,
-                  10, 100)
+    train.RunSpec.from_config(tiny_config(batch_size=12, eval_batch_size=12)).check_mesh(mesh_of((4, 2)))
     with pytest.raises(UserError, match=r"'data' \(4\) x 'model' \(2\) = 8 batch shards"):
-        train.Trainer(train.RunSpec.from_config(tiny_config(batch_size=12, sharding="owt")), mesh_of((4, 2)), IMAGE,
-                      10, 100)
+        train.RunSpec.from_config(tiny_config(batch_size=12, sharding="owt")).check_mesh(mesh_of((4, 2)))
 
 
 def test_main_rejects_a_bad_mesh_before_compiling(repo, tmp_path):

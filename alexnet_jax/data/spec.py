@@ -36,12 +36,12 @@ class DataSpec:
     batch_size: int = 128
     eval_batch_size: int = 256
     image_size: int = 224
-    num_classes: int = 0
+    num_classes: int = 1000
     # where the images are and which of them
     data_dir: str = ""
     folder: str = ""
     manual_dir: str = ""
-    fashion_mnist_dir: str = ""
+    fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
     train_split: str = ""
     eval_split: str = ""
     holdout_fraction: float = 0.1
@@ -61,7 +61,7 @@ class DataSpec:
     normalization: str = "pixel"
     channel_mean: tuple[float, ...] = ()
     channel_std: tuple[float, ...] = ()
-    stats_examples: int = 0
+    stats_examples: int = 50_000
     eval_crops: int = 1
     # the paper's squares, prepared once (`squares`)
     prepared: bool = False

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from alexnet_jax.data import augment, imagenet, images, once, records, sources
 from alexnet_jax.data.base import check_data_dir, data_options
 from alexnet_jax.data.sources import Source
-from alexnet_jax.data.spec import PREPARED_FORMATS, DataSpec
+from alexnet_jax.data.spec import PREPARED_FORMATS, DataSpec, check
 from alexnet_jax.errors import UserError
 
 FORMATS = PREPARED_FORMATS
@@ -239,7 +239,9 @@ def _build(builder: PhotoSquares) -> None:
 
 def prepare(spec: DataSpec) -> PhotoSquares:
     """Prepare the squares the spec reads, from its source (ImageNet prepared first from the manual tars when it
-    is not: `spec.manual_dir`; a folder or a tfds dataset as training prepares them)."""
+    is not: `spec.manual_dir`; a folder or a tfds dataset as training prepares them). The squares' keys are
+    checked whatever `spec.prepared` says: preparing them is what this is for."""
+    check(dataclasses.replace(spec, prepared=True))
     data_dir = check_data_dir(spec.data_dir)
     if spec.dataset == imagenet.NAME and not imagenet.open_builder(data_dir).is_prepared():
         imagenet.prepare(data_dir, spec.manual_dir)

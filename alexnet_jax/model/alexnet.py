@@ -19,9 +19,10 @@ and fc6/fc7 all-gather their input maps over 'model', fc8 sums its halves); with
 convs are data-parallel and only the FC layers are split. The parameter tree and the numbers are the same
 with or without a placement.
 
-This module owns the network's topology (variants, norms, initialisation) and `create_model`, which builds it
-from a config; where anything lives is `alexnet_jax/sharding.py`'s, the kernels are in `ops.py`, the
-mesh-aware layers in `layers.py`, the shape and multiply-add analysis in `alexnet_jax/flops.py`.
+This module owns the network's topology (variants, norms, initialisation), its part of the config (`ModelSpec`)
+and `create_model`, which builds it from that spec; where anything lives is `alexnet_jax/sharding.py`'s, the
+kernels are in `ops.py`, the mesh-aware layers in `layers.py`, the shape and multiply-add analysis in
+`alexnet_jax/flops.py`.
 """
 
 from __future__ import annotations
