@@ -41,7 +41,8 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, mesh: Any = No
     from alexnet_jax.errors import UserError
 
     saved = inference.read_config(workdir, step, overrides)
-    data_spec = datalib.DataSpec.from_config(saved[1])  # a bad data key stops here, before anything is restored
+    # the configured data's keys are checked here, before anything is restored (a caller's `data` needs none)
+    data_spec = datalib.DataSpec.from_config(saved[1]) if data is None else None
     loaded = inference.load(workdir, step, mesh, overrides, saved=saved)
     config = loaded.config
     if data is None:  # normalised as the checkpoint's images were (its record; only a checkpoint without one: the data)

@@ -281,11 +281,10 @@ def prepared() -> tuple[str, str]:
 
 
 # The files' cost on 2 cores (CPU seconds, `ALEXNET_TEST_CPU_REPORT`, 2026-11-27), heaviest first: scripts/test.sh
-# hands whole files to two workers (`--dist loadfile`) in this order, two queued per worker (the first worker gets
-# the 1st and 3rd, the second the 2nd and 4th), so the long ones start first and only short files are left for the
-# end, where the two workers finish together. The two recipe checks (~2.5 minutes each) go to the same worker, one
-# after the other: the second finds their shared archive and mean image made, while the other worker prepares
-# FashionMNIST for test_train.py instead of waiting for the archive's lock.
+# hands whole files to its workers (`--dist loadfile`, 3 by default) in this order, so the long ones start first
+# and only short files are left for the end, where the workers finish together. The recipe checks (~2.5 minutes
+# each) share an archive and mean image made once (`run_once`): whichever starts second finds them made or waits
+# for their lock.
 COST_ORDER = ("test_recipe", "test_train", "test_recipe_owt", "test_transfer", "test_photo_stream", "test_sharding",
               "test_performance",
               "test_checkpointing", "test_squares", "test_convert", "test_imagenet", "test_models", "test_kernels",
