@@ -91,7 +91,7 @@ fi
 unset PYTHONDONTWRITEBYTECODE
 # Three pytest workers (pytest-xdist), whole files per worker (module fixtures compile once): much of the suite is
 # single-threaded compilation, Python, and waiting on the processes a test starts, so on 2 cores two workers kept
-# them only ~47% busy (CPU time / wall time). A third finished today's set in 493 s instead of 561 s (2026-12-06,
+# them under half busy (CPU time / wall time, 2 cores). A third finished today's set in 493 s instead of 561 s (2026-12-06,
 # 2-core EPYC). PYTEST_WORKERS=2 for the old split; PYTEST_WORKERS=0 runs serially.
 # --no-loadscope-reorder: keep tests/conftest.py's heaviest-first file order (xdist otherwise orders files by their
 # number of tests, which left the two single-test 2-minute recipe checks running alone at the end).
