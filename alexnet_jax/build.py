@@ -1,9 +1,8 @@
 """One model on one mesh, built the same way for training, evaluation and inference: `build(spec, mesh, ...)`.
 
-It builds the model with its layers placed
-(`sharding.placement`) and knows the batch's sharding: how a process's rows become the global batch
-(`global_batch`) and what multiple of rows an evaluation batch must have (`row_multiple`). The trainer adds
-the optimizer to it; `inference.load` adds restored parameters.
+It builds the model with its layers placed (`sharding.placement`) and knows the batch's sharding: how a
+process's rows become the global batch (`global_batch`) and what multiple of rows an evaluation batch must have
+(`row_multiple`). The trainer adds the optimizer to it; `inference.load` adds restored parameters.
 """
 
 from __future__ import annotations

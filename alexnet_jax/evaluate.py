@@ -57,7 +57,7 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, mesh: Any = No
                                 "crops per image (it yields whole images); evaluate with --config.eval_crops=1")
             yield batch
 
-    batches = data.eval(jax.process_index(), jax.process_count(), evaluator.row_multiple)
+    batches = data.eval(jax.process_index(), jax.process_count(), loaded.built.row_multiple)
     metrics = evaluator(loaded.variables, checked(batches))
     return {**metrics, "step": loaded.step, "crops": int(config.eval_crops), "dataset": config.dataset,
             "mesh": dict(loaded.mesh.shape), "checkpoint": loaded.checkpoint}

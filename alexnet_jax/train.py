@@ -146,7 +146,7 @@ class Evaluator:
     training loop and by `alexnet_jax.evaluate` on restored parameters."""
 
     def __init__(self, built: Built, variables_sharding: Any):
-        self.built, self.row_multiple = built, built.row_multiple
+        self.built = built
         self.step = jax.jit(partial(eval_step, built.model), in_shardings=(variables_sharding, built.batch_sharding),
                             out_shardings=sharding.replicated(built.mesh))
 
@@ -179,7 +179,6 @@ class Trainer:
         self.state_sharding = self.built.shardings(self.abstract_state)
         self.batch_sharding = self.built.batch_sharding
         self.evaluator = Evaluator(self.built, variables_of(self.state_sharding))
-        self.eval_row_multiple = self.evaluator.row_multiple
         self.init = jax.jit(init, out_shardings=self.state_sharding)
         self.train_step = jax.jit(
             partial(train_step, self.model, self.tx, augment=augment),
@@ -337,7 +336,7 @@ def run(spec: RunSpec, workdir: str, mesh: Any, data: datalib.Data | None, t_sta
             if loop.periodic(done, eval_every, total):
                 jax.block_until_ready(state)  # queued train steps are training time, not evaluation time
                 t_eval = time.time()
-                state, step_eval = trainer.evaluate(state, data.eval(pid, nproc, trainer.eval_row_multiple))
+                state, step_eval = trainer.evaluate(state, data.eval(pid, nproc, trainer.built.row_multiple))
                 last_eval, best_eval = step_eval, max(best_eval, {**step_eval, "step": done},
                                                       key=lambda e: e.get("top1", -1.0))
                 log_eval(writer, done, step_eval, time.time() - t_eval)
