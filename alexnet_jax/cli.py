@@ -84,7 +84,7 @@ CPU_COLLECTIVE_FLAGS = {"--xla_cpu_collective_call_terminate_timeout_seconds": "
 FLAG_COSTS = {
     "--xla_cpu_collective_call_terminate_timeout_seconds": "a collective 40 s late on a loaded machine stops the run",
     "--xla_cpu_collective_call_warn_stuck_timeout_seconds": "warnings of a slow collective come sooner",
-    xla_cpu.YNNPACK_FLAG: "convolutions stay on YNNPACK: slower on CPU, docs/performance.md",
+    xla_cpu.YNNPACK_FLAG: "convolutions stay on YNNPACK: slower on CPU, docs/benchmarks.md",
 }
 ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")
 
@@ -103,7 +103,7 @@ def _cpu_backend() -> bool:
 def set_xla_cpu_flags(ynnpack: str = xla_cpu.YNNPACK_WITHOUT_CONVOLUTIONS) -> None:
     """Add `CPU_COLLECTIVE_FLAGS` (the collective timeouts) and YNNPACK's share of the work (`ynnpack`; by default
     convolutions by XLA's own Eigen kernels, matmuls still by YNNPACK: YNNPACK's convolutions and their gradients
-    ran 1.2-5.8x slower on the 2-core AVX2 machine, docs/performance.md) to XLA_FLAGS, those not set already,
+    ran 1.2-5.8x slower on the 2-core AVX2 machine, docs/notes/2026-12.md) to XLA_FLAGS, those not set already,
     before JAX starts its backends, where the backend will be the CPU. Each only where the running jaxlib knows it
     (`xla_flags.add`: an unknown XLA flag aborts the process); one line for each left out."""
     if not _cpu_backend():

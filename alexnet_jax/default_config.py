@@ -70,12 +70,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.fc_width = 0  # override fc6/fc7 width; 0 = the variant's
     c.dropout_rate = 0.5
     c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
-    # How convolutions, pooling and LRN are computed (the same function either way; docs/performance.md):
+    # How convolutions, pooling and LRN are computed (the same function either way; docs/benchmarks.md):
     # 'cpu_tuned' (per-group convs, conv1 as matmuls, Winograd 3x3, custom VJPs), 'native' (XLA's own ops),
     # 'auto' (cpu_tuned on the CPU backend, native on GPU/TPU).
     c.kernels = "auto"
 
-    # Transfer (alexnet_jax/pretrained.py, docs/pretrained.md). init_from: a torchvision AlexNet state dict (.pth),
+    # Transfer (alexnet_jax/pretrained.py, docs/photos.md). init_from: a torchvision AlexNet state dict (.pth),
     # an alexnet_jax workdir (its latest checkpoint) or a WORKDIR/checkpoints/<step> directory; at step 0 every
     # parameter whose name and shape match is loaded, the rest (e.g. fc8 for another class count) initialised.
     c.init_from = ""

@@ -95,7 +95,7 @@ def load(workdir: str, step: int | None = None, mesh: Mesh | None = None,
     config's `mesh_shape`; `mesh_of_one_device()` for a single image). `inference`: the model only runs forward
     passes (predict, features), so `kernels='auto'` becomes 'native' on every backend: the cpu_tuned
     formulations are there for the backward pass, and XLA's own convolutions run the forward faster on the CPU
-    too (docs/performance.md); the function is the same to float32 rounding. `restore=False`: the variables are
+    too (docs/notes/2026-12.md); the function is the same to float32 rounding. `restore=False`: the variables are
     left as `jax.ShapeDtypeStruct`s (shapes, dtypes, shardings), for which a program can be compiled while
     `restored` reads them. `saved`: what `read_config(workdir, step, overrides)` returned, if the caller has it
     (not read again; its config is not changed)."""

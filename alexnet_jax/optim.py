@@ -100,7 +100,7 @@ class OptimizerSpec:
         """`learning_rate`, scaled by batch_size / lr_reference_batch when a reference batch is set.
 
         Why: the paper's 0.01 belongs to its batch of 128. At batch 16 it diverges on a few-class set, in PyTorch
-        as in JAX (docs/recipe.md); the linear rule keeps the paper's rate at 128 and the step's noise in check
+        as in JAX (docs/paper.md); the linear rule keeps the paper's rate at 128 and the step's noise in check
         elsewhere.
         """
         ref = self.lr_reference_batch

@@ -33,7 +33,7 @@ FLAGS = flags.FLAGS
 # Batches read ahead of the network (the first ones while the checkpoint is restored and compiled).
 READ_AHEAD = 4
 # At most this many images per forward pass on the CPU backend, whatever --batch_size says: no slower per image
-# there than 200 at once, and the first pass starts once 50 images are read, not 200 (docs/performance.md).
+# there than 200 at once, and the first pass starts once 50 images are read, not 200 (docs/notes/2026-12.md).
 FORWARD_CHUNK = 50
 
 

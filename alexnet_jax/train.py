@@ -271,7 +271,7 @@ def log_train(spec: RunSpec, writer: scalars.Scalars, done: int, total: int, per
         raise TrainingError(
             f"the training loss became {means['loss']} by step {done}: lower --config.learning_rate (now "
             f"{spec.optimizer.learning_rate}, {spec.optimizer.base_learning_rate:.4g} at batch "
-            f"{spec.loop.batch_size}) or check the input data (docs/recipe.md)")
+            f"{spec.loop.batch_size}) or check the input data (docs/paper.md)")
     lr = float(fetched[-1]["lr"])
     logging.info("step %d/%d (epoch %.2f) | loss %.4f | top1 %.2f%% | top5 %.2f%% | lr %.4g | %.0f img/s | ETA %s",
                  done, total, done / per_epoch, means["loss"], 100 * means["top1"], 100 * means["top5"], lr, rate,

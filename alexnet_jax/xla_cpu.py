@@ -2,7 +2,7 @@
 
 XLA:CPU hands matmuls and convolutions to YNNPACK by default. On the 2-core AVX2 machine YNNPACK's convolutions,
 and above all their gradients, ran 1.2-5.8x slower than XLA's own Eigen convolution kernels, which in turn beat
-the Winograd and matmul formulations an earlier model used to work around YNNPACK (docs/performance.md,
+the Winograd and matmul formulations an earlier model used to work around YNNPACK (docs/notes/2026-12.md,
 "XLA:CPU's convolution library"). YNNPACK's matmuls stay: they are faster than Eigen's. XLA reads XLA_FLAGS once,
 when its CPU backend starts, so the entry points add the flag before that (`cli.set_xla_cpu_flags`); library
 use (a notebook) calls the same function before its first JAX computation. The model is one program either way:
@@ -18,7 +18,7 @@ YNNPACK_WITHOUT_CONVOLUTIONS = "dot"  # YNNPACK keeps the matmuls (and what it f
 # Nothing for YNNPACK: `predict`'s forward passes of at most 50 images, where the fully connected layers' matmuls
 # are memory-bound (each weight read once per pass) and Eigen's ran 2.3x faster than YNNPACK's (fc6 at 50 rows:
 # 41 against 95 ms; at 200 rows YNNPACK's is the faster, 127 against 266); the whole forward 7% faster
-# (docs/performance.md).
+# (docs/notes/2026-12.md).
 YNNPACK_OFF = ""
 
 
@@ -29,7 +29,7 @@ def convolutions_in_ynnpack(xla_flags_value: str) -> bool:
     return value is None or "individual_convolution" in value
 
 
-# What library use without the entry points' flags costs (docs/performance.md): the paper net's train step, batch 32,
+# What library use without the entry points' flags costs (docs/benchmarks.md): the paper net's train step, batch 32,
 # 227 px, on the 2-core AVX-512 EPYC.
 SLOW_CONVOLUTIONS = ("XLA:CPU runs this process's convolutions on YNNPACK "
                      f"(XLA_FLAGS does not set {YNNPACK_FLAG}=dot), "

@@ -15,7 +15,7 @@ inputs normalised per channel, and a cosine schedule with two epochs of warm-up,
 N(0, 0.01) init on mean-image-subtracted 0-255 pixels and divide-on-plateau need ImageNet's many steps: on 90
 generated photos they stayed at chance, and He init on unscaled pixels diverged, where this learned in 25 steps.)
 From scratch, a few hundred photos do not support AlexNet's 61M parameters for fine distinctions; fine-tuning
-pretrained weights does (docs/pretrained.md).
+pretrained weights does (docs/photos.md).
 """
 
 from alexnet_jax import default_config

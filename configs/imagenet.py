@@ -12,7 +12,7 @@ def get_config():
     c.init_scheme = "paper"
     c.batch_size = 128
     c.num_epochs = 90.0
-    c.learning_rate = 0.01  # at the paper's batch 128, scaled linearly for other batch sizes (docs/recipe.md):
+    c.learning_rate = 0.01  # at the paper's batch 128, scaled linearly for other batch sizes (docs/paper.md):
     c.lr_reference_batch = 128  # batch 16 trains at 0.00125; at 0.01 it diverges, in PyTorch too
     c.momentum = 0.9
     c.weight_decay = 5e-4

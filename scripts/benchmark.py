@@ -42,7 +42,7 @@ Every run sets the XLA:CPU flags the entry points set (`cli.set_xla_cpu_flags`: 
 kernels, not YNNPACK; flags already in XLA_FLAGS win) and reports XLA_FLAGS and the machine's 1-minute load
 average at start and end (`load_avg_start`, `load_avg_end`) beside
 the core count: a figure taken while other work ran is not a measurement of this code (torch's OpenMP threads
-stall on a busy machine). `--record` appends the train-step result as a row of docs/performance.md's results
+stall on a busy machine). `--record` appends the train-step result as a row of docs/benchmarks.md's results
 table (between its `results:begin`/`results:end` markers), and refuses, printing the figure with a warning,
 when either load average was above the core count.
 
@@ -104,7 +104,7 @@ def main() -> None:
     p.add_argument("--every", type=int, default=100, help="checkpoint: save every this many steps")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--record", action="store_true",
-                   help="train_step: append the result to docs/performance.md's results table (refused when the "
+                   help="train_step: append the result to docs/benchmarks.md's results table (refused when the "
                         "load average was above the core count)")
     a = p.parse_args()
     if a.single_thread:  # before jax is imported
@@ -156,7 +156,7 @@ def main() -> None:
     if a.record:
         if "train_step" not in out:
             raise SystemExit("error: --record records a train-step result: add --mode train_step or --vs-torch")
-        record(out, sys.argv[1:], os.path.join(REPO, "docs", "performance.md"))
+        record(out, sys.argv[1:], os.path.join(REPO, "docs", "benchmarks.md"))
     if a.json:
         print(json.dumps(out, indent=2))
         return

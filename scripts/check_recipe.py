@@ -65,7 +65,7 @@ def run(workdir: str, data_dir: str, variant: str, steps: int, batch: int, env: 
     cmd = [sys.executable, "-m", "alexnet_jax.main", "--config", os.path.join(REPO, "configs", "imagenet.py"),
            "--workdir", out, f"--config.data_dir={data_dir}", f"--config.batch_size={batch}",
            f"--config.num_train_steps={steps}",
-           # fb.resnet.torch's ImageNet PCA, as in docs/recipe.md's measurements: this archive's own pixel PCA
+           # fb.resnet.torch's ImageNet PCA, as in docs/notes/2026-12.md's measurements: this archive's own pixel PCA
            # (config.pca='data', the default) is that of its 4 flat class colours, so the lighting noise would move
            # images along exactly the colour axes that tell the classes apart (with it: best top-1 0.84, paper)
            "--config.pca=published"]
@@ -86,7 +86,7 @@ def run(workdir: str, data_dir: str, variant: str, steps: int, batch: int, env: 
 def verdict(summary: dict, min_top1: float = MIN_TOP1) -> tuple[bool, str]:
     """Learns: an evaluation reached `min_top1` with its loss below ln(1000), and the last one is still at least
     twice chance with a finite loss. (On 4 trivially separable classes a constant rate ends up at the edge of
-    stability, where the loss spikes now and then, docs/recipe.md: a paper run that reached top-1 1.000 at loss
+    stability, where the loss spikes now and then, docs/notes/2026-12.md: a paper run that reached top-1 1.000 at loss
     0.034 ended at 0.656 with loss 8.6, a few confident mistakes; so the last loss is only required finite.)"""
     best, last = summary["best_top1_accuracy"], summary["top1_accuracy"]
     ok = (best >= min_top1 and summary["best_eval_loss"] < MAX_LOSS and math.isfinite(summary["eval_loss"])

@@ -1,5 +1,5 @@
 """Do the meshes compute the same training? N steps of a config on several meshes, each leaf compared with the
-one-device run (docs/sharding.md, "Split vs one device: what differs and why").
+one-device run (docs/sharding.md, "Numbers on one device and on a mesh").
 
     python scripts/compare_meshes.py --config configs/fashion_mnist.py --steps 3 --set batch_size=32 \\
         --set lr_schedule=constant [--set dropout_rate=0] [--float64] [--kernels cpu_tuned native]

@@ -8,7 +8,7 @@ nets on the validation split (centre crop) and writes `diagnosis.json` and `diag
     python scripts/diagnose_recipe.py --data_dir DIR --out OUT [--steps 80] [--set batch_size=16]
         [--set learning_rate=0.01] [--no-torch]
 
-docs/recipe.md shows what it found. PyTorch: `pip install -e '.[bench]'`.
+docs/paper.md shows what it found. PyTorch: `pip install -e '.[bench]'`.
 """
 
 from __future__ import annotations

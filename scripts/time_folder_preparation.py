@@ -3,7 +3,7 @@
 Writes ROOT (once) with `--photos` RGB JPEGs of 500x375 / 375x500 (quality 90, in `--classes` class folders), then
 prepares it into a fresh tfds data_dir with `alexnet_jax.data.folder.prepare` and prints the seconds, images/s and
 the process's CPU seconds. The same script runs on older checkouts (PYTHONPATH=OLD_CHECKOUT), which is how
-docs/data.md's before/after figures were taken.
+docs/notes/2026-12.md's before/after figures were taken.
 
 Usage: python scripts/time_folder_preparation.py ROOT [--photos 2000] [--classes 4]
 """

@@ -5,7 +5,7 @@ prepares it with tfds's imagenet2012 builder, then times the first batch of the 
 and at the epoch's last step, twice each. Before records were read by index, a stream resumed at step N read and
 skipped N mod steps_per_epoch batches of records first; now it reads step N's records first. The same script runs
 on older checkouts (PYTHONPATH=OLD_CHECKOUT: the code before has `imagenet.train_records`), which is how
-docs/data.md's before/after figures were taken.
+docs/notes/2026-12.md's before/after figures were taken.
 
 Usage: python scripts/time_resume.py [--classes 16] [--per-class 128] [--batch 32]
 """

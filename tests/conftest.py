@@ -104,7 +104,7 @@ def pytest_runtest_protocol(item, nextitem):
     wall seconds, the test, the xdist worker, when the test started (seconds since the epoch: the two workers'
     schedule, and any wait, can be read back), and this process's XLA compile-or-load seconds, programs and how many
     of them came from the persistent cache. On 2 cores the wall times of `--durations` depend on what the other
-    worker runs meanwhile; CPU seconds add up (docs/testing.md)."""
+    worker runs meanwhile; CPU seconds add up (docs/development.md)."""
     path = os.environ.get("ALEXNET_TEST_CPU_REPORT")
     if not path:
         yield
@@ -115,7 +115,7 @@ def pytest_runtest_protocol(item, nextitem):
     own, children, start = *_cpu_seconds(), time.time()
     compiles = dict(COMPILES)
     # ALEXNET_TEST_STALL_DUMP=FILE: every thread's Python stack appended to FILE.WORKER each 10 s a test runs, to see
-    # where a test waits with its CPU idle (docs/testing.md)
+    # where a test waits with its CPU idle (docs/development.md)
     dump, worker = os.environ.get("ALEXNET_TEST_STALL_DUMP"), os.environ.get("PYTEST_XDIST_WORKER", "-")
     dump_file = open(f"{dump}.{worker}", "a") if dump else None
     if dump_file:

@@ -55,7 +55,7 @@ def test_accelerator_check_smoke_runs_without_tensorflow(tmp_path, python):
 def test_predict_gives_the_cpu_matmuls_to_eigen_and_main_to_ynnpack(python):
     """The XLA_FLAGS each command line's process runs with (printed as it exits, after its --helpshort): `main`
     keeps YNNPACK's matmuls (`...ynn_fusion_type=dot`), `predict`'s passes of <= 50 images take none of YNNPACK
-    (`...ynn_fusion_type=`, nothing: Eigen's matmuls are 2.3x faster at 50 rows, docs/performance.md)."""
+    (`...ynn_fusion_type=`, nothing: Eigen's matmuls are 2.3x faster at 50 rows, docs/notes/2026-12.md)."""
     import forkserver
 
     seen = {}

@@ -1,7 +1,7 @@
 """The paper's recipe learns (issue #16): the shipped configs/imagenet.py, with only batch size, steps and data_dir
 changed, trained through `main` on a generated 4-class ILSVRC-format archive prepared by tfds's real builder.
 
-This is `scripts/check_recipe.py`, the check users run; docs/recipe.md has the diagnosis behind it. Before the
+This is `scripts/check_recipe.py`, the check users run; docs/paper.md has the diagnosis behind it. Before the
 batch-size scaling of the learning rate (lr_reference_batch) the paper net ended at chance (top-1 0.25) here.
 """
 
@@ -22,14 +22,14 @@ spec.loader.exec_module(check)
 
 # 3 epochs of the 160 training images, ~1 minute each on 2 cores. 60 steps are half the shipped check's 120, so the
 # bar is lower than its 0.9: on 4 trivially separable classes the trajectory is chaotic (the edge of stability,
-# docs/recipe.md), and the top-1 at one step moves with the CPU's kernels. Measured 10-crop top-1 at steps 20/40/60:
+# docs/paper.md), and the top-1 at one step moves with the CPU's kernels. Measured 10-crop top-1 at steps 20/40/60:
 #   AVX2 (2026-12-02)   paper seed 0 .25 .25 1.00   owt seed 1 .66 .97 .97
 #   AVX-512 (12-03)     paper seed 0 .25 .25 .91 (seed 2: .25 .50 .75)
 #                       owt seed 1 .66 .97 .75 (seed 0: best .72, seed 2: best .66)
 # so the paper net is evaluated once, at the end, and owt once per epoch (it peaks, then spikes), and both must reach
 # MIN_TOP1 = 0.6: 20 of the 32 images, against 8 by chance (a binomial tail of ~1e-5). Without the batch-size
 # scaling of the learning rate (lr_reference_batch=0) the owt run stops on a NaN loss and its test fails (tried on
-# 2026-12-03); the paper net, evaluated per epoch then, was at 0.00 with a NaN loss by step 20 (docs/recipe.md).
+# 2026-12-03); the paper net, evaluated per epoch then, was at 0.00 with a NaN loss by step 20 (docs/paper.md).
 STEPS, BATCH, MIN_TOP1 = 60, 8, 0.6
 
 

@@ -208,7 +208,7 @@ def paper_batch(
         eigval, eigvec = pca
         # eigvec @ (alpha * eigval) per image as products and a sum, not a matvec: inside this XLA-compiled function
         # TensorFlow's XLA:CPU hands a dot to YNNPACK, whose fusion thunk crashed (SIGSEGV in EmitYnnSubgraph) when
-        # tf.data's threads ran the function at once (docs/testing.md)
+        # tf.data's threads ran the function at once (docs/notes/2026-12.md)
         shift = 255.0 * tf.reduce_sum(tf.constant(eigvec, tf.float32)[None]
                                       * (alpha * tf.constant(eigval, tf.float32))[:, None, :], axis=-1)
         image = image + shift[:, None, None, :]

@@ -36,7 +36,7 @@ from alexnet_jax.errors import UserError
 ARRAY_RECORD = tfds.core.FileFormat.ARRAY_RECORD
 FORMAT = ARRAY_RECORD.value  # what `download_and_prepare(file_format=...)` is given
 # One record per chunk (random access), not compressed: tfds's writer compresses with zstd, which JPEG bytes do not
-# shrink under and which cost raw squares 1.1 ms of CPU per batch of 32 to undo (docs/data.md).
+# shrink under and which cost raw squares 1.1 ms of CPU per batch of 32 to undo (docs/notes/2026-12.md).
 WRITER_OPTIONS = "group_size:1,uncompressed"
 
 

@@ -6,7 +6,7 @@ convolution per group, the paper's overlapping 3/2 max-pooling and torchvision's
 
 `kernels` chooses how LRN and pooling are differentiated (`resolve_kernels`): 'cpu_tuned' (LRN with a hand-written
 VJP, ~3x faster than autodiff of its formula on XLA:CPU; pooling's backward pass as 9 strided pads instead of
-select-and-scatter, which XLA:CPU runs ~9x slower: docs/performance.md), 'native' (XLA's own `reduce_window` pooling
+select-and-scatter, which XLA:CPU runs ~9x slower: docs/notes/2026-12.md), 'native' (XLA's own `reduce_window` pooling
 and autodiff of the LRN formula, what cuDNN / XLA's fused kernels on a GPU or TPU are tuned for), or 'auto'
 (cpu_tuned on CPU, native elsewhere). Both compute the same function to float32 rounding; tests compare values and
 gradients. Convolutions are XLA's own either way: which CPU library runs them is XLA_FLAGS' choice
@@ -26,7 +26,7 @@ KERNELS = ("auto", "native", "cpu_tuned")
 
 
 def resolve_kernels(kernels: str) -> str:
-    """'auto' -> 'cpu_tuned' on the CPU backend, 'native' elsewhere (docs/performance.md says why)."""
+    """'auto' -> 'cpu_tuned' on the CPU backend, 'native' elsewhere (docs/benchmarks.md says why)."""
     if kernels not in KERNELS:
         raise ValueError(f"unknown kernels {kernels!r}; choose one of {KERNELS}")
     if kernels == "auto":
