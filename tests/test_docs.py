@@ -283,3 +283,138 @@ def test_a_second_predict_compiles_nothing_and_batches_do_not_change_results(sma
     assert "Persistent compilation cache hit for 'jit_forward" in runs[1].stderr, runs[1].stderr[-2000:]
     assert os.listdir(tmp_path / "xdg" / "alexnet_jax" / "jax")
     assert runs[0].stdout == runs[1].stdout == runs[2].stdout and runs[0].stdout.count(".png") == 5
+
+
+# --- The documents themselves: reference without history, links that resolve, one quick-start figure. ---
+
+REFERENCE_DOCS = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))]
+# Wording that belongs to a measurement's history, not to a reference (docs/notes/ holds the frozen history).
+HISTORY_WORDS = re.compile(r"this round|later session|issue #|before this work|a previous session|earlier session|"
+                           r"this session|the previous session|earlier round", re.I)
+
+
+def history_lines(paths: list[str]) -> list[str]:
+    """'file:line: text' of every line of `paths` (relative to the repository) with history wording."""
+    found = []
+    for path in paths:
+        with open(os.path.join(REPO, path)) as f:
+            found += [f"{path}:{n}: {line.strip()[:100]}" for n, line in enumerate(f, 1) if HISTORY_WORDS.search(line)]
+    return found
+
+
+def test_reference_docs_carry_no_history_wording():
+    """README.md and docs/*.md are reference: no "this round", "a later session", "issue #N" (docs/notes/ is not
+    scanned: it holds the frozen history)."""
+    assert "docs/notes" not in " ".join(REFERENCE_DOCS) and "docs/reference.md" in REFERENCE_DOCS
+    found = history_lines(REFERENCE_DOCS)
+    assert not found, "history wording in the reference docs (move it to docs/notes/ or drop it):\n" + "\n".join(found)
+
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+
+
+def relative_links(text: str) -> list[tuple[int, str]]:
+    """(line, target) of every Markdown link or image outside code that is not a URL or an anchor."""
+    found, in_fence = [], False
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            in_fence = not in_fence
+            continue
+        if in_fence:
+            continue
+        for target in LINK.findall(re.sub(r"`[^`]*`", "", line)):
+            if not re.match(r"^([a-z][a-z0-9+.-]*:|#)", target, re.I):
+                found.append((n, target))
+    return found
+
+
+def test_every_relative_link_resolves():
+    """Every relative link of README.md and docs/**/*.md names a file or folder that exists (an anchor after `#`
+    is not checked)."""
+    paths = ["README.md", *sorted(os.path.relpath(p, REPO) for p in
+                                  glob.glob(os.path.join(REPO, "docs", "**", "*.md"), recursive=True))]
+    assert any(p.startswith(os.path.join("docs", "notes")) for p in paths)
+    broken, count = [], 0
+    for path in paths:
+        with open(os.path.join(REPO, path)) as f:
+            for n, target in relative_links(f.read()):
+                count += 1
+                file = target.split("#")[0]
+                if not os.path.exists(os.path.normpath(os.path.join(REPO, os.path.dirname(path), file))):
+                    broken.append(f"{path}:{n}: {target}")
+    assert count > 50, count
+    assert not broken, "links to files that do not exist:\n" + "\n".join(broken)
+    assert relative_links("[a](b.md#x) ![i](f.png) [u](https://x.org) [h](#y) `[c](d)`\n```\n[e](f)\n```\n") == [
+        (1, "b.md#x"), (1, "f.png")]
+
+
+# The quick start's figures are quoted in three places, which must agree:
+# - README.md's results table: the row naming `configs/fashion_mnist.py`, columns "top-1" ("91.41%") and
+#   "training time" ("401 s" or "6.7 min");
+# - configs/fashion_mnist.py's module docstring, first line: "... 91.41% top-1 in 6.7 min ..." (or "in 401 s");
+# - notebooks/alexnet_colab.ipynb's first cell: "... 91.41% top-1 in 6.7 min ..." (or "in 401 s").
+# Accuracies must be equal to the digit; times are equal within each quote's rounding (6.7 min is 399-405 s).
+QUOTE = re.compile(r"(\d+(?:\.\d+)?)% top-1 in (\d+(?:\.\d+)?) ?(s|min)\b")
+
+
+def seconds(value: str, unit: str) -> tuple[float, float]:
+    """The interval of seconds that `value unit` (e.g. '6.7', 'min') rounds from."""
+    half = 0.5 * 10.0 ** -(len(value.split(".")[1]) if "." in value else 0)
+    scale = 60.0 if unit == "min" else 1.0
+    return (float(value) - half) * scale, (float(value) + half) * scale
+
+
+def readme_quick_start() -> tuple[str, str, str]:
+    """(top-1, value, unit) of README.md's results-table row for configs/fashion_mnist.py."""
+    lines = open(os.path.join(REPO, "README.md")).read().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("|") and "top-1" in line and "training time"
+                  in line)
+    cells = [c.strip() for c in lines[header].strip("|").split("|")]
+    row = next(line for line in lines[header + 2:] if "`configs/fashion_mnist.py`" in line)
+    values = [c.strip() for c in row.strip("|").split("|")]
+    top1, time = values[cells.index("top-1")], values[cells.index("training time")]
+    m_acc, m_time = re.fullmatch(r"(\d+(?:\.\d+)?)%", top1), re.fullmatch(r"(\d+(?:\.\d+)?) ?(s|min)", time)
+    assert m_acc and m_time, f"README.md's quick-start row: top-1 {top1!r}, training time {time!r}"
+    return m_acc.group(1), m_time.group(1), m_time.group(2)
+
+
+def quoted_quick_start(text: str, where: str) -> tuple[str, str, str]:
+    m = QUOTE.search(text)
+    assert m, f"{where}: no '<acc>% top-1 in <N> s|min' quote"
+    return m.group(1), m.group(2), m.group(3)
+
+
+def quick_start_quotes() -> dict[str, tuple[str, str, str]]:
+    import ast
+
+    config = ast.get_docstring(ast.parse(open(os.path.join(REPO, "configs", "fashion_mnist.py")).read()))
+    notebook = json.load(open(os.path.join(REPO, "notebooks", "alexnet_colab.ipynb")))
+    first_cell = "".join(notebook["cells"][0]["source"])
+    return {"README.md results table": readme_quick_start(),
+            "configs/fashion_mnist.py docstring": quoted_quick_start(config.splitlines()[0] if config else "",
+                                                                     "configs/fashion_mnist.py's first line"),
+            "notebook's first cell": quoted_quick_start(first_cell, "notebooks/alexnet_colab.ipynb's first cell")}
+
+
+def disagreements(quotes: dict[str, tuple[str, str, str]]) -> list[str]:
+    """Why the quotes disagree: accuracies that differ, or times whose rounding intervals do not overlap."""
+    out = []
+    (first, (acc, value, unit)), *others = quotes.items()
+    lo, hi = seconds(value, unit)
+    for where, (a, v, u) in others:
+        if a != acc:
+            out.append(f"top-1: {first} says {acc}%, {where} {a}%")
+        o_lo, o_hi = seconds(v, u)
+        if o_hi < lo or o_lo > hi:
+            out.append(f"time: {first} says {value} {unit}, {where} {v} {u}")
+    return out
+
+
+def test_quick_start_figures_agree_in_readme_config_and_notebook():
+    quotes = quick_start_quotes()
+    assert not disagreements(quotes), f"{disagreements(quotes)}: update all three together ({quotes})"
+    assert disagreements({"a": ("91.41", "401", "s"), "b": ("91.41", "6.7", "min")}) == []
+    assert disagreements({"a": ("91.41", "401", "s"), "b": ("91.41", "6.9", "min")}) == [
+        "time: a says 401 s, b 6.9 min"]
+    assert disagreements({"a": ("91.41", "401", "s"), "b": ("91.40", "401", "s")}) == [
+        "top-1: a says 91.41%, b 91.40%"]
