@@ -3,7 +3,7 @@
 # build, pinned in pyproject.toml: the conversion parity and yardstick tests need it and fail without it), runs pytest.
 # Usage: scripts/test.sh [pytest args]
 #
-# Two sets of libraries (README, "Tested versions"); CI (.ci/run) runs both:
+# Two sets of libraries (docs/development.md, "Versions"); CI (.ci/run) runs both:
 # - today's (the default): Python 3.11 (python3, or $PYTHON) in .venv, the newest releases that install there
 #   (jax 0.10.2: jax 0.11 dropped Python 3.11), PyTorch's CPU build: every test;
 # - ALEXNET_TEST_SET=newest: Python 3.12 (python3.12, or $PYTHON) in .venv-newest, set up as a Colab runtime is:

@@ -68,7 +68,7 @@ def _train(nproc: int, devices: int, runs: list[dict], tmp) -> None:
     spec = tmp / f"runs_{nproc}_{_free_port()}.json"
     spec.write_text(json.dumps(runs))
     # a gloo collective between the processes fails after COLLECTIVE_TIMEOUT instead of waiting forever: jaxlib
-    # 0.12.1's did, every device thread of the 2 x 2 group in gloo's allreduce (README, "Tested versions")
+    # 0.12.1's did, every device thread of the 2 x 2 group in gloo's allreduce (docs/development.md, "Versions")
     env = {**os.environ, "XLA_FLAGS": f"{FAST_COMPILE} {COLLECTIVE_TIMEOUT}".strip()}
     r = forkserver.run([sys.executable, os.path.join(REPO, "tests", "photo_stream_worker.py"), str(nproc),
                         str(_free_port()), str(devices), str(spec)], env=env, capture_output=True, text=True,
