@@ -67,10 +67,12 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     """1.0 where the label is among the k highest logits, ranked as `jax.lax.top_k` ranks them (a tie goes to the
     lower class index): the label's rank is the number of classes ranked before it. Elementwise and a sum over the
     classes, so each device ranks its own rows of a batch-sharded array; `top_k` itself made XLA gather the whole
-    batch's logits onto every device (B x classes floats per step)."""
+    batch's logits onto every device (B x classes floats per step). A row with a NaN logit is never correct (every
+    comparison with NaN is false, which would otherwise rank its label first)."""
     own = jnp.take_along_axis(logits, labels[:, None], axis=-1)
     before = (logits > own) | ((logits == own) & (jnp.arange(logits.shape[-1]) < labels[:, None]))
-    return (jnp.sum(before, axis=-1) < k).astype(jnp.float32)
+    finite = ~jnp.any(jnp.isnan(logits), axis=-1)
+    return ((jnp.sum(before, axis=-1) < k) & finite).astype(jnp.float32)
 
 
 def train_step(

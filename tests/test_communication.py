@@ -194,3 +194,17 @@ def test_topk_correct_ranks_as_a_stable_descending_sort():
         rank = np.argsort(np.argsort(-logits, axis=-1, kind="stable"), axis=-1)[np.arange(n), labels]
         for k in (1, 2, 5, 10):
             np.testing.assert_array_equal(np.asarray(topk_correct(logits, labels, k)), (rank < k).astype(np.float32))
+
+
+def test_topk_correct_counts_a_row_with_a_nan_logit_as_wrong():
+    """A diverged model's NaN logits compare false with everything, which ranked the label first: 4 NaN rows of
+    4 classes read as top-1 1.0 (seen on a diverging recipe run). A row with any NaN is wrong at every k."""
+    import numpy as np
+
+    from alexnet_jax.train import topk_correct
+
+    logits = np.array([[np.nan] * 4, [0.0, np.nan, 1.0, 2.0], [3.0, 0.0, 1.0, 2.0], [np.nan, 5.0, 0.0, 0.0]],
+                      np.float32)
+    labels = np.array([0, 3, 0, 1])
+    for k in (1, 2, 4):
+        np.testing.assert_array_equal(np.asarray(topk_correct(logits, labels, k)), [0.0, 0.0, 1.0, 0.0])
