@@ -282,9 +282,8 @@ def prepared() -> tuple[str, str]:
 
 # The files' cost on 2 cores (CPU seconds, `ALEXNET_TEST_CPU_REPORT`, 2026-11-27), heaviest first: scripts/test.sh
 # hands whole files to its workers (`--dist loadfile`, 3 by default) in this order, so the long ones start first
-# and only short files are left for the end, where the workers finish together. The recipe checks (~2.5 minutes
-# each) share an archive and mean image made once (`run_once`): whichever starts second finds them made or waits
-# for their lock.
+# and only short files are left for the end, where the workers finish together. The recipe checks take ~1-2
+# minutes each.
 COST_ORDER = ("test_recipe", "test_train", "test_recipe_owt", "test_transfer", "test_photo_stream", "test_sharding",
               "test_performance",
               "test_checkpointing", "test_squares", "test_convert", "test_imagenet", "test_models", "test_kernels",
