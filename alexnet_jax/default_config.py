@@ -70,9 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.fc_width = 0  # override fc6/fc7 width; 0 = the variant's
     c.dropout_rate = 0.5
     c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
-    # How convolutions, pooling and LRN are computed (the same function either way; docs/benchmarks.md):
-    # 'cpu_tuned' (per-group convs, conv1 as matmuls, Winograd 3x3, custom VJPs), 'native' (XLA's own ops),
-    # 'auto' (cpu_tuned on the CPU backend, native on GPU/TPU).
+    # How LRN and max-pooling are differentiated (the same function either way; docs/benchmarks.md):
+    # 'cpu_tuned' (LRN with a hand-written VJP, max-pooling's backward pass as strided pads: alexnet_jax/model/ops.py),
+    # 'native' (XLA's own reduce_window and autodiff), 'auto' (cpu_tuned on the CPU backend, native on GPU/TPU).
     c.kernels = "auto"
 
     # Transfer (alexnet_jax/pretrained.py, docs/photos.md). init_from: a torchvision AlexNet state dict (.pth),

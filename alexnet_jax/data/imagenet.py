@@ -54,7 +54,7 @@ def prepare_command(data_dir: str | None, manual_dir: str) -> str:
 def _archive_message(manual: str, data_dir: str | None, missing: list[str]) -> str:
     return (f"{' and '.join(missing)} not found in {manual}: download ILSVRC2012_img_train.tar (138 GB) and "
             f"ILSVRC2012_img_val.tar (6.3 GB) from {DOWNLOAD_PAGE} (free registration), put both in that folder "
-            f"(or pass --manual_dir), then run `{prepare_command(data_dir, manual)}` once (a few hours).")
+            f"(or pass --manual_dir), then run `{prepare_command(data_dir, manual)}` once.")
 
 
 def missing_archives(manual: str) -> list[str]:
@@ -121,7 +121,7 @@ def open_prepared(config_data_dir: str, manual_dir: str = "") -> tfds.core.Datas
             raise UserError(f"{NAME} is not prepared in {builder.data_dir_root}, and "
                             + _archive_message(manual, data_dir, missing))
         raise UserError(f"{NAME} is not prepared in {builder.data_dir_root}; the archives are in {manual}: run "
-                        f"`{prepare_command(data_dir, manual)}` once (a few hours), then train.")
+                        f"`{prepare_command(data_dir, manual)}` once, then train.")
     absent = [s for s in MANUAL_FILES if s not in builder.info.splits]
     if absent:
         raise UserError(f"{NAME} in {builder.data_dir} was prepared without its {'/'.join(absent)} split "
