@@ -1,5 +1,5 @@
-"""CPU quick start: the small-input AlexNet on the real FashionMNIST files: 91.41% top-1 in 6.7 min on 2 cores
-(8 epochs, image + reflection, measured 2026-12-02 with scripts/demo.sh)."""
+"""CPU quick start: the small-input AlexNet on the real FashionMNIST files: 91.21% top-1 in 636 s on 2 cores
+(8 epochs, image + reflection; README's results table says which machine and commit)."""
 
 from alexnet_jax import default_config
 
@@ -17,7 +17,7 @@ def get_config():
     c.random_flip = True
     c.batch_size = 64  # twice the updates per epoch of 128 (90.68% at 7 epochs) for ~10% fewer images/s
     c.dropout_rate = 0.3  # 0.5 (the paper's) reaches 90.96% in 7 epochs here; 0.3 trains faster
-    c.num_epochs = 8.0  # 91.41% (7 epochs: 90.98%); 8 x 937 steps + 8 evals = 401 s on 2 cores
+    c.num_epochs = 8.0  # 7 epochs: 90.98% (docs/paper.md)
     c.learning_rate = 0.01  # 0.02 at batch 128, scaled linearly
     c.lr_schedule = "cosine"
     c.warmup_epochs = 0.5
