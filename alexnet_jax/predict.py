@@ -1,10 +1,10 @@
 """Classify images with a checkpoint: `python -m alexnet_jax.predict --workdir DIR IMAGE|FOLDER [...]`.
 
 Prints the top-k classes with their probabilities for every readable image (a folder's images are all
-classified, sorted by path) and one line `PATH: error: ...` for every file that is not a readable image; the exit
-status is 1 when any failed. `--output FILE.csv|.json` writes the same as one row per file instead. Images go
-through the network in batches of `eval_batch_size`. ImageNet classes print as `n01440764 tench`: the WordNet
-id with its first WordNet lemma (alexnet_jax/resources/imagenet_names.txt).
+classified, sorted by path) and one line `alexnet_jax.predict: error: PATH: ...` for every file that is not a
+readable image; the exit status is 1 when any failed. `--output FILE.csv|.json` writes the same as one row per
+file instead. Images go through the network in batches of `eval_batch_size`. ImageNet classes print as
+`n01440764 tench`: the WordNet id with its first WordNet lemma (alexnet_jax/resources/imagenet_names.txt).
 
 Preprocessing is the evaluation's single view, through the function evaluation uses (`data.views.of_square`),
 with the normalisation record the checkpoint saved (no training set needed). Every file is read as the pipelines

@@ -3,8 +3,9 @@
     python -m alexnet_jax.main --config configs/folder.py --config.folder=/path/to/photos --workdir runs/photos
 
 The folder: `photos/<class>/*.jpg` (a tenth held out for evaluation, `holdout_fraction`) or
-`photos/train/<class>/*` with `photos/val/<class>/*` (or `test`). JPEG, PNG, GIF, BMP in any mode (CMYK,
-grayscale, RGBA, 16-bit, palette) become RGB; an unreadable file stops the run before training, named.
+`photos/train/<class>/*` with `photos/val/<class>/*` (or `valid`, `test`). JPEG, PNG, WebP, TIFF, GIF, BMP,
+PPM and PGM in any mode (CMYK, grayscale, RGBA, 16-bit, palette) become RGB; an unreadable file stops the run
+before training, named.
 
 Set: `folder` (required); for the size of your set, `num_epochs` and `batch_size`. Computed from the data: the
 class count and names (folder names), the per-channel mean and std, and the RGB PCA for the lighting. The rest is

@@ -63,7 +63,7 @@ if [ "$SET" = newest ]; then
   # the runtime as Colab has it, then the notebook's install (which must add no second TensorFlow: tested by
   # tests/test_runtime_install.py in a runtime of its own)
   # jax/jaxlib 0.12.1 left out: its gloo collectives hang a multi-process CPU run (2 processes x 2 devices: every
-  # device thread waits in gloo's allreduce; tests/test_photo_stream.py, 3 runs of 3); 0.12.0.1 runs it (README)
+  # device thread waits in gloo's allreduce; tests/test_photo_stream.py, 3 runs of 3); 0.12.0.1 runs it (docs/development.md, Versions)
   uv_install tensorflow tensorflow-datasets "jax!=0.12.1" "jaxlib!=0.12.1" flax ipykernel
   $VENV/bin/python scripts/runtime_install.py --extras test
   MARK=(-m "not torch")
