@@ -148,7 +148,7 @@ def quick(variant: str, steps: int, seeds=QUICK_SEEDS, batch: int = 8, size: int
     mean = _class_images(tiny, np.arange(64) % CLASSES, np.random.default_rng(998), size).mean(axis=(0, 1, 2))
     held_out = [{"image": _class_images(tiny, val_labels, np.random.default_rng(999), size) - mean,
                  "label": val_labels, "mask": np.ones(len(val_labels), np.float32)}]
-    results = []
+    results, every = [], QUICK_EVAL_EVERY[variant]
     for seed in seeds:
         state = trainer.init(jax.random.PRNGKey(seed))
         rng = np.random.default_rng(1000 + seed)
@@ -156,7 +156,6 @@ def quick(variant: str, steps: int, seeds=QUICK_SEEDS, batch: int = 8, size: int
             labels = rng.integers(0, CLASSES, batch).astype(np.int32)
             batch_np = {"image": _class_images(tiny, labels, rng, size) - mean, "label": labels}
             state, _ = trainer.train_step(state, trainer.global_batch(batch_np))
-            every = QUICK_EVAL_EVERY[variant]
             if (every and step % every == 0) or step == steps:
                 state, metrics = trainer.evaluate(state, held_out)
         results.append({"seed": seed, **metrics})

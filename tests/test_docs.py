@@ -287,7 +287,7 @@ def test_a_second_predict_compiles_nothing_and_batches_do_not_change_results(sma
 
 # --- The documents themselves: reference without history, links that resolve, one quick-start figure. ---
 
-REFERENCE_DOCS = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))]
+REFERENCE_DOCS = [os.path.relpath(os.path.join(REPO, p), REPO) for p in DOCS]  # DOCS, as repository paths
 # Wording that belongs to a measurement's history, not to a reference (docs/notes/ holds the frozen history).
 HISTORY_WORDS = re.compile(r"this round|later session|issue #|before this work|a previous session|earlier session|"
                            r"this session|the previous session|earlier round", re.I)
@@ -349,10 +349,10 @@ def test_every_relative_link_resolves():
 
 
 # The quick start's figures are quoted in three places, which must agree:
-# - README.md's results table: the row naming `configs/fashion_mnist.py`, columns "top-1" ("91.41%") and
-#   "training time" ("401 s" or "6.7 min");
-# - configs/fashion_mnist.py's module docstring, first line: "... 91.41% top-1 in 6.7 min ..." (or "in 401 s");
-# - notebooks/alexnet_colab.ipynb's first cell: "... 91.41% top-1 in 6.7 min ..." (or "in 401 s").
+# - README.md's results table: the row naming `configs/fashion_mnist.py`, columns "top-1" (e.g. "91.21%") and
+#   "training time" (e.g. "636 s" or "10.6 min");
+# - configs/fashion_mnist.py's module docstring, first line: "... 91.21% top-1 in 636 s ..." (or "in 10.6 min");
+# - notebooks/alexnet_colab.ipynb's first cell: the same form.
 # Accuracies must be equal to the digit; times are equal within each quote's rounding (6.7 min is 399-405 s).
 QUOTE = re.compile(r"(\d+(?:\.\d+)?)% top-1 in (\d+(?:\.\d+)?) ?(s|min)\b")
 
@@ -412,7 +412,8 @@ def disagreements(quotes: dict[str, tuple[str, str, str]]) -> list[str]:
 
 def test_quick_start_figures_agree_in_readme_config_and_notebook():
     quotes = quick_start_quotes()
-    assert not disagreements(quotes), f"{disagreements(quotes)}: update all three together ({quotes})"
+    found = disagreements(quotes)
+    assert not found, f"{found}: update all three together ({quotes})"
     assert disagreements({"a": ("91.41", "401", "s"), "b": ("91.41", "6.7", "min")}) == []
     assert disagreements({"a": ("91.41", "401", "s"), "b": ("91.41", "6.9", "min")}) == [
         "time: a says 401 s, b 6.9 min"]
