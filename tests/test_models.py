@@ -219,11 +219,17 @@ def test_lrn_gradient_matches_autodiff(groups):
     w = jnp.arange(12.0) - 5
     ours = jax.jit(jax.grad(lambda x: jnp.sum(local_response_norm(x, groups=groups) * w)))(x)
     ref = jax.jit(jax.grad(lambda x: jnp.sum(lrn_autodiff_reference(x, groups) * w)))(x)
+    # the reference is the formula (its values against NumPy's float64 loop), not the kernels' window sum
+    np.testing.assert_allclose(lrn_autodiff_reference(x, groups), lrn_numpy64(np.asarray(x), groups=groups),
+                               rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5 * float(jnp.abs(ref).max()))
 
 
-def test_max_pool_matches_flax_values_and_gradients_with_ties():
-    x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(0), (2, 13, 15, 4)))
+@pytest.mark.parametrize("shape", [(2, 13, 15, 4), (2, 14, 16, 3), (1, 28, 27, 8)])
+def test_max_pool_matches_flax_values_and_gradients_with_ties(shape):
+    """Odd and even sizes (the gradient's interleave ends differently), ties where the row-major first maximum
+    must win."""
+    x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(0), shape))
     x = jnp.round(x * 4) / 4  # many equal values in a window, zeros after ReLU among them
     ref = lambda v: nn.max_pool(v, (3, 3), (2, 2), "VALID")  # noqa: E731
     np.testing.assert_array_equal(jax.jit(max_pool)(x), jax.jit(ref)(x))

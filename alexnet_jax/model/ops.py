@@ -5,9 +5,9 @@ The paper's local response normalisation (section 3.3), cuda-convnet's conv1 edg
 convolution per group, the paper's overlapping 3/2 max-pooling and torchvision's adaptive average pooling.
 
 `kernels` chooses how LRN and pooling are differentiated (`resolve_kernels`): 'cpu_tuned' (LRN with a hand-written
-VJP, ~3x faster than autodiff of its formula on XLA:CPU; pooling's backward pass as 9 strided pads instead of
-select-and-scatter, which XLA:CPU runs ~9x slower: docs/notes/2026-12.md), 'native' (XLA's own `reduce_window` pooling
-and autodiff of the LRN formula, what cuDNN / XLA's fused kernels on a GPU or TPU are tuned for), or 'auto'
+VJP, ~3x faster than autodiff of its formula on XLA:CPU; pooling as two 1-D passes whose gradients are selects
+interleaved, instead of select-and-scatter, which XLA:CPU runs ~9x slower), 'native' (XLA's own `reduce_window`
+pooling and autodiff of the LRN formula, what cuDNN / XLA's fused kernels on a GPU or TPU are tuned for), or 'auto'
 (cpu_tuned on CPU, native elsewhere). Both compute the same function to float32 rounding; tests compare values and
 gradients. Convolutions are XLA's own either way: which CPU library runs them is XLA_FLAGS' choice
 (`alexnet_jax.xla_cpu`), not the model's.
@@ -41,11 +41,16 @@ LRN_BETA = 0.75
 
 
 def _window_sum(v: jax.Array, depth_radius: int, groups: int) -> jax.Array:
-    """Sum over channels c-r..c+r, never crossing a group boundary (zero padding at the edges)."""
+    """Sum over channels c-r..c+r, never crossing a group boundary (zero padding at the edges).
+
+    As 2r+1 shifted slices of the padded maps, which XLA fuses with the LRN around them; a `reduce_window` over the
+    channels made the quick start's train step ~10% slower (docs/benchmarks.md)."""
     grouped = v.reshape(*v.shape[:-1], groups, v.shape[-1] // groups)
-    window = (1,) * (grouped.ndim - 1) + (2 * depth_radius + 1,)
-    padding = [(0, 0)] * (grouped.ndim - 1) + [(depth_radius, depth_radius)]
-    sums = jax.lax.reduce_window(grouped, 0.0, jax.lax.add, window, (1,) * grouped.ndim, padding)
+    size = grouped.shape[-1]
+    padded = jnp.pad(grouped, [(0, 0)] * (grouped.ndim - 1) + [(depth_radius, depth_radius)])
+    sums = padded[..., :size]
+    for shift in range(1, 2 * depth_radius + 1):
+        sums = sums + padded[..., shift:shift + size]
     return sums.reshape(v.shape)
 
 
@@ -127,23 +132,54 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, strides: int,
 POOL_WINDOW, POOL_STRIDE = 3, 2
 
 
-def _pool_slices(x: jax.Array):
-    """The 9 strided views whose elementwise max is the pooled map, in row-major window order."""
-    n, h, w, c = x.shape
-    oh, ow = (h - POOL_WINDOW) // POOL_STRIDE + 1, (w - POOL_WINDOW) // POOL_STRIDE + 1
-    for i in range(POOL_WINDOW):
-        for j in range(POOL_WINDOW):
-            end = (n, i + POOL_STRIDE * (oh - 1) + 1, j + POOL_STRIDE * (ow - 1) + 1, c)
-            yield i, j, jax.lax.slice(x, (0, i, j, 0), end, (1, POOL_STRIDE, POOL_STRIDE, 1))
+def _pool_axis(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """Max over windows of 3 along `axis` at stride 2: the values and which of the 3 (the first maximum).
+
+    One variadic reduction (value, index) over the 3 stacked strided views, not a chain of selects: XLA:CPU does not
+    fuse a tuple-shaped reduction into its consumers, so each map and its argmax are computed once (with selects the
+    comparison, and the LRN and conv bias before it, were fused into and recomputed by every consumer)."""
+    n = x.shape[axis]
+    out = (n - POOL_WINDOW) // POOL_STRIDE + 1
+    views = jnp.stack([jax.lax.slice_in_dim(x, i, i + POOL_STRIDE * (out - 1) + 1, POOL_STRIDE, axis)
+                       for i in range(POOL_WINDOW)])
+    index = jax.lax.broadcasted_iota(jnp.int8, views.shape, 0)
+
+    def first_max(a, b):  # (value, index) pairs: the larger value; on a tie the earlier window position
+        take_b = (b[0] > a[0]) | ((b[0] == a[0]) & (b[1] < a[1]))
+        return jnp.where(take_b, b[0], a[0]), jnp.where(take_b, b[1], a[1])
+
+    init = (jnp.array(-jnp.inf, x.dtype), jnp.array(POOL_WINDOW, jnp.int8))
+    return jax.lax.reduce((views, index), init, first_max, (0,))
+
+
+def _unpool_axis(g: jax.Array, arg: jax.Array, n: int, axis: int) -> jax.Array:
+    """`_pool_axis`'s gradient: each output's gradient back to the input it took, `n` inputs along `axis`.
+
+    Input 2m is position 0 of window m and position 2 of window m-1, input 2m+1 position 1 of window m: the even
+    and odd inputs are two sums of selects, interleaved by a reshape (no scatter, no pad with holes)."""
+    out, zero = g.shape[axis], jnp.zeros((), g.dtype)
+    took = [jnp.where(arg == k, g, zero) for k in range(POOL_WINDOW)]
+
+    def pad(v: jax.Array, before: int, after: int) -> jax.Array:
+        return jax.lax.pad(v, zero, [(before, after, 0) if a == axis else (0, 0, 0) for a in range(v.ndim)])
+
+    even = pad(took[0], 0, 1) + pad(took[2], 1, 0)  # inputs 0, 2, ..., 2 * out
+    odd = pad(took[1], 0, 1)  # inputs 1, 3, ..., 2 * out + 1 (the last has no window)
+    both = jnp.stack([even, odd], axis=axis + 1)
+    both = both.reshape(*g.shape[:axis], 2 * (out + 1), *g.shape[axis + 1:])
+    return jax.lax.slice_in_dim(both, 0, n, axis=axis)  # n is 2 * out + 2 (even) or 2 * out + 1 (odd)
 
 
 @jax.custom_vjp
 def max_pool(x: jax.Array) -> jax.Array:
     """The paper's overlapping pooling: 3x3 windows, stride 2, no padding (NHWC).
 
-    Same values and gradients as `nn.max_pool(x, (3, 3), (2, 2), 'VALID')` (the first maximum of a window
-    gets the gradient, as XLA's select-and-scatter does), but the backward pass is 9 strided pads instead
-    of select-and-scatter, which XLA:CPU runs ~9x slower.
+    Same values and gradients as `nn.max_pool(x, (3, 3), (2, 2), 'VALID')`, computed as two 1-D poolings, along the
+    width and then the height. The first maximum of a window in row-major order gets the gradient, as XLA's
+    select-and-scatter does: the height pass picks the first row holding the window's maximum, the width pass the
+    first column of that row holding it. XLA:CPU runs select-and-scatter ~9x slower, and the two passes (3 views
+    each, their gradients interleaved) cost the quick start's train step a third less than the 9 views of one
+    3x3 pass did (docs/benchmarks.md).
     """
     return _max_pool_fwd(x)[0]
 
@@ -157,37 +193,14 @@ def pool(x: jax.Array, kernels: str = "cpu_tuned") -> jax.Array:
 
 
 def _max_pool_fwd(x: jax.Array):
-    # One variadic reduction (value, index) over the 9 stacked views, not a chain of selects: XLA:CPU does not
-    # fuse a tuple-shaped reduction into its consumers, so the pooled map and the argmax are computed once (a
-    # plain jnp.max was still fused into the next layer's transposes). With selects it fused the whole 9-way
-    # comparison (and the LRN and conv bias before it) into every consumer: each backward pad and each
-    # transpose feeding the next layer's kernel gradient recomputed it. argmax keeps the first maximum.
-    views = jnp.stack([view for _, _, view in _pool_slices(x)])
-    index = jax.lax.broadcasted_iota(jnp.int8, views.shape, 0)
-
-    def first_max(a, b):  # (value, index) pairs: the larger value; on a tie the earlier window position
-        take_b = (b[0] > a[0]) | ((b[0] == a[0]) & (b[1] < a[1]))
-        return jnp.where(take_b, b[0], a[0]), jnp.where(take_b, b[1], a[1])
-
-    init = (jnp.array(-jnp.inf, x.dtype), jnp.array(POOL_WINDOW * POOL_WINDOW, jnp.int8))
-    best, arg = jax.lax.reduce((views, index), init, first_max, (0,))
-    return best, (arg, x.shape)
+    rows, arg_w = _pool_axis(x, 2)
+    pooled, arg_h = _pool_axis(rows, 1)
+    return pooled, (arg_w, arg_h, x.shape[1], x.shape[2])
 
 
 def _max_pool_bwd(res, g: jax.Array):
-    arg, shape = res
-    h, w = shape[1:3]
-    oh, ow = g.shape[1:3]
-    zero = jnp.zeros((), g.dtype)
-    grad = None
-    for k in range(POOL_WINDOW * POOL_WINDOW):
-        i, j = divmod(k, POOL_WINDOW)
-        part = jnp.where(arg == k, g, zero)
-        pads = [(0, 0, 0), (i, h - i - POOL_STRIDE * (oh - 1) - 1, POOL_STRIDE - 1),
-                (j, w - j - POOL_STRIDE * (ow - 1) - 1, POOL_STRIDE - 1), (0, 0, 0)]
-        part = jax.lax.pad(part, zero, pads)
-        grad = part if grad is None else grad + part
-    return (grad,)
+    arg_w, arg_h, h, w = res
+    return (_unpool_axis(_unpool_axis(g, arg_h, h, 1), arg_w, w, 2),)
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
