@@ -103,6 +103,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.plateau_rtol = 1e-3
     c.plateau_cooldown = 0
     c.plateau_max_reductions = 3  # the paper divided 3 times
+    c.label_smoothing = 0.0  # > 0: targets (1 - x) one-hot + x / classes (Szegedy et al. 2016); paper: 0
 
     # Evaluation and logging.
     c.eval_batch_size = 256

@@ -69,6 +69,7 @@ class OptimizerSpec:
     plateau_cooldown: int = 0
     plateau_max_reductions: int = 3
     frozen: str = ""
+    label_smoothing: float = 0.0
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> OptimizerSpec:
@@ -84,6 +85,8 @@ class OptimizerSpec:
             fail("momentum", "must be in [0, 1)")
         if config.weight_decay < 0:
             fail("weight_decay", "must be >= 0")
+        if not 0 <= config.get("label_smoothing", 0.0) < 1:
+            fail("label_smoothing", "must be in [0, 1) (0: the paper's one-hot targets)")
         if config.lr_schedule not in SCHEDULES:
             fail("lr_schedule", f"choose one of {SCHEDULES}")
         if config.get("frozen", ""):

@@ -77,10 +77,12 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 def train_step(
     model: AlexNet, tx: optax.GradientTransformation, state: TrainState, batch: dict[str, jax.Array],
-    augment: Any = None,
+    augment: Any = None, label_smoothing: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on a global batch; returns the new state and batch-mean loss / top-1 / top-5. `augment`
-    (`Data.on_device`): turns the batch the pipeline yields into the images first, inside the step."""
+    (`Data.on_device`): turns the batch the pipeline yields into the images first, inside the step.
+    `label_smoothing` > 0: the targets are one-hot mixed with the uniform distribution (Szegedy et al. 2016), and
+    the loss reported is the one minimised."""
     if augment is not None:
         batch = augment(batch)
     dropout_rng = jax.random.fold_in(state.rng, state.step)
@@ -93,7 +95,11 @@ def train_step(
             mutable=["batch_stats"] if has_bn else [],
         )
         with jax.named_scope("loss"):  # the collectives report attributes its traffic to 'loss'
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+            if label_smoothing:
+                targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]), label_smoothing)
+                loss = optax.softmax_cross_entropy(logits, targets).mean()
+            else:
+                loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         return loss, (logits, new_vars)
 
     (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -183,7 +189,8 @@ class Trainer:
         self.evaluator = Evaluator(self.built, variables_of(self.state_sharding))
         self.init = jax.jit(init, out_shardings=self.state_sharding)
         self.train_step = jax.jit(
-            partial(train_step, self.model, self.tx, augment=augment),
+            partial(train_step, self.model, self.tx, augment=augment,
+                    label_smoothing=spec.optimizer.label_smoothing),
             in_shardings=(self.state_sharding, self.batch_sharding),
             out_shardings=(self.state_sharding, sharding.replicated(mesh)),
             donate_argnums=0,

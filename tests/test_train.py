@@ -111,12 +111,36 @@ def test_training_is_deterministic(tmp_path):
     assert int(state.step) == 3 and np.isfinite(float(m["loss"]))
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_step_minimises_cross_entropy_with_smoothed_targets(smoothing):
+    """The first step's loss is the cross-entropy of the initial model's logits with (1 - s) one-hot + s / K targets,
+    computed here in float64 NumPy; s = 0 is the paper's plain cross-entropy."""
+    from alexnet_jax import sharding
+
+    c = default_config.get_config()
+    c.update(dict(variant="small", widths=(8, 16, 16, 16, 8), fc_width=32, num_classes=4, batch_size=8,
+                  init_scheme="he", dropout_rate=0.0, label_smoothing=smoothing))
+    rng = np.random.default_rng(1)
+    labels = np.arange(8) % 4
+    images = rng.normal(size=(8, 28, 28, 1)).astype(np.float32)
+    mesh = sharding.make_mesh((1, 1), jax.devices()[:1])
+    trainer = train.Trainer(train.RunSpec.from_config(c), mesh, (28, 28, 1), steps_per_epoch=1, total_steps=3)
+    state = trainer.init(jax.random.PRNGKey(0))
+    logits = np.asarray(trainer.model.apply({"params": state.params}, images), np.float64)
+    _, m = trainer.train_step(state, trainer.global_batch({"image": images, "label": labels}))
+    log_p = logits - logits.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+    targets = (1 - smoothing) * np.eye(4)[labels] + smoothing / 4
+    np.testing.assert_allclose(float(m["loss"]), -(targets * log_p).sum(1).mean(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["--config.no_such_key=1"], "no_such_key"),
     (["--config.batch_size=-4"], "batch_size"),
     (["--config.batch_size=12"], "must be divisible by the mesh's 'data' (8)"),
     (["--config.fashion_mnist_dir=/nonexistent", "--config.data_dir=TMP/tfds"], "dataset-fashion-mnist"),
     (["--config.data_dir=TMP/afile"], "not a directory"),
+    (["--config.label_smoothing=1.0"], "--config.label_smoothing=1.0: must be in [0, 1)"),
 ])
 def test_bad_input_stops_with_one_clear_message(tmp_path, overrides, message):
     (tmp_path / "afile").write_text("not a folder")
