@@ -516,7 +516,8 @@ def test_a_second_run_on_a_workdir_in_use_stops_in_one_line_and_readers_go_on(tm
 # four fixed images (expected.json). Restoring it must keep working, whatever changes in how checkpoints are read.
 FIXTURE = os.path.join(REPO, "tests", "data", "checkpoint_8b661bd")
 FIXTURE_OVERRIDES = ["num_train_steps=3", "widths=(8,16,16,16,8)", "fc_width=32", "eval_split=test[:64]",
-                     "eval_batch_size=32", "warmup_epochs=0.0", "checkpoint_every_steps=3"]
+                     "eval_batch_size=32", "warmup_epochs=0.0", "checkpoint_every_steps=3",
+                     "learning_rate=0.01"]  # the config's rate when the fixture was written
 
 
 def _fixture_images(folder) -> list[str]:
