@@ -132,16 +132,19 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, strides: int,
 POOL_WINDOW, POOL_STRIDE = 3, 2
 
 
+def _window_views(x: jax.Array, axis: int) -> list[jax.Array]:
+    """The 3 strided views along `axis` whose elementwise maximum is the 1-D pooling's output."""
+    out = (x.shape[axis] - POOL_WINDOW) // POOL_STRIDE + 1
+    return [jax.lax.slice_in_dim(x, i, i + POOL_STRIDE * (out - 1) + 1, POOL_STRIDE, axis) for i in range(POOL_WINDOW)]
+
+
 def _pool_axis(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     """Max over windows of 3 along `axis` at stride 2: the values and which of the 3 (the first maximum).
 
     One variadic reduction (value, index) over the 3 stacked strided views, not a chain of selects: XLA:CPU does not
     fuse a tuple-shaped reduction into its consumers, so each map and its argmax are computed once (with selects the
     comparison, and the LRN and conv bias before it, were fused into and recomputed by every consumer)."""
-    n = x.shape[axis]
-    out = (n - POOL_WINDOW) // POOL_STRIDE + 1
-    views = jnp.stack([jax.lax.slice_in_dim(x, i, i + POOL_STRIDE * (out - 1) + 1, POOL_STRIDE, axis)
-                       for i in range(POOL_WINDOW)])
+    views = jnp.stack(_window_views(x, axis))
     index = jax.lax.broadcasted_iota(jnp.int8, views.shape, 0)
 
     def first_max(a, b):  # (value, index) pairs: the larger value; on a tie the earlier window position
@@ -183,11 +186,8 @@ def max_pool(x: jax.Array) -> jax.Array:
     the argmax reduction, fused with the LRN before it, ran unvectorised and made evaluation ~1.4x slower.
     """
     for axis in (2, 1):
-        n = x.shape[axis]
-        out = (n - POOL_WINDOW) // POOL_STRIDE + 1
-        views = [jax.lax.slice_in_dim(x, i, i + POOL_STRIDE * (out - 1) + 1, POOL_STRIDE, axis)
-                 for i in range(POOL_WINDOW)]
-        x = jnp.maximum(jnp.maximum(views[0], views[1]), views[2])
+        first, second, third = _window_views(x, axis)
+        x = jnp.maximum(jnp.maximum(first, second), third)
     return x
 
 
