@@ -96,6 +96,9 @@ def main() -> None:
                    help="train_step: time the equivalent PyTorch step alternately in the same run (needs torch)")
     p.add_argument("--single-thread", action="store_true",
                    help="one core (affinity) and one intra-op thread for XLA:CPU and torch: the per-core comparison")
+    p.add_argument("--against", action="append", default=[], metavar="KEY=VALUE",
+                   help="train_step: also time the step with these overrides added, alternated with it in one "
+                        "process (e.g. --against kernels=native); repeatable")
     p.add_argument("--set", action="append", default=[], help="config override key=value, spelled as "
                    "--config.key=value is for alexnet_jax.main (parsed by the same code)")
     p.add_argument("--pairs", type=int, default=3, help="checkpoint: runs with and without saves, each; predict: "
@@ -145,7 +148,7 @@ def main() -> None:
         from alexnet_jax.errors import UserError  # imports jax: only after --single-thread set XLA_FLAGS
 
         try:
-            out["train_step"] = bench_train_step(a.config, a.batch, a.steps, a.set, a.vs_torch)
+            out["train_step"] = bench_train_step(a.config, a.batch, a.steps, a.set, a.vs_torch, a.against)
         except UserError as e:
             raise SystemExit(f"error: {e}") from None
     out["load_avg_end"] = os.getloadavg()[0]

@@ -50,7 +50,7 @@ def test_benchmark_train_step_reports_json(torch_lib):
     torch_args = ["--vs-torch"]  # torch_lib: fails, not skips, where torch is missing
     cmd = [sys.executable, "scripts/benchmark.py", "--mode", "train_step", "--config", "configs/fashion_mnist.py",
            "--batch", "8", "--steps", "2", "--set", "widths=(8,16,16,16,8)", "--set", "fc_width=32", "--json",
-           *torch_args]
+           "--against", "widths=(16,16,16,16,8)", *torch_args]
     env = dict(os.environ, XLA_FLAGS=FAST_COMPILE)
     res = forkserver.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -63,6 +63,10 @@ def test_benchmark_train_step_reports_json(torch_lib):
     assert out["compile_s"] > 0 and out["process_peak_rss_mib"] > 0
     if torch_args:
         assert out["jax_over_torch"] == pytest.approx(out["ms_per_step"] / out["torch_ms_per_step"])
+    # the --against step is the same config with its overrides added: here a wider conv1, more work by XLA's count
+    assert out["against"] == "widths=(16,16,16,16,8)" and len(out["against_ms_each"]) == 2
+    assert out["ms_over_against"] == pytest.approx(out["ms_per_step"] / out["against_ms_per_step"])
+    assert out["against_xla_cost_gflop_per_step"] > out["xla_cost_gflop_per_step"]
 
 
 @needs_fmnist

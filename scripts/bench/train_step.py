@@ -98,10 +98,12 @@ def alternate(runs: dict[str, Callable[[], None]], steps: int) -> dict[str, list
 
 
 def bench_train_step(config_path: str, batch: int, steps: int, overrides: list[str],
-                     vs_torch: bool = False) -> dict[str, object]:
+                     vs_torch: bool = False, against: list[str] | None = None) -> dict[str, object]:
     """Median train-step time after warm-up, device-synchronised; with `vs_torch` the equivalent PyTorch step
     alternates with it in the same process (both see the same machine load) and the ratio is reported; with
-    `--set dtype=bfloat16` PyTorch's step runs under torch.autocast(bfloat16), the side-by-side bf16 figure."""
+    `--set dtype=bfloat16` PyTorch's step runs under torch.autocast(bfloat16), the side-by-side bf16 figure.
+    `against`: overrides added for a second JAX step alternated with the first (e.g. ['kernels=native']): which
+    setting is faster on this machine, in one process."""
     import jax
 
     from alexnet_jax import flops
@@ -131,6 +133,11 @@ def bench_train_step(config_path: str, batch: int, steps: int, overrides: list[s
         runs["torch"] = torch_step(trainer.model, config, batch_np, bfloat16=config.dtype == "bfloat16")
         out["torch_threads"] = torch.get_num_threads()
         out["torch_autocast"] = "bfloat16" if config.dtype == "bfloat16" else "none (float32)"
+    if against:
+        # a key in both replaces --set's value (ml_collections would append a repeated tuple override to the first)
+        merged = list({o.split("=", 1)[0]: o for o in [*overrides, *against]}.values())
+        runs["against"], against_info, _ = jax_step(load_config(config_path, batch, merged), batch_np)
+        out["against_xla_cost_gflop_per_step"] = against_info.get("xla_cost_gflop_per_step")
     times = alternate(runs, steps)
     dt = float(np.median(times["jax"]))
     out.update({"ms_per_step": 1000 * dt, "images_per_s": batch / dt,
@@ -140,4 +147,8 @@ def bench_train_step(config_path: str, batch: int, steps: int, overrides: list[s
         tt = float(np.median(times["torch"]))
         out.update({"torch_ms_per_step": 1000 * tt, "torch_images_per_s": batch / tt,
                     "jax_over_torch": dt / tt, "torch_ms_each": [round(1000 * t, 1) for t in times["torch"]]})
+    if against:
+        ta = float(np.median(times["against"]))
+        out.update({"against": " ".join(against), "against_ms_per_step": 1000 * ta, "ms_over_against": dt / ta,
+                    "against_ms_each": [round(1000 * t, 1) for t in times["against"]]})
     return out
