@@ -69,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.widths = ()  # override the five conv widths; () = the variant's
     c.fc_width = 0  # override fc6/fc7 width; 0 = the variant's
     c.dropout_rate = 0.5
-    c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
+    c.dtype = "float32"  # compute dtype: 'float32' (CPUs) or 'bfloat16' (GPUs/TPUs; params stay float32)
     # How LRN and max-pooling are differentiated (the same function either way; docs/benchmarks.md):
     # 'cpu_tuned' (LRN with a hand-written VJP, max-pooling's backward pass as strided pads: alexnet_jax/model/ops.py),
     # 'native' (XLA's own reduce_window and autodiff), 'auto' (cpu_tuned on the CPU backend, native on GPU/TPU).
