@@ -71,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.dropout_rate = 0.5
     c.dtype = "float32"  # compute dtype: 'float32' (CPUs) or 'bfloat16' (GPUs/TPUs; params stay float32)
     # How LRN and max-pooling are differentiated (the same function either way; docs/benchmarks.md):
-    # 'cpu_tuned' (LRN with a hand-written VJP, max-pooling's backward pass as strided pads: alexnet_jax/model/ops.py),
+    # 'cpu_tuned' (LRN with a hand-written VJP, max-pooling as two 1-D passes: alexnet_jax/model/ops.py),
     # 'native' (XLA's own reduce_window and autodiff), 'auto' (cpu_tuned on the CPU backend, native on GPU/TPU).
     c.kernels = "auto"
 

@@ -113,7 +113,7 @@ class AlexNet(nn.Module):
       init_scheme: 'paper' (N(0, 0.01) weights, bias 1 in conv2/4/5 and fc6/fc7) or 'he' (He-normal for the
         ReLU layers, LeCun-normal for fc8, zero biases).
       widths / fc_width: override the variant's conv widths and hidden FC width.
-      dtype: compute dtype (e.g. bfloat16); parameters stay `param_dtype`, logits are float32.
+      dtype: compute dtype (e.g. bfloat16); parameters stay `param_dtype`, logits float32 (float64 runs: float64).
       kernels: how LRN and pooling are differentiated: 'cpu_tuned', 'native' (XLA's own ops) or 'auto'
         (cpu_tuned on the CPU backend, native elsewhere); the same function either way (ops.py).
       placement: where it runs (`sharding.placement(mesh, strategy)`): each layer looks up its row of that
@@ -166,7 +166,7 @@ class AlexNet(nn.Module):
         x = self.fc(x, "fc6", dropout)
         x = self.fc(x, "fc7", dropout)
         x = self.fc(x, "fc8", dropout)
-        return self.stage("fc8_out", x.astype(jnp.float32))
+        return self.stage("fc8_out", x.astype(jnp.promote_types(x.dtype, jnp.float32)))  # float32 at least
 
     @property
     def conv_groups(self) -> int:
