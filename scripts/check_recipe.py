@@ -44,7 +44,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 40, 8
 MIN_TOP1 = 0.9
 MAX_LOSS = math.log(1000)
-QUICK_SIZE, QUICK_STEPS, QUICK_SEEDS = 131, {"paper": 100, "owt": 100}, (3, 4, 5)
+QUICK_SIZE, QUICK_STEPS, QUICK_SEEDS = 131, 100, (3, 4, 5)
 # Evaluations, which drive the config's plateau schedule (divide by 10 after 2 without improvement), as in `main`:
 # owt every 5 steps (it separates the classes within ~40 steps, then the loss spikes at the constant rate until
 # the plateau cut, which 10 steps between evaluations left too late at 2 of seeds 3-5 on jax 0.12 once 0262042
@@ -136,7 +136,7 @@ def quick(variant: str, steps: int, seeds=QUICK_SEEDS, batch: int = 8, size: int
     cli.set_xla_cpu_flags()  # the kernels `main` runs (before JAX starts its CPU backend)
     import jax
 
-    from alexnet_jax import sharding, train
+    from alexnet_jax import loop, sharding, train
 
     config = cli.load_config(os.path.join(REPO, "configs", "imagenet.py"),
                              [f"variant={variant}", f"batch_size={batch}", f"num_train_steps={steps}",
@@ -157,7 +157,7 @@ def quick(variant: str, steps: int, seeds=QUICK_SEEDS, batch: int = 8, size: int
             labels = rng.integers(0, CLASSES, batch).astype(np.int32)
             batch_np = {"image": _class_images(tiny, labels, rng, size) - mean, "label": labels}
             state, _ = trainer.train_step(state, trainer.global_batch(batch_np))
-            if (every and step % every == 0) or step == steps:
+            if loop.periodic(step, every, steps):
                 state, metrics = trainer.evaluate(state, held_out)
         results.append({"seed": seed, **metrics})
     return results
@@ -187,7 +187,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="--quick: print the results as one JSON line as well")
     a = p.parse_args()
     if a.quick:
-        steps = a.steps or QUICK_STEPS[a.variant]
+        steps = a.steps or QUICK_STEPS
         results = quick(a.variant, steps, [int(s) for s in a.seeds.split(",")], a.batch, lr_scale=a.lr_scale)
         ok, line = quick_verdict(a.variant, steps, results)
         print(line)
